@@ -1,0 +1,251 @@
+"""The run directory and its checkpoints: save (atomically), find, verify, load.
+
+    RUN_DIR/
+      config.yaml            resolved config of the run
+      tokenizer.json         copy of the data's tokenizer, so the run is self-contained
+      metrics.jsonl          one JSON object per line
+      checkpoints/
+        step_0000500/
+          model.safetensors  weights (a tied output head is stored once, as wte.weight)
+          train_state.safetensors  optimizer moments and RNG states (tensors only)
+          meta.json          config, step, tokens, loader state, optimizer hyper-parameters, SHA-256 of each file
+        latest               name of the newest complete checkpoint
+
+Tensors live in safetensors and everything else in JSON, so loading a checkpoint never unpickles anything.
+Eval, generation, export and serving read runs through this module and never import `train/`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .config import Config, config_from_dict
+from .model import GPT
+
+FORMAT_VERSION = 1
+CKPT_DIR = "checkpoints"
+LATEST = "latest"
+MODEL_FILE = "model.safetensors"
+STATE_FILE = "train_state.safetensors"
+META_FILE = "meta.json"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete or does not match; the message says which file and what to do."""
+
+
+def step_dir_name(step: int) -> str:
+    """Directory name of the checkpoint taken after `step` optimizer steps."""
+    return f"step_{step:07d}"
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    # A rename is durable only once the directory entry itself is flushed (POSIX).
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's tensors for saving: contiguous CPU copies, a tied output head stored once."""
+    model = getattr(model, "_orig_mod", model)  # unwrap torch.compile
+    sd = model.state_dict()
+    if getattr(model.cfg, "tie_embeddings", False):
+        sd.pop("lm_head.weight", None)
+    return {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
+
+
+def save_checkpoint(
+    run_dir: str | Path,
+    step: int,
+    model_tensors: dict[str, torch.Tensor],
+    state_tensors: dict[str, torch.Tensor],
+    meta: dict,
+    keep_last: int | None = None,
+) -> Path:
+    """Write a checkpoint into a temporary directory, flush it, rename it into place, then move `latest`."""
+    ckpt_root = Path(run_dir) / CKPT_DIR
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    final = ckpt_root / step_dir_name(step)
+    tmp = ckpt_root / f".tmp-{final.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        save_file(model_tensors, str(tmp / MODEL_FILE))
+        save_file(state_tensors, str(tmp / STATE_FILE))
+        files = {}
+        for name in (MODEL_FILE, STATE_FILE):
+            with open(tmp / name, "rb") as f:
+                os.fsync(f.fileno())
+            files[name] = sha256_file(tmp / name)
+        _write_json(tmp / META_FILE, {**meta, "format_version": FORMAT_VERSION, "step": step, "files": files})
+        _fsync_dir(tmp)
+        old = None
+        if final.exists():  # a re-save of the same step: keep the old copy until the new one is in place
+            old = final.with_name(f".old-{final.name}-{os.getpid()}")
+            os.replace(final, old)
+        os.replace(tmp, final)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        _fsync_dir(ckpt_root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    latest_tmp = ckpt_root / f".{LATEST}.tmp"
+    latest_tmp.write_text(final.name + "\n")
+    os.replace(latest_tmp, ckpt_root / LATEST)
+    _fsync_dir(ckpt_root)
+    if keep_last:
+        _rotate(ckpt_root, keep_last)
+    return final
+
+
+def _rotate(ckpt_root: Path, keep_last: int) -> None:
+    # Delete only complete older checkpoints, and never let a failed delete stop training.
+    steps = sorted(p for p in ckpt_root.glob("step_*") if p.is_dir())
+    for old in steps[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoint directories of a run, oldest first."""
+    root = Path(run_dir) / CKPT_DIR
+    return sorted(p for p in root.glob("step_*") if (p / META_FILE).is_file())
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint of a run (the `latest` marker, else the highest step), or None."""
+    root = Path(run_dir) / CKPT_DIR
+    marker = root / LATEST
+    if marker.is_file():
+        candidate = root / marker.read_text().strip()
+        if (candidate / META_FILE).is_file():
+            return candidate
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def read_meta(ckpt: str | Path) -> dict:
+    """meta.json of a checkpoint."""
+    path = Path(ckpt) / META_FILE
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: unreadable checkpoint metadata ({e})") from e
+
+
+def verify_checkpoint(ckpt: str | Path) -> dict:
+    """Check every file against the SHA-256 recorded at save time; return the metadata."""
+    ckpt = Path(ckpt)
+    meta = read_meta(ckpt)
+    for name, digest in meta.get("files", {}).items():
+        path = ckpt / name
+        if not path.is_file():
+            raise CheckpointError(f"{path}: missing from the checkpoint")
+        if sha256_file(path) != digest:
+            raise CheckpointError(f"{path}: checksum mismatch (the file is corrupt or was modified)")
+    return meta
+
+
+def load_checkpoint(ckpt: str | Path, verify: bool = True) -> tuple[dict, dict, dict]:
+    """(model tensors, train-state tensors, meta) of a checkpoint, on the CPU."""
+    ckpt = Path(ckpt)
+    meta = verify_checkpoint(ckpt) if verify else read_meta(ckpt)
+    model_sd = load_file(str(ckpt / MODEL_FILE))
+    state_path = ckpt / STATE_FILE
+    state = load_file(str(state_path)) if state_path.is_file() else {}
+    return model_sd, state, meta
+
+
+def load_model_weights(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Copy saved tensors into a model; a tied head may be absent, anything else must match exactly."""
+    model = getattr(model, "_orig_mod", model)
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    if model.cfg.tie_embeddings:
+        missing = [k for k in missing if k != "lm_head.weight"]
+    if missing or unexpected:
+        raise CheckpointError(
+            f"checkpoint does not match the model: missing {missing}, unexpected {unexpected}"
+        )
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory from a run directory (its latest) or a checkpoint directory itself."""
+    path = Path(path)
+    if (path / META_FILE).is_file() and (path / MODEL_FILE).is_file():
+        return path
+    if not path.exists():
+        raise CheckpointError(f"run '{path}' does not exist: pass a RUN_DIR written by `lmforge train`")
+    ckpt = latest_checkpoint(path)
+    if ckpt is None:
+        raise CheckpointError(
+            f"run '{path}' has no checkpoint yet: train it first (`lmforge train --out {path}`)"
+        )
+    return ckpt
+
+
+def load_model(
+    run: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+) -> tuple[GPT, Config, Path]:
+    """Build the model of a run (or checkpoint directory) with its saved weights, in eval mode."""
+    ckpt = resolve_checkpoint(run)
+    model_sd, _, meta = load_checkpoint(ckpt)
+    cfg = config_from_dict(meta["config"])
+    model = GPT(cfg.model)
+    load_model_weights(model, model_sd)
+    model.to(device=device, dtype=dtype).eval()
+    return model, cfg, ckpt
+
+
+def tokenizer_path(run: str | Path) -> Path:
+    """The tokenizer.json that belongs to a run (or to the run holding a checkpoint directory)."""
+    path = Path(run)
+    for candidate in (path / "tokenizer.json", path.parent.parent / "tokenizer.json"):
+        if candidate.is_file():
+            return candidate
+    raise CheckpointError(f"no tokenizer.json in run '{path}': the run directory is incomplete")
+
+
+def read_metrics(run: str | Path) -> list[dict]:
+    """All records of RUN_DIR/metrics.jsonl (a torn last line, from a crash mid-write, is skipped)."""
+    path = Path(run) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue
+    return records

@@ -1,0 +1,225 @@
+"""The one `lmforge` command. Each subcommand maps to one function; jsonargparse does all the parsing.
+
+lmforge prepare  --source SRC --out DATA_DIR [--tokenizer bpe] [--vocab-size N]
+lmforge train    --config configs/X.yaml --data DATA_DIR --out RUN_DIR [--section.key=value ...]
+lmforge generate --run RUN_DIR --prompt "..." [--stream]
+lmforge quickstart
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import sys
+from argparse import ArgumentError
+from pathlib import Path
+
+from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
+from rich.console import Console
+
+from .checkpoint import CheckpointError
+from .config import Config, ConfigError, all_keys, unknown_key_message
+from .data import DataError
+from .presets import get_preset
+
+EXIT_USAGE = 2
+
+
+def _parser(description: str) -> ArgumentParser:
+    return ArgumentParser(description=description, exit_on_error=False)
+
+
+def build_parser() -> tuple[ArgumentParser, dict[str, ArgumentParser]]:
+    """The top-level parser and each subcommand's parser (the train parser takes presets as defaults)."""
+    root = ArgumentParser(
+        prog="lmforge", description="Train GPT-style language models and use them.", exit_on_error=False
+    )
+    subs = root.add_subcommands(dest="command", required=True)
+    parsers: dict[str, ArgumentParser] = {}
+
+    p = _parser("Train a tokenizer on raw text and write token shards plus meta.json.")
+    p.add_argument(
+        "--source",
+        action="append",
+        required=True,
+        help="a file, a folder of .txt/.md/.json/.jsonl, or builtin:stdlib (repeatable)",
+    )
+    p.add_argument("--out", required=True, help="DATA_DIR to write")
+    p.add_argument("--tokenizer", default="bpe", help="bpe (byte-level BPE), or a path to a tokenizer.json")
+    p.add_argument("--vocab-size", type=int, default=8192, help="vocabulary size of a trained tokenizer")
+    p.add_argument(
+        "--val-fraction", type=float, default=0.01, help="share of documents held out for validation"
+    )
+    p.add_argument("--max-docs", type=int, default=None, help="stop after this many documents")
+    parsers["prepare"] = p
+
+    p = _parser("Train (or resume) a model on prepared data.")
+    p.add_argument("--config", action=ActionConfigFile, help="a YAML config (see configs/)")
+    p.add_class_arguments(Config, nested_key=None, fail_untyped=False)
+    p.add_argument(
+        "--dry-run", action="store_true", help="print the resolved config and costs; train nothing"
+    )
+    parsers["train"] = p
+
+    p = _parser("Generate text from a trained run.")
+    p.add_argument("--run", required=True, help="RUN_DIR (its latest checkpoint) or a checkpoint directory")
+    p.add_argument("--prompt", default="", help="text to continue (empty: start from <|endoftext|>)")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
+    p.add_argument("--top-k", type=int | None, default=50)
+    p.add_argument("--top-p", type=float | None, default=None)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int | None, default=None, help="same seed, same output")
+    p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    p.add_argument("--device", default="auto")
+    parsers["generate"] = p
+
+    p = _parser("Prepare the built-in corpus, train the tiny preset for a few minutes, and print a sample.")
+    p.add_argument("--data", default="data/stdlib", help="where the prepared corpus goes (reused if present)")
+    p.add_argument("--out", default="runs/quickstart", help="RUN_DIR")
+    p.add_argument(
+        "--max-tokens", type=int, default=None, help="training token budget (default: sized for CPU)"
+    )
+    p.add_argument("--device", default="auto")
+    parsers["quickstart"] = p
+
+    helps = {
+        "prepare": "tokenize raw text into shards",
+        "train": "train or resume a model",
+        "generate": "generate text from a run",
+        "quickstart": "the whole pipeline in a few minutes on a CPU",
+    }
+    for name, parser in parsers.items():
+        subs.add_subcommand(name, parser, help=helps[name])
+    return root, parsers
+
+
+def _one_line(err: Exception) -> str:
+    """A jsonargparse/argparse error as one line, with a 'did you mean' for unknown keys."""
+    msg = str(err)
+    unknown = re.search(r"unrecognized arguments: (\S+)", msg)
+    if unknown:
+        key = unknown.group(1).lstrip("-").split("=")[0]
+        return unknown_key_message(key, all_keys())
+    group = re.search(r"(Group|Subcommand) '(\w+)' does not accept (?:option|nested key) '([\w.]+)'", msg)
+    if group:
+        key = group.group(3) if group.group(1) == "Subcommand" else f"{group.group(2)}.{group.group(3)}"
+        return unknown_key_message(key, all_keys())
+    key = re.search(r'Parser key "([\w.]+)":\s*(.*)', msg, re.S)
+    if key:
+        detail = " ".join(key.group(2).split())
+        return f"{key.group(1)}: {detail}"
+    return " ".join(msg.split())
+
+
+def parse_config(ns: Namespace, parser: ArgumentParser) -> Config:
+    """Build the validated Config from the train subcommand's namespace."""
+    init = parser.instantiate(ns)
+    fields = {f.name: init[f.name] for f in dataclasses.fields(Config)}
+    return Config(**fields)
+
+
+def parse(argv: list[str]) -> tuple[str, Namespace, dict[str, ArgumentParser]]:
+    """Parse argv; a preset (from the command line or a config file) becomes the model defaults, then re-parse."""
+    root, parsers = build_parser()
+    ns = root.parse_args(argv)
+    if ns.command == "train" and ns.train.preset:
+        try:
+            preset = get_preset(ns.train.preset)
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
+        parsers["train"].set_defaults({f"model.{k}": v for k, v in preset.items()})
+        ns = root.parse_args(argv)
+    return ns.command, ns[ns.command], parsers
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `lmforge` console script; returns the exit code."""
+    argv = sys.argv[1:] if argv is None else argv
+    console = Console()
+    err = Console(stderr=True)
+    try:
+        command, ns, parsers = parse(argv)
+        if command == "train":
+            try:
+                cfg = parse_config(ns, parsers["train"])
+            except (ValueError, TypeError) as e:
+                raise ConfigError(str(e)) from e
+            from .train.loop import train
+
+            train(cfg, dry_run=ns.dry_run, console=console)
+        elif command == "prepare":
+            cmd_prepare(ns, console)
+        elif command == "generate":
+            cmd_generate(ns, console)
+        elif command == "quickstart":
+            from .quickstart import quickstart
+
+            quickstart(
+                data_dir=ns.data, run_dir=ns.out, max_tokens=ns.max_tokens, device=ns.device, console=console
+            )
+        return 0
+    except ArgumentError as e:
+        err.print(f"lmforge: error: {_one_line(e)}", highlight=False, soft_wrap=True)
+        return EXIT_USAGE
+    except (ConfigError, DataError, CheckpointError) as e:
+        err.print(f"lmforge: error: {e}", highlight=False, soft_wrap=True)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        err.print("lmforge: interrupted", highlight=False)
+        return 130
+
+
+def cmd_prepare(ns: Namespace, console: Console) -> dict:
+    """`lmforge prepare`: tokenizer + shards + meta.json."""
+    from .data import prepare
+
+    meta = prepare(
+        ns.source,
+        ns.out,
+        tokenizer=ns.tokenizer,
+        vocab_size=ns.vocab_size,
+        val_fraction=ns.val_fraction,
+        max_docs=ns.max_docs,
+        progress=lambda msg: console.print(msg, highlight=False),
+    )
+    tr, va = meta["splits"]["train"], meta["splits"]["val"]
+    console.print(
+        f"wrote {ns.out}: train {tr['tokens']:,} tokens ({tr['documents']:,} docs), "
+        f"val {va['tokens']:,} tokens ({va['documents']:,} docs), vocab {meta['vocab_size']:,}, "
+        f"{meta['val_bytes_per_token']:.2f} bytes/token",
+        highlight=False,
+    )
+    return meta
+
+
+def cmd_generate(ns: Namespace, console: Console) -> str:
+    """`lmforge generate`: continue a prompt with a trained run."""
+    from .checkpoint import load_model, tokenizer_path
+    from .data import Tokenizer
+    from .device import pick_device
+    from .generate.engine import stream_text
+    from .generate.sampling import SamplingParams
+
+    try:
+        params = SamplingParams(ns.temperature, ns.top_k, ns.top_p, ns.repetition_penalty)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    model, _, _ = load_model(ns.run, device=pick_device(ns.device))
+    tok = Tokenizer.load(tokenizer_path(Path(ns.run)))
+    console.print(ns.prompt, end="", style="bold", highlight=False, markup=False)
+    pieces = []
+    for piece in stream_text(model, tok, ns.prompt, ns.max_new_tokens, params, ns.seed):
+        pieces.append(piece)
+        if ns.stream:
+            console.print(piece, end="", highlight=False, markup=False)
+            console.file.flush()
+    text = "".join(pieces)
+    if not ns.stream:
+        console.print(text, end="", highlight=False, markup=False)
+    console.print()
+    return text
+
+
+if __name__ == "__main__":
+    sys.exit(main())

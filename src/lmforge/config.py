@@ -1,0 +1,209 @@
+"""Run configuration: typed dataclasses, checked when built, saved as YAML into every run.
+
+The CLI (jsonargparse) fills these from `--config FILE.yaml` and `--section.key=value` overrides; a
+preset fills `model.*` defaults first, so a config file and the command line always win over it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from .model.config import ModelConfig
+from .presets import get_preset
+
+__all__ = [
+    "CheckpointConfig",
+    "Config",
+    "ConfigError",
+    "EvalConfig",
+    "LogConfig",
+    "ModelConfig",
+    "TrainConfig",
+    "config_from_dict",
+    "config_to_dict",
+    "load_yaml_config",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration value a user must fix; the message is one line naming the key."""
+
+
+def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r}: {allowed}")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and hardware settings."""
+
+    max_steps: int = 1000  # optimizer steps; max_tokens, when given, decides instead
+    max_tokens: int | None = None  # token budget: max_steps = ceil(max_tokens / tokens per step)
+    micro_batch_size: int = 16  # sequences per forward/backward
+    global_batch_size: int | None = None  # sequences per optimizer step; None: micro_batch_size x world size
+    lr: float = 6e-4  # peak learning rate
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 100
+    weight_decay: float = 0.1  # on matmul weights only; never on norms, biases or embeddings
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+    device: str = "auto"  # auto (cuda -> mps -> cpu), cpu, cuda, cuda:N, mps
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    compile: bool = False  # torch.compile the model
+    seed: int = 1337
+
+    def __post_init__(self) -> None:
+        _require(self.max_steps >= 1, "train.max_steps", self.max_steps, "must be at least 1")
+        _require(
+            self.max_tokens is None or self.max_tokens >= 1,
+            "train.max_tokens",
+            self.max_tokens,
+            "must be >= 1",
+        )
+        _require(self.micro_batch_size >= 1, "train.micro_batch_size", self.micro_batch_size, "must be >= 1")
+        _require(
+            self.global_batch_size is None or self.global_batch_size >= 1,
+            "train.global_batch_size",
+            self.global_batch_size,
+            "must be >= 1",
+        )
+        _require(self.lr > 0, "train.lr", self.lr, "must be > 0 (typical: 1e-4 to 1e-3)")
+        _require(0 <= self.min_lr_ratio <= 1, "train.min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
+        _require(self.warmup_steps >= 0, "train.warmup_steps", self.warmup_steps, "must be >= 0")
+        _require(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, "must be >= 0")
+        _require(0 <= self.beta1 < 1, "train.beta1", self.beta1, "must be in [0, 1)")
+        _require(0 <= self.beta2 < 1, "train.beta2", self.beta2, "must be in [0, 1)")
+        _require(self.grad_clip >= 0, "train.grad_clip", self.grad_clip, "must be >= 0 (0 disables clipping)")
+        _require(
+            re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device) is not None,
+            "train.device",
+            self.device,
+            "must be auto, cpu, cuda, cuda:N or mps",
+        )
+
+
+@dataclass
+class EvalConfig:
+    """Validation during training."""
+
+    every: int = 100  # steps between evaluations; 0 evaluates only at the start and the end
+    batches: int = 20  # validation batches per evaluation (None of the split is sampled at random)
+    at_start: bool = True  # evaluate the untrained model too, so progress is visible
+
+    def __post_init__(self) -> None:
+        _require(self.every >= 0, "eval.every", self.every, "must be >= 0")
+        _require(self.batches >= 1, "eval.batches", self.batches, "must be >= 1")
+
+
+@dataclass
+class CheckpointConfig:
+    """When and how many checkpoints are written."""
+
+    every: int = 500  # steps between checkpoints; 0 saves only at the end
+    keep_last: int = 3  # older step checkpoints are deleted once a newer one is complete
+
+    def __post_init__(self) -> None:
+        _require(self.every >= 0, "checkpoint.every", self.every, "must be >= 0")
+        _require(self.keep_last >= 1, "checkpoint.keep_last", self.keep_last, "must be >= 1")
+
+
+@dataclass
+class LogConfig:
+    """Console and metrics output."""
+
+    every: int = 10  # steps between lines in metrics.jsonl
+    progress: bool = True  # show a progress bar on a terminal
+
+    def __post_init__(self) -> None:
+        _require(self.every >= 1, "log.every", self.every, "must be >= 1")
+
+
+@dataclass
+class Config:
+    """Everything one training run needs; saved as config.yaml in the run directory."""
+
+    preset: str | None = None  # a named model size from lmforge.presets (fills model.* defaults)
+    data: str | None = None  # DATA_DIR written by `lmforge prepare`
+    out: str = "runs/run"  # RUN_DIR: checkpoints, metrics and the resolved config go here
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def __post_init__(self) -> None:
+        if self.preset is not None:
+            get_preset(self.preset)  # unknown names fail here, with a suggestion
+        self.model = self.model.resolved()
+        gb = self.train.global_batch_size
+        if gb is not None and gb % self.train.micro_batch_size:
+            raise ConfigError(
+                f"train.global_batch_size={gb} is not a multiple of train.micro_batch_size="
+                f"{self.train.micro_batch_size}: gradient accumulation needs a whole number of micro-batches"
+            )
+
+
+def config_to_dict(cfg: Any) -> dict:
+    """A plain dict (YAML/JSON-ready) of a config dataclass."""
+    return dataclasses.asdict(cfg)
+
+
+def config_from_dict(d: dict) -> Config:
+    """Build and validate a Config from a nested dict (e.g. a saved config.yaml), rejecting unknown keys."""
+    sections = {f.name: f.type for f in dataclasses.fields(Config)}
+    kwargs: dict[str, Any] = {}
+    types = {
+        "model": ModelConfig,
+        "train": TrainConfig,
+        "eval": EvalConfig,
+        "checkpoint": CheckpointConfig,
+        "log": LogConfig,
+    }
+    for key, value in d.items():
+        if key not in sections:
+            raise ConfigError(unknown_key_message(key, list(sections)))
+        if key in types:
+            known = [f.name for f in dataclasses.fields(types[key])]
+            for sub in value or {}:
+                if sub not in known:
+                    raise ConfigError(unknown_key_message(f"{key}.{sub}", [f"{key}.{k}" for k in known]))
+            kwargs[key] = types[key](**(value or {}))
+        else:
+            kwargs[key] = value
+    return Config(**kwargs)
+
+
+def load_yaml_config(path: str | Path) -> Config:
+    """Read a config YAML (as written into run directories)."""
+    with open(path, encoding="utf-8") as f:
+        return config_from_dict(yaml.safe_load(f) or {})
+
+
+def unknown_key_message(key: str, known: list[str]) -> str:
+    """One line: the unknown key and the closest known one."""
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    return f"unknown config key {key}{hint}"
+
+
+def all_keys() -> list[str]:
+    """Every dotted key a Config accepts (model.n_layer, train.lr, ...)."""
+    keys = []
+    for f in dataclasses.fields(Config):
+        if dataclasses.is_dataclass(
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None
+        ):
+            keys += [f"{f.name}.{g.name}" for g in dataclasses.fields(f.default_factory())]
+        else:
+            keys.append(f.name)
+    return keys

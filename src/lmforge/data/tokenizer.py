@@ -1,0 +1,136 @@
+"""Tokenizer training, saving and loading on top of the Hugging Face `tokenizers` library."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from lmforge.data.errors import DataError
+
+EOS_TOKEN = "<|endoftext|>"
+TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_KINDS = ("bpe",)
+# 256 byte symbols plus the end-of-text token: anything smaller cannot encode every text.
+MIN_VOCAB_SIZE = 257
+
+
+class Tokenizer:
+    """A thin wrapper around ``tokenizers.Tokenizer`` with the few operations lmforge needs."""
+
+    def __init__(self, hf_tokenizer: HFTokenizer) -> None:
+        self._tok = hf_tokenizer
+        eos = hf_tokenizer.token_to_id(EOS_TOKEN)
+        if eos is None:
+            raise DataError(
+                f"tokenizer has no '{EOS_TOKEN}' token: train one with lmforge prepare, "
+                "or add it as a special token"
+            )
+        self._eos_id = int(eos)
+        # Treat a literal "<|endoftext|>" inside a document as plain text: document
+        # boundaries must come only from prepare(), never from what a document happens to
+        # contain. The flag is not stored in tokenizer.json, so it is set on every wrap.
+        self._tok.encode_special_tokens = True
+
+    @property
+    def hf(self) -> HFTokenizer:
+        """The underlying ``tokenizers.Tokenizer``."""
+        return self._tok
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of token ids, special tokens included."""
+        return int(self._tok.get_vocab_size(with_added_tokens=True))
+
+    @property
+    def eos_id(self) -> int:
+        """Id of the end-of-text token that separates documents."""
+        return self._eos_id
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text``."""
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids of many texts; the Rust side spreads the work over all cores."""
+        # encode_batch_fast (tokenizers >= 0.21) skips computing character offsets, which we
+        # never use; it is about a third faster and needs less memory.
+        encode = getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)
+        return [enc.ids for enc in encode(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """The text of ``ids``; special tokens are kept so decode(encode(s)) == s."""
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    def to_json(self) -> str:
+        """The tokenizer serialised as canonical JSON (sorted keys, no whitespace)."""
+        # Canonicalising through json makes the digest independent of the library's key
+        # order and pretty-printing, so it survives save/load and library upgrades that
+        # only reformat the file.
+        return json.dumps(
+            json.loads(self._tok.to_str()), sort_keys=True, separators=(",", ":"), ensure_ascii=False
+        )
+
+    def sha256(self) -> str:
+        """Hex sha256 of the canonical JSON; identical for a tokenizer and its saved copy."""
+        return hashlib.sha256(self.to_json().encode("utf-8")).hexdigest()
+
+    def save(self, path: str | Path) -> Path:
+        """Write ``tokenizer.json`` (``path`` is the file, or a folder to put it in); return its path."""
+        target = Path(path)
+        if target.is_dir() or target.suffix != ".json":
+            target = target / TOKENIZER_FILE
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(self._tok.to_str(pretty=True), encoding="utf-8")
+        return target
+
+    @classmethod
+    def load(cls, path: str | Path) -> Tokenizer:
+        """Load from a ``tokenizer.json`` file or a folder containing one."""
+        target = Path(path)
+        if target.is_dir():
+            target = target / TOKENIZER_FILE
+        if not target.is_file():
+            raise DataError(
+                f"no tokenizer at '{path}': give a tokenizer.json file or a folder that contains one"
+            )
+        try:
+            hf = HFTokenizer.from_file(str(target))
+        except Exception as exc:  # the Rust side raises plain Exception subclasses
+            raise DataError(f"cannot read tokenizer '{target}': {exc}; is it a tokenizer.json?") from exc
+        return cls(hf)
+
+    def __repr__(self) -> str:
+        return f"Tokenizer(vocab_size={self.vocab_size}, eos_id={self.eos_id})"
+
+
+def train_tokenizer(texts: Iterable[str], kind: str = "bpe", vocab_size: int = 8192) -> Tokenizer:
+    """Train a tokenizer of ``kind`` on ``texts`` (a bounded sample; it is read exactly once)."""
+    if kind not in TOKENIZER_KINDS:
+        raise DataError(f"unknown tokenizer kind '{kind}': choose one of {', '.join(TOKENIZER_KINDS)}")
+    if vocab_size < MIN_VOCAB_SIZE:
+        raise DataError(
+            f"vocab_size {vocab_size} is too small: byte-level BPE needs at least {MIN_VOCAB_SIZE}"
+        )
+    hf = HFTokenizer(models.BPE())
+    # Byte-level pre-tokenisation maps every byte to a symbol, so any UTF-8 text can be
+    # encoded without an unknown token and decodes back byte for byte. No prefix space:
+    # it would add a character that decode() cannot know to remove.
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS_TOKEN],
+        # Seed all 256 byte symbols even if the sample lacks some bytes, otherwise text
+        # outside the sample could not be encoded.
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    # Pass the iterable straight through: the trainer streams it, so the caller's bound on
+    # the sample is the only bound on memory.
+    hf.train_from_iterator(iter(texts), trainer=trainer)
+    return Tokenizer(hf)

@@ -1,0 +1,1 @@
+"""Evaluation: metrics over held-out data."""

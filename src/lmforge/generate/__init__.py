@@ -1,0 +1,1 @@
+"""Text generation: sampling functions and the decoding engine."""

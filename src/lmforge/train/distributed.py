@@ -1,0 +1,68 @@
+"""Process-group setup and model wrapping. A single process is world size 1 and takes the same path."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process sits: rank, world size, local rank (torchrun's environment variables)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 alone writes files and prints."""
+        return self.rank == 0
+
+
+def init_distributed(device_type: str) -> DistEnv:
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1); otherwise world size 1."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return DistEnv()
+    env = DistEnv(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+    return env
+
+
+def close_distributed() -> None:
+    """Leave the process group, if one was joined."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def wrap_model(model: nn.Module, env: DistEnv, device: torch.device) -> nn.Module:
+    """DistributedDataParallel across ranks; the model itself for world size 1."""
+    if env.world_size == 1:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=ids)
+
+
+def no_sync(model: nn.Module, sync: bool):
+    """Skip the gradient all-reduce on micro-steps that are not the last of an accumulation."""
+    if sync or not hasattr(model, "no_sync"):
+        return contextlib.nullcontext()
+    return model.no_sync()
+
+
+def all_reduce_mean(value: float, env: DistEnv, device: torch.device) -> float:
+    """Mean of a scalar over ranks (identity for world size 1)."""
+    if env.world_size == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.item() / env.world_size

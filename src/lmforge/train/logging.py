@@ -1,0 +1,81 @@
+"""What a run shows and records: metrics.jsonl, console lines and a progress bar. Rank 0 only."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+
+class MetricsWriter:
+    """Appends one JSON object per line to RUN_DIR/metrics.jsonl (kept across resumes)."""
+
+    def __init__(self, path: Path, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self._f = open(path, "a", encoding="utf-8") if enabled else None  # noqa: SIM115 (closed in close())
+
+    def write(self, record: dict) -> None:
+        """Write one record, flushed so a crash loses nothing already logged."""
+        if self._f is None:
+            return
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+        self._f.write(json.dumps(clean) + "\n")
+        self._f.flush()
+
+    def close(self) -> None:
+        """Close the file."""
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+
+
+class ConsoleReporter:
+    """A progress bar on terminals (step, loss, tokens/s, MFU, ETA); plain lines elsewhere."""
+
+    def __init__(
+        self, console: Console, total_steps: int, start_step: int, enabled: bool, show_bar: bool
+    ) -> None:
+        self.console = console
+        self.enabled = enabled
+        self.bar = None
+        self.total = total_steps
+        self.t0 = time.time()
+        if enabled and show_bar and console.is_terminal:
+            self.bar = Progress(
+                TextColumn("[bold]train"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[info]}"),
+                TimeRemainingColumn(),
+                console=console,
+                transient=False,
+            )
+            self.task = self.bar.add_task("train", total=total_steps, completed=start_step, info="")
+            self.bar.start()
+
+    def print(self, message: str) -> None:
+        """A line above the bar (or a plain line)."""
+        if self.enabled:
+            self.console.print(message, highlight=False)
+
+    def step(self, step: int, loss: float, tok_per_s: float, mfu: float | None, log_line: bool) -> None:
+        """Advance to `step`; plain output prints on log steps only."""
+        if not self.enabled:
+            return
+        mfu_txt = f" mfu {100 * mfu:.1f}%" if mfu is not None else ""
+        info = f"loss {loss:.4f} | {tok_per_s:,.0f} tok/s{mfu_txt}"
+        if self.bar is not None:
+            self.bar.update(self.task, completed=step, info=info)
+        elif log_line:
+            elapsed = time.time() - self.t0
+            self.console.print(f"step {step}/{self.total} | {info} | {elapsed:.0f}s", highlight=False)
+
+    def close(self) -> None:
+        """Stop the bar."""
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = None

@@ -1,0 +1,352 @@
+"""train(cfg): the whole training run, top to bottom.
+
+setup -> data -> plan -> model and optimizer -> resume -> loop (forward/backward over micro-batches,
+clip, step, log, evaluate, checkpoint) -> final evaluation and checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from rich.console import Console
+
+from .. import checkpoint as ckpt_io
+from ..config import Config, ConfigError, config_to_dict
+from ..data import TokenLoader, iter_eval_batches, load_meta
+from ..device import autocast, peak_flops, pick_device, pick_precision
+from ..eval.metrics import evaluate_loss, loss_report
+from ..model import GPT, flops_per_token
+from .distributed import DistEnv, all_reduce_mean, close_distributed, init_distributed, no_sync, wrap_model
+from .logging import ConsoleReporter, MetricsWriter
+from .optim import build_optimizer, lr_at
+
+
+@dataclass
+class TrainResult:
+    """What a finished run reports back."""
+
+    run_dir: Path
+    step: int
+    tokens: int
+    first_eval: dict | None  # the first evaluation of this run (at step 0 for a fresh run)
+    last_eval: dict | None
+    checkpoint: Path | None
+
+
+@dataclass
+class Plan:
+    """Batch arithmetic derived from the config and the world size."""
+
+    micro_batch_size: int
+    grad_accum: int
+    global_batch_size: int
+    seq_len: int
+    tokens_per_step: int
+    max_steps: int
+
+
+def make_plan(cfg: Config, world_size: int) -> Plan:
+    """Global batch = micro-batch x accumulation x world size; the token budget decides max_steps if given."""
+    t = cfg.train
+    gb = t.global_batch_size or t.micro_batch_size * world_size
+    if gb % (t.micro_batch_size * world_size):
+        raise ConfigError(
+            f"train.global_batch_size={gb} is not a multiple of micro_batch_size x world size "
+            f"({t.micro_batch_size} x {world_size})"
+        )
+    seq_len = cfg.model.seq_len
+    tokens_per_step = gb * seq_len
+    max_steps = math.ceil(t.max_tokens / tokens_per_step) if t.max_tokens else t.max_steps
+    return Plan(
+        t.micro_batch_size, gb // (t.micro_batch_size * world_size), gb, seq_len, tokens_per_step, max_steps
+    )
+
+
+def resolve_vocab(cfg: Config, meta: dict, console: Console | None) -> Config:
+    """The data's tokenizer defines the vocabulary; a different model.vocab_size is replaced with a note."""
+    data_vocab = int(meta["vocab_size"])
+    if cfg.model.vocab_size not in (None, data_vocab) and console is not None:
+        console.print(
+            f"note: model.vocab_size {cfg.model.vocab_size} -> {data_vocab} (from the data's tokenizer)"
+        )
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=data_vocab))
+
+
+def memory_estimate(cfg: Config, plan: Plan, precision: str) -> dict[str, float]:
+    """Rough training memory in bytes: fp32 weights + grads + AdamW moments (16 B/param) and activations.
+
+    Activations per layer ~ 34*B*T*C bytes in 16-bit (Korthikanti et al., 2022, without the attention
+    score term, which SDPA's fused kernels never materialise); doubled for fp32.
+    """
+    n = count_params_from_config(cfg)
+    B, T, C, L = plan.micro_batch_size, plan.seq_len, cfg.model.n_embd, cfg.model.n_layer
+    act = 34 * B * T * C * L * (2 if precision == "fp32" else 1)
+    logits = B * T * cfg.model.padded_vocab_size * 4 * 2  # fp32 logits and their gradient
+    return {"weights": 4 * n, "grads": 4 * n, "optimizer": 8 * n, "activations": act, "logits": logits}
+
+
+def count_params_from_config(cfg: Config) -> int:
+    """Exact parameter count without building the model."""
+    from ..model import param_breakdown
+
+    return param_breakdown(cfg.model)["total"]
+
+
+def _rng_state() -> tuple[dict[str, torch.Tensor], dict]:
+    tensors = {"rng/torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng/cuda/{i}"] = s
+    py = random.getstate()
+    np_state = np.random.get_state()
+    meta = {
+        "python": [py[0], list(py[1]), py[2]],
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+    }
+    return tensors, meta
+
+
+def _restore_rng(tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    torch.set_rng_state(tensors["rng/torch"])
+    cuda = [tensors[k] for k in sorted(tensors) if k.startswith("rng/cuda/")]
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+    py = meta["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = meta["numpy"]
+    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
+
+
+def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    # Flatten AdamW's state into named tensors (safetensors) and JSON-able hyper-parameters.
+    sd = opt.state_dict()
+    tensors = {
+        f"optim/{idx}/{name}": value.detach().cpu().contiguous()
+        for idx, state in sd["state"].items()
+        for name, value in state.items()
+    }
+    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in sd["param_groups"]]
+    return tensors, groups
+
+
+def _load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], groups: list[dict]) -> None:
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim/"):
+            _, idx, name = key.split("/", 2)
+            state.setdefault(int(idx), {})[name] = value
+    opt.load_state_dict({"state": state, "param_groups": groups})
+
+
+def check_resume_compatible(saved: dict, cfg: Config, data_meta: dict) -> None:
+    """Architecture, vocab, seq_len and tokenizer must match the checkpoint; the error names the setting."""
+    old_model = saved["config"]["model"]
+    for key, new in config_to_dict(cfg.model).items():
+        if key in ("dropout",):
+            continue
+        if old_model.get(key) != new:
+            raise ConfigError(
+                f"model.{key}={new!r} differs from the checkpoint's {old_model.get(key)!r}: resume with the same "
+                f"model settings, or start a new run with a different --out"
+            )
+    if saved.get("tokenizer_sha256") and saved["tokenizer_sha256"] != data_meta.get("tokenizer_sha256"):
+        raise ConfigError(
+            "the data's tokenizer differs from the one this run was trained with: use the same data"
+        )
+
+
+def train(cfg: Config, dry_run: bool = False, console: Console | None = None) -> TrainResult | None:
+    """Train (or resume) the run described by cfg; returns None for a dry run."""
+    console = console or Console()
+    # --- setup -------------------------------------------------------------------------------
+    device = pick_device(cfg.train.device)
+    precision = pick_precision(cfg.train.precision, device)
+    env: DistEnv = init_distributed(device.type)
+    if device.type == "cuda" and env.world_size > 1:
+        device = torch.device("cuda", env.local_rank)
+    say = console.print if env.is_main else (lambda *a, **k: None)
+    if cfg.data is None:
+        raise ConfigError("data is not set: pass --data DATA_DIR (made by `lmforge prepare`)")
+    data_meta = load_meta(cfg.data)
+    cfg = resolve_vocab(cfg, data_meta, console if env.is_main else None)
+    plan = make_plan(cfg, env.world_size)
+    n_params = count_params_from_config(cfg)
+    fpt = flops_per_token(cfg.model)
+
+    if dry_run:
+        print_dry_run(cfg, plan, precision, device, n_params, fpt, console)
+        return None
+
+    # --- run directory and resume point -----------------------------------------------------
+    run_dir = Path(cfg.out)
+    resume_from = ckpt_io.latest_checkpoint(run_dir)
+    saved = ckpt_io.verify_checkpoint(resume_from) if resume_from else None
+    if saved:
+        check_resume_compatible(saved, cfg, data_meta)
+    if env.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+        shutil.copyfile(Path(cfg.data) / "tokenizer.json", run_dir / "tokenizer.json")
+
+    # --- model, optimizer, data --------------------------------------------------------------
+    torch.manual_seed(cfg.train.seed)
+    random.seed(cfg.train.seed)
+    np.random.seed(cfg.train.seed)
+    model = GPT(cfg.model).to(device)
+    optimizer = build_optimizer(model, cfg.train, device.type)
+    loader = TokenLoader(
+        cfg.data, "train", plan.seq_len, plan.micro_batch_size, cfg.train.seed, env.rank, env.world_size
+    )
+    step, tokens = 0, 0
+    if saved:
+        model_sd, state_tensors, _ = ckpt_io.load_checkpoint(resume_from, verify=False)
+        ckpt_io.load_model_weights(model, model_sd)
+        _load_optimizer(optimizer, state_tensors, saved["optimizer_groups"])
+        loader.load_state_dict(saved["loader"])
+        _restore_rng(state_tensors, saved["rng"])
+        step, tokens = saved["step"], saved["tokens"]
+        say(f"resuming {run_dir} from {resume_from.name} (step {step}, {tokens:,} tokens)")
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    train_model = wrap_model(torch.compile(model) if cfg.train.compile else model, env, device)
+    peak = peak_flops(device)
+
+    say(
+        f"model {n_params / 1e6:.2f}M params ({cfg.model.family}) | device {device} {precision} | "
+        f"batch {plan.global_batch_size}x{plan.seq_len} tokens (accum {plan.grad_accum}, world {env.world_size}) | "
+        f"{plan.max_steps} steps"
+    )
+    metrics = MetricsWriter(run_dir / "metrics.jsonl", enabled=env.is_main)
+    reporter = ConsoleReporter(console, plan.max_steps, step, env.is_main, cfg.log.progress)
+    bytes_per_token = data_meta.get("val_bytes_per_token")
+
+    def run_eval() -> dict:
+        batches = iter_eval_batches(cfg.data, "val", plan.seq_len, plan.micro_batch_size, cfg.eval.batches)
+        loss, _ = evaluate_loss(model, batches, device, precision)
+        report = {"step": step, **loss_report(all_reduce_mean(loss, env, device), bytes_per_token)}
+        metrics.write({"type": "eval", "tokens": tokens, **report})
+        bpb = f" | val bpb {report['val_bpb']:.3f}" if "val_bpb" in report else ""
+        reporter.print(f"step {step}: val loss {report['val_loss']:.4f} | ppl {report['val_ppl']:.1f}{bpb}")
+        return report
+
+    def save() -> Path | None:
+        if not env.is_main:
+            return None
+        rng_tensors, rng_meta = _rng_state()
+        opt_tensors, groups = _optimizer_tensors(optimizer)
+        meta = {
+            "config": config_to_dict(cfg),
+            "tokens": tokens,
+            "tokenizer_sha256": data_meta.get("tokenizer_sha256"),
+            "data_fingerprint": data_meta.get("fingerprint"),
+            "loader": loader.state_dict(),
+            "rng": rng_meta,
+            "optimizer_groups": groups,
+            "precision": precision,
+        }
+        path = ckpt_io.save_checkpoint(
+            run_dir,
+            step,
+            ckpt_io.model_state(model),
+            {**opt_tensors, **rng_tensors},
+            meta,
+            cfg.checkpoint.keep_last,
+        )
+        reporter.print(f"saved checkpoint {path}")
+        return path
+
+    # --- loop ----------------------------------------------------------------------------------
+    first_eval = run_eval() if (cfg.eval.at_start and step == 0) else None
+    last_eval, last_ckpt = first_eval, None
+    model.train()
+    t_log, tokens_at_log = time.time(), tokens
+    while step < plan.max_steps:
+        lr = lr_at(step, cfg.train, plan.max_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = torch.zeros((), device=device)
+        for micro in range(plan.grad_accum):
+            x, y = loader.next_batch()
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with no_sync(train_model, sync=micro == plan.grad_accum - 1), autocast(device, precision):
+                loss = train_model(x, y) / plan.grad_accum
+            scaler.scale(loss).backward()
+            loss_sum += loss.detach()
+        scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            model.parameters(), cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
+        )
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        tokens += plan.tokens_per_step
+
+        log_now = step % cfg.log.every == 0 or step == plan.max_steps
+        if log_now:
+            dt = max(time.time() - t_log, 1e-9)
+            tok_per_s = (tokens - tokens_at_log) / dt
+            mfu = fpt * tok_per_s / (peak * env.world_size) if peak else None
+            train_loss = all_reduce_mean(loss_sum.item(), env, device)
+            record = {
+                "type": "train",
+                "step": step,
+                "tokens": tokens,
+                "train_loss": train_loss,
+                "lr": lr,
+                "grad_norm": float(grad_norm),
+                "tok_per_s": tok_per_s,
+            }
+            if mfu is not None:
+                record["mfu"] = mfu
+            metrics.write(record)
+            reporter.step(step, train_loss, tok_per_s, mfu, log_line=True)
+            t_log, tokens_at_log = time.time(), tokens
+        if cfg.eval.every and step % cfg.eval.every == 0 and step < plan.max_steps:
+            last_eval = run_eval()
+        if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < plan.max_steps:
+            last_ckpt = save()
+
+    # --- end -------------------------------------------------------------------------------
+    if last_eval is None or last_eval["step"] != step:
+        last_eval = run_eval()
+    if saved is None or step > saved["step"]:  # a finished run resumed again has nothing new to save
+        last_ckpt = save()
+    else:
+        last_ckpt = resume_from
+    reporter.close()
+    metrics.close()
+    close_distributed()
+    return TrainResult(run_dir, step, tokens, first_eval, last_eval, last_ckpt)
+
+
+def print_dry_run(
+    cfg: Config, plan: Plan, precision: str, device: torch.device, n_params: int, fpt: int, console: Console
+) -> None:
+    """The resolved config and what the run would cost; nothing is trained."""
+    console.print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False).rstrip(), highlight=False)
+    total_tokens = plan.max_steps * plan.tokens_per_step
+    mem = memory_estimate(cfg, plan, precision)
+    gib = 1024**3
+    console.print(f"parameters        {n_params:,} ({n_params / 1e6:.2f}M)", highlight=False)
+    console.print(f"FLOPs per token   {fpt:,} (6N + 12*L*C*T)", highlight=False)
+    console.print(
+        f"tokens            {total_tokens:,} ({plan.max_steps} steps x {plan.tokens_per_step:,}); "
+        f"{total_tokens / n_params:.1f} tokens per parameter (Chinchilla-optimal: ~20)",
+        highlight=False,
+    )
+    console.print(f"training FLOPs    {fpt * total_tokens:.3e}", highlight=False)
+    parts = ", ".join(f"{k} {v / gib:.2f}" for k, v in mem.items())
+    console.print(
+        f"memory estimate   {sum(mem.values()) / gib:.2f} GiB per device ({parts} GiB; {precision}, AdamW, "
+        f"micro-batch {plan.micro_batch_size}) on {device}",
+        highlight=False,
+    )

@@ -1,0 +1,61 @@
+"""Shared fixtures: a tiny prepared corpus and tiny model settings."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from lmforge.data import prepare
+
+TINY_MODEL = ["--model.n_layer=2", "--model.n_head=4", "--model.n_embd=32", "--model.context_len=64"]
+
+
+def make_corpus(root, n_docs: int = 30, words: int = 300, seed: int = 0) -> None:
+    """Deterministic little documents with enough structure to learn."""
+    rng = random.Random(seed)
+    vocab = [
+        "the",
+        "cat",
+        "sat",
+        "on",
+        "a",
+        "mat",
+        "and",
+        "the",
+        "dog",
+        "ran",
+        "to",
+        "the",
+        "park",
+        "while",
+        "birds",
+        "sang",
+        "in",
+        "green",
+        "trees",
+    ]
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(n_docs):
+        text = " ".join(rng.choice(vocab) for _ in range(words))
+        (root / f"doc{i:03d}.txt").write_text(text + "\n", encoding="utf-8")
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    """A prepared DATA_DIR (byte-level BPE, vocab 320) built once per test session."""
+    root = tmp_path_factory.mktemp("corpus")
+    make_corpus(root / "text")
+    out = root / "data"
+    prepare([str(root / "text")], out, vocab_size=320, val_fraction=0.1)
+    return out
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    # Tiny models run fastest single-threaded, and results do not depend on the machine's core count.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -1,0 +1,102 @@
+"""Config errors are one line naming the key; overrides and presets land where they should."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from lmforge.cli import main, parse, parse_config
+from lmforge.config import load_yaml_config
+from lmforge.model import ModelConfig
+from lmforge.presets import PRESETS
+
+
+def config_of(argv):
+    command, ns, parsers = parse(["train", *argv])
+    return parse_config(ns, parsers["train"])
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["--model.n_embd=256", "--model.n_head=7"], "model.n_embd=256 is not divisible by model.n_head=7"),
+        (["--model.n_head=8", "--model.n_kv_head=3"], "model.n_head=8 is not divisible by model.n_kv_head=3"),
+        (["--train.lr=0"], "train.lr=0.0: must be > 0"),
+        (["--train.lr=-1e-3"], "train.lr=-0.001: must be > 0"),
+        (["--model.seq_len=4096"], "model.seq_len=4096: must be between 1 and the model's context"),
+        (["--model.n_layr=3"], "unknown config key model.n_layr (did you mean model.n_layer?)"),
+        (["--trian.lr=3"], "unknown config key trian.lr (did you mean train.lr?)"),
+        (["--train.max_steps=abc"], "train.max_steps"),
+        (["--preset=tinny"], "preset='tinny' is unknown (did you mean 'tiny'?)"),
+        (["--train.device=tpu"], "train.device='tpu'"),
+        (["--train.micro_batch_size=3", "--train.global_batch_size=8"], "train.global_batch_size=8"),
+    ],
+)
+def test_bad_values_fail_in_one_line_naming_the_key(argv, expected, capsys, tmp_path):
+    code = main(["train", "--data", str(tmp_path), *argv])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert expected in err
+    assert len(err.splitlines()) == 1, err
+    assert "Traceback" not in err
+
+
+def test_unknown_key_in_yaml_gets_a_suggestion(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  n_layer: 2\n  n_hed: 4\n")
+    assert main(["train", "--config", str(bad)]) == 2
+    assert "unknown config key model.n_hed (did you mean model.n_head?)" in capsys.readouterr().err
+
+
+def test_overrides_win_over_yaml_which_wins_over_preset(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("preset: gpt2-124m\nmodel:\n  n_layer: 4\ntrain:\n  lr: 1.0e-3\n  max_steps: 50\n")
+    cfg = config_of(["--config", str(f), "--train.max_steps=200", "--eval.every=7", "--checkpoint.every=9"])
+    assert cfg.model.n_layer == 4  # yaml over preset
+    assert cfg.model.n_embd == 768  # preset over dataclass default
+    assert cfg.train.lr == 1e-3 and cfg.train.max_steps == 200  # command line over yaml
+    assert cfg.eval.every == 7 and cfg.checkpoint.every == 9
+
+
+def test_family_defaults_resolve_after_overrides():
+    cfg = config_of(["--model.family=llama", "--model.n_head=8", "--model.n_kv_head=2"])
+    m = cfg.model
+    assert (m.pos_emb, m.norm, m.mlp, m.bias, m.tie_embeddings) == ("rope", "rmsnorm", "swiglu", False, False)
+    assert m.n_kv_head == 2 and m.seq_len == m.context_len
+    gpt = config_of([]).model
+    assert (gpt.pos_emb, gpt.norm, gpt.mlp, gpt.bias, gpt.tie_embeddings) == (
+        "learned",
+        "layernorm",
+        "gelu",
+        True,
+        True,
+    )
+
+
+def test_every_shipped_config_and_preset_is_valid():
+    from pathlib import Path
+
+    for path in sorted(Path(__file__).parent.parent.joinpath("configs").glob("*.yaml")):
+        cfg = config_of(["--config", str(path)])
+        assert cfg.preset in PRESETS, path
+    for _name, keys in PRESETS.items():
+        ModelConfig(**keys).resolved()
+
+
+def test_saved_config_round_trips(tmp_path):
+    cfg = config_of(["--preset=modern-tiny", "--train.max_steps=5"])
+    from lmforge.config import config_to_dict
+
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config_to_dict(cfg)))
+    assert load_yaml_config(path) == cfg
+
+
+def test_python_dash_m_and_help():
+    out = subprocess.run([sys.executable, "-m", "lmforge", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0
+    for command in ("prepare", "train", "generate", "quickstart"):
+        assert command in out.stdout

@@ -1,0 +1,126 @@
+"""The model: shapes for both families, exact parameter counts, learning, KV-cache equivalence."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lmforge.generate.engine import generate_ids
+from lmforge.generate.sampling import SamplingParams, top_k_filter, top_p_filter
+from lmforge.model import GPT, ModelConfig, count_params, flops_per_token, param_breakdown
+
+FAMILIES = {
+    "gpt2": dict(family="gpt2"),
+    "llama": dict(family="llama", n_kv_head=2),
+    "llama-qknorm-mha": dict(family="llama", qk_norm=True),
+    "gpt2-untied-nobias": dict(family="gpt2", bias=False, tie_embeddings=False),
+}
+
+
+def tiny(**kw) -> ModelConfig:
+    base = dict(n_layer=2, n_head=4, n_embd=32, context_len=64, vocab_size=100)
+    return ModelConfig(**{**base, **kw})
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_forward_shapes_and_param_count(name):
+    torch.manual_seed(0)
+    cfg = tiny(**FAMILIES[name])
+    model = GPT(cfg)
+    idx = torch.randint(0, 100, (3, 17))
+    logits = model(idx)
+    assert logits.shape == (3, 17, 100)  # padded vocab (128) never leaks out
+    loss = model(idx, idx)
+    assert loss.ndim == 0 and math.isfinite(loss.item())
+    assert count_params(model) == param_breakdown(cfg)["total"]
+
+
+def test_family_switches_change_the_architecture():
+    gpt, llama = GPT(tiny(family="gpt2")), GPT(tiny(family="llama", n_kv_head=2))
+    assert gpt.wpe is not None and llama.wpe is None
+    assert isinstance(gpt.blocks[0].ln_1, torch.nn.LayerNorm) and isinstance(
+        llama.blocks[0].ln_1, torch.nn.RMSNorm
+    )
+    assert gpt.lm_head.weight is gpt.wte.weight and llama.lm_head.weight is not llama.wte.weight
+    # GQA: k and v get 2 heads of 8, q gets 4 heads of 8 -> fused projection is (4 + 2*2) * 8 wide
+    assert llama.blocks[0].attn.c_attn.out_features == 64
+    assert llama.blocks[0].mlp.c_fc.out_features == 2 * 256  # SwiGLU gate|up, hidden rounded to 256
+
+
+def test_loss_matches_plain_cross_entropy_and_ignores_padding_rows():
+    torch.manual_seed(0)
+    model = GPT(tiny())
+    idx = torch.randint(0, 100, (2, 9))
+    tgt = torch.randint(0, 100, (2, 9))
+    tgt[0, :3] = -1
+    logits = model(idx)
+    ref = F.cross_entropy(logits.reshape(-1, 100), tgt.reshape(-1), ignore_index=-1)
+    assert torch.allclose(model(idx, tgt), ref, atol=1e-6)
+
+
+def test_gpt2_124m_preset_counts_like_gpt2():
+    from lmforge.presets import get_preset
+
+    cfg = ModelConfig(**get_preset("gpt2-124m"))
+    p = param_breakdown(cfg)
+    # GPT-2 small has 124,439,808 parameters with vocab 50257; padding to 50304 adds 47*768.
+    assert p["total"] == 124_439_808 + 47 * 768
+    assert (
+        flops_per_token(cfg)
+        == 6 * (p["total"] - p["embedding"] - p["position"] + 50304 * 768) + 12 * 12 * 768 * 1024
+    )
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_tiny_model_overfits_one_batch(name):
+    torch.manual_seed(0)
+    model = GPT(tiny(**FAMILIES[name]))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    x = torch.randint(0, 100, (4, 32))
+    y = torch.roll(x, -1, dims=1)
+    first = None
+    for _ in range(150):
+        loss = model(x, y)
+        first = first if first is not None else loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert first > 4.0 and loss.item() < 0.1
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_greedy_generation_same_with_and_without_kv_cache(name):
+    torch.manual_seed(1)
+    model = GPT(tiny(**FAMILIES[name])).eval()
+    prompt = torch.randint(0, 100, (7,)).tolist()
+    greedy = SamplingParams(temperature=0.0)
+    with_cache = list(generate_ids(model, prompt, 40, greedy, use_cache=True))
+    without = list(generate_ids(model, prompt, 40, greedy, use_cache=False))
+    assert len(with_cache) == 40
+    assert with_cache == without
+
+
+def test_sampling_is_seeded_and_filters_work():
+    torch.manual_seed(2)
+    model = GPT(tiny()).eval()
+    p = SamplingParams(temperature=1.0, top_k=20, top_p=0.9, repetition_penalty=1.3)
+    a = list(generate_ids(model, [1, 2, 3], 30, p, seed=5))
+    b = list(generate_ids(model, [1, 2, 3], 30, p, seed=5))
+    c = list(generate_ids(model, [1, 2, 3], 30, p, seed=6))
+    assert a == b and a != c
+    logits = torch.tensor([[1.0, 5.0, 3.0, 2.0]])
+    assert torch.isinf(top_k_filter(logits, 2)).tolist() == [[True, False, False, True]]
+    probs = logits.softmax(-1)[0]  # 0.87, 0.12, ...: p=0.8 keeps only the top token, p=0.9 the top two
+    assert probs[1] > 0.8
+    assert (~torch.isinf(top_p_filter(logits, 0.8))).sum() == 1
+    assert (~torch.isinf(top_p_filter(logits, 0.9))).sum() == 2
+
+
+def test_prompt_longer_than_context_is_cut_from_the_left_with_a_warning():
+    model = GPT(tiny()).eval()
+    with pytest.warns(UserWarning, match="cut"):
+        out = list(generate_ids(model, list(range(1, 80)), 5, SamplingParams(temperature=0)))
+    assert len(out) == 5

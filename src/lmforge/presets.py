@@ -38,9 +38,17 @@ PRESETS: dict[str, dict] = {
     "xl-1.5b": dict(
         family="gpt2", n_layer=32, n_head=32, n_embd=2048, context_len=1024, vocab_size=GPT2_VOCAB
     ),
-    # Llama-style counterparts (RoPE, RMSNorm, SwiGLU, grouped-query attention).
+    # Llama-style counterparts (RoPE, RMSNorm, SwiGLU, grouped-query attention). Below 1B they tie the
+    # input and output embeddings, as Llama 3.2 1B/3B and SmolLM do, so sizes match their GPT-2 twins.
     "modern-tiny": dict(
-        family="llama", n_layer=6, n_head=8, n_kv_head=4, n_embd=256, context_len=256, vocab_size=4096
+        family="llama",
+        n_layer=6,
+        n_head=8,
+        n_kv_head=4,
+        n_embd=256,
+        context_len=256,
+        vocab_size=4096,
+        tie_embeddings=True,
     ),
     "modern-124m": dict(
         family="llama",
@@ -50,6 +58,7 @@ PRESETS: dict[str, dict] = {
         n_embd=768,
         context_len=1024,
         vocab_size=GPT2_VOCAB,
+        tie_embeddings=True,
     ),
     "modern-350m": dict(
         family="llama",
@@ -59,6 +68,7 @@ PRESETS: dict[str, dict] = {
         n_embd=1024,
         context_len=2048,
         vocab_size=GPT2_VOCAB,
+        tie_embeddings=True,
     ),
     "modern-1.5b": dict(
         family="llama",

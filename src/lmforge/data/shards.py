@@ -210,7 +210,7 @@ class TokenShards:
         done = 0
         k = bisect.bisect_right(self._offsets, start) - 1
         while done < length:
-            local = start - self._offsets[k]
+            local = start + done - self._offsets[k]
             take = min(length - done, self._offsets[k + 1] - self._offsets[k] - local)
             out[done : done + take] = self._shard(k)[local : local + take]
             done += take

@@ -43,6 +43,7 @@ class ConsoleReporter:
         self.enabled = enabled
         self.bar = None
         self.total = total_steps
+        self.start_step = start_step
         self.t0 = time.time()
         if enabled and show_bar and console.is_terminal:
             self.bar = Progress(
@@ -72,7 +73,10 @@ class ConsoleReporter:
             self.bar.update(self.task, completed=step, info=info)
         elif log_line:
             elapsed = time.time() - self.t0
-            self.console.print(f"step {step}/{self.total} | {info} | {elapsed:.0f}s", highlight=False)
+            eta = elapsed / max(1, step - self.start_step) * (self.total - step)
+            self.console.print(
+                f"step {step}/{self.total} | {info} | {elapsed:.0f}s elapsed, ETA {eta:.0f}s", highlight=False
+            )
 
     def close(self) -> None:
         """Stop the bar."""

@@ -22,9 +22,8 @@ TEXT_FIELDS = ("text", "content")
 # Directory names that hold the stdlib's own test suites (test/, tests/, idlelib/idle_test,
 # lib2to3/tests, ctypes/test, ...) or installed third-party code; the built-in corpus
 # should be real library code that does not depend on what the user has pip-installed.
-# encodings/ is left out too: ~100 generated codec tables that a small model memorises first.
 _STDLIB_EXCLUDED_DIRS = frozenset(
-    {"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test", "encodings"}
+    {"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test"}
 )
 # A scheme needs at least two letters so that Windows drive letters ("C:\\...") stay paths.
 _SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]+):")

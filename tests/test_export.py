@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -125,3 +126,22 @@ def test_safetensors_export_trims_vocab_and_stores_a_tied_head_once(tiny_data, t
     assert saved["model"]["vocab_size"] == cfg.model.vocab_size and saved["model"]["family"] == "gpt2"
     with pytest.raises(ExportError, match="already exists"):
         export_run(run, "safetensors", out)
+
+
+@pytest.mark.parametrize(
+    "name, overrides", [("gpt2", {}), ("llama-gqa", {}), ("llama-gqa", {"qk_norm": True})]
+)
+def test_onnx_export_matches_for_two_shapes(tiny_data, tmp_path, name, overrides):
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    run = make_run(tmp_path, tiny_data, name, **overrides)
+    out = export_run(run, "onnx", tmp_path / "onnx")
+    model, cfg, _ = load_model(run)
+    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    for shape in ((1, 5), (3, 17)):
+        idx = inputs(cfg.model.vocab_size, shape, seed=shape[1])
+        (logits,) = session.run(None, {"idx": idx.numpy()})
+        with torch.no_grad():
+            expected = model(idx).numpy()
+        assert logits.shape == expected.shape == (*shape, cfg.model.vocab_size)
+        np.testing.assert_allclose(logits, expected, atol=1e-4, rtol=0)

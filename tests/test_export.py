@@ -145,3 +145,136 @@ def test_onnx_export_matches_for_two_shapes(tiny_data, tmp_path, name, overrides
             expected = model(idx).numpy()
         assert logits.shape == expected.shape == (*shape, cfg.model.vocab_size)
         np.testing.assert_allclose(logits, expected, atol=1e-4, rtol=0)
+
+
+GGUF_KEYS = [
+    "context_length",
+    "embedding_length",
+    "block_count",
+    "feed_forward_length",
+    "attention.head_count",
+    "attention.head_count_kv",
+]
+
+
+def gguf_value(reader, key):
+    return reader.fields[key].contents()
+
+
+@pytest.mark.parametrize(
+    "name, dtype", [("gpt2", "f32"), ("llama-gqa", "f32"), ("gpt2", "f16"), ("llama-gqa", "q8_0")]
+)
+def test_gguf_export_has_llama_cpp_tensors_shapes_and_metadata(tiny_data, tmp_path, name, dtype):
+    gguf = pytest.importorskip("gguf")
+    from lmforge.export.gguf import halves_to_interleaved
+
+    run = make_run(tmp_path, tiny_data, name)
+    out = export_run(run, "gguf", tmp_path / "gguf", dtype=dtype)
+    model, cfg, _ = load_model(run)
+    m = cfg.model
+    V, C, H, hd = m.vocab_size, m.n_embd, m.ffn_hidden, m.head_dim
+    reader = gguf.GGUFReader(str(out / "model.gguf"))
+    arch = "gpt2" if m.family == "gpt2" else "llama"
+
+    # metadata llama.cpp reads
+    assert gguf_value(reader, "general.architecture") == arch
+    expected = [m.context_len, C, m.n_layer, H, m.n_head, m.n_kv_head]
+    assert [gguf_value(reader, f"{arch}.{k}") for k in GGUF_KEYS] == expected
+    if arch == "gpt2":
+        assert gguf_value(reader, "gpt2.attention.layer_norm_epsilon") == pytest.approx(m.norm_eps)
+    else:
+        assert gguf_value(reader, "llama.attention.layer_norm_rms_epsilon") == pytest.approx(m.norm_eps)
+        assert gguf_value(reader, "llama.rope.freq_base") == pytest.approx(m.rope_theta)
+        assert gguf_value(reader, "llama.rope.dimension_count") == hd
+    tok = Tokenizer.load(run / "tokenizer.json")
+    assert gguf_value(reader, "tokenizer.ggml.model") == "gpt2"
+    tokens = gguf_value(reader, "tokenizer.ggml.tokens")
+    assert len(tokens) == V and tokens[tok.eos_id] == "<|endoftext|>"
+    assert len(gguf_value(reader, "tokenizer.ggml.token_type")) == V
+    assert len(gguf_value(reader, "tokenizer.ggml.merges")) > 0
+    assert gguf_value(reader, "tokenizer.ggml.eos_token_id") == tok.eos_id
+    assert gguf_value(reader, "tokenizer.ggml.bos_token_id") == tok.eos_id
+
+    # every tensor, with the shape (in torch order) llama.cpp expects
+    shapes = {"token_embd.weight": (V, C), "output_norm.weight": (C,)}
+    for i in range(m.n_layer):
+        b = f"blk.{i}"
+        shapes |= {f"{b}.attn_norm.weight": (C,), f"{b}.ffn_norm.weight": (C,)}
+        shapes |= {f"{b}.attn_output.weight": (C, C), f"{b}.ffn_down.weight": (C, H)}
+        if arch == "gpt2":
+            shapes |= {f"{b}.attn_qkv.weight": (3 * C, C), f"{b}.ffn_up.weight": (H, C)}
+            for t in ("attn_norm", "ffn_norm", "attn_output", "ffn_down"):
+                shapes[f"{b}.{t}.bias"] = (C,)
+            shapes |= {f"{b}.attn_qkv.bias": (3 * C,), f"{b}.ffn_up.bias": (H,)}
+        else:
+            kv = m.n_kv_head * hd
+            shapes |= {
+                f"{b}.attn_q.weight": (C, C),
+                f"{b}.attn_k.weight": (kv, C),
+                f"{b}.attn_v.weight": (kv, C),
+            }
+            shapes |= {f"{b}.ffn_gate.weight": (H, C), f"{b}.ffn_up.weight": (H, C)}
+    if arch == "gpt2":
+        shapes |= {
+            "position_embd.weight": (m.context_len, C),
+            "output_norm.bias": (C,),
+            "output.weight": (V, C),
+        }
+    elif not m.tie_embeddings:
+        shapes["output.weight"] = (V, C)
+    got = {t.name: tuple(int(d) for d in reversed(t.shape)) for t in reader.tensors}
+    assert got == shapes
+
+    # values: f32 is exact; the llama Q rows are the halves -> interleaved permutation of ours
+    tensors = {t.name: t for t in reader.tensors}
+    if dtype == "f32":
+        emb = np.asarray(tensors["token_embd.weight"].data).reshape(V, C)
+        np.testing.assert_array_equal(emb, model.wte.weight[:V].detach().numpy())
+        if arch == "llama":
+            q = model.blocks[0].attn.c_attn.weight[:C].detach()
+            np.testing.assert_array_equal(
+                np.asarray(tensors["blk.0.attn_q.weight"].data).reshape(C, C),
+                halves_to_interleaved(q, m.n_head).numpy(),
+            )
+    else:
+        kind = {"f16": gguf.GGMLQuantizationType.F16, "q8_0": gguf.GGMLQuantizationType.Q8_0}[dtype]
+        assert tensors["token_embd.weight"].tensor_type == kind
+        assert tensors["output_norm.weight"].tensor_type == gguf.GGMLQuantizationType.F32
+
+
+def test_gguf_q_k_permutation_matches_llama_cpp_pairwise_rope():
+    """Interleaved-pair RoPE (llama.cpp's llama arch) on permuted rows == our halves RoPE, reordered."""
+    from lmforge.export.gguf import halves_to_interleaved
+    from lmforge.model.gpt import apply_rope, rope_tables
+
+    torch.manual_seed(0)
+    n_head, hd, C, T = 2, 8, 16, 5
+    W, x = torch.randn(n_head * hd, C), torch.randn(T, C)
+    cos, sin = rope_tables(hd, T, 10000.0)  # (T, hd/2)
+    ours = apply_rope((x @ W.t()).view(1, T, n_head, hd).transpose(1, 2), cos, sin)  # (1, nh, T, hd)
+
+    y = (x @ halves_to_interleaved(W, n_head).t()).view(T, n_head, hd // 2, 2)
+    a, b = y[..., 0], y[..., 1]  # adjacent pairs (x[2i], x[2i+1])
+    c, s = cos[:, None, :], sin[:, None, :]
+    pairwise = torch.stack([a * c - b * s, a * s + b * c], dim=-1).view(T, n_head, hd)
+    expected = halves_to_interleaved(ours[0].transpose(0, 1).reshape(T, n_head * hd).t(), n_head).t()
+    torch.testing.assert_close(pairwise.reshape(T, n_head * hd), expected)
+    # negative control: without the permutation the pairwise rotation gives something else
+    y0 = (x @ W.t()).view(T, n_head, hd // 2, 2)
+    unpermuted = torch.stack([y0[..., 0] * c - y0[..., 1] * s, y0[..., 0] * s + y0[..., 1] * c], dim=-1)
+    assert not torch.allclose(unpermuted.reshape(T, n_head * hd), expected, atol=1e-3)
+
+
+def test_gguf_generates_with_llama_cpp_when_installed(tiny_data, tmp_path):
+    llama_cpp = pytest.importorskip("llama_cpp")
+    run = make_run(tmp_path, tiny_data, "llama-gqa")
+    out = export_run(run, "gguf", tmp_path / "gguf")
+    model, cfg, _ = load_model(run)
+    llm = llama_cpp.Llama(model_path=str(out / "model.gguf"), n_ctx=64, verbose=False)
+    prompt = inputs(cfg.model.vocab_size, (1, 6))[0].tolist()
+    theirs = []
+    for tok in llm.generate(prompt, temp=0.0, top_k=1):
+        theirs.append(tok)
+        if len(theirs) == 8:
+            break
+    assert greedy(model, torch.tensor([prompt]), 8)[0, 6:].tolist() == theirs

@@ -42,6 +42,36 @@ def trimmed_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+def standard_architecture(cfg: ModelConfig, target: str) -> str:
+    """'gpt2' or 'llama': the standard architecture that represents cfg exactly in `target`; else ExportError.
+
+    Chosen from the switches, not the family name: learned positions + LayerNorm + GELU(tanh) + multi-head
+    attention is exactly GPT-2; RoPE (halves layout) + RMSNorm + SwiGLU is exactly Llama. Biases need no
+    check: a missing bias exports exactly as zeros (GPT-2) or as Llama's attention_bias/mlp_bias switch.
+    """
+    cfg = cfg.resolved()
+    other = "safetensors or onnx" if target == "gguf" else "safetensors, onnx or gguf"
+    if cfg.qk_norm:
+        raise ExportError(
+            f"model.qk_norm=true has no exact GPT-2/Llama equivalent in {target}: export with --format {other}"
+        )
+    feats = (cfg.pos_emb, cfg.norm, cfg.mlp)
+    if feats == ("learned", "layernorm", "gelu"):
+        if cfg.n_kv_head != cfg.n_head:
+            raise ExportError(
+                f"model.n_kv_head={cfg.n_kv_head} != n_head={cfg.n_head}: GPT-2 in {target} has no "
+                f"grouped-query attention; export with --format {other}"
+            )
+        return "gpt2"
+    if feats == ("rope", "rmsnorm", "swiglu"):
+        return "llama"
+    raise ExportError(
+        f"pos_emb={cfg.pos_emb}, norm={cfg.norm}, mlp={cfg.mlp} (family {cfg.family}) matches neither "
+        f"GPT-2 (learned, layernorm, gelu) nor Llama (rope, rmsnorm, swiglu) in {target}: "
+        f"export with --format {other}"
+    )
+
+
 @contextlib.contextmanager
 def staged_dir(out: str | Path) -> Iterator[Path]:
     """Yield a temporary sibling of `out`; rename it to `out` only when the block finishes without error."""

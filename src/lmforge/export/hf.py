@@ -1,8 +1,7 @@
 """Hugging Face transformers interop: export a run as GPT2LMHeadModel / LlamaForCausalLM, and import one back.
 
-The target class is chosen from the architecture switches, not the family name: learned positions +
-LayerNorm + GELU(tanh) + multi-head attention is exactly GPT-2; RoPE (halves layout) + RMSNorm + SwiGLU is
-exactly Llama. Anything else (mixes, qk_norm) has no exact transformers class and is refused.
+The target class is chosen from the architecture switches by `standard_architecture` (export/__init__.py);
+mixes that no transformers class computes exactly (e.g. RoPE with LayerNorm, or qk_norm) are refused.
 
 Weight layouts (ours -> HF):
   GPT-2: HF's Conv1D stores (in, out), the transpose of nn.Linear's (out, in); the fused c_attn rows
@@ -13,7 +12,6 @@ Weight layouts (ours -> HF):
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -22,34 +20,9 @@ import torch
 
 from ..data.tokenizer import EOS_TOKEN
 from ..model.config import ModelConfig
-from . import TORCH_DTYPES, ExportError, staged_dir, trimmed_state
+from . import TORCH_DTYPES, ExportError, staged_dir, standard_architecture, trimmed_state
 
 HF_DTYPE_NAMES = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}
-
-
-def hf_architecture(cfg: ModelConfig) -> str:
-    """'gpt2' or 'llama': the transformers class that represents cfg exactly; ExportError otherwise."""
-    cfg = cfg.resolved()
-    if cfg.qk_norm:
-        raise ExportError(
-            "model.qk_norm=true has no exact GPT2LMHeadModel/LlamaForCausalLM equivalent: "
-            "export with --format safetensors, onnx or gguf instead"
-        )
-    feats = (cfg.pos_emb, cfg.norm, cfg.mlp)
-    if feats == ("learned", "layernorm", "gelu"):
-        if cfg.n_kv_head != cfg.n_head:
-            raise ExportError(
-                f"model.n_kv_head={cfg.n_kv_head} != n_head={cfg.n_head}: GPT-2 in transformers has no "
-                "grouped-query attention"
-            )
-        return "gpt2"
-    if feats == ("rope", "rmsnorm", "swiglu"):
-        return "llama"
-    raise ExportError(
-        f"pos_emb={cfg.pos_emb}, norm={cfg.norm}, mlp={cfg.mlp} (family {cfg.family}) matches neither "
-        "GPT-2 (learned, layernorm, gelu) nor Llama (rope, rmsnorm, swiglu) in transformers: "
-        "export with --format safetensors, onnx or gguf instead"
-    )
 
 
 # --- lmforge -> HF -------------------------------------------------------------------------------
@@ -58,7 +31,7 @@ def hf_architecture(cfg: ModelConfig) -> str:
 def to_hf(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
     """(HF state dict, HF config kwargs incl. model_type) for a model; vocab padding trimmed."""
     cfg: ModelConfig = model.cfg
-    arch = hf_architecture(cfg)
+    arch = standard_architecture(cfg, "transformers")
     sd = trimmed_state(model)
     return (
         (_to_gpt2(sd, cfg), _gpt2_config(cfg)) if arch == "gpt2" else (_to_llama(sd, cfg), _llama_config(cfg))
@@ -366,8 +339,3 @@ def import_hf(src: str | Path, run_dir: str | Path) -> Path:
             sd.pop("lm_head.weight", None)
         save_checkpoint(tmp, 0, sd, {}, meta)
     return Path(run_dir)
-
-
-def hf_config_dict(model: torch.nn.Module) -> dict:
-    """The HF config kwargs a model would be exported with (for inspection and tests)."""
-    return to_hf(model)[1] | {"lmforge": dataclasses.asdict(model.cfg)}

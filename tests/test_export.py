@@ -162,7 +162,8 @@ def gguf_value(reader, key):
 
 
 @pytest.mark.parametrize(
-    "name, dtype", [("gpt2", "f32"), ("llama-gqa", "f32"), ("gpt2", "f16"), ("llama-gqa", "q8_0")]
+    "name, dtype",
+    [("gpt2", "f32"), ("llama-gqa", "f32"), ("gpt2", "f16"), ("llama-gqa", "bf16"), ("llama-gqa", "q8_0")],
 )
 def test_gguf_export_has_llama_cpp_tensors_shapes_and_metadata(tiny_data, tmp_path, name, dtype):
     gguf = pytest.importorskip("gguf")
@@ -237,7 +238,7 @@ def test_gguf_export_has_llama_cpp_tensors_shapes_and_metadata(tiny_data, tmp_pa
                 halves_to_interleaved(q, m.n_head).numpy(),
             )
     else:
-        kind = {"f16": gguf.GGMLQuantizationType.F16, "q8_0": gguf.GGMLQuantizationType.Q8_0}[dtype]
+        kind = getattr(gguf.GGMLQuantizationType, dtype.upper())
         assert tensors["token_embd.weight"].tensor_type == kind
         assert tensors["output_norm.weight"].tensor_type == gguf.GGMLQuantizationType.F32
 
@@ -278,3 +279,57 @@ def test_gguf_generates_with_llama_cpp_when_installed(tiny_data, tmp_path):
         if len(theirs) == 8:
             break
     assert greedy(model, torch.tensor([prompt]), 8)[0, 6:].tolist() == theirs
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_hf_import_then_export_round_trip_leaves_weights_unchanged(tiny_data, tmp_path, capsys, name):
+    pytest.importorskip("transformers")
+    run = make_run(tmp_path, tiny_data, name)
+    assert main(["export", "--run", str(run), "--format", "hf", "--out", str(tmp_path / "hf")]) == 0
+    assert main(["import", f"hf:{tmp_path / 'hf'}", "--out", str(tmp_path / "imported")]) == 0
+    original, cfg, _ = load_model(run)
+    imported, cfg2, _ = load_model(tmp_path / "imported")
+    assert cfg2.model == cfg.model
+    V = cfg.model.vocab_size
+    a, b = original.state_dict(), imported.state_dict()
+    assert a.keys() == b.keys()
+    for key in a:
+        rows = slice(0, V) if key in ("wte.weight", "lm_head.weight") else slice(None)  # padding is not kept
+        assert torch.equal(a[key][rows], b[key][rows]), key
+
+    # the imported run is a normal run: export it again and generate from it
+    assert (
+        main(
+            ["export", "--run", str(tmp_path / "imported"), "--format", "hf", "--out", str(tmp_path / "hf2")]
+        )
+        == 0
+    )
+    first, second = (
+        load_file(str(tmp_path / "hf/model.safetensors")),
+        load_file(str(tmp_path / "hf2/model.safetensors")),
+    )
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    capsys.readouterr()
+    gen = [
+        "generate",
+        "--prompt",
+        "the cat",
+        "--max-new-tokens",
+        "8",
+        "--temperature",
+        "0",
+        "--device",
+        "cpu",
+    ]
+    assert main([*gen, "--run", str(run)]) == 0
+    expected = capsys.readouterr().out
+    assert main([*gen, "--run", str(tmp_path / "imported")]) == 0
+    assert capsys.readouterr().out == expected
+
+
+@pytest.mark.parametrize("source, message", [("nowhere", "hf:DIR"), ("hf:/no/such/dir", "no config.json")])
+def test_import_refuses_bad_sources_in_one_line(tmp_path, capsys, source, message):
+    assert main(["import", source, "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "run").exists()

@@ -333,3 +333,46 @@ def test_import_refuses_bad_sources_in_one_line(tmp_path, capsys, source, messag
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
     assert not (tmp_path / "run").exists()
+
+
+def test_train_init_from_hf_starts_from_the_hf_weights(tiny_data, tmp_path):
+    pytest.importorskip("transformers")
+    run = make_run(tmp_path, tiny_data, "llama-gqa")
+    assert main(["export", "--run", str(run), "--format", "hf", "--out", str(tmp_path / "hf")]) == 0
+    args = [
+        "train",
+        "--data",
+        str(tiny_data),
+        "--out",
+        str(tmp_path / "ft"),
+        "--init-from",
+        f"hf:{tmp_path / 'hf'}",
+    ]
+    fast = ["--train.max_steps=1", "--train.lr=1e-12", "--train.micro_batch_size=2", "--model.seq_len=16"]
+    assert main([*args, *fast, "--eval.batches=1", "--log.progress=false", "--model.n_layer=5"]) == 0
+    original, cfg, _ = load_model(run)
+    tuned, cfg2, _ = load_model(tmp_path / "ft")
+    assert cfg2.model.family == "llama" and cfg2.model.n_layer == 2 and cfg2.model.n_kv_head == 2  # from HF
+    assert cfg2.model.seq_len == 16  # the run's own
+    V = cfg.model.vocab_size
+    for key, value in original.state_dict().items():
+        rows = slice(0, V) if key in ("wte.weight", "lm_head.weight") else slice(None)
+        torch.testing.assert_close(tuned.state_dict()[key][rows], value[rows], atol=1e-8, rtol=0)
+
+
+def test_train_init_from_hf_refuses_data_with_another_tokenizer(tiny_data, tmp_path, capsys):
+    pytest.importorskip("transformers")
+    from lmforge.data import prepare
+
+    from .conftest import make_corpus
+
+    run = make_run(tmp_path, tiny_data, "gpt2")
+    assert main(["export", "--run", str(run), "--format", "hf", "--out", str(tmp_path / "hf")]) == 0
+    make_corpus(tmp_path / "text", n_docs=5, words=50, seed=1)
+    prepare([str(tmp_path / "text")], tmp_path / "other", vocab_size=300, val_fraction=0.2)
+    capsys.readouterr()
+    args = ["train", "--data", str(tmp_path / "other"), "--out", str(tmp_path / "ft")]
+    assert main([*args, "--init-from", f"hf:{tmp_path / 'hf'}", "--train.max_steps=1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "was not tokenized with" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "ft").exists()

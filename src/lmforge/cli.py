@@ -62,6 +62,11 @@ def build_parser() -> tuple[ArgumentParser, dict[str, ArgumentParser]]:
     p.add_argument(
         "--dry-run", action="store_true", help="print the resolved config and costs; train nothing"
     )
+    p.add_argument(
+        "--init-from",
+        default=None,
+        help="hf:DIR: start from a local HF GPT-2/Llama model (its architecture replaces model.*)",
+    )
     parsers["train"] = p
 
     p = _parser("Generate text from a trained run.")
@@ -164,7 +169,12 @@ def main(argv: list[str] | None = None) -> int:
                 raise ConfigError(str(e)) from e
             from .train.loop import train
 
-            train(cfg, dry_run=ns.dry_run, console=console)
+            init = None
+            if ns.init_from:
+                from .export.hf import init_from_hf
+
+                cfg, init = init_from_hf(ns.init_from, cfg)
+            train(cfg, dry_run=ns.dry_run, console=console, init_tensors=init)
         elif command == "prepare":
             cmd_prepare(ns, console)
         elif command == "generate":

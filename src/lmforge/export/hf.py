@@ -12,15 +12,20 @@ Weight layouts (ours -> HF):
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..data.tokenizer import EOS_TOKEN
 from ..model.config import ModelConfig
 from . import TORCH_DTYPES, ExportError, staged_dir, standard_architecture, trimmed_state
+
+if TYPE_CHECKING:
+    from ..config import Config
 
 HF_DTYPE_NAMES = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}
 
@@ -298,6 +303,54 @@ def _from_llama(t: dict[str, torch.Tensor], hf: dict) -> tuple[ModelConfig, dict
     return cfg, sd
 
 
+def _read_hf(src: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor], Path]:
+    """(ModelConfig, lmforge tensors, tokenizer.json path) of a local HF folder."""
+    src = Path(src)
+    if not (src / "config.json").is_file():
+        raise ExportError(f"'{src}' has no config.json: pass a local Hugging Face model folder (hf:DIR)")
+    if not (src / "tokenizer.json").is_file():
+        raise ExportError(f"'{src}' has no tokenizer.json: lmforge needs a fast (tokenizers) tokenizer")
+    hf = json.loads((src / "config.json").read_text(encoding="utf-8"))
+    mcfg, sd = from_hf(_load_hf_tensors(src), hf)
+    return mcfg, sd, src / "tokenizer.json"
+
+
+def _same_vocab(a: Path, b: Path) -> bool:
+    """Same BPE model (vocab, merges) and pre-tokenizer; save_pretrained rewrites the rest of the file."""
+
+    def core(path: Path) -> tuple:
+        try:
+            d = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return (None, path)
+        return (
+            d.get("model"),
+            d.get("pre_tokenizer"),
+            sorted(t["content"] for t in d.get("added_tokens", [])),
+        )
+
+    return core(a) == core(b)
+
+
+def init_from_hf(source: str, cfg: Config) -> tuple[Config, dict[str, torch.Tensor]]:
+    """(cfg with the HF model's architecture, its tensors) for `lmforge train --init-from hf:DIR`.
+
+    The data must be tokenized with the model's own tokenizer; seq_len and dropout stay the run's own.
+    """
+    kind, sep, path = source.partition(":")
+    if not sep or kind != "hf" or not path:
+        raise ExportError(f"--init-from {source!r}: write it as hf:DIR (a local Hugging Face model folder)")
+    mcfg, sd, tok_file = _read_hf(path)
+    if cfg.data is not None and not _same_vocab(Path(cfg.data) / "tokenizer.json", tok_file):
+        raise ExportError(
+            f"--data {cfg.data} was not tokenized with {tok_file}: "
+            f"run lmforge prepare --tokenizer {tok_file} first"
+        )
+    seq_len = min(cfg.model.seq_len or mcfg.context_len, mcfg.context_len)
+    mcfg = dataclasses.replace(mcfg, seq_len=seq_len, dropout=cfg.model.dropout)
+    return dataclasses.replace(cfg, model=mcfg), sd
+
+
 def import_hf(src: str | Path, run_dir: str | Path) -> Path:
     """Turn a local HF GPT-2/Llama folder into an lmforge RUN_DIR (config.yaml, tokenizer.json, a checkpoint)."""
     import yaml
@@ -309,14 +362,11 @@ def import_hf(src: str | Path, run_dir: str | Path) -> Path:
     from ..model import GPT
 
     src = Path(src)
-    if not (src / "config.json").is_file():
-        raise ExportError(f"'{src}' has no config.json: pass a local Hugging Face model folder (hf:DIR)")
-    hf = json.loads((src / "config.json").read_text(encoding="utf-8"))
+    mcfg, sd, tok_file = _read_hf(src)
     try:
-        tok = Tokenizer.load(src / "tokenizer.json")
+        tok = Tokenizer.load(tok_file)
     except DataError as e:
         raise ExportError(f"{e} (lmforge needs a tokenizer.json with '{EOS_TOKEN}')") from e
-    mcfg, sd = from_hf(_load_hf_tensors(src), hf)
     model = GPT(mcfg)  # checks that every tensor has the shape the config implies
     missing, unexpected = model.load_state_dict(sd, strict=False)
     if mcfg.tie_embeddings:

@@ -86,6 +86,10 @@ def test_hf_export_matches_lmforge_logits_generation_and_tokens(tiny_data, tmp_p
     ours_tok = Tokenizer.load(run / "tokenizer.json")
     assert tok(SAMPLE)["input_ids"] == ours_tok.encode(SAMPLE)
     assert tok.eos_token == tok.bos_token == "<|endoftext|>" and tok.eos_token_id == ours_tok.eos_id
+    assert (
+        json.loads((out / "tokenizer_config.json").read_text())["tokenizer_class"]
+        == "PreTrainedTokenizerFast"
+    )
     gen = json.loads((out / "generation_config.json").read_text())
     assert gen["eos_token_id"] == ours_tok.eos_id
 

@@ -153,7 +153,8 @@ def export_hf(
     eos_id = Tokenizer.load(tokenizer_file).eos_id
     model_type = kwargs.pop("model_type")
     hf_cfg = AutoConfig.for_model(model_type, bos_token_id=eos_id, eos_token_id=eos_id, **kwargs)
-    hf_cfg.torch_dtype = HF_DTYPE_NAMES[dtype]
+    # transformers 5 renamed torch_dtype to dtype; 4.x reads only torch_dtype.
+    setattr(hf_cfg, "dtype" if "dtype" in hf_cfg.to_dict() else "torch_dtype", HF_DTYPE_NAMES[dtype])
     with staged_dir(out) as tmp:
         hf_cfg.save_pretrained(tmp)
         GenerationConfig(bos_token_id=eos_id, eos_token_id=eos_id).save_pretrained(tmp)
@@ -167,6 +168,12 @@ def export_hf(
             model_max_length=model.cfg.context_len,
         )
         hf_tok.save_pretrained(tmp)
+        # transformers 5 names its class "TokenizersBackend", which 4.x cannot load; the old name loads in both.
+        tok_cfg_path = tmp / "tokenizer_config.json"
+        tok_cfg = json.loads(tok_cfg_path.read_text(encoding="utf-8"))
+        tok_cfg.pop("backend", None)
+        tok_cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+        tok_cfg_path.write_text(json.dumps(tok_cfg, indent=2) + "\n", encoding="utf-8")
     return Path(out)
 
 

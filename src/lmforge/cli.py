@@ -3,6 +3,8 @@
 lmforge prepare  --source SRC --out DATA_DIR [--tokenizer bpe] [--vocab-size N]
 lmforge train    --config configs/X.yaml --data DATA_DIR --out RUN_DIR [--section.key=value ...]
 lmforge generate --run RUN_DIR --prompt "..." [--stream]
+lmforge export   --run RUN_DIR --format hf|safetensors|onnx|gguf --out DIR [--dtype f32|f16|bf16|q8_0]
+lmforge import   hf:HF_DIR --out RUN_DIR
 lmforge quickstart
 """
 
@@ -20,6 +22,7 @@ from rich.console import Console
 from .checkpoint import CheckpointError
 from .config import Config, ConfigError, all_keys, unknown_key_message
 from .data import DataError
+from .export import ExportError
 from .presets import get_preset
 
 EXIT_USAGE = 2
@@ -59,6 +62,11 @@ def build_parser() -> tuple[ArgumentParser, dict[str, ArgumentParser]]:
     p.add_argument(
         "--dry-run", action="store_true", help="print the resolved config and costs; train nothing"
     )
+    p.add_argument(
+        "--init-from",
+        default=None,
+        help="hf:DIR: start from a local HF GPT-2/Llama model (its architecture replaces model.*)",
+    )
     parsers["train"] = p
 
     p = _parser("Generate text from a trained run.")
@@ -74,6 +82,18 @@ def build_parser() -> tuple[ArgumentParser, dict[str, ArgumentParser]]:
     p.add_argument("--device", default="auto")
     parsers["generate"] = p
 
+    p = _parser("Export a run to Hugging Face transformers, safetensors, ONNX or GGUF.")
+    p.add_argument("--run", required=True, help="RUN_DIR (its latest checkpoint) or a checkpoint directory")
+    p.add_argument("--format", required=True, help="hf | safetensors | onnx | gguf")
+    p.add_argument("--out", required=True, help="folder to write (must not exist, or be empty)")
+    p.add_argument("--dtype", default="f32", help="f32 | f16 | bf16 (hf, safetensors, gguf) | q8_0 (gguf)")
+    parsers["export"] = p
+
+    p = _parser("Import a local Hugging Face GPT-2 or Llama model folder as an lmforge run.")
+    p.add_argument("source", help="hf:DIR, a folder with config.json, *.safetensors and tokenizer.json")
+    p.add_argument("--out", required=True, help="RUN_DIR to create")
+    parsers["import"] = p
+
     p = _parser("Prepare the built-in corpus, train the tiny preset for a few minutes, and print a sample.")
     p.add_argument("--data", default="data/stdlib", help="where the prepared corpus goes (reused if present)")
     p.add_argument("--out", default="runs/quickstart", help="RUN_DIR")
@@ -87,6 +107,8 @@ def build_parser() -> tuple[ArgumentParser, dict[str, ArgumentParser]]:
         "prepare": "tokenize raw text into shards",
         "train": "train or resume a model",
         "generate": "generate text from a run",
+        "export": "export a run (hf, safetensors, onnx, gguf)",
+        "import": "import a Hugging Face model as a run",
         "quickstart": "the whole pipeline in a few minutes on a CPU",
     }
     for name, parser in parsers.items():
@@ -147,11 +169,20 @@ def main(argv: list[str] | None = None) -> int:
                 raise ConfigError(str(e)) from e
             from .train.loop import train
 
-            train(cfg, dry_run=ns.dry_run, console=console)
+            init = None
+            if ns.init_from:
+                from .export.hf import init_from_hf
+
+                cfg, init = init_from_hf(ns.init_from, cfg)
+            train(cfg, dry_run=ns.dry_run, console=console, init_tensors=init)
         elif command == "prepare":
             cmd_prepare(ns, console)
         elif command == "generate":
             cmd_generate(ns, console)
+        elif command == "export":
+            cmd_export(ns, console)
+        elif command == "import":
+            cmd_import(ns, console)
         elif command == "quickstart":
             from .quickstart import quickstart
 
@@ -162,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     except ArgumentError as e:
         err.print(f"lmforge: error: {_one_line(e)}", highlight=False, soft_wrap=True)
         return EXIT_USAGE
-    except (ConfigError, DataError, CheckpointError) as e:
+    except (ConfigError, DataError, CheckpointError, ExportError) as e:
         err.print(f"lmforge: error: {e}", highlight=False, soft_wrap=True)
         return EXIT_USAGE
     except KeyboardInterrupt:
@@ -191,6 +222,27 @@ def cmd_prepare(ns: Namespace, console: Console) -> dict:
         highlight=False,
     )
     return meta
+
+
+def cmd_export(ns: Namespace, console: Console) -> Path:
+    """`lmforge export`: write a run in another format."""
+    from .export import export_run
+
+    out = export_run(ns.run, ns.format, ns.out, ns.dtype)
+    console.print(f"exported {ns.run} as {ns.format} to {out}", highlight=False)
+    return out
+
+
+def cmd_import(ns: Namespace, console: Console) -> Path:
+    """`lmforge import hf:DIR`: make a run directory from a local Hugging Face model."""
+    from .export.hf import import_hf
+
+    kind, sep, path = ns.source.partition(":")
+    if not sep or kind != "hf" or not path:
+        raise ExportError(f"source {ns.source!r}: write it as hf:DIR (a local Hugging Face model folder)")
+    out = import_hf(path, ns.out)
+    console.print(f"imported {path} into {out}; try: lmforge generate --run {out}", highlight=False)
+    return out
 
 
 def cmd_generate(ns: Namespace, console: Console) -> str:

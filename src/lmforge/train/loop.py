@@ -164,8 +164,16 @@ def check_resume_compatible(saved: dict, cfg: Config, data_meta: dict) -> None:
         )
 
 
-def train(cfg: Config, dry_run: bool = False, console: Console | None = None) -> TrainResult | None:
-    """Train (or resume) the run described by cfg; returns None for a dry run."""
+def train(
+    cfg: Config,
+    dry_run: bool = False,
+    console: Console | None = None,
+    init_tensors: dict[str, torch.Tensor] | None = None,
+) -> TrainResult | None:
+    """Train (or resume) the run described by cfg; returns None for a dry run.
+
+    init_tensors: starting weights for a new run (e.g. an imported HF model); a resume ignores them.
+    """
     console = console or Console()
     # --- setup -------------------------------------------------------------------------------
     device = pick_device(cfg.train.device)
@@ -207,6 +215,9 @@ def train(cfg: Config, dry_run: bool = False, console: Console | None = None) ->
         cfg.data, "train", plan.seq_len, plan.micro_batch_size, cfg.train.seed, env.rank, env.world_size
     )
     step, tokens = 0, 0
+    if init_tensors is not None and not saved:
+        ckpt_io.load_model_weights(model, init_tensors)
+        say("initialised the model from the given weights")
     if saved:
         model_sd, state_tensors, _ = ckpt_io.load_checkpoint(resume_from, verify=False)
         ckpt_io.load_model_weights(model, model_sd)

@@ -22,7 +22,9 @@ from .config import Config, ConfigError, all_keys, unknown_key_message
 from .data import DataError
 from .presets import get_preset
 
-EXIT_USAGE = 2
+EXIT_USAGE = 2  # bad input: a config value, missing data, an unusable checkpoint, a failed checkpoint write
+EXIT_DIVERGED = 3  # train.max_bad_steps consecutive non-finite steps; the last good checkpoint is kept
+EXIT_PREEMPTED = 75  # SIGINT/SIGTERM/SIGUSR1: checkpoint saved, run the same command to resume (EX_TEMPFAIL)
 
 
 def _parser(description: str) -> ArgumentParser:
@@ -147,7 +149,12 @@ def main(argv: list[str] | None = None) -> int:
                 raise ConfigError(str(e)) from e
             from .train.loop import train
 
-            train(cfg, dry_run=ns.dry_run, console=console)
+            result = train(cfg, dry_run=ns.dry_run, console=console)
+            if result is not None and result.status == "preempted":
+                return EXIT_PREEMPTED
+            if result is not None and result.status == "diverged":
+                err.print(f"lmforge: error: {result.message}", highlight=False, soft_wrap=True)
+                return EXIT_DIVERGED
         elif command == "prepare":
             cmd_prepare(ns, console)
         elif command == "generate":

@@ -207,7 +207,9 @@ def verify_checkpoint(ckpt: str | Path) -> dict:
     meta = read_meta(ckpt)
     files = meta.get("files")
     if not isinstance(files, dict) or MODEL_FILE not in files or not isinstance(meta.get("step"), int):
-        raise CheckpointError(f"{ckpt / META_FILE}: incomplete checkpoint metadata (no step or file checksums)")
+        raise CheckpointError(
+            f"{ckpt / META_FILE}: incomplete checkpoint metadata (no step or file checksums)"
+        )
     for name, digest in files.items():
         path = ckpt / name
         if not path.is_file():

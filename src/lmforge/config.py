@@ -68,7 +68,10 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _require(self.max_bad_steps >= 1, "train.max_bad_steps", self.max_bad_steps, "must be >= 1")
         _require(
-            self.early_stop_patience >= 0, "train.early_stop_patience", self.early_stop_patience, "must be >= 0"
+            self.early_stop_patience >= 0,
+            "train.early_stop_patience",
+            self.early_stop_patience,
+            "must be >= 0",
         )
         _require(
             self.early_stop_min_delta >= 0,

@@ -21,7 +21,6 @@ import yaml
 from rich.console import Console
 
 from .. import checkpoint as ckpt_io
-from ..checkpoint import CheckpointError
 from ..config import Config, ConfigError, config_to_dict
 from ..data import TokenLoader, iter_eval_batches, load_meta
 from ..device import autocast, peak_flops, pick_device, pick_precision
@@ -31,7 +30,15 @@ from .distributed import DistEnv, all_reduce_mean, close_distributed, init_distr
 from .guards import BadStepGuard, EarlyStopping
 from .logging import ConsoleReporter, MetricsWriter, truncate_metrics
 from .optim import build_optimizer, lr_at
-from .signals import StopFlag, test_signal_hook
+from .resume import (
+    check_resume_compatible,
+    find_resume_point,
+    load_optimizer,
+    optimizer_tensors,
+    restore_rng,
+    rng_state,
+)
+from .signals import StopFlag, signal_hook_for_tests
 
 
 @dataclass
@@ -107,109 +114,6 @@ def count_params_from_config(cfg: Config) -> int:
     return param_breakdown(cfg.model)["total"]
 
 
-def _rng_state() -> tuple[dict[str, torch.Tensor], dict]:
-    tensors = {"rng/torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"rng/cuda/{i}"] = s
-    py = random.getstate()
-    np_state = np.random.get_state()
-    meta = {
-        "python": [py[0], list(py[1]), py[2]],
-        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
-    }
-    return tensors, meta
-
-
-def _restore_rng(tensors: dict[str, torch.Tensor], meta: dict) -> None:
-    torch.set_rng_state(tensors["rng/torch"])
-    cuda = [tensors[k] for k in sorted(tensors) if k.startswith("rng/cuda/")]
-    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(cuda)
-    py = meta["python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    n = meta["numpy"]
-    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
-
-
-def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
-    # Flatten AdamW's state into named tensors (safetensors) and JSON-able hyper-parameters.
-    sd = opt.state_dict()
-    tensors = {
-        f"optim/{idx}/{name}": value.detach().cpu().contiguous()
-        for idx, state in sd["state"].items()
-        for name, value in state.items()
-    }
-    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in sd["param_groups"]]
-    return tensors, groups
-
-
-def _load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], groups: list[dict]) -> None:
-    state: dict[int, dict] = {}
-    for key, value in tensors.items():
-        if key.startswith("optim/"):
-            _, idx, name = key.split("/", 2)
-            state.setdefault(int(idx), {})[name] = value
-    opt.load_state_dict({"state": state, "param_groups": groups})
-
-
-# Settings a resumed run may change: they alter the schedule or the bookkeeping, not what the weights mean.
-SAFE_TO_CHANGE = ("train", "eval", "checkpoint", "log", "resume", "out")
-
-
-def check_resume_compatible(saved: dict, cfg: Config, data_meta: dict, say=None) -> None:
-    """Architecture, vocab, seq_len, tokenizer and dataset must match the checkpoint; the error names the setting.
-
-    Changes to safe settings (lr, max_steps, intervals, ...) are allowed and reported through `say`.
-    """
-    old_model = saved["config"]["model"]
-    for key, new in config_to_dict(cfg.model).items():
-        if key in ("dropout",):
-            continue
-        if old_model.get(key) != new:
-            raise ConfigError(
-                f"model.{key}={new!r} differs from the checkpoint's {old_model.get(key)!r}: resume with the same "
-                f"model settings, or start a new run with a different --out"
-            )
-    for what, key in (("tokenizer", "tokenizer_sha256"), ("dataset", "fingerprint")):
-        old = saved.get(key if key == "tokenizer_sha256" else "data_fingerprint")
-        new = data_meta.get(key)
-        if old and old != new:
-            raise ConfigError(
-                f"the data's {what} ({key} {str(new)[:12]}) differs from the one this run was trained with "
-                f"({str(old)[:12]}): use the same data, or start a new run with a different --out"
-            )
-    if say is None:
-        return
-    now = config_to_dict(cfg)
-    for section in SAFE_TO_CHANGE:
-        before, after = saved["config"].get(section), now.get(section)
-        if isinstance(after, dict) and isinstance(before, dict):
-            for key, value in after.items():
-                if key in before and before[key] != value:
-                    say(f"note: {section}.{key} {before[key]!r} -> {value!r} (changed since the checkpoint)")
-
-
-def find_resume_point(cfg: Config, run_dir: Path, warn) -> tuple[Path | None, dict | None]:
-    """(checkpoint, verified meta) to resume from according to cfg.resume, or (None, None) for a fresh run."""
-    if cfg.resume == "never":
-        if ckpt_io.step_checkpoints(run_dir):
-            raise ConfigError(
-                f"resume=never but {run_dir} already has checkpoints: choose another --out, "
-                f"or pass --resume=auto to continue that run"
-            )
-        return None, None
-    if cfg.resume == "auto":
-        found = ckpt_io.find_valid_checkpoint(run_dir, warn)
-        return found if found else (None, None)
-    path = Path(cfg.resume)
-    if not path.is_dir():
-        raise CheckpointError(
-            f"resume={cfg.resume}: no such checkpoint directory: pass auto, never or RUN_DIR/checkpoints/step_N"
-        )
-    return path, ckpt_io.verify_checkpoint(path)
-
-
 def train(cfg: Config, dry_run: bool = False, console: Console | None = None) -> TrainResult | None:
     """Train (or resume) the run described by cfg; returns None for a dry run."""
     console = console or Console()
@@ -259,9 +163,9 @@ def train(cfg: Config, dry_run: bool = False, console: Console | None = None) ->
     if saved:
         model_sd, state_tensors, _ = ckpt_io.load_checkpoint(resume_from, verify=False)
         ckpt_io.load_model_weights(model, model_sd)
-        _load_optimizer(optimizer, state_tensors, saved["optimizer_groups"])
+        load_optimizer(optimizer, state_tensors, saved["optimizer_groups"])
         loader.load_state_dict(saved["loader"])
-        _restore_rng(state_tensors, saved["rng"])
+        restore_rng(state_tensors, saved["rng"])
         guards = saved.get("guards", {})
         bad_steps.load_state_dict(guards.get("bad_steps", {"total": 0, "consecutive": 0}))
         early.load_state_dict(guards.get("early_stop", {}))
@@ -281,13 +185,13 @@ def train(cfg: Config, dry_run: bool = False, console: Console | None = None) ->
     metrics = MetricsWriter(run_dir / "metrics.jsonl", enabled=env.is_main)
     reporter = ConsoleReporter(console, plan.max_steps, step, env.is_main, cfg.log.progress)
     bytes_per_token = data_meta.get("val_bytes_per_token")
-    test_signal = test_signal_hook()  # test-only; None in real runs
+    test_signal = signal_hook_for_tests()  # test-only; None in real runs
 
     def save(name: str | None = None, extra: dict | None = None) -> Path | None:
         if not env.is_main:
             return None
-        rng_tensors, rng_meta = _rng_state()
-        opt_tensors, groups = _optimizer_tensors(optimizer)
+        rng_tensors, rng_meta = rng_state()
+        opt_tensors, groups = optimizer_tensors(optimizer)
         meta = {
             "config": config_to_dict(cfg),
             "tokens": tokens,
@@ -419,7 +323,9 @@ def train(cfg: Config, dry_run: bool = False, console: Console | None = None) ->
                 t_log, tokens_at_log = time.time(), tokens
             if bad_steps.diverged:
                 status = "diverged"
-                where = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was written"
+                where = (
+                    f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was written"
+                )
                 message = (
                     f"training diverged: {bad_steps.consecutive} consecutive steps with a non-finite loss or "
                     f"gradient norm (train.max_bad_steps={cfg.train.max_bad_steps}); {where}: lower train.lr "

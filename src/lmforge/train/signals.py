@@ -56,7 +56,7 @@ class StopFlag:
         return signal.Signals(self.received).name if self.received is not None else ""
 
 
-def test_signal_hook() -> tuple[int, str, int] | None:
+def signal_hook_for_tests() -> tuple[int, str, int] | None:
     """(signal, "step" | "eval", step) from LMFORGE_TEST_SIGNAL_AT, for tests only; None when unset."""
     spec = os.environ.get(TEST_SIGNAL_ENV)
     if not spec:

@@ -123,7 +123,11 @@ def train(cfg: Config, dry_run: bool = False, console: Console | None = None) ->
     env: DistEnv = init_distributed(device.type)
     if device.type == "cuda" and env.world_size > 1:
         device = torch.device("cuda", env.local_rank)
-    say = console.print if env.is_main else (lambda *a, **k: None)
+
+    def say(message: str) -> None:
+        if env.is_main:  # soft_wrap: a long path stays on one line, whole, in logs
+            console.print(message, highlight=False, soft_wrap=True)
+
     if cfg.data is None:
         raise ConfigError("data is not set: pass --data DATA_DIR (made by `lmforge prepare`)")
     data_meta = load_meta(cfg.data)

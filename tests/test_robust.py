@@ -143,6 +143,18 @@ def test_previous_signal_handlers_are_restored(tiny_data, tmp_path):
             signal.signal(s, h)
 
 
+def test_stop_flag_records_the_signal_and_a_second_ctrl_c_stops_at_once():
+    from lmforge.train.signals import StopFlag
+
+    with StopFlag() as stop:
+        assert not stop.requested
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert stop.requested and stop.name() == "SIGUSR1"
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 # --- 2. negative control: the exactness check can fail -------------------------------------------
 
 

@@ -1,7 +1,7 @@
 """The one `lmforge` command. Each subcommand maps to one function; jsonargparse does all the parsing.
 
 lmforge prepare  --source SRC --out DATA_DIR [--tokenizer bpe] [--vocab-size N]
-lmforge train    --config configs/X.yaml --data DATA_DIR --out RUN_DIR [--section.key=value ...]
+lmforge train    --config configs/X.yaml --data DATA_DIR --out RUN_DIR [--resume auto|never|PATH] [--section.key=value ...]
 lmforge generate --run RUN_DIR --prompt "..." [--stream]
 lmforge quickstart
 """

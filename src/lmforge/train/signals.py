@@ -1,7 +1,7 @@
 """Preemption: SIGINT, SIGTERM and SIGUSR1 ask the loop to save and stop at the next step boundary.
 
 Cluster schedulers send SIGTERM (or a user-chosen signal such as SIGUSR1) some time before killing a job;
-Ctrl-C sends SIGINT. The handler only sets a flag, so a signal never interrupts a half-done optimizer
+Ctrl-C sends SIGINT (a second Ctrl-C stops at once). The handler only sets a flag, so a signal never interrupts a half-done optimizer
 step or checkpoint write; the loop checks the flag after each step (and after an evaluation).
 """
 
@@ -36,6 +36,8 @@ class StopFlag:
         return self.received is not None
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.received is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: the user does not want to wait for the save
         self.received = signum
 
     def __enter__(self) -> StopFlag:

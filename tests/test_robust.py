@@ -376,6 +376,11 @@ def test_early_stopping_saves_and_its_state_is_checkpointed(tiny_data, tmp_path,
     meta = verify_checkpoint(latest_checkpoint(run))
     assert meta["step"] == 4 and meta["guards"]["early_stop"]["bad_evals"] == 2
     assert [s for s, _ in evals(run)] == [0, 2, 4]
+    # the same command again trains no further
+    assert main(train_args(tiny_data, run, *args)) == 0
+    assert "early stop at step 4" in capsys.readouterr().out
+    assert [p.name for p in list_checkpoints(run)] == ["step_0000004"]
+    assert max(s for s, _ in losses(run)) == 4
 
 
 # --- 8. write failures -------------------------------------------------------------------------------------

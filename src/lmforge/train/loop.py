@@ -259,6 +259,14 @@ def train(cfg: Config, dry_run: bool = False, console: Console | None = None) ->
             if stop_requested():
                 status = "preempted"
                 break
+            if early.should_stop:  # checked here too, so resuming an early-stopped run trains no further
+                status = "early_stopped"
+                message = (
+                    f"early stop at step {step}: val loss has not improved by more than "
+                    f"{cfg.train.early_stop_min_delta} for {early.bad_evals} evaluations "
+                    f"(best {early.best:.4f} at step {early.best_step})"
+                )
+                break
             if step >= plan.max_steps:
                 status = "finished"
                 break
@@ -338,13 +346,6 @@ def train(cfg: Config, dry_run: bool = False, console: Console | None = None) ->
                 break
             if cfg.eval.every and step % cfg.eval.every == 0 and step < plan.max_steps:
                 last_eval = run_eval()
-                if early.should_stop:
-                    status = "early_stopped"
-                    message = (
-                        f"early stop at step {step}: val loss has not improved by more than "
-                        f"{cfg.train.early_stop_min_delta} for {early.bad_evals} evaluations "
-                        f"(best {early.best:.4f} at step {early.best_step})"
-                    )
             if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < plan.max_steps:
                 save_once()
 

@@ -232,6 +232,11 @@ def test_no_valid_checkpoint_is_one_clear_line_not_a_fresh_start(tiny_data, tmp_
     assert len(err.splitlines()) == 1 and "no valid checkpoint" in err
     assert sorted(p.name for p in list_checkpoints(run)) == ["step_0000002", "step_0000004"]  # nothing new
 
+    for ckpt in list_checkpoints(run):  # the marker says there were checkpoints: still no fresh start
+        shutil.rmtree(ckpt)
+    assert main(train_args(tiny_data, run, "--train.max_steps=6")) == EXIT_USAGE
+    assert "no valid checkpoint" in capsys.readouterr().err
+
 
 def test_save_killed_midway_resumes_from_previous_and_cleans_up(tiny_data, tmp_path, two_ckpts, capsys):
     run = tmp_path / "run"

@@ -243,9 +243,9 @@ def find_valid_checkpoint(run_dir: str | Path, warn: Callable[[str], None]) -> t
         except CheckpointError as e:
             nxt = f"falling back to {candidates[i + 1].name}" if i + 1 < len(candidates) else "no older one"
             warn(f"warning: checkpoint {ckpt.name} is unusable: {e}; {nxt}")
-    if candidates:
+    if candidates or (Path(run_dir) / CKPT_DIR / LATEST).is_file():  # `latest` alone: they were deleted
         raise CheckpointError(
-            f"no valid checkpoint in {Path(run_dir) / CKPT_DIR} (all {len(candidates)} are corrupt): "
+            f"no valid checkpoint in {Path(run_dir) / CKPT_DIR} ({len(candidates)} found, none usable): "
             f"start a new run with another --out, or pass --resume=PATH_TO_A_GOOD_CHECKPOINT"
         )
     return None

@@ -9,6 +9,7 @@
           model.safetensors  weights (a tied output head is stored once, as wte.weight)
           train_state.safetensors  optimizer moments and RNG states (tensors only)
           meta.json          config, step, tokens, loader state, optimizer hyper-parameters, SHA-256 of each file
+        best/                the checkpoint with the lowest validation loss (same layout, never rotated)
         latest               name of the newest complete checkpoint
 
 Tensors live in safetensors and everything else in JSON, so loading a checkpoint never unpickles anything.
@@ -21,6 +22,8 @@ import hashlib
 import json
 import os
 import shutil
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +36,7 @@ from .model import GPT
 FORMAT_VERSION = 1
 CKPT_DIR = "checkpoints"
 LATEST = "latest"
+BEST = "best"
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "train_state.safetensors"
 META_FILE = "meta.json"
@@ -93,22 +97,28 @@ def save_checkpoint(
     state_tensors: dict[str, torch.Tensor],
     meta: dict,
     keep_last: int | None = None,
+    name: str | None = None,
 ) -> Path:
-    """Write a checkpoint into a temporary directory, flush it, rename it into place, then move `latest`."""
+    """Write a checkpoint into a temporary directory, flush it, rename it into place, then move `latest`.
+
+    `name` (e.g. "best") writes a side checkpoint: same format, but `latest` and rotation are left alone.
+    A failed write (a full disk) raises CheckpointError; the previous checkpoints stay as they were and
+    the temporary directory is removed.
+    """
     ckpt_root = Path(run_dir) / CKPT_DIR
     ckpt_root.mkdir(parents=True, exist_ok=True)
-    final = ckpt_root / step_dir_name(step)
+    final = ckpt_root / (name or step_dir_name(step))
     tmp = ckpt_root / f".tmp-{final.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     try:
+        tmp.mkdir()
         save_file(model_tensors, str(tmp / MODEL_FILE))
         save_file(state_tensors, str(tmp / STATE_FILE))
         files = {}
-        for name in (MODEL_FILE, STATE_FILE):
-            with open(tmp / name, "rb") as f:
+        for fname in (MODEL_FILE, STATE_FILE):
+            with open(tmp / fname, "rb") as f:
                 os.fsync(f.fileno())
-            files[name] = sha256_file(tmp / name)
+            files[fname] = sha256_file(tmp / fname)
         _write_json(tmp / META_FILE, {**meta, "format_version": FORMAT_VERSION, "step": step, "files": files})
         _fsync_dir(tmp)
         old = None
@@ -119,14 +129,22 @@ def save_checkpoint(
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
         _fsync_dir(ckpt_root)
+        if name is None:
+            latest_tmp = ckpt_root / f".{LATEST}.tmp"
+            latest_tmp.write_text(final.name + "\n")
+            os.replace(latest_tmp, ckpt_root / LATEST)
+            _fsync_dir(ckpt_root)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        reason = e.strerror or str(e)
+        raise CheckpointError(
+            f"could not write checkpoint {final} ({reason}): free space or fix permissions, then run the "
+            f"same command again to resume from the previous checkpoint"
+        ) from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    latest_tmp = ckpt_root / f".{LATEST}.tmp"
-    latest_tmp.write_text(final.name + "\n")
-    os.replace(latest_tmp, ckpt_root / LATEST)
-    _fsync_dir(ckpt_root)
-    if keep_last:
+    if keep_last and name is None:
         _rotate(ckpt_root, keep_last)
     return final
 
@@ -135,7 +153,22 @@ def _rotate(ckpt_root: Path, keep_last: int) -> None:
     # Delete only complete older checkpoints, and never let a failed delete stop training.
     steps = sorted(p for p in ckpt_root.glob("step_*") if p.is_dir())
     for old in steps[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+        try:
+            shutil.rmtree(old)
+        except OSError as e:
+            warnings.warn(f"could not delete old checkpoint {old}: {e}", stacklevel=2)
+
+
+def clean_leftovers(run_dir: str | Path) -> list[Path]:
+    """Remove temporary directories a killed save left behind (`.tmp-*`, `.old-*`); return them."""
+    root = Path(run_dir) / CKPT_DIR
+    found = [p for pattern in (".tmp-*", ".old-*") for p in root.glob(pattern)]
+    for p in found:
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+    return found
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
@@ -160,22 +193,62 @@ def read_meta(ckpt: str | Path) -> dict:
     """meta.json of a checkpoint."""
     path = Path(ckpt) / META_FILE
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        meta = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{path}: unreadable checkpoint metadata ({e})") from e
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: unreadable checkpoint metadata (not a JSON object)")
+    return meta
 
 
 def verify_checkpoint(ckpt: str | Path) -> dict:
     """Check every file against the SHA-256 recorded at save time; return the metadata."""
     ckpt = Path(ckpt)
     meta = read_meta(ckpt)
-    for name, digest in meta.get("files", {}).items():
+    files = meta.get("files")
+    if not isinstance(files, dict) or MODEL_FILE not in files or not isinstance(meta.get("step"), int):
+        raise CheckpointError(
+            f"{ckpt / META_FILE}: incomplete checkpoint metadata (no step or file checksums)"
+        )
+    for name, digest in files.items():
         path = ckpt / name
         if not path.is_file():
             raise CheckpointError(f"{path}: missing from the checkpoint")
         if sha256_file(path) != digest:
             raise CheckpointError(f"{path}: checksum mismatch (the file is corrupt or was modified)")
     return meta
+
+
+def step_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Every step_* directory of a run, complete or not, oldest first."""
+    root = Path(run_dir) / CKPT_DIR
+    return sorted(p for p in root.glob("step_*") if p.is_dir())
+
+
+def find_valid_checkpoint(run_dir: str | Path, warn: Callable[[str], None]) -> tuple[Path, dict] | None:
+    """The newest checkpoint whose files match their checksums, with its metadata.
+
+    A corrupt one (flipped byte, truncated, empty or missing file, unreadable meta.json) is reported
+    through `warn`, naming the file, and the next older one is tried. None when the run has no
+    checkpoint directories at all; CheckpointError when it has some but none is valid.
+    """
+    candidates = step_checkpoints(run_dir)[::-1]
+    latest = latest_checkpoint(run_dir)
+    if latest is not None and latest in candidates:  # the marker wins over the highest name
+        candidates.remove(latest)
+        candidates.insert(0, latest)
+    for i, ckpt in enumerate(candidates):
+        try:
+            return ckpt, verify_checkpoint(ckpt)
+        except CheckpointError as e:
+            nxt = f"falling back to {candidates[i + 1].name}" if i + 1 < len(candidates) else "no older one"
+            warn(f"warning: checkpoint {ckpt.name} is unusable: {e}; {nxt}")
+    if candidates or (Path(run_dir) / CKPT_DIR / LATEST).is_file():  # `latest` alone: they were deleted
+        raise CheckpointError(
+            f"no valid checkpoint in {Path(run_dir) / CKPT_DIR} ({len(candidates)} found, none usable): "
+            f"start a new run with another --out, or pass --resume=PATH_TO_A_GOOD_CHECKPOINT"
+        )
+    return None
 
 
 def load_checkpoint(ckpt: str | Path, verify: bool = True) -> tuple[dict, dict, dict]:

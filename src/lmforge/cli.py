@@ -1,7 +1,7 @@
 """The one `lmforge` command. Each subcommand maps to one function; jsonargparse does all the parsing.
 
 lmforge prepare  --source SRC --out DATA_DIR [--tokenizer bpe] [--vocab-size N]
-lmforge train    --config configs/X.yaml --data DATA_DIR --out RUN_DIR [--section.key=value ...]
+lmforge train    --config configs/X.yaml --data DATA_DIR --out RUN_DIR [--resume auto|never|PATH] [--section.key=value ...]
 lmforge generate --run RUN_DIR --prompt "..." [--stream]
 lmforge export   --run RUN_DIR --format hf|safetensors|onnx|gguf --out DIR [--dtype f32|f16|bf16|q8_0]
 lmforge import   hf:HF_DIR --out RUN_DIR
@@ -25,7 +25,9 @@ from .data import DataError
 from .export import ExportError
 from .presets import get_preset
 
-EXIT_USAGE = 2
+EXIT_USAGE = 2  # bad input: a config value, missing data, an unusable checkpoint, a failed checkpoint write
+EXIT_DIVERGED = 3  # train.max_bad_steps consecutive non-finite steps; the last good checkpoint is kept
+EXIT_PREEMPTED = 75  # SIGINT/SIGTERM/SIGUSR1: checkpoint saved, run the same command to resume (EX_TEMPFAIL)
 
 
 def _parser(description: str) -> ArgumentParser:
@@ -174,7 +176,12 @@ def main(argv: list[str] | None = None) -> int:
                 from .export.hf import init_from_hf
 
                 cfg, init = init_from_hf(ns.init_from, cfg)
-            train(cfg, dry_run=ns.dry_run, console=console, init_tensors=init)
+            result = train(cfg, dry_run=ns.dry_run, console=console, init_tensors=init)
+            if result is not None and result.status == "preempted":
+                return EXIT_PREEMPTED
+            if result is not None and result.status == "diverged":
+                err.print(f"lmforge: error: {result.message}", highlight=False, soft_wrap=True)
+                return EXIT_DIVERGED
         elif command == "prepare":
             cmd_prepare(ns, console)
         elif command == "generate":

@@ -61,8 +61,24 @@ class TrainConfig:
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     compile: bool = False  # torch.compile the model
     seed: int = 1337
+    max_bad_steps: int = 5  # stop after this many consecutive steps with a non-finite loss or grad norm
+    early_stop_patience: int = 0  # stop after this many evaluations without improvement; 0 = off
+    early_stop_min_delta: float = 0.0  # an improvement must lower val loss by more than this
 
     def __post_init__(self) -> None:
+        _require(self.max_bad_steps >= 1, "train.max_bad_steps", self.max_bad_steps, "must be >= 1")
+        _require(
+            self.early_stop_patience >= 0,
+            "train.early_stop_patience",
+            self.early_stop_patience,
+            "must be >= 0",
+        )
+        _require(
+            self.early_stop_min_delta >= 0,
+            "train.early_stop_min_delta",
+            self.early_stop_min_delta,
+            "must be >= 0",
+        )
         _require(self.max_steps >= 1, "train.max_steps", self.max_steps, "must be at least 1")
         _require(
             self.max_tokens is None or self.max_tokens >= 1,
@@ -135,6 +151,7 @@ class Config:
     preset: str | None = None  # a named model size from lmforge.presets (fills model.* defaults)
     data: str | None = None  # DATA_DIR written by `lmforge prepare`
     out: str = "runs/run"  # RUN_DIR: checkpoints, metrics and the resolved config go here
+    resume: str = "auto"  # auto: resume when RUN_DIR has checkpoints | never: refuse such a RUN_DIR | PATH
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -142,6 +159,7 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
 
     def __post_init__(self) -> None:
+        _require(bool(self.resume), "resume", self.resume, "must be auto, never or a checkpoint directory")
         if self.preset is not None:
             get_preset(self.preset)  # unknown names fail here, with a suggestion
         self.model = self.model.resolved()

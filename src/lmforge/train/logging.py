@@ -33,6 +33,26 @@ class MetricsWriter:
             self._f = None
 
 
+def truncate_metrics(path: Path, step: int) -> int:
+    """Drop records after `step` (written after the checkpoint a run resumes from); return how many."""
+    if not path.is_file():
+        return 0
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    kept = []
+    for line in lines:
+        try:
+            if json.loads(line).get("step", 0) > step:
+                continue
+        except (ValueError, AttributeError):
+            continue  # a torn line from a crash mid-write
+        kept.append(line if line.endswith("\n") else line + "\n")
+    if len(kept) != len(lines):
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(kept), encoding="utf-8")
+        tmp.replace(path)
+    return len(lines) - len(kept)
+
+
 class ConsoleReporter:
     """A progress bar on terminals (step, loss, tokens/s, MFU, ETA); plain lines elsewhere."""
 

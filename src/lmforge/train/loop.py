@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import random
 import shutil
 import time
@@ -26,8 +27,18 @@ from ..device import autocast, peak_flops, pick_device, pick_precision
 from ..eval.metrics import evaluate_loss, loss_report
 from ..model import GPT, flops_per_token
 from .distributed import DistEnv, all_reduce_mean, close_distributed, init_distributed, no_sync, wrap_model
-from .logging import ConsoleReporter, MetricsWriter
+from .guards import BadStepGuard, EarlyStopping
+from .logging import ConsoleReporter, MetricsWriter, truncate_metrics
 from .optim import build_optimizer, lr_at
+from .resume import (
+    check_resume_compatible,
+    find_resume_point,
+    load_optimizer,
+    optimizer_tensors,
+    restore_rng,
+    rng_state,
+)
+from .signals import StopFlag, signal_hook_for_tests
 
 
 @dataclass
@@ -40,6 +51,8 @@ class TrainResult:
     first_eval: dict | None  # the first evaluation of this run (at step 0 for a fresh run)
     last_eval: dict | None
     checkpoint: Path | None
+    status: str = "finished"  # finished | preempted (signal) | early_stopped | diverged (non-finite steps)
+    message: str = ""
 
 
 @dataclass
@@ -101,69 +114,6 @@ def count_params_from_config(cfg: Config) -> int:
     return param_breakdown(cfg.model)["total"]
 
 
-def _rng_state() -> tuple[dict[str, torch.Tensor], dict]:
-    tensors = {"rng/torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"rng/cuda/{i}"] = s
-    py = random.getstate()
-    np_state = np.random.get_state()
-    meta = {
-        "python": [py[0], list(py[1]), py[2]],
-        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
-    }
-    return tensors, meta
-
-
-def _restore_rng(tensors: dict[str, torch.Tensor], meta: dict) -> None:
-    torch.set_rng_state(tensors["rng/torch"])
-    cuda = [tensors[k] for k in sorted(tensors) if k.startswith("rng/cuda/")]
-    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(cuda)
-    py = meta["python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    n = meta["numpy"]
-    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
-
-
-def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
-    # Flatten AdamW's state into named tensors (safetensors) and JSON-able hyper-parameters.
-    sd = opt.state_dict()
-    tensors = {
-        f"optim/{idx}/{name}": value.detach().cpu().contiguous()
-        for idx, state in sd["state"].items()
-        for name, value in state.items()
-    }
-    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in sd["param_groups"]]
-    return tensors, groups
-
-
-def _load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], groups: list[dict]) -> None:
-    state: dict[int, dict] = {}
-    for key, value in tensors.items():
-        if key.startswith("optim/"):
-            _, idx, name = key.split("/", 2)
-            state.setdefault(int(idx), {})[name] = value
-    opt.load_state_dict({"state": state, "param_groups": groups})
-
-
-def check_resume_compatible(saved: dict, cfg: Config, data_meta: dict) -> None:
-    """Architecture, vocab, seq_len and tokenizer must match the checkpoint; the error names the setting."""
-    old_model = saved["config"]["model"]
-    for key, new in config_to_dict(cfg.model).items():
-        if key in ("dropout",):
-            continue
-        if old_model.get(key) != new:
-            raise ConfigError(
-                f"model.{key}={new!r} differs from the checkpoint's {old_model.get(key)!r}: resume with the same "
-                f"model settings, or start a new run with a different --out"
-            )
-    if saved.get("tokenizer_sha256") and saved["tokenizer_sha256"] != data_meta.get("tokenizer_sha256"):
-        raise ConfigError(
-            "the data's tokenizer differs from the one this run was trained with: use the same data"
-        )
-
-
 def train(
     cfg: Config,
     dry_run: bool = False,
@@ -181,7 +131,11 @@ def train(
     env: DistEnv = init_distributed(device.type)
     if device.type == "cuda" and env.world_size > 1:
         device = torch.device("cuda", env.local_rank)
-    say = console.print if env.is_main else (lambda *a, **k: None)
+
+    def say(message: str) -> None:
+        if env.is_main:  # soft_wrap: a long path stays on one line, whole, in logs
+            console.print(message, highlight=False, soft_wrap=True)
+
     if cfg.data is None:
         raise ConfigError("data is not set: pass --data DATA_DIR (made by `lmforge prepare`)")
     data_meta = load_meta(cfg.data)
@@ -196,12 +150,13 @@ def train(
 
     # --- run directory and resume point -----------------------------------------------------
     run_dir = Path(cfg.out)
-    resume_from = ckpt_io.latest_checkpoint(run_dir)
-    saved = ckpt_io.verify_checkpoint(resume_from) if resume_from else None
+    resume_from, saved = find_resume_point(cfg, run_dir, say)
     if saved:
-        check_resume_compatible(saved, cfg, data_meta)
+        check_resume_compatible(saved, cfg, data_meta, say)
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        for left in ckpt_io.clean_leftovers(run_dir):
+            say(f"removed {left.name} (a save that was interrupted)")
         (run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
         shutil.copyfile(Path(cfg.data) / "tokenizer.json", run_dir / "tokenizer.json")
 
@@ -214,6 +169,8 @@ def train(
     loader = TokenLoader(
         cfg.data, "train", plan.seq_len, plan.micro_batch_size, cfg.train.seed, env.rank, env.world_size
     )
+    bad_steps = BadStepGuard(cfg.train.max_bad_steps)
+    early = EarlyStopping(cfg.train.early_stop_patience, cfg.train.early_stop_min_delta)
     step, tokens = 0, 0
     if init_tensors is not None and not saved:
         ckpt_io.load_model_weights(model, init_tensors)
@@ -221,11 +178,16 @@ def train(
     if saved:
         model_sd, state_tensors, _ = ckpt_io.load_checkpoint(resume_from, verify=False)
         ckpt_io.load_model_weights(model, model_sd)
-        _load_optimizer(optimizer, state_tensors, saved["optimizer_groups"])
+        load_optimizer(optimizer, state_tensors, saved["optimizer_groups"])
         loader.load_state_dict(saved["loader"])
-        _restore_rng(state_tensors, saved["rng"])
+        restore_rng(state_tensors, saved["rng"])
+        guards = saved.get("guards", {})
+        bad_steps.load_state_dict(guards.get("bad_steps", {"total": 0, "consecutive": 0}))
+        early.load_state_dict(guards.get("early_stop", {}))
         step, tokens = saved["step"], saved["tokens"]
-        say(f"resuming {run_dir} from {resume_from.name} (step {step}, {tokens:,} tokens)")
+        if env.is_main:  # lines a crash wrote after this checkpoint would otherwise appear twice
+            truncate_metrics(run_dir / "metrics.jsonl", step)
+        say(f"resuming {run_dir} from {resume_from} (step {step}, {tokens:,} tokens)")
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     train_model = wrap_model(torch.compile(model) if cfg.train.compile else model, env, device)
     peak = peak_flops(device)
@@ -238,21 +200,13 @@ def train(
     metrics = MetricsWriter(run_dir / "metrics.jsonl", enabled=env.is_main)
     reporter = ConsoleReporter(console, plan.max_steps, step, env.is_main, cfg.log.progress)
     bytes_per_token = data_meta.get("val_bytes_per_token")
+    test_signal = signal_hook_for_tests()  # test-only; None in real runs
 
-    def run_eval() -> dict:
-        batches = iter_eval_batches(cfg.data, "val", plan.seq_len, plan.micro_batch_size, cfg.eval.batches)
-        loss, _ = evaluate_loss(model, batches, device, precision)
-        report = {"step": step, **loss_report(all_reduce_mean(loss, env, device), bytes_per_token)}
-        metrics.write({"type": "eval", "tokens": tokens, **report})
-        bpb = f" | val bpb {report['val_bpb']:.3f}" if "val_bpb" in report else ""
-        reporter.print(f"step {step}: val loss {report['val_loss']:.4f} | ppl {report['val_ppl']:.1f}{bpb}")
-        return report
-
-    def save() -> Path | None:
+    def save(name: str | None = None, extra: dict | None = None) -> Path | None:
         if not env.is_main:
             return None
-        rng_tensors, rng_meta = _rng_state()
-        opt_tensors, groups = _optimizer_tensors(optimizer)
+        rng_tensors, rng_meta = rng_state()
+        opt_tensors, groups = optimizer_tensors(optimizer)
         meta = {
             "config": config_to_dict(cfg),
             "tokens": tokens,
@@ -262,6 +216,8 @@ def train(
             "rng": rng_meta,
             "optimizer_groups": groups,
             "precision": precision,
+            "guards": {"bad_steps": bad_steps.state_dict(), "early_stop": early.state_dict()},
+            **(extra or {}),
         }
         path = ckpt_io.save_checkpoint(
             run_dir,
@@ -270,73 +226,153 @@ def train(
             {**opt_tensors, **rng_tensors},
             meta,
             cfg.checkpoint.keep_last,
+            name=name,
         )
         reporter.print(f"saved checkpoint {path}")
         return path
 
+    def run_eval() -> dict:
+        if test_signal and test_signal[1] == "eval" and test_signal[2] == step:
+            os.kill(os.getpid(), test_signal[0])  # test-only: a signal arriving during evaluation
+        batches = iter_eval_batches(cfg.data, "val", plan.seq_len, plan.micro_batch_size, cfg.eval.batches)
+        loss, _ = evaluate_loss(model, batches, device, precision)
+        report = {"step": step, **loss_report(all_reduce_mean(loss, env, device), bytes_per_token)}
+        metrics.write({"type": "eval", "tokens": tokens, **report})
+        bpb = f" | val bpb {report['val_bpb']:.3f}" if "val_bpb" in report else ""
+        reporter.print(f"step {step}: val loss {report['val_loss']:.4f} | ppl {report['val_ppl']:.1f}{bpb}")
+        if early.update(report["val_loss"], step):
+            save(name=ckpt_io.BEST, extra={"val_loss": report["val_loss"]})
+        return report
+
     # --- loop ----------------------------------------------------------------------------------
-    first_eval = run_eval() if (cfg.eval.at_start and step == 0) else None
-    last_eval, last_ckpt = first_eval, None
-    model.train()
-    t_log, tokens_at_log = time.time(), tokens
-    while step < plan.max_steps:
-        lr = lr_at(step, cfg.train, plan.max_steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        loss_sum = torch.zeros((), device=device)
-        for micro in range(plan.grad_accum):
-            x, y = loader.next_batch()
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with no_sync(train_model, sync=micro == plan.grad_accum - 1), autocast(device, precision):
-                loss = train_model(x, y) / plan.grad_accum
-            scaler.scale(loss).backward()
-            loss_sum += loss.detach()
-        scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            model.parameters(), cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
-        )
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        tokens += plan.tokens_per_step
+    status, message = "running", ""
+    last_ckpt, ckpt_step = resume_from, (saved["step"] if saved else None)
 
-        log_now = step % cfg.log.every == 0 or step == plan.max_steps
-        if log_now:
-            dt = max(time.time() - t_log, 1e-9)
-            tok_per_s = (tokens - tokens_at_log) / dt
-            mfu = fpt * tok_per_s / (peak * env.world_size) if peak else None
-            train_loss = all_reduce_mean(loss_sum.item(), env, device)
-            record = {
-                "type": "train",
-                "step": step,
-                "tokens": tokens,
-                "train_loss": train_loss,
-                "lr": lr,
-                "grad_norm": float(grad_norm),
-                "tok_per_s": tok_per_s,
-            }
-            if mfu is not None:
-                record["mfu"] = mfu
-            metrics.write(record)
-            reporter.step(step, train_loss, tok_per_s, mfu, log_line=True)
-            t_log, tokens_at_log = time.time(), tokens
-        if cfg.eval.every and step % cfg.eval.every == 0 and step < plan.max_steps:
+    def save_once() -> Path | None:
+        nonlocal last_ckpt, ckpt_step
+        if ckpt_step != step:
+            last_ckpt, ckpt_step = save(), step
+        return last_ckpt
+
+    with StopFlag() as stop:
+
+        def stop_requested() -> bool:
+            # every rank must agree, or one would wait forever in a collective the others left
+            if env.world_size == 1:
+                return stop.requested
+            return all_reduce_mean(float(stop.requested), env, device) > 0
+
+        first_eval = run_eval() if (cfg.eval.at_start and step == 0) else None
+        last_eval = first_eval
+        model.train()
+        t_log, tokens_at_log = time.time(), tokens
+        while status == "running":
+            if stop_requested():
+                status = "preempted"
+                break
+            if early.should_stop:  # checked here too, so resuming an early-stopped run trains no further
+                status = "early_stopped"
+                message = (
+                    f"early stop at step {step}: val loss has not improved by more than "
+                    f"{cfg.train.early_stop_min_delta} for {early.bad_evals} evaluations "
+                    f"(best {early.best:.4f} at step {early.best_step})"
+                )
+                break
+            if step >= plan.max_steps:
+                status = "finished"
+                break
+            lr = lr_at(step, cfg.train, plan.max_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss_sum = torch.zeros((), device=device)
+            for micro in range(plan.grad_accum):
+                x, y = loader.next_batch()
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                with no_sync(train_model, sync=micro == plan.grad_accum - 1), autocast(device, precision):
+                    loss = train_model(x, y) / plan.grad_accum
+                scaler.scale(loss).backward()
+                loss_sum += loss.detach()
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                model.parameters(), cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
+            )
+            # One host sync per step: a non-finite loss or grad norm skips the update, so the weights and
+            # AdamW moments stay as they were. With fp16 the GradScaler already skips such steps itself.
+            finite = bool(scaler.is_enabled() or torch.isfinite(grad_norm + loss_sum))
+            if finite:
+                scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            tokens += plan.tokens_per_step
+            bad_steps.record(finite)
+            if test_signal and test_signal[1] == "step" and test_signal[2] == step:
+                os.kill(os.getpid(), test_signal[0])  # test-only: a signal arriving during step `step`
+
+            if not finite:
+                metrics.write(
+                    {
+                        "type": "bad_step",
+                        "step": step,
+                        "train_loss": loss_sum.item(),
+                        "grad_norm": float(grad_norm),
+                        "bad_steps": bad_steps.total,
+                        "consecutive": bad_steps.consecutive,
+                    }
+                )
+                reporter.print(
+                    f"step {step}: non-finite loss or gradient norm, optimizer step skipped "
+                    f"({bad_steps.consecutive} in a row, {bad_steps.total} in all)"
+                )
+            log_now = step % cfg.log.every == 0 or step == plan.max_steps
+            if log_now:
+                dt = max(time.time() - t_log, 1e-9)
+                tok_per_s = (tokens - tokens_at_log) / dt
+                mfu = fpt * tok_per_s / (peak * env.world_size) if peak else None
+                train_loss = all_reduce_mean(loss_sum.item(), env, device)
+                record = {
+                    "type": "train",
+                    "step": step,
+                    "tokens": tokens,
+                    "train_loss": train_loss,
+                    "lr": lr,
+                    "grad_norm": float(grad_norm),
+                    "tok_per_s": tok_per_s,
+                }
+                if mfu is not None:
+                    record["mfu"] = mfu
+                metrics.write(record)
+                reporter.step(step, train_loss, tok_per_s, mfu, log_line=True)
+                t_log, tokens_at_log = time.time(), tokens
+            if bad_steps.diverged:
+                status = "diverged"
+                where = (
+                    f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was written"
+                )
+                message = (
+                    f"training diverged: {bad_steps.consecutive} consecutive steps with a non-finite loss or "
+                    f"gradient norm (train.max_bad_steps={cfg.train.max_bad_steps}); {where}: lower train.lr "
+                    f"or raise train.warmup_steps, then run again"
+                )
+                break
+            if cfg.eval.every and step % cfg.eval.every == 0 and step < plan.max_steps:
+                last_eval = run_eval()
+            if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < plan.max_steps:
+                save_once()
+
+        # --- end -------------------------------------------------------------------------------
+        if status == "finished" and (last_eval is None or last_eval["step"] != step):
             last_eval = run_eval()
-        if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < plan.max_steps:
-            last_ckpt = save()
-
-    # --- end -------------------------------------------------------------------------------
-    if last_eval is None or last_eval["step"] != step:
-        last_eval = run_eval()
-    if saved is None or step > saved["step"]:  # a finished run resumed again has nothing new to save
-        last_ckpt = save()
-    else:
-        last_ckpt = resume_from
+        if status == "preempted":
+            message = f"received {stop.name()}: saved step {step}; run the same command again to resume"
+        if status != "diverged":  # a diverged run keeps its last good checkpoint as the newest
+            save_once()
+    if message:
+        reporter.print(message)
     reporter.close()
     metrics.close()
     close_distributed()
-    return TrainResult(run_dir, step, tokens, first_eval, last_eval, last_ckpt)
+    return TrainResult(run_dir, step, tokens, first_eval, last_eval, last_ckpt, status, message)
 
 
 def print_dry_run(

@@ -149,3 +149,23 @@ def test_schedule_warms_up_then_decays_to_the_floor():
     assert lr_at(9, cfg, 100) == pytest.approx(1.0)
     assert lr_at(55, cfg, 100) == pytest.approx(0.55)
     assert lr_at(100, cfg, 100) == pytest.approx(0.1)
+
+
+def test_a_checkpoint_is_saved_at_each_epoch_end(tiny_data, tmp_path):
+    from lmforge.data import TokenLoader
+
+    loader = TokenLoader(tiny_data, "train", 32, 4, seed=1337)
+    epoch_end = 0
+    while loader.epoch == 0:
+        loader.next_batch()
+        epoch_end += 1
+    run = tmp_path / "run"
+    args = [
+        f"--train.max_steps={epoch_end + 2}",
+        "--checkpoint.every=0",
+        "--checkpoint.keep_last=5",
+        "--eval.every=0",
+    ]
+    assert main(train_args(tiny_data, run, *args)) == 0
+    names = [p.name for p in list_checkpoints(run)]
+    assert names == [f"step_{epoch_end:07d}", f"step_{epoch_end + 2:07d}"]

@@ -285,6 +285,7 @@ def train(
             for group in optimizer.param_groups:
                 group["lr"] = lr
             loss_sum = torch.zeros((), device=device)
+            epoch_before = loader.epoch
             for micro in range(plan.grad_accum):
                 x, y = loader.next_batch()
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -357,7 +358,9 @@ def train(
                 break
             if cfg.eval.every and step % cfg.eval.every == 0 and step < plan.max_steps:
                 last_eval = run_eval()
-            if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < plan.max_steps:
+            epoch_ended = loader.epoch != epoch_before  # this step used the last windows of an epoch
+            periodic = cfg.checkpoint.every and step % cfg.checkpoint.every == 0
+            if (periodic or epoch_ended) and step < plan.max_steps:
                 save_once()
 
         # --- end -------------------------------------------------------------------------------

@@ -24,15 +24,8 @@ from lmforge.checkpoint import latest_checkpoint, list_checkpoints, read_metrics
 from lmforge.cli import EXIT_DIVERGED, EXIT_PREEMPTED, EXIT_USAGE, main
 from lmforge.model import GPT
 
-from .conftest import TINY_MODEL
+from .conftest import FAST, TINY_MODEL
 
-FAST = [
-    "--train.micro_batch_size=4",
-    "--model.seq_len=32",
-    "--eval.batches=2",
-    "--log.every=1",
-    "--log.progress=false",
-]
 # The 40-step run every preemption test is compared with; dropout makes the RNG state matter.
 RUN40 = ["--train.max_steps=40", "--eval.every=10", "--checkpoint.every=20", "--model.dropout=0.1"]
 SRC = str(Path(lmforge.__file__).resolve().parents[1])

@@ -14,15 +14,7 @@ from lmforge.checkpoint import latest_checkpoint, list_checkpoints, load_model, 
 from lmforge.cli import main
 from lmforge.train.optim import lr_at
 
-from .conftest import TINY_MODEL, make_corpus
-
-FAST = [
-    "--train.micro_batch_size=4",
-    "--model.seq_len=32",
-    "--eval.batches=2",
-    "--log.every=1",
-    "--log.progress=false",
-]
+from .conftest import FAST, TINY_MODEL, make_corpus
 
 
 def train_args(data, out, *extra):

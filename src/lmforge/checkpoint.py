@@ -31,6 +31,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .config import Config, config_from_dict
+from .errors import LmforgeError
 from .model import GPT
 
 FORMAT_VERSION = 1
@@ -42,7 +43,7 @@ STATE_FILE = "train_state.safetensors"
 META_FILE = "meta.json"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(LmforgeError, RuntimeError):
     """A checkpoint is missing, incomplete or does not match; the message says which file and what to do."""
 
 

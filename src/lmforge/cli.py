@@ -19,9 +19,8 @@ from pathlib import Path
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 from rich.console import Console
 
-from .checkpoint import CheckpointError
 from .config import Config, ConfigError, all_keys, unknown_key_message
-from .data import DataError
+from .errors import LmforgeError
 from .export import ExportError
 from .presets import get_preset
 
@@ -165,47 +164,47 @@ def main(argv: list[str] | None = None) -> int:
     try:
         command, ns, parsers = parse(argv)
         if command == "train":
-            try:
-                cfg = parse_config(ns, parsers["train"])
-            except (ValueError, TypeError) as e:
-                raise ConfigError(str(e)) from e
-            from .train.loop import train
-
-            init = None
-            if ns.init_from:
-                from .export.hf import init_from_hf
-
-                cfg, init = init_from_hf(ns.init_from, cfg)
-            result = train(cfg, dry_run=ns.dry_run, console=console, init_tensors=init)
-            if result is not None and result.status == "preempted":
-                return EXIT_PREEMPTED
-            if result is not None and result.status == "diverged":
-                err.print(f"lmforge: error: {result.message}", highlight=False, soft_wrap=True)
-                return EXIT_DIVERGED
-        elif command == "prepare":
-            cmd_prepare(ns, console)
-        elif command == "generate":
-            cmd_generate(ns, console)
-        elif command == "export":
-            cmd_export(ns, console)
-        elif command == "import":
-            cmd_import(ns, console)
-        elif command == "quickstart":
-            from .quickstart import quickstart
-
-            quickstart(
-                data_dir=ns.data, run_dir=ns.out, max_tokens=ns.max_tokens, device=ns.device, console=console
-            )
+            return cmd_train(ns, parsers["train"], console, err)
+        COMMANDS[command](ns, console)
         return 0
     except ArgumentError as e:
         err.print(f"lmforge: error: {_one_line(e)}", highlight=False, soft_wrap=True)
         return EXIT_USAGE
-    except (ConfigError, DataError, CheckpointError, ExportError) as e:
+    except LmforgeError as e:
         err.print(f"lmforge: error: {e}", highlight=False, soft_wrap=True)
         return EXIT_USAGE
     except KeyboardInterrupt:
         err.print("lmforge: interrupted", highlight=False)
         return 130
+
+
+def cmd_train(ns: Namespace, parser: ArgumentParser, console: Console, err: Console) -> int:
+    """`lmforge train`: build the config (preset < YAML < flags), train, and map the outcome to an exit code."""
+    try:
+        cfg = parse_config(ns, parser)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(str(e)) from e
+    from .train.loop import train
+
+    init = None
+    if ns.init_from:
+        from .export.hf import init_from_hf
+
+        cfg, init = init_from_hf(ns.init_from, cfg)
+    result = train(cfg, dry_run=ns.dry_run, console=console, init_tensors=init)
+    if result is not None and result.status == "preempted":
+        return EXIT_PREEMPTED
+    if result is not None and result.status == "diverged":
+        err.print(f"lmforge: error: {result.message}", highlight=False, soft_wrap=True)
+        return EXIT_DIVERGED
+    return 0
+
+
+def cmd_quickstart(ns: Namespace, console: Console) -> None:
+    """`lmforge quickstart`: the whole pipeline on the built-in corpus."""
+    from .quickstart import quickstart
+
+    quickstart(data_dir=ns.data, run_dir=ns.out, max_tokens=ns.max_tokens, device=ns.device, console=console)
 
 
 def cmd_prepare(ns: Namespace, console: Console) -> dict:
@@ -278,6 +277,16 @@ def cmd_generate(ns: Namespace, console: Console) -> str:
         console.print(text, end="", highlight=False, markup=False)
     console.print()
     return text
+
+
+# Every subcommand but `train` (which needs its parser to build the config): name -> function(ns, console).
+COMMANDS = {
+    "prepare": cmd_prepare,
+    "generate": cmd_generate,
+    "export": cmd_export,
+    "import": cmd_import,
+    "quickstart": cmd_quickstart,
+}
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 import yaml
 
+from .errors import LmforgeError
 from .model.config import ModelConfig
 from .presets import get_preset
 
@@ -32,7 +33,7 @@ __all__ = [
 ]
 
 
-class ConfigError(ValueError):
+class ConfigError(LmforgeError, ValueError):
     """A configuration value a user must fix; the message is one line naming the key."""
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from ..errors import LmforgeError
 
-class DataError(ValueError):
+
+class DataError(LmforgeError, ValueError):
     """A data-preparation or data-loading problem the user can fix; the message is one line."""

@@ -17,13 +17,14 @@ from pathlib import Path
 
 import torch
 
+from ..errors import LmforgeError
 from ..model.config import ModelConfig
 
 FORMATS = ("hf", "safetensors", "onnx", "gguf")
 DTYPES = ("f32", "f16", "bf16", "q8_0")
 
 
-class ExportError(RuntimeError):
+class ExportError(LmforgeError, RuntimeError):
     """A model or request that an export format cannot represent exactly; the message is one line."""
 
 

@@ -22,7 +22,8 @@ from rich.console import Console
 from .config import Config, ConfigError, all_keys, unknown_key_message
 from .errors import LmforgeError
 from .export import ExportError
-from .presets import get_preset
+from .model import ModelConfig
+from .presets import BENCH_MODEL, get_preset
 
 EXIT_USAGE = 2  # bad input: a config value, missing data, an unusable checkpoint, a failed checkpoint write
 EXIT_DIVERGED = 3  # train.max_bad_steps consecutive non-finite steps; the last good checkpoint is kept
@@ -104,6 +105,21 @@ def build_parser() -> tuple[ArgumentParser, dict[str, ArgumentParser]]:
     p.add_argument("--device", default="auto")
     parsers["quickstart"] = p
 
+    p = _parser("Time training steps of an lmforge model next to the same model in HF transformers.")
+    p.add_argument("--preset", default=None, help="a model preset (default: 6 layers x 384 wide, vocab 4096)")
+    p.add_class_arguments(ModelConfig, nested_key="model", fail_untyped=False)
+    p.set_defaults({f"model.{k}": v for k, v in BENCH_MODEL.items()})
+    p.add_argument("--batch", type=int, default=12, help="sequences per step")
+    p.add_argument("--steps", type=int, default=20, help="timed optimizer steps")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    p.add_argument("--compare", default="hf", help="hf, or none to time lmforge alone")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--precision", default="auto", help="auto | bf16 | fp16 | fp32 (same on both sides)")
+    p.add_argument("--compile", action="store_true", help="torch.compile both models")
+    p.add_argument("--data", default=None, help="DATA_DIR: train on its tokens instead of random ones")
+    p.add_argument("--seed", type=int, default=0)
+    parsers["bench"] = p
+
     helps = {
         "prepare": "tokenize raw text into shards",
         "train": "train or resume a model",
@@ -111,6 +127,7 @@ def build_parser() -> tuple[ArgumentParser, dict[str, ArgumentParser]]:
         "export": "export a run (hf, safetensors, onnx, gguf)",
         "import": "import a Hugging Face model as a run",
         "quickstart": "the whole pipeline in a few minutes on a CPU",
+        "bench": "training throughput next to HF transformers",
     }
     for name, parser in parsers.items():
         subs.add_subcommand(name, parser, help=helps[name])
@@ -146,12 +163,15 @@ def parse(argv: list[str]) -> tuple[str, Namespace, dict[str, ArgumentParser]]:
     """Parse argv; a preset (from the command line or a config file) becomes the model defaults, then re-parse."""
     root, parsers = build_parser()
     ns = root.parse_args(argv)
-    if ns.command == "train" and ns.train.preset:
+    name = {"train": lambda: ns.train.preset, "bench": lambda: ns.bench.preset}.get(
+        ns.command, lambda: None
+    )()
+    if name:
         try:
-            preset = get_preset(ns.train.preset)
+            preset = get_preset(name)
         except ValueError as e:
             raise ConfigError(str(e)) from e
-        parsers["train"].set_defaults({f"model.{k}": v for k, v in preset.items()})
+        parsers[ns.command].set_defaults({f"model.{k}": v for k, v in preset.items()})
         ns = root.parse_args(argv)
     return ns.command, ns[ns.command], parsers
 
@@ -279,6 +299,32 @@ def cmd_generate(ns: Namespace, console: Console) -> str:
     return text
 
 
+def cmd_bench(ns: Namespace, console: Console) -> list:
+    """`lmforge bench`: tokens/s, MFU and peak memory of lmforge and HF on the same model and batches."""
+    from .bench import bench_training, report
+
+    try:
+        model_cfg = ModelConfig(**ns.model.as_dict()).resolved()
+    except (ValueError, TypeError) as e:
+        raise ConfigError(str(e)) from e
+    compare = () if ns.compare == "none" else tuple(ns.compare.split(","))
+    console.print(f"timing {ns.steps} steps after {ns.warmup} warmup steps ...", highlight=False)
+    results = bench_training(
+        model_cfg,
+        batch=ns.batch,
+        steps=ns.steps,
+        warmup=ns.warmup,
+        device=ns.device,
+        precision=ns.precision,
+        compile=ns.compile,
+        compare=compare,
+        data=ns.data,
+        seed=ns.seed,
+    )
+    report(results, model_cfg, ns.batch, console)
+    return results
+
+
 # Every subcommand but `train` (which needs its parser to build the config): name -> function(ns, console).
 COMMANDS = {
     "prepare": cmd_prepare,
@@ -286,6 +332,7 @@ COMMANDS = {
     "export": cmd_export,
     "import": cmd_import,
     "quickstart": cmd_quickstart,
+    "bench": cmd_bench,
 }
 
 

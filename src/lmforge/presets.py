@@ -91,3 +91,10 @@ def get_preset(name: str) -> dict:
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise ValueError(f"preset={name!r} is unknown{hint}: choose one of {', '.join(PRESETS)}")
     return dict(PRESETS[name])
+
+
+# `lmforge bench`'s default shape: the 6-layer, 384-wide model at sequence 256 that small CPU trainers
+# are usually measured with; vocab 4096 as the quickstart's tokenizer.
+BENCH_MODEL = dict(
+    family="gpt2", n_layer=6, n_head=6, n_embd=384, context_len=256, seq_len=256, vocab_size=4096
+)

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import random
 
-import pytest
+# No test touches the network: Hugging Face libraries read these when they are imported.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import pytest  # noqa: E402
 import torch
 
 from lmforge.data import prepare

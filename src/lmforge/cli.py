@@ -1,6 +1,6 @@
 """The one `lmforge` command. Each subcommand maps to one function; jsonargparse does all the parsing.
 
-lmforge prepare  --source SRC --out DATA_DIR [--tokenizer bpe] [--vocab-size N]
+lmforge prepare  --source SRC[:WEIGHT] ... --out DATA_DIR [--tokenizer bpe|wordpiece|unigram|word|char|gpt2|tiktoken:NAME|FILE]
 lmforge train    --config configs/X.yaml --data DATA_DIR --out RUN_DIR [--resume auto|never|PATH] [--section.key=value ...]
 lmforge generate --run RUN_DIR --prompt "..." [--stream]
 lmforge export   --run RUN_DIR --format hf|safetensors|onnx|gguf --out DIR [--dtype f32|f16|bf16|q8_0]
@@ -42,20 +42,36 @@ def build_parser() -> tuple[ArgumentParser, dict[str, ArgumentParser]]:
     subs = root.add_subcommands(dest="command", required=True)
     parsers: dict[str, ArgumentParser] = {}
 
-    p = _parser("Train a tokenizer on raw text and write token shards plus meta.json.")
+    p = _parser("Train a tokenizer on raw text and write token shards plus meta.json and manifest.json.")
     p.add_argument(
         "--source",
         action="append",
         required=True,
-        help="a file, a folder of .txt/.md/.json/.jsonl, or builtin:stdlib (repeatable)",
+        help="a file or folder (.txt .md .json .jsonl .jsonl.gz .parquet .csv), builtin:stdlib, "
+        "hf:NAME[:CONFIG][@SPLIT], fineweb, fineweb-edu, dolma, pile, c4, or kaggle:OWNER/DATASET; "
+        "repeatable, SRC:WEIGHT mixes sources in proportion",
     )
     p.add_argument("--out", required=True, help="DATA_DIR to write")
-    p.add_argument("--tokenizer", default="bpe", help="bpe (byte-level BPE), or a path to a tokenizer.json")
+    p.add_argument(
+        "--tokenizer",
+        default="bpe",
+        help="bpe | wordpiece | unigram | word | char (trained here), gpt2, tiktoken:NAME, or a tokenizer.json",
+    )
     p.add_argument("--vocab-size", type=int, default=8192, help="vocabulary size of a trained tokenizer")
+    p.add_argument("--special-tokens", default="", help="extra special tokens, comma-separated")
+    p.add_argument(
+        "--text-field", default="text", help="record field holding the text (text falls back to content)"
+    )
     p.add_argument(
         "--val-fraction", type=float, default=0.01, help="share of documents held out for validation"
     )
     p.add_argument("--max-docs", type=int, default=None, help="stop after this many documents")
+    p.add_argument("--max-tokens", type=int, default=None, help="stop once this many tokens are written")
+    p.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: all cores)")
+    p.add_argument("--seq-len", type=int, default=None, help="validation window length recorded for eval")
+    p.add_argument(
+        "--stride", type=int, default=None, help="step between validation windows (< seq-len overlaps)"
+    )
     parsers["prepare"] = p
 
     p = _parser("Train (or resume) a model on prepared data.")
@@ -239,6 +255,13 @@ def cmd_prepare(ns: Namespace, console: Console) -> dict:
         val_fraction=ns.val_fraction,
         max_docs=ns.max_docs,
         progress=lambda msg: console.print(msg, highlight=False),
+        text_field=ns.text_field,
+        special_tokens=[t.strip() for t in ns.special_tokens.split(",") if t.strip()],
+        workers=ns.workers,
+        max_tokens=ns.max_tokens,
+        seq_len=ns.seq_len,
+        stride=ns.stride,
+        console=console,
     )
     tr, va = meta["splits"]["train"], meta["splits"]["val"]
     console.print(

@@ -62,6 +62,7 @@ class TrainConfig:
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     compile: bool = False  # torch.compile the model
     seed: int = 1337
+    data_order: Literal["random", "sequential"] = "random"  # shuffled windows, or packed in stream order
     max_bad_steps: int = 5  # stop after this many consecutive steps with a non-finite loss or grad norm
     early_stop_patience: int = 0  # stop after this many evaluations without improvement; 0 = off
     early_stop_min_delta: float = 0.0  # an improvement must lower val loss by more than this

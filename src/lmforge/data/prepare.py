@@ -375,7 +375,9 @@ def prepare(
         shards = {split: writers[split].close() for split in SPLITS}
         shard_sha = {name: sha for w in writers.values() for name, sha in w.sha256.items()}
         tok.save(tmp / TOKENIZER_FILE)
-        tokenizer_sha = tok.sha256()
+        # The digest of what a reader will load: Unigram scores, for one, are floats whose
+        # JSON text can change on the first save, and every later load must match this.
+        tokenizer_sha = Tokenizer.load(tmp / TOKENIZER_FILE).sha256()
         splits = {
             split: {
                 "tokens": writers[split].tokens,

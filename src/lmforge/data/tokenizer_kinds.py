@@ -80,9 +80,9 @@ def train_hf(
             vocab_size=vocab_size, special_tokens=specials, show_progress=False
         )
     else:
-        # word: words, single punctuation marks and whitespace runs are tokens, so known text
+        # word: words, single punctuation marks and single whitespace characters are tokens, so known text
         # decodes back exactly; char: every character is a token. Unknown pieces become <unk>.
-        pattern = r"\w+|[^\w\s]|\s+" if kind == "word" else r"[\s\S]"
+        pattern = r"\w+|[^\w\s]|\s" if kind == "word" else r"[\s\S]"
         hf = HFTokenizer(models.WordLevel(unk_token=UNK_TOKEN))
         hf.pre_tokenizer = pre_tokenizers.Split(Regex(pattern), behavior="isolated")
         hf.decoder = decoders.Fuse()

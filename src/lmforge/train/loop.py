@@ -167,7 +167,14 @@ def train(
     model = GPT(cfg.model).to(device)
     optimizer = build_optimizer(model, cfg.train, device.type)
     loader = TokenLoader(
-        cfg.data, "train", plan.seq_len, plan.micro_batch_size, cfg.train.seed, env.rank, env.world_size
+        cfg.data,
+        "train",
+        plan.seq_len,
+        plan.micro_batch_size,
+        cfg.train.seed,
+        env.rank,
+        env.world_size,
+        order=cfg.train.data_order,
     )
     bad_steps = BadStepGuard(cfg.train.max_bad_steps)
     early = EarlyStopping(cfg.train.early_stop_patience, cfg.train.early_stop_min_delta)

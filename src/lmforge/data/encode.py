@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -89,6 +90,9 @@ def encode_texts(tok: Tokenizer, texts: list[str], fast=None) -> tuple[np.ndarra
 
 def _init_worker(tok_json: str, fast_spec: str | None) -> None:
     global _worker_tok, _worker_fast
+    # Ctrl-C reaches the whole process group; the parent handles it and stops the pool, so a
+    # worker should not die mid-chunk with a traceback of its own.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     if _worker_tok is not None:
         return  # forked: inherited from the parent, nothing to rebuild
     _worker_tok = Tokenizer(HFTokenizer.from_str(tok_json))

@@ -197,7 +197,10 @@ def _iter_json(
 def _iter_parquet(
     path: Path, name: str, skipped: dict[str, int] | None, fields: tuple[str, ...]
 ) -> Iterator[Document]:
-    import pyarrow.parquet as pq  # optional, heavy: only parquet sources need it
+    try:
+        import pyarrow.parquet as pq  # optional, heavy: only parquet sources need it
+    except ImportError:
+        raise DataError(f"'{name}' is parquet, which needs pyarrow: pip install 'lmforge[parquet]'") from None
 
     try:
         table = pq.ParquetFile(path)

@@ -187,3 +187,14 @@ def test_mix_follows_the_weights_by_bytes() -> None:
     # Without weights the sources are read one after another.
     plain = [i for i, _ in mix([iter([Document("x", "1")]), iter([Document("y", "2")])], None)]
     assert plain == [0, 1]
+
+
+def test_stream_failing_midway_is_one_clear_error(tmp_path: Path) -> None:
+    repo = tmp_path / "org" / "broken"
+    _parquet(repo / "data" / "a.parquet", {"text": ["first", "second"]})
+    (repo / "data" / "b.parquet").write_bytes(b"PAR1 this is not really parquet PAR1")
+    stream = iter_documents(f"hf:{repo}")
+    assert [next(stream).text, next(stream).text] == ["first", "second"]
+    with pytest.raises(DataError, match=r"streaming 'hf:.*broken' failed after 2 records") as info:
+        next(stream)
+    assert "\n" not in str(info.value)

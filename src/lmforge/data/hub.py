@@ -134,7 +134,13 @@ def iter_hf(
         if doc is not None:
             yield doc
         index += 1
-        record = next(records, None)
+        try:
+            record = next(records, None)
+        except Exception as exc:  # a dropped connection or a corrupt remote file mid-stream
+            raise DataError(
+                f"streaming '{source}' failed after {index:,} records ({type(exc).__name__}: "
+                f"{str(exc).splitlines()[0] if str(exc) else ''}): run prepare again"
+            ) from None
 
 
 def _kaggle_credentials() -> bool:

@@ -133,7 +133,7 @@ class EncodePool:
     def __init__(self, tok: Tokenizer, workers: int, fast_spec: str | None = None) -> None:
         self.tok = tok
         self.workers = workers
-        # Built once here to fail early; workers rebuild it (an Encoding does not pickle).
+        # Built here once: forked workers inherit it; spawned ones rebuild it from the spec.
         self.fast = None if fast_spec is None else fast_encoder(fast_spec)
         fast_spec = fast_spec if self.fast is not None else None
         self._pool: ProcessPoolExecutor | None = None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -18,21 +19,12 @@ from lmforge.eval.run import EvalOptions, evaluate_run
 from lmforge.eval.tasks import TaskError, ending_logprobs, evaluate_multiple_choice, read_multiple_choice
 from lmforge.model import GPT, ModelConfig
 
-from .conftest import FAST, TINY_MODEL
 
-
-def train_tiny_run(data, out) -> None:
-    """A run trained for 40 steps (a few seconds): enough to beat chance, with a val line at step 40."""
-    args = ["train", "--data", str(data), "--out", str(out), *TINY_MODEL, *FAST]
-    args += ["--train.max_steps=40", "--train.lr=3e-3", "--train.warmup_steps=5", "--eval.every=40"]
-    assert main(args) == 0
-
-
-@pytest.fixture(scope="module")
-def run(tiny_data, tmp_path_factory):
-    out = tmp_path_factory.mktemp("evalrun") / "run"
-    train_tiny_run(tiny_data, out)
-    return out
+@pytest.fixture
+def run(trained_run, tmp_path):
+    """A copy of the shared trained run, so that eval.json written by one test is not seen by another."""
+    shutil.copytree(trained_run, tmp_path / "run")
+    return tmp_path / "run"
 
 
 def tiny_gpt(seed: int = 0, context: int = 32) -> GPT:

@@ -193,6 +193,17 @@ def test_multiple_choice_matches_a_hand_computation(run, tmp_path):
     assert negative["acc"] == 0.0 and negative["acc_norm"] == 0.0 and negative["items"] == 3
 
 
+def test_hellaswag_markup_is_removed(tmp_path):
+    path = tmp_path / "hs.jsonl"
+    row = {
+        "ctx": "[header] How to fold a shirt [title] Lay it flat.  [step] Fold",
+        "endings": ["a [sub] b", "c"],
+    }
+    write_jsonl(path, [{**row, "label": 1}])
+    (item,) = read_multiple_choice(path)
+    assert item.context == "How to fold a shirt. Lay it flat. Fold" and item.endings == ("a b", "c")
+
+
 @pytest.mark.parametrize(
     "line,message",
     [

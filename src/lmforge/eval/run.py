@@ -161,8 +161,7 @@ def evaluate_run(run: str | Path, opts: EvalOptions, console: Console | None = N
         raise EvalError("give --data or --text, not both")
     if opts.quantize not in (None, "none", "int8"):
         raise EvalError(f"--quantize {opts.quantize}: the supported value is int8")
-    for name, path in opts.tasks.items():  # fail on a bad file before the slow parts
-        opts.tasks[name] = read_multiple_choice(path)  # type: ignore[assignment]
+    tasks = {name: read_multiple_choice(path) for name, path in opts.tasks.items()}  # fail early
     prompts = read_prompts(opts.prompts) if opts.prompts else list(DEFAULT_PROMPTS)
     try:
         device = pick_device(opts.device)
@@ -194,7 +193,7 @@ def evaluate_run(run: str | Path, opts: EvalOptions, console: Console | None = N
 
     say(f"scoring {ids.numel() - 1:,} tokens of {source} ...")
     report["lm"] = language_modelling(model, ids, n_bytes, window, stride, opts.batch_size)
-    for name, items in opts.tasks.items():
+    for name, items in tasks.items():
         say(f"task {name}: {len(items)} items ...")
         report.setdefault("tasks", {})[name] = evaluate_multiple_choice(model, tokenizer, items)
     say(f"generating from {len(prompts)} prompts ...")

@@ -5,11 +5,14 @@ Each line: {"ctx": "...", "endings": ["...", ...], "label": 2}, or "ctx_a"/"ctx_
 its tokens after the context (" " + ending, as the sentence continues). acc picks the ending with the
 highest sum; acc_norm divides each sum by the ending's length in UTF-8 bytes first, so long endings are
 not penalised for having more tokens (the byte normalisation of Gao et al.'s lm-evaluation-harness).
+HellaSwag's WikiHow items carry markup such as "[header]" and "[title]"; it is removed before scoring,
+as that harness does, so a user's numbers are comparable with published ones.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,6 +63,13 @@ def read_multiple_choice(path: str | Path) -> list[Choice]:
     return items
 
 
+def clean(text: str) -> str:
+    """Text without HellaSwag's WikiHow markup: " [title]" ends a sentence, other [tags] go, spaces collapse."""
+    text = text.strip().replace(" [title]", ". ")
+    text = re.sub(r"\[.*?\]", "", text)
+    return re.sub(r"  +", " ", text).strip()
+
+
 def _choice(row: dict, where: str) -> Choice:
     if isinstance(row.get("ctx"), str):
         context = row["ctx"]
@@ -76,7 +86,7 @@ def _choice(row: dict, where: str) -> Choice:
         raise TaskError(f"{where}: 'label' must be an integer index into 'endings'") from None
     if not 0 <= label < len(endings):
         raise TaskError(f"{where}: label {label} is outside 0..{len(endings) - 1}")
-    return Choice(context.strip(), tuple(e.strip() for e in endings), label)
+    return Choice(clean(context), tuple(clean(e) for e in endings), label)
 
 
 @torch.no_grad()

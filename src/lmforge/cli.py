@@ -5,6 +5,7 @@ lmforge train    --config configs/X.yaml --data DATA_DIR --out RUN_DIR [--resume
 lmforge generate --run RUN_DIR --prompt "..." [--stream]
 lmforge export   --run RUN_DIR --format hf|safetensors|onnx|gguf --out DIR [--dtype f32|f16|bf16|q8_0]
 lmforge import   hf:HF_DIR --out RUN_DIR
+lmforge eval     --run RUN_DIR [--data DATA_DIR | --text FILE] [--tasks NAME=FILE.jsonl] [--quantize int8]
 lmforge quickstart
 """
 
@@ -136,6 +137,32 @@ def build_parser() -> tuple[ArgumentParser, dict[str, ArgumentParser]]:
     p.add_argument("--seed", type=int, default=0)
     parsers["bench"] = p
 
+    p = _parser("Measure a run: loss, perplexity, bits per byte, accuracy, tasks, generation quality, speed.")
+    p.add_argument("--run", required=True, help="RUN_DIR (its latest checkpoint) or a checkpoint directory")
+    p.add_argument(
+        "--data", default=None, help="DATA_DIR whose val split is scored (default: the run's data)"
+    )
+    p.add_argument("--text", default=None, help="a UTF-8 text file to score instead of --data")
+    p.add_argument("--stride", type=int | None, default=None, help="sliding-window stride (default: half)")
+    p.add_argument("--batches", type=int, default=16, help="val batches to score (--data)")
+    p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
+    p.add_argument(
+        "--tasks", action="append", default=[], help="NAME=FILE.jsonl in HellaSwag's format (repeatable)"
+    )
+    p.add_argument(
+        "--prompts", default=None, help="prompt set: .txt (one per line) or .jsonl (default: built in)"
+    )
+    p.add_argument("--max-new-tokens", type=int, default=48, help="tokens generated per prompt")
+    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature for generation")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-speed", action="store_true", help="skip the speed measurement")
+    p.add_argument(
+        "--quantize", default=None, help="int8: evaluate int8 weights and compare with the original"
+    )
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", default=None, help="where to write the JSON report (default RUN_DIR/eval.json)")
+    parsers["eval"] = p
+
     helps = {
         "prepare": "tokenize raw text into shards",
         "train": "train or resume a model",
@@ -144,6 +171,7 @@ def build_parser() -> tuple[ArgumentParser, dict[str, ArgumentParser]]:
         "import": "import a Hugging Face model as a run",
         "quickstart": "the whole pipeline in a few minutes on a CPU",
         "bench": "training throughput next to HF transformers",
+        "eval": "measure a run: loss, ppl, bpb, accuracy, tasks, generation, speed",
     }
     for name, parser in parsers.items():
         subs.add_subcommand(name, parser, help=helps[name])
@@ -348,6 +376,40 @@ def cmd_bench(ns: Namespace, console: Console) -> list:
     return results
 
 
+def cmd_eval(ns: Namespace, console: Console) -> dict:
+    """`lmforge eval`: measure a run, print a table and write eval.json."""
+    from .eval.run import EvalError, EvalOptions, evaluate_run, report_table, write_report
+
+    tasks = {}
+    for spec in ns.tasks:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise EvalError(
+                f"--tasks {spec}: write it as NAME=FILE.jsonl, e.g. hellaswag=hellaswag_val.jsonl"
+            )
+        tasks[name] = path
+    opts = EvalOptions(
+        data=ns.data,
+        text=ns.text,
+        stride=ns.stride,
+        batches=ns.batches,
+        batch_size=ns.batch_size,
+        tasks=tasks,
+        prompts=ns.prompts,
+        max_new_tokens=ns.max_new_tokens,
+        temperature=ns.temperature,
+        seed=ns.seed,
+        speed=not ns.no_speed,
+        quantize=ns.quantize,
+        device=ns.device,
+    )
+    report = evaluate_run(ns.run, opts, console)
+    out = write_report(report, ns.out or Path(ns.run) / "eval.json")
+    console.print(report_table(report))
+    console.print(f"wrote {out}", highlight=False)
+    return report
+
+
 # Every subcommand but `train` (which needs its parser to build the config): name -> function(ns, console).
 COMMANDS = {
     "prepare": cmd_prepare,
@@ -356,6 +418,7 @@ COMMANDS = {
     "import": cmd_import,
     "quickstart": cmd_quickstart,
     "bench": cmd_bench,
+    "eval": cmd_eval,
 }
 
 

@@ -81,10 +81,12 @@ class Attention(nn.Module):
                 q, k, v, attn_mask=mask, enable_gqa=self.n_kv_head != self.n_head
             )  # (B, nh, T, hd)
             return self.c_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
-        if self.n_kv_head != self.n_head:  # grouped-query attention: each kv head serves nh/nkv query heads
+        # Grouped-query attention: each kv head serves nh/nkv query heads. Decoding lets SDPA read the shared
+        # heads in place (enable_gqa) instead of copying the whole cache every step.
+        gqa_in_place = self.n_kv_head != self.n_head and cache is not None
+        if self.n_kv_head != self.n_head and cache is None:
             k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)  # (B, nh, L, hd)
             v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
-
         mask, causal = None, True
         if pos > 0:  # queries sit at positions pos..pos+T-1 and may see every key up to their own position
             causal = False
@@ -92,7 +94,13 @@ class Attention(nn.Module):
                 key_pos = torch.arange(k.size(2), device=x.device)
                 mask = key_pos[None, :] <= (pos + torch.arange(T, device=x.device))[:, None]  # (T, L)
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=causal, dropout_p=self.dropout if self.training else 0.0
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            is_causal=causal,
+            dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=gqa_in_place,
         )  # (B, nh, T, hd)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
         return self.c_proj(y)

@@ -174,3 +174,15 @@ def test_serve_command_binds_localhost(run):
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def test_serve_refuses_a_busy_port_in_one_line(run, capsys):
+    from lmforge.cli import main
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        assert main(["serve", "--run", str(run), "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot listen on 127.0.0.1:{port}" in err and err.count("\n") == 1

@@ -53,7 +53,9 @@ class LLM:
         try:
             dev = pick_device(device)
         except ValueError as e:
-            raise GenerationError(str(e).replace("train.device", "device")) from e
+            raise GenerationError(
+                str(e).replace("--train.device", "--device").replace("train.device", "--device")
+            ) from e
         model, _, ckpt = load_model(run, device=dev)
         if quantize is not None:
             if quantize != "int8":

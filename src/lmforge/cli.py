@@ -309,10 +309,6 @@ def cmd_import(ns: Namespace, console: Console) -> Path:
 
 def cmd_generate(ns: Namespace, console: Console) -> str | list:
     """`lmforge generate`: continue a prompt with a trained run, or every prompt of a file."""
-    from .checkpoint import load_model, tokenizer_path
-    from .data import Tokenizer
-    from .device import pick_device
-    from .generate.engine import stream_text
     from .generate.sampling import SamplingParams
 
     try:
@@ -321,11 +317,12 @@ def cmd_generate(ns: Namespace, console: Console) -> str | list:
         raise ConfigError(str(e)) from e
     if ns.input is not None or ns.output is not None:
         return _generate_file(ns, console)
-    model, _, _ = load_model(ns.run, device=pick_device(ns.device))
-    tok = Tokenizer.load(tokenizer_path(Path(ns.run)))
+    from .api import LLM
+
+    llm = LLM.load(ns.run, device=ns.device)
     console.print(ns.prompt, end="", style="bold", highlight=False, markup=False)
     pieces = []
-    for piece in stream_text(model, tok, ns.prompt, ns.max_new_tokens, params, ns.seed, ns.stop or ()):
+    for piece in llm.stream_params(ns.prompt, ns.max_new_tokens, params, ns.seed, ns.stop):
         pieces.append(piece)
         if ns.stream:
             console.print(piece, end="", highlight=False, markup=False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 from ..errors import LmforgeError
@@ -34,6 +35,7 @@ def serve(
         raise ServeError(f"--max-tokens={max_tokens} and --max-body={max_body} must both be >= 1")
     if not 0 <= port <= 65535:
         raise ServeError(f"--port={port}: must be in 0..65535")
+    _check_address(host, port)
     from ..api import LLM
 
     llm = LLM.load(run, device=device)
@@ -44,3 +46,16 @@ def serve(
             highlight=False,
         )
     uvicorn.run(app, host=host, port=port, log_level="warning")
+
+
+def _check_address(host: str, port: int) -> None:
+    """Fail in one line, before loading the model, when host:port cannot be bound."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        with socket.socket(infos[0][0], socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(infos[0][4])
+    except OSError as e:
+        raise ServeError(
+            f"cannot listen on {host}:{port} ({e.strerror or e}): choose another --port or --host"
+        ) from e

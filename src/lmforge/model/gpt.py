@@ -78,7 +78,12 @@ class Attention(nn.Module):
         if mask is not None:  # a batch with padding: the caller's (B, 1, T, L) mask already holds causality
             # SDPA's enable_gqa reads each kv head for its nh/nkv query heads without copying the cache.
             y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, enable_gqa=self.n_kv_head != self.n_head
+                q,
+                k,
+                v,
+                attn_mask=mask,
+                dropout_p=self.dropout if self.training else 0.0,
+                enable_gqa=self.n_kv_head != self.n_head,
             )  # (B, nh, T, hd)
             return self.c_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
         # Grouped-query attention: each kv head serves nh/nkv query heads. Decoding lets SDPA read the shared

@@ -2,7 +2,9 @@
 
 lmforge prepare  --source SRC[:WEIGHT] ... --out DATA_DIR [--tokenizer bpe|wordpiece|unigram|word|char|gpt2|tiktoken:NAME|FILE]
 lmforge train    --config configs/X.yaml --data DATA_DIR --out RUN_DIR [--resume auto|never|PATH] [--section.key=value ...]
-lmforge generate --run RUN_DIR --prompt "..." [--stream]
+lmforge generate --run RUN_DIR --prompt "..." [--stream] | --input prompts.txt --output results.jsonl
+lmforge chat     --run RUN_DIR
+lmforge serve    --run RUN_DIR [--host 127.0.0.1] [--port 8000]
 lmforge export   --run RUN_DIR --format hf|safetensors|onnx|gguf --out DIR [--dtype f32|f16|bf16|q8_0]
 lmforge import   hf:HF_DIR --out RUN_DIR
 lmforge eval     --run RUN_DIR [--data DATA_DIR | --text FILE] [--tasks NAME=FILE.jsonl] [--quantize int8]
@@ -99,7 +101,39 @@ def build_parser() -> tuple[ArgumentParser, dict[str, ArgumentParser]]:
     p.add_argument("--seed", type=int | None, default=None, help="same seed, same output")
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     p.add_argument("--device", default="auto")
+    p.add_argument("--min-p", type=float | None, default=None, help="drop tokens below min_p x the top one")
+    p.add_argument("--stop", action="append", default=None, help="stop at this text (repeatable)")
+    p.add_argument("--input", default=None, help="prompts.txt (one per line) or prompts.jsonl ({'prompt'})")
+    p.add_argument("--output", default=None, help="results .json | .jsonl | .csv | .txt (with --input)")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts decoded together (with --input)")
     parsers["generate"] = p
+
+    p = _parser(
+        "Chat with a trained run in the terminal (/reset, /temperature X, /quit; Ctrl-C stops a reply)."
+    )
+    p.add_argument("--run", required=True, help="RUN_DIR (its latest checkpoint) or a checkpoint directory")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="longest reply, in tokens")
+    p.add_argument("--temperature", type=float, default=0.7, help="0 is greedy")
+    p.add_argument("--top-k", type=int | None, default=50)
+    p.add_argument("--top-p", type=float | None, default=None)
+    p.add_argument("--system", default=None, help="a system line kept at the start of the conversation")
+    p.add_argument("--seed", type=int | None, default=None)
+    p.add_argument("--device", default="auto")
+    parsers["chat"] = p
+
+    p = _parser(
+        "Serve a run over HTTP with an OpenAI-compatible API (/v1/completions, /v1/chat/completions)."
+    )
+    p.add_argument("--run", required=True, help="RUN_DIR (its latest checkpoint) or a checkpoint directory")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes it to the network)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-tokens", type=int, default=512, help="cap on max_tokens a request may ask for")
+    p.add_argument(
+        "--max-body", type=int, default=1_000_000, help="largest request body in bytes (413 above)"
+    )
+    p.add_argument("--model-name", default=None, help="the model id clients see (default: the run's name)")
+    p.add_argument("--device", default="auto")
+    parsers["serve"] = p
 
     p = _parser("Export a run to Hugging Face transformers, safetensors, ONNX or GGUF.")
     p.add_argument("--run", required=True, help="RUN_DIR (its latest checkpoint) or a checkpoint directory")
@@ -167,6 +201,8 @@ def build_parser() -> tuple[ArgumentParser, dict[str, ArgumentParser]]:
         "prepare": "tokenize raw text into shards",
         "train": "train or resume a model",
         "generate": "generate text from a run",
+        "chat": "chat with a run in the terminal",
+        "serve": "OpenAI-compatible HTTP server for a run",
         "export": "export a run (hf, safetensors, onnx, gguf)",
         "import": "import a Hugging Face model as a run",
         "quickstart": "the whole pipeline in a few minutes on a CPU",
@@ -322,23 +358,22 @@ def cmd_import(ns: Namespace, console: Console) -> Path:
     return out
 
 
-def cmd_generate(ns: Namespace, console: Console) -> str:
-    """`lmforge generate`: continue a prompt with a trained run."""
-    from .checkpoint import load_model, tokenizer_path
-    from .data import Tokenizer
-    from .device import pick_device
-    from .generate.engine import stream_text
+def cmd_generate(ns: Namespace, console: Console) -> str | list:
+    """`lmforge generate`: continue a prompt with a trained run, or every prompt of a file."""
     from .generate.sampling import SamplingParams
 
     try:
-        params = SamplingParams(ns.temperature, ns.top_k, ns.top_p, ns.repetition_penalty)
+        params = SamplingParams(ns.temperature, ns.top_k, ns.top_p, ns.repetition_penalty, ns.min_p)
     except ValueError as e:
         raise ConfigError(str(e)) from e
-    model, _, _ = load_model(ns.run, device=pick_device(ns.device))
-    tok = Tokenizer.load(tokenizer_path(Path(ns.run)))
+    if ns.input is not None or ns.output is not None:
+        return _generate_file(ns, console)
+    from .api import LLM
+
+    llm = LLM.load(ns.run, device=ns.device)
     console.print(ns.prompt, end="", style="bold", highlight=False, markup=False)
     pieces = []
-    for piece in stream_text(model, tok, ns.prompt, ns.max_new_tokens, params, ns.seed):
+    for piece in llm.stream_params(ns.prompt, ns.max_new_tokens, params, ns.seed, ns.stop):
         pieces.append(piece)
         if ns.stream:
             console.print(piece, end="", highlight=False, markup=False)
@@ -348,6 +383,67 @@ def cmd_generate(ns: Namespace, console: Console) -> str:
         console.print(text, end="", highlight=False, markup=False)
     console.print()
     return text
+
+
+def _generate_file(ns: Namespace, console: Console) -> list:
+    """`lmforge generate --input FILE --output FILE`: batches of prompts, with a progress bar."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .api import LLM
+    from .generate.batch import check_output_path, read_prompts
+
+    if ns.input is None or ns.output is None:
+        raise ConfigError("--input and --output go together: give both (e.g. --input p.txt --output r.jsonl)")
+    check_output_path(ns.output)
+    prompts = read_prompts(ns.input)
+    llm = LLM.load(ns.run, device=ns.device)
+    columns = (TextColumn("generating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task("generate", total=len(prompts))
+        rows = llm.batch_generate(
+            prompts,
+            output_file=ns.output,
+            max_new_tokens=ns.max_new_tokens,
+            temperature=ns.temperature,
+            top_k=ns.top_k,
+            top_p=ns.top_p,
+            min_p=ns.min_p,
+            repetition_penalty=ns.repetition_penalty,
+            stop=ns.stop,
+            seed=ns.seed,
+            batch_size=ns.batch_size,
+            on_batch=lambda n: bar.advance(task, n),
+        )
+    console.print(f"wrote {len(rows)} completions to {ns.output}", highlight=False, soft_wrap=True)
+    return rows
+
+
+def cmd_chat(ns: Namespace, console: Console) -> None:
+    """`lmforge chat`: an interactive conversation with a run."""
+    from .api import LLM, sampling_params
+    from .generate.chat import repl
+
+    params = sampling_params(ns.temperature, ns.top_k, ns.top_p)
+    llm = LLM.load(ns.run, device=ns.device)
+    session = llm.session(ns.max_new_tokens, params, ns.seed)
+    session.system = ns.system
+    repl(session)
+
+
+def cmd_serve(ns: Namespace, console: Console) -> None:
+    """`lmforge serve`: the OpenAI-compatible HTTP server."""
+    from .serve import serve
+
+    serve(
+        ns.run,
+        host=ns.host,
+        port=ns.port,
+        max_tokens=ns.max_tokens,
+        max_body=ns.max_body,
+        model_name=ns.model_name,
+        device=ns.device,
+        console=console,
+    )
 
 
 def cmd_bench(ns: Namespace, console: Console) -> list:
@@ -414,6 +510,8 @@ def cmd_eval(ns: Namespace, console: Console) -> dict:
 COMMANDS = {
     "prepare": cmd_prepare,
     "generate": cmd_generate,
+    "chat": cmd_chat,
+    "serve": cmd_serve,
     "export": cmd_export,
     "import": cmd_import,
     "quickstart": cmd_quickstart,

@@ -1,17 +1,148 @@
-"""Token generation with a KV cache: prefill the prompt once, then decode one token at a time."""
+"""Token generation with a KV cache: prefill the prompts once, then decode one token at a time.
+
+A batch of prompts of different lengths is left-padded so that every row writes its next token to the
+same cache slot; a key mask hides the padding and each row counts positions from its own first token,
+so a prompt gives the same greedy tokens alone or inside a padded batch (tests/test_generate.py).
+"""
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 
 from ..model import GPT
-from .sampling import SamplingParams, sample_next
+from .sampling import SamplingParams, sample_rows
 
 
-@torch.no_grad()
+def fit_prompt(prompt: list[int], max_new_tokens: int, context: int, warn: bool = True) -> list[int]:
+    """The context-full policy: cut the prompt from the left so max_new_tokens (at least 1) still fit."""
+    room = max(1, min(max_new_tokens, context - 1))
+    keep = context - room
+    if len(prompt) <= keep:
+        return prompt
+    if warn:
+        warnings.warn(
+            f"prompt of {len(prompt)} tokens cut to its last {keep} to leave room for {room} new tokens "
+            f"in the context of {context}",
+            stacklevel=3,
+        )
+    return prompt[-keep:]
+
+
+class BatchDecoder:
+    """Decodes a batch of token prompts together, one step at a time, with one preallocated KV cache.
+
+    step() returns each row's new token (None for rows already finished); finish(i) stops row i early
+    (a stop string). A row finishes by itself at eos_id or after max_new_tokens.
+    """
+
+    def __init__(
+        self,
+        model: GPT,
+        prompts: Sequence[list[int]],
+        max_new_tokens: int,
+        params: SamplingParams | None = None,
+        seed: int | None = None,
+        eos_id: int | None = None,
+        use_cache: bool = True,
+    ) -> None:
+        if not prompts:
+            raise ValueError("no prompts: give at least one")
+        if any(len(p) == 0 for p in prompts):
+            raise ValueError("a prompt is empty: give at least one token")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={max_new_tokens}: must be >= 1")
+        self.model, self.params, self.eos_id = model, params or SamplingParams(), eos_id
+        context = model.cfg.context_len
+        self.prompts = [fit_prompt(list(p), max_new_tokens, context) for p in prompts]
+        self.max_new_tokens = max_new_tokens
+        device = model.wte.weight.device
+        B, P = len(self.prompts), max(len(p) for p in self.prompts)
+        self.total = min(context, P + max_new_tokens)  # cache slots: padding + prompt + new tokens
+        pad = 0 if eos_id is None else eos_id
+        ids = torch.full((B, P), pad, dtype=torch.long, device=device)
+        self.key_mask = torch.zeros((B, self.total), dtype=torch.bool, device=device)  # real tokens
+        for i, p in enumerate(self.prompts):  # left padding: every row ends at slot P-1
+            ids[i, P - len(p) :] = torch.tensor(p, dtype=torch.long, device=device)
+            self.key_mask[i, P - len(p) : P] = True
+        self.padded = any(len(p) < P for p in self.prompts)
+        self.lengths = torch.tensor([len(p) for p in self.prompts], device=device)  # next position per row
+        positions = (self.key_mask[:, :P].long().cumsum(1) - 1).clamp(min=0)  # (B, P)
+        # Rows draw from their own generator, all seeded alike: a prompt samples the same in any batch.
+        self.generators = None
+        if seed is not None:
+            self.generators = [torch.Generator(device=device).manual_seed(seed) for _ in range(B)]
+        vocab = model.cfg.vocab_size
+        self.seen = None
+        if self.params.repetition_penalty != 1.0:
+            self.seen = torch.zeros((B, vocab), dtype=torch.bool, device=device)
+            self.seen.scatter_(1, ids, self.key_mask[:, :P])
+        self.done = [False] * B
+        self.generated: list[list[int]] = [[] for _ in range(B)]
+        self.finish_reasons: list[str | None] = [None] * B
+        self.use_cache = use_cache
+        self.cache = model.new_cache(B, max_len=self.total) if use_cache else None
+        self.ids, self.positions = ids, positions  # kept whole only without a cache
+        self.slot = P  # the cache slot the next token goes to
+        self._logits = self._forward(ids, positions, P)
+
+    @torch.no_grad()
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, end: int) -> torch.Tensor:
+        mask = self.key_mask[:, :end] if self.padded else None
+        pos = positions if self.padded else None
+        if self.cache is None:  # reference path: the whole sequence again
+            ids, pos, mask = self.ids, (self.positions if self.padded else None), mask
+        return self.model(ids, cache=self.cache, positions=pos, key_mask=mask, last_only=True)[:, -1]
+
+    @property
+    def finished(self) -> bool:
+        """True when every row has stopped."""
+        return all(self.done)
+
+    def finish(self, i: int, reason: str = "stop") -> None:
+        """Stop row i (its later tokens are computed with the batch but never returned)."""
+        if not self.done[i]:
+            self.done[i], self.finish_reasons[i] = True, reason
+
+    @torch.no_grad()
+    def step(self) -> list[int | None]:
+        """Sample one token for every unfinished row and feed it back; None marks finished rows."""
+        if self.finished:
+            return [None] * len(self.done)
+        nxt = sample_rows(self._logits, self.params, self.seen, self.generators)  # (B,)
+        out: list[int | None] = []
+        for i, token in enumerate(nxt.tolist()):
+            if self.done[i]:
+                out.append(None)
+                continue
+            out.append(token)
+            self.generated[i].append(token)
+            if token == self.eos_id:
+                self.finish(i, "stop")
+            elif len(self.generated[i]) >= self.max_new_tokens:
+                self.finish(i, "length")
+        if self.seen is not None:
+            self.seen.scatter_(1, nxt[:, None], True)
+        if self.slot >= self.total:  # the context is full
+            for i in range(len(self.done)):
+                self.finish(i, "length")
+        if self.finished:
+            return out
+        B = len(self.done)
+        self.key_mask[:, self.slot] = True
+        positions = self.lengths.view(B, 1).clone()  # (B, 1): each row's own next position
+        self.lengths += 1
+        self.slot += 1
+        if self.cache is None:
+            self.ids = torch.cat([self.ids, nxt.view(B, 1)], dim=1)
+            self.positions = torch.cat([self.positions, positions], dim=1)
+        self._logits = self._forward(nxt.view(B, 1), positions, self.slot)
+        return out
+
+
 def generate_ids(
     model: GPT,
     prompt: list[int],
@@ -21,50 +152,34 @@ def generate_ids(
     eos_id: int | None = None,
     use_cache: bool = True,
 ) -> Iterator[int]:
-    """Yield new token ids one by one (a stream). Same seed, same output.
+    """Yield new token ids of one prompt one by one (a stream). Same seed, same output.
 
     A prompt that leaves no room in the context is cut from the left, with a warning; generation stops
-    at eos_id, after max_new_tokens, or when the context is full.
+    at eos_id (which is yielded), after max_new_tokens, or when the context is full.
     """
-    params = params or SamplingParams()
     if not prompt:
         raise ValueError("the prompt is empty: give at least one token")
-    context = model.cfg.context_len
-    room = max(1, min(max_new_tokens, context - 1))
-    if len(prompt) + room > context:
-        keep = context - room
-        warnings.warn(
-            f"prompt of {len(prompt)} tokens cut to its last {keep} to leave room in the context",
-            stacklevel=2,
-        )
-        prompt = prompt[-keep:]
-    device = model.wte.weight.device
-    generator = None
-    if seed is not None:
-        generator = torch.Generator(device=device)
-        generator.manual_seed(seed)
-    ids = torch.tensor([prompt], dtype=torch.long, device=device)  # (1, T)
-    cache = model.new_cache(1, max_len=min(context, len(prompt) + max_new_tokens)) if use_cache else None
-    logits = model(ids, cache=cache)[:, -1]  # (1, vocab)
-    for _ in range(max_new_tokens):
-        nxt = sample_next(logits, params, ids[0], generator)  # (1,)
-        token = int(nxt.item())
-        yield token
-        if token == eos_id:
-            return
-        ids = torch.cat([ids, nxt.view(1, 1)], dim=1)
-        if ids.size(1) >= context or (cache is not None and cache.pos >= cache.max_len):
-            return
-        logits = model(nxt.view(1, 1), cache=cache)[:, -1] if cache is not None else model(ids)[:, -1]
+    dec = BatchDecoder(model, [prompt], max_new_tokens, params, seed, eos_id, use_cache)
+    while not dec.finished:
+        token = dec.step()[0]
+        if token is not None:
+            yield token
 
 
 class TextStream:
-    """Turns a stream of token ids into text pieces, holding back bytes that do not yet form a character."""
+    """Turns a stream of token ids into text pieces, holding back bytes that do not yet form a character.
 
-    def __init__(self, decode) -> None:
+    With stop strings, text that could be the start of one is held back too, and push() reports when one
+    appears; the text before it is the last piece.
+    """
+
+    def __init__(self, decode: Callable[[list[int]], str], stop: Sequence[str] = ()) -> None:
         self.decode = decode
+        self.stop = [s for s in stop if s]
         self.ids: list[int] = []
         self.emitted = 0
+        self.text = ""
+        self.stopped = False
 
     def push(self, token: int) -> str:
         """Add a token; return the new printable text (possibly empty)."""
@@ -72,8 +187,97 @@ class TextStream:
         text = self.decode(self.ids)
         if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
             return ""
-        piece, self.emitted = text[self.emitted :], len(text)
+        self.text = text
+        if self.stop:
+            start = max(0, self.emitted - max(map(len, self.stop)))
+            hits = [i for i in (text.find(s, start) for s in self.stop) if i >= 0]
+            if hits:
+                end = min(hits)
+                self.stopped, self.text = True, text[:end]
+                piece, self.emitted = text[self.emitted : end], end
+                return piece
+            safe = len(text) - max(_prefix_overlap(text, s) for s in self.stop)
+        else:
+            safe = len(text)
+        piece, self.emitted = text[self.emitted : safe], max(self.emitted, safe)
         return piece
+
+    def flush(self) -> str:
+        """The text held back at the end (a partial stop string that never completed)."""
+        piece, self.emitted = self.text[self.emitted :], len(self.text)
+        return piece
+
+
+def _prefix_overlap(text: str, stop: str) -> int:
+    """Length of the longest end of text that is a proper start of stop."""
+    for n in range(min(len(stop) - 1, len(text)), 0, -1):
+        if text.endswith(stop[:n]):
+            return n
+    return 0
+
+
+@dataclass
+class Completion:
+    """One finished generation: the new text, its tokens, and why it stopped ("stop" or "length")."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    prompt_tokens: int
+
+
+def stream_texts(
+    model: GPT,
+    tokenizer,
+    prompts: Sequence[str],
+    max_new_tokens: int,
+    params: SamplingParams | None = None,
+    seed: int | None = None,
+    stop: Sequence[str] = (),
+) -> Iterator[tuple[int, str] | list[Completion]]:
+    """Yield (row, text piece) as a batch is decoded, then the list of Completions last.
+
+    An empty prompt starts a new document (<|endoftext|>); the end-of-text token itself is never text.
+    """
+    ids = [tokenizer.encode(p) if p else [tokenizer.eos_id] for p in prompts]
+    dec = BatchDecoder(model, ids, max_new_tokens, params, seed, tokenizer.eos_id)
+    streams = [TextStream(tokenizer.decode, stop) for _ in prompts]
+    while not dec.finished:
+        for i, token in enumerate(dec.step()):
+            if token is None or token == tokenizer.eos_id:
+                continue
+            piece = streams[i].push(token)
+            if piece:
+                yield i, piece
+            if streams[i].stopped:
+                dec.finish(i, "stop")
+    completions = []
+    for i, s in enumerate(streams):
+        if not s.stopped:
+            tail = s.flush()
+            if tail:
+                yield i, tail
+        tokens = [t for t in dec.generated[i] if t != tokenizer.eos_id]
+        reason = dec.finish_reasons[i] or "length"
+        completions.append(Completion(s.text, tokens, reason, len(dec.prompts[i])))
+    yield completions
+
+
+def generate_texts(
+    model: GPT,
+    tokenizer,
+    prompts: Sequence[str],
+    max_new_tokens: int,
+    params: SamplingParams | None = None,
+    seed: int | None = None,
+    stop: Sequence[str] = (),
+) -> list[Completion]:
+    """Continue every prompt of a batch; returns one Completion per prompt, in order."""
+    result: list[Completion] = []
+    for event in stream_texts(model, tokenizer, prompts, max_new_tokens, params, seed, stop):
+        if isinstance(event, list):
+            result = event
+    return result
 
 
 def stream_text(
@@ -83,13 +287,9 @@ def stream_text(
     max_new_tokens: int,
     params: SamplingParams | None = None,
     seed: int | None = None,
+    stop: Sequence[str] = (),
 ) -> Iterator[str]:
     """Yield the continuation of `prompt` as text pieces; an empty prompt starts a new document."""
-    prompt_ids = tokenizer.encode(prompt) if prompt else [tokenizer.eos_id]
-    stream = TextStream(tokenizer.decode)
-    for token in generate_ids(model, prompt_ids, max_new_tokens, params, seed, tokenizer.eos_id):
-        if token == tokenizer.eos_id:
-            return
-        piece = stream.push(token)
-        if piece:
-            yield piece
+    for event in stream_texts(model, tokenizer, [prompt], max_new_tokens, params, seed, stop):
+        if isinstance(event, tuple):
+            yield event[1]

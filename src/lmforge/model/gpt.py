@@ -56,6 +56,7 @@ class Attention(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor] | None,
         cache: KVCache | None = None,
         layer: int = 0,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
         q, k, v = self.c_attn(x).split(
@@ -74,10 +75,23 @@ class Attention(nn.Module):
         if cache is not None:
             pos = cache.pos
             k, v = cache.update(layer, k, v)  # (B, nkv, pos+T, hd)
-        if self.n_kv_head != self.n_head:  # grouped-query attention: each kv head serves nh/nkv query heads
+        if mask is not None:  # a batch with padding: the caller's (B, 1, T, L) mask already holds causality
+            # SDPA's enable_gqa reads each kv head for its nh/nkv query heads without copying the cache.
+            y = F.scaled_dot_product_attention(
+                q,
+                k,
+                v,
+                attn_mask=mask,
+                dropout_p=self.dropout if self.training else 0.0,
+                enable_gqa=self.n_kv_head != self.n_head,
+            )  # (B, nh, T, hd)
+            return self.c_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
+        # Grouped-query attention: each kv head serves nh/nkv query heads. Decoding lets SDPA read the shared
+        # heads in place (enable_gqa) instead of copying the whole cache every step.
+        gqa_in_place = self.n_kv_head != self.n_head and cache is not None
+        if self.n_kv_head != self.n_head and cache is None:
             k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)  # (B, nh, L, hd)
             v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
-
         mask, causal = None, True
         if pos > 0:  # queries sit at positions pos..pos+T-1 and may see every key up to their own position
             causal = False
@@ -85,7 +99,13 @@ class Attention(nn.Module):
                 key_pos = torch.arange(k.size(2), device=x.device)
                 mask = key_pos[None, :] <= (pos + torch.arange(T, device=x.device))[:, None]  # (T, L)
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=causal, dropout_p=self.dropout if self.training else 0.0
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            is_causal=causal,
+            dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=gqa_in_place,
         )  # (B, nh, T, hd)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
         return self.c_proj(y)
@@ -122,9 +142,25 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, rope=None, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.ln_1(x), rope, cache, layer))
+    def forward(
+        self, x, rope=None, cache: KVCache | None = None, layer: int = 0, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.ln_1(x), rope, cache, layer, mask))
         return x + self.drop(self.mlp(self.ln_2(x)))
+
+
+def attention_mask(key_mask: torch.Tensor, pos: int, T: int) -> torch.Tensor:
+    """(B, 1, T, L) boolean mask: query i (slot pos+i) sees real keys in slots <= its own, and itself.
+
+    Letting every query see its own slot keeps padding rows finite (a row with no visible key would be
+    NaN, and 0 * NaN in the next matmul would spread it to real rows); real rows never look at padding.
+    """
+    L = key_mask.size(1)
+    q_slot = pos + torch.arange(T, device=key_mask.device)  # (T,)
+    k_slot = torch.arange(L, device=key_mask.device)  # (L,)
+    causal = k_slot[None, :] <= q_slot[:, None]  # (T, L)
+    own = k_slot[None, :] == q_slot[:, None]  # (T, L)
+    return ((causal[None] & key_mask[:, None, :]) | own[None]).unsqueeze(1)  # (B, 1, T, L)
 
 
 class GPT(nn.Module):
@@ -173,8 +209,20 @@ class GPT(nn.Module):
             self.rope_sin.copy_(sin)
 
     def forward(
-        self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        positions: torch.Tensor | None = None,
+        key_mask: torch.Tensor | None = None,
+        last_only: bool = False,
     ) -> torch.Tensor:
+        """Logits (B, T, vocab), or the mean loss when targets are given.
+
+        For batches of prompts with padding (inference): `positions` (B, T) are each token's position in
+        its own sequence, `key_mask` (B, L) marks the cache slots 0..L-1 (L = cache.pos + T) that hold real
+        tokens, and `last_only` computes logits for the last position only, (B, 1, vocab).
+        """
         B, T = idx.shape
         pos = cache.pos if cache is not None else 0
         if pos + T > self.cfg.context_len:
@@ -183,15 +231,22 @@ class GPT(nn.Module):
             )
         x = self.wte(idx)  # (B, T, C)
         if self.wpe is not None:
-            x = x + self.wpe(torch.arange(pos, pos + T, device=idx.device))
+            x = x + self.wpe(
+                positions if positions is not None else torch.arange(pos, pos + T, device=idx.device)
+            )
         x = self.drop(x)
         rope = None
-        if self.cfg.pos_emb == "rope":
+        if self.cfg.pos_emb == "rope" and positions is None:
             rope = (self.rope_cos[pos : pos + T], self.rope_sin[pos : pos + T])  # (T, hd/2) each
+        elif self.cfg.pos_emb == "rope":  # per-row positions: (B, 1, T, hd/2), broadcast over heads
+            rope = (self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1))
+        mask = None if key_mask is None else attention_mask(key_mask, pos, T)
         for i, block in enumerate(self.blocks):
-            x = block(x, rope, cache, i)
+            x = block(x, rope, cache, i, mask)
         if cache is not None:
             cache.advance(T)
+        if last_only:
+            x = x[:, -1:]  # (B, 1, C): decoding needs only the next token's logits
         x = self.ln_f(x)
         logits = self.lm_head(x)[..., : self.cfg.vocab_size]  # (B, T, vocab): padding rows never scored
         if targets is None:

@@ -1,0 +1,217 @@
+"""The Python API: `from lmforge import LLM; llm = LLM.load("runs/quickstart"); llm.generate("def ")`."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+from .checkpoint import load_model, tokenizer_path
+from .data import Tokenizer
+from .device import pick_device
+from .errors import LmforgeError
+from .generate.batch import check_output_path, generate_batches, records, write_results
+from .generate.chat import STOP as CHAT_STOP
+from .generate.chat import ChatSession, fit_turns, format_turns, repl
+from .generate.engine import Completion, generate_texts, stream_text
+from .generate.sampling import SamplingParams
+from .model import GPT
+
+
+class GenerationError(LmforgeError, ValueError):
+    """Sampling settings or inputs that cannot be used."""
+
+
+def sampling_params(
+    temperature: float = 0.8,
+    top_k: int | None = 50,
+    top_p: float | None = None,
+    min_p: float | None = None,
+    repetition_penalty: float = 1.0,
+) -> SamplingParams:
+    """SamplingParams, with a bad value reported as a GenerationError (one line for people)."""
+    try:
+        return SamplingParams(temperature, top_k, top_p, repetition_penalty, min_p)
+    except ValueError as e:
+        raise GenerationError(str(e)) from e
+
+
+class LLM:
+    """A trained run ready to generate: a model in eval mode, its tokenizer, and a lock for threads."""
+
+    def __init__(self, model: GPT, tokenizer: Tokenizer, name: str = "lmforge") -> None:
+        self.model, self.tokenizer, self.name = model, tokenizer, name
+        # One generation at a time: the server's worker threads share this object.
+        self.lock = threading.Lock()
+
+    @classmethod
+    def load(cls, run: str | Path, device: str = "auto", quantize: str | None = None) -> LLM:
+        """Load RUN_DIR (its latest checkpoint) or a checkpoint directory.
+
+        quantize="int8" swaps linear layers for int8 weight-only ones (needs lmforge.model.quant).
+        """
+        try:
+            dev = pick_device(device)
+        except ValueError as e:
+            raise GenerationError(
+                str(e).replace("--train.device", "--device").replace("train.device", "--device")
+            ) from e
+        model, _, ckpt = load_model(run, device=dev)
+        if quantize is not None:
+            if quantize != "int8":
+                raise GenerationError(f"quantize={quantize!r}: the only choice is int8")
+            try:
+                from .model.quant import quantize_int8
+            except ImportError as e:
+                raise GenerationError("int8 quantization is not available in this build") from e
+            model = quantize_int8(model)
+        return cls(model, Tokenizer.load(tokenizer_path(Path(run))), name=Path(run).resolve().name)
+
+    @property
+    def context_len(self) -> int:
+        """Tokens the model sees at once (prompt plus reply)."""
+        return self.model.cfg.context_len
+
+    def generate(
+        self,
+        prompt: str | Sequence[str],
+        max_new_tokens: int = 100,
+        temperature: float = 0.8,
+        top_k: int | None = 50,
+        top_p: float | None = None,
+        min_p: float | None = None,
+        repetition_penalty: float = 1.0,
+        stop: Sequence[str] | str | None = None,
+        seed: int | None = None,
+    ) -> str | list[str]:
+        """The continuation of a prompt (a str), or of each prompt of a list (a list, decoded as a batch)."""
+        params = sampling_params(temperature, top_k, top_p, min_p, repetition_penalty)
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        done = self.complete(prompts, max_new_tokens, params, seed, stop)
+        texts = [c.text for c in done]
+        return texts[0] if isinstance(prompt, str) else texts
+
+    def complete(
+        self,
+        prompts: Sequence[str],
+        max_new_tokens: int,
+        params: SamplingParams,
+        seed: int | None = None,
+        stop: Sequence[str] | str | None = None,
+    ) -> list[Completion]:
+        """Completions (text, tokens, finish reason) of a batch of prompts."""
+        with self.lock:
+            return generate_texts(
+                self.model, self.tokenizer, prompts, max_new_tokens, params, seed, _stops(stop)
+            )
+
+    def stream(
+        self,
+        prompt: str,
+        max_new_tokens: int = 100,
+        temperature: float = 0.8,
+        top_k: int | None = 50,
+        top_p: float | None = None,
+        min_p: float | None = None,
+        repetition_penalty: float = 1.0,
+        stop: Sequence[str] | str | None = None,
+        seed: int | None = None,
+    ) -> Iterator[str]:
+        """Yield the continuation of prompt as text pieces, as they are generated."""
+        params = sampling_params(temperature, top_k, top_p, min_p, repetition_penalty)
+        return self.stream_params(prompt, max_new_tokens, params, seed, stop)
+
+    def stream_params(
+        self,
+        prompt: str,
+        max_new_tokens: int,
+        params: SamplingParams,
+        seed: int | None = None,
+        stop: Sequence[str] | str | None = None,
+    ) -> Iterator[str]:
+        """stream() with ready SamplingParams; holds the lock until the stream ends or is closed."""
+        with self.lock:
+            yield from stream_text(
+                self.model, self.tokenizer, prompt, max_new_tokens, params, seed, _stops(stop)
+            )
+
+    def batch_generate(
+        self,
+        prompts: Sequence[str],
+        output_file: str | Path | None = None,
+        max_new_tokens: int = 100,
+        temperature: float = 0.8,
+        top_k: int | None = 50,
+        top_p: float | None = None,
+        min_p: float | None = None,
+        repetition_penalty: float = 1.0,
+        stop: Sequence[str] | str | None = None,
+        seed: int | None = None,
+        batch_size: int = 8,
+        on_batch: Callable[[int], None] | None = None,
+    ) -> list[dict]:
+        """Generate for many prompts, batch_size at a time; rows of prompt, completion, finish_reason and
+        token counts, also written to output_file (.json, .jsonl, .csv or .txt) when given."""
+        params = sampling_params(temperature, top_k, top_p, min_p, repetition_penalty)
+        if output_file is not None:
+            check_output_path(output_file)  # fail before the work, not after
+        with self.lock:
+            done = generate_batches(
+                self.model,
+                self.tokenizer,
+                list(prompts),
+                max_new_tokens,
+                params,
+                seed,
+                _stops(stop),
+                batch_size,
+                on_batch,
+            )
+        rows = records(prompts, done)
+        if output_file is not None:
+            write_results(output_file, rows)
+        return rows
+
+    def chat_prompt(self, messages: Sequence[dict], max_new_tokens: int) -> str:
+        """The transcript for OpenAI-style messages [{"role", "content"}], fitted to the context."""
+        turns = []
+        for m in messages:
+            role, content = m.get("role"), m.get("content")
+            if role not in ("system", "user", "assistant") or not isinstance(content, str):
+                raise GenerationError(
+                    "each message needs a role (system, user or assistant) and a string content"
+                )
+            turns.append((role, content))
+        budget = self.context_len - min(max_new_tokens, self.context_len // 2)
+        return format_turns(fit_turns(turns, lambda t: len(self.tokenizer.encode(t)), budget))
+
+    def chat(
+        self,
+        messages: Sequence[dict] | None = None,
+        max_new_tokens: int = 128,
+        temperature: float = 0.7,
+        top_k: int | None = 50,
+        top_p: float | None = None,
+        seed: int | None = None,
+    ) -> str | None:
+        """With messages (OpenAI style), return the assistant's reply; without, run the interactive chat."""
+        params = sampling_params(temperature, top_k, top_p)
+        if messages is None:
+            repl(self.session(max_new_tokens, params, seed))
+            return None
+        prompt = self.chat_prompt(messages, max_new_tokens)
+        return self.complete([prompt], max_new_tokens, params, seed, list(CHAT_STOP))[0].text.strip()
+
+    def session(
+        self, max_new_tokens: int = 128, params: SamplingParams | None = None, seed: int | None = None
+    ) -> ChatSession:
+        """A ChatSession over this model (history within the context window, streaming replies)."""
+        return ChatSession(
+            self.model, self.tokenizer, params or SamplingParams(temperature=0.7), max_new_tokens, seed
+        )
+
+
+def _stops(stop: Sequence[str] | str | None) -> list[str]:
+    if stop is None:
+        return []
+    return [stop] if isinstance(stop, str) else list(stop)

@@ -1,0 +1,61 @@
+"""`lmforge serve`: an OpenAI-compatible HTTP server for a run (FastAPI + uvicorn, the `serve` extra)."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+from ..errors import LmforgeError
+
+
+class ServeError(LmforgeError, RuntimeError):
+    """The server cannot start (a missing package, a bad setting)."""
+
+
+def serve(
+    run: str | Path,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    max_tokens: int = 512,
+    max_body: int = 1_000_000,
+    model_name: str | None = None,
+    device: str = "auto",
+    console=None,
+) -> None:
+    """Load the run and serve it until stopped (Ctrl-C)."""
+    try:
+        import uvicorn
+
+        from .app import create_app
+    except ImportError as e:
+        raise ServeError(
+            f"serving needs FastAPI and uvicorn ({e.name} is missing): pip install 'lmforge[serve]'"
+        ) from e
+    if max_tokens < 1 or max_body < 1:
+        raise ServeError(f"--max-tokens={max_tokens} and --max-body={max_body} must both be >= 1")
+    if not 0 <= port <= 65535:
+        raise ServeError(f"--port={port}: must be in 0..65535")
+    _check_address(host, port)
+    from ..api import LLM
+
+    llm = LLM.load(run, device=device)
+    app = create_app(llm, max_tokens=max_tokens, max_body=max_body, model_name=model_name)
+    if console is not None:
+        console.print(
+            f"serving {llm.name} on http://{host}:{port}/v1 (OpenAI-compatible; Ctrl-C stops)",
+            highlight=False,
+        )
+    uvicorn.run(app, host=host, port=port, log_level="warning")
+
+
+def _check_address(host: str, port: int) -> None:
+    """Fail in one line, before loading the model, when host:port cannot be bound."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        with socket.socket(infos[0][0], socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(infos[0][4])
+    except OSError as e:
+        raise ServeError(
+            f"cannot listen on {host}:{port} ({e.strerror or e}): choose another --port or --host"
+        ) from e

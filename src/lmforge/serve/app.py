@@ -1,0 +1,240 @@
+"""An OpenAI-compatible HTTP API over one LLM: completions, chat completions (SSE streaming), models, health.
+
+Requests are served one generation at a time (the LLM's lock is the queue); FastAPI runs each request in
+a worker thread, so /health and /v1/models answer while a generation runs.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Iterator
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..api import LLM, GenerationError, sampling_params
+from ..generate.chat import STOP as CHAT_STOP
+from ..generate.engine import Completion, stream_texts
+from ..generate.sampling import SamplingParams
+
+
+class _Sampling(BaseModel):
+    """Fields shared by both endpoints; unknown OpenAI fields (user, logprobs, ...) are ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = None
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=1.0, ge=0.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    top_k: int | None = Field(default=None, ge=1)  # not in OpenAI's API; vLLM and others accept it
+    min_p: float | None = Field(default=None, ge=0.0, lt=1.0)
+    repetition_penalty: float = Field(default=1.0, gt=0.0)
+    stop: str | list[str] | None = None
+    stream: bool = False
+    seed: int | None = None
+    n: int = Field(default=1, ge=1, le=1)  # one choice per request
+
+
+class CompletionBody(_Sampling):
+    prompt: str | list[str]
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: str = Field(pattern="^(system|user|assistant)$")
+    content: str
+
+
+class ChatBody(_Sampling):
+    messages: list[Message] = Field(min_length=1)
+
+
+class RequestError(Exception):
+    """A request the server refuses: HTTP status and a message for the client."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    return JSONResponse(
+        {"error": {"message": message, "type": kind, "param": None, "code": None}}, status_code=status
+    )
+
+
+def _validation_message(err: ValidationError | RequestValidationError) -> str:
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e.get("loc", ()) if x != "body")
+        parts.append(f"{loc}: {e.get('msg')}" if loc else str(e.get("msg")))
+    return "invalid request: " + "; ".join(parts)
+
+
+def create_app(llm: LLM, max_tokens: int = 512, max_body: int = 1_000_000, model_name: str | None = None):
+    """The FastAPI application serving llm; max_tokens caps a request's max_tokens, max_body its size."""
+    name = model_name or llm.name
+    created = int(time.time())
+    default_tokens = min(128, max_tokens)
+    app = FastAPI(title="lmforge", version="0.1.0")
+
+    @app.exception_handler(RequestError)
+    async def _request_error(request: Request, exc: RequestError):
+        return _error(exc.status, exc.message)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        return _error(400, _validation_message(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException):
+        return _error(exc.status_code, str(exc.detail))
+
+    async def read_json(request: Request, model: type[BaseModel]):
+        """The body, refused with 413 past max_body (checked before and while reading) and 400 if invalid."""
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > max_body:
+            raise RequestError(413, f"request body of {declared} bytes is over this server's {max_body}")
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > max_body:
+                raise RequestError(413, f"request body is over this server's limit of {max_body} bytes")
+        try:
+            data = json.loads(body)
+        except ValueError as e:
+            raise RequestError(400, f"the body is not valid JSON: {e}") from e
+        if not isinstance(data, dict):
+            raise RequestError(400, "the body must be a JSON object")
+        try:
+            return model.model_validate(data)
+        except ValidationError as e:
+            raise RequestError(400, _validation_message(e)) from e
+
+    def settings(body: _Sampling) -> tuple[int, SamplingParams, list[str]]:
+        n = body.max_tokens if body.max_tokens is not None else default_tokens
+        if n > max_tokens:
+            raise RequestError(400, f"max_tokens={n} is over this server's cap of {max_tokens}")
+        try:
+            params = sampling_params(
+                body.temperature, body.top_k, body.top_p, body.min_p, body.repetition_penalty
+            )
+        except GenerationError as e:
+            raise RequestError(400, str(e)) from e
+        stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        return n, params, stop
+
+    def usage(done: list[Completion]) -> dict:
+        p = sum(c.prompt_tokens for c in done)
+        c = sum(len(x.token_ids) for x in done)
+        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+    def sse(chunks: Iterator[dict]) -> StreamingResponse:
+        def lines():
+            for chunk in chunks:
+                yield f"data: {json.dumps(chunk)}\n\n"
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(lines(), media_type="text/event-stream")
+
+    def stream_one(prompt: str, n: int, params: SamplingParams, seed, stop) -> Iterator[str | Completion]:
+        """Text pieces of one prompt, then its Completion; holds the lock while generating."""
+        with llm.lock:
+            for event in stream_texts(llm.model, llm.tokenizer, [prompt], n, params, seed, stop):
+                yield event[1] if isinstance(event, tuple) else event[0]
+
+    @app.get("/health")
+    def health():
+        return {"status": "ok", "model": name}
+
+    @app.get("/v1/models")
+    def models():
+        return {
+            "object": "list",
+            "data": [{"id": name, "object": "model", "created": created, "owned_by": "lmforge"}],
+        }
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        body = await read_json(request, CompletionBody)
+        n, params, stop = settings(body)
+        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        if not prompts:
+            raise RequestError(400, "prompt: give a string or a non-empty list of strings")
+        rid, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        head = {"id": rid, "object": "text_completion", "created": now, "model": name}
+        if body.stream:
+            if len(prompts) != 1:
+                raise RequestError(400, "stream=true takes a single prompt")
+
+            def chunks():
+                for ev in stream_one(prompts[0], n, params, body.seed, stop):
+                    text, reason = (ev, None) if isinstance(ev, str) else ("", ev.finish_reason)
+                    yield {
+                        **head,
+                        "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": reason}],
+                    }
+
+            return sse(chunks())
+        done = await run_in_threadpool(llm.complete, prompts, n, params, body.seed, stop)
+        choices = [
+            {"text": c.text, "index": i, "logprobs": None, "finish_reason": c.finish_reason}
+            for i, c in enumerate(done)
+        ]
+        return {**head, "choices": choices, "usage": usage(done)}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        body = await read_json(request, ChatBody)
+        n, params, stop = settings(body)
+        try:
+            prompt = llm.chat_prompt([m.model_dump() for m in body.messages], n)
+        except GenerationError as e:
+            raise RequestError(400, str(e)) from e
+        stop = [*CHAT_STOP, *stop]
+        rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        head = {"id": rid, "object": "chat.completion", "created": now, "model": name}
+        if body.stream:
+            head = {**head, "object": "chat.completion.chunk"}
+
+            def chunks():
+                yield {
+                    **head,
+                    "choices": [
+                        {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+                    ],
+                }
+                first = True
+                for ev in stream_one(prompt, n, params, body.seed, stop):
+                    if isinstance(ev, str):
+                        text = ev.lstrip() if first else ev  # the space after "Assistant:"
+                        first = first and not text
+                        if text:
+                            yield {
+                                **head,
+                                "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": None}],
+                            }
+                    else:
+                        yield {
+                            **head,
+                            "choices": [{"index": 0, "delta": {}, "finish_reason": ev.finish_reason}],
+                        }
+
+            return sse(chunks())
+        done = await run_in_threadpool(llm.complete, [prompt], n, params, body.seed, stop)
+        c = done[0]
+        message = {"role": "assistant", "content": c.text.strip()}
+        return {
+            **head,
+            "choices": [{"index": 0, "message": message, "finish_reason": c.finish_reason}],
+            "usage": usage(done),
+        }
+
+    return app

@@ -1,0 +1,188 @@
+"""`lmforge serve`: the real server on a free local port, called by the official openai client and raw HTTP."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import uvicorn
+
+from lmforge.api import LLM
+from lmforge.serve.app import create_app
+from tests.gen_helpers import make_run
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def run(tiny_data, tmp_path_factory):
+    return make_run(tiny_data, tmp_path_factory.mktemp("serve") / "run", family="llama")
+
+
+@pytest.fixture(scope="module")
+def server(run):
+    """The app under uvicorn in a thread, on a real socket; yields its base URL."""
+    llm = LLM.load(run, device="cpu")
+    app = create_app(llm, max_tokens=64, max_body=4096, model_name="tiny")
+    port = free_port()
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 20
+    while not srv.started:
+        assert time.time() < deadline, "server did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}", llm
+    srv.should_exit = True
+    thread.join(timeout=10)
+
+
+def test_openai_client_completions_chat_models_and_streaming(server):
+    url, llm = server
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+
+    c = client.completions.create(model="tiny", prompt="the cat", max_tokens=12, temperature=0)
+    assert c.choices[0].text == llm.generate("the cat", max_new_tokens=12, temperature=0)
+    assert c.choices[0].finish_reason in ("stop", "length")
+    assert c.usage.completion_tokens <= 12 and c.usage.prompt_tokens == len(llm.tokenizer.encode("the cat"))
+
+    pieces = client.completions.create(
+        model="tiny", prompt="the cat", max_tokens=12, temperature=0, stream=True
+    )
+    chunks = list(pieces)
+    assert len(chunks) > 2 and "".join(ch.choices[0].text for ch in chunks) == c.choices[0].text
+    assert chunks[-1].choices[0].finish_reason == c.choices[0].finish_reason
+
+    msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"}]
+    chat = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=16, temperature=0)
+    reply = chat.choices[0].message
+    assert reply.role == "assistant" and reply.content == llm.chat(msgs, max_new_tokens=16, temperature=0)
+    stream = client.chat.completions.create(
+        model="tiny", messages=msgs, max_tokens=16, temperature=0, stream=True
+    )
+    deltas = list(stream)
+    assert deltas[0].choices[0].delta.role == "assistant"
+    assert "".join(d.choices[0].delta.content or "" for d in deltas) == reply.content
+    assert deltas[-1].choices[0].finish_reason == chat.choices[0].finish_reason
+
+    seeded = [
+        client.completions.create(model="tiny", prompt="a", max_tokens=10, temperature=1.0, seed=3)
+        .choices[0]
+        .text
+        for _ in range(2)
+    ]
+    assert seeded[0] == seeded[1]
+
+
+def test_raw_http_sse_health_and_errors(server):
+    url, _ = server
+    with httpx.Client(base_url=url, timeout=30) as h:
+        assert h.get("/health").json() == {"status": "ok", "model": "tiny"}
+        body = {"prompt": "the", "max_tokens": 5, "temperature": 0, "stream": True}
+        with h.stream("POST", "/v1/completions", json=body) as r:
+            assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+            events = [line for line in r.iter_lines() if line]
+        assert all(e.startswith("data: ") for e in events) and events[-1] == "data: [DONE]"
+        assert json.loads(events[0][6:])["object"] == "text_completion"
+
+        def err(resp, status, text):
+            assert resp.status_code == status, resp.text
+            assert text in resp.json()["error"]["message"]
+
+        err(
+            h.post("/v1/completions", content=b"{not json", headers={"content-type": "application/json"}),
+            400,
+            "not valid JSON",
+        )
+        err(h.post("/v1/completions", json={"max_tokens": 5}), 400, "prompt")
+        err(h.post("/v1/completions", json={"prompt": "x", "temperature": -1}), 400, "temperature")
+        err(h.post("/v1/completions", json={"prompt": "x", "max_tokens": 1000}), 400, "cap of 64")
+        err(
+            h.post("/v1/chat/completions", json={"messages": [{"role": "robot", "content": "x"}]}),
+            400,
+            "role",
+        )
+        err(h.post("/v1/chat/completions", json={"messages": []}), 400, "messages")
+        err(h.post("/v1/completions", json={"prompt": "x" * 5000}), 413, "4096")
+        # chunked upload without a Content-Length: counted while reading
+        chunked = h.post("/v1/completions", content=iter([b'{"prompt": "', b"y" * 5000, b'"}']))
+        err(chunked, 413, "limit")
+        assert h.get("/health").status_code == 200  # still serving
+
+
+def test_concurrent_requests_are_all_answered(server):
+    url, llm = server
+    prompts = [f"the {w}" for w in ("cat", "dog", "park", "mat", "birds", "trees")]
+
+    def call(p: str) -> str:
+        body = {"prompt": p, "max_tokens": 10, "temperature": 0}
+        r = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
+        r.raise_for_status()
+        return r.json()["choices"][0]["text"]
+
+    with ThreadPoolExecutor(6) as pool:
+        got = list(pool.map(call, prompts))
+    assert got == [llm.generate(p, max_new_tokens=10, temperature=0) for p in prompts]
+
+
+def test_serve_command_binds_localhost(run):
+    port = free_port()
+    cmd = [
+        sys.executable,
+        "-m",
+        "lmforge",
+        "serve",
+        "--run",
+        str(run),
+        "--port",
+        str(port),
+        "--device",
+        "cpu",
+    ]
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env={"PYTHONPATH": str(ROOT / "src"), "PATH": ""}, stdout=subprocess.PIPE
+    )
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                r = httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            except httpx.TransportError:
+                assert proc.poll() is None and time.time() < deadline, "lmforge serve did not come up"
+                time.sleep(0.2)
+        assert r.json()["status"] == "ok"
+        # bound to 127.0.0.1 only: another loopback address (answered by a 0.0.0.0 bind) is refused
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"http://127.0.0.2:{port}/health", timeout=2)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_serve_refuses_a_busy_port_in_one_line(run, capsys):
+    from lmforge.cli import main
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        assert main(["serve", "--run", str(run), "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot listen on 127.0.0.1:{port}" in err and err.count("\n") == 1

@@ -1,0 +1,225 @@
+"""Using a run: the Python API, `lmforge generate --input/--output` in every format, and `lmforge chat`."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import pty
+import select
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from lmforge.cli import main
+from lmforge.generate.chat import ChatSession, fit_turns, format_turns, repl
+from lmforge.generate.sampling import SamplingParams
+from tests.gen_helpers import make_run
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def run(tiny_data, tmp_path_factory):
+    return make_run(tiny_data, tmp_path_factory.mktemp("use") / "run")
+
+
+def test_import_lmforge_stays_light():
+    code = "import sys, lmforge; assert 'torch' not in sys.modules; print(lmforge.__all__[0])"
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": "src"},
+        cwd=ROOT,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "LLM"
+
+
+def test_python_api_generate_stream_batch(run, tmp_path):
+    from lmforge import LLM
+
+    llm = LLM.load(run, device="cpu")
+    text = llm.generate("the cat", max_new_tokens=20, temperature=0.7, top_k=50, top_p=0.95, seed=1)
+    assert isinstance(text, str) and text
+    assert llm.generate("the cat", max_new_tokens=20, temperature=0.7, top_k=50, top_p=0.95, seed=1) == text
+    assert "".join(llm.stream("the cat", max_new_tokens=20, temperature=0.7, top_p=0.95, seed=1)) == text
+    greedy = llm.generate(["the dog ran", "a"], max_new_tokens=12, temperature=0)
+    assert greedy == [llm.generate(p, max_new_tokens=12, temperature=0) for p in ("the dog ran", "a")]
+    rows = llm.batch_generate(
+        ["a", "the cat", "x"], output_file=tmp_path / "r.jsonl", max_new_tokens=8, temperature=0
+    )
+    assert [r["prompt"] for r in rows] == ["a", "the cat", "x"]
+    assert [json.loads(line) for line in (tmp_path / "r.jsonl").read_text().splitlines()] == rows
+    reply = llm.chat([{"role": "user", "content": "hello"}], max_new_tokens=10, temperature=0)
+    assert isinstance(reply, str)
+    from lmforge.errors import LmforgeError
+
+    with pytest.raises(LmforgeError, match="top_p"):
+        llm.generate("x", top_p=2.0)
+    with pytest.raises(LmforgeError, match="int8"):
+        LLM.load(run, quantize="int4")
+
+
+@pytest.mark.parametrize("ext", ["json", "jsonl", "csv", "txt"])
+def test_generate_file_in_every_output_format(run, tmp_path, capsys, ext):
+    prompts = ["the cat", "a dog\twith a tab", "birds sang"]
+    src = tmp_path / "prompts.jsonl"
+    src.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    out = tmp_path / f"results.{ext}"
+    args = ["generate", "--run", str(run), "--input", str(src), "--output", str(out)]
+    assert main([*args, "--max-new-tokens", "6", "--temperature", "0", "--batch-size", "2"]) == 0
+    assert f"wrote 3 completions to {out}" in capsys.readouterr().out
+    if ext == "json":
+        rows = json.loads(out.read_text())
+    elif ext == "jsonl":
+        rows = [json.loads(line) for line in out.read_text().splitlines()]
+    elif ext == "csv":
+        rows = list(csv.DictReader(out.open(newline="")))
+    else:
+        rows = [{"completion": line.replace("\\n", "\n")} for line in out.read_text().splitlines()]
+    assert len(rows) == 3
+    if ext != "txt":
+        assert [r["prompt"] for r in rows] == prompts
+        assert set(rows[0]) == {"prompt", "completion", "finish_reason", "prompt_tokens", "completion_tokens"}
+    # the same greedy completion as generating that prompt alone
+    capsys.readouterr()
+    assert (
+        main(
+            [
+                "generate",
+                "--run",
+                str(run),
+                "--prompt",
+                "birds sang",
+                "--max-new-tokens",
+                "6",
+                "--temperature",
+                "0",
+            ]
+        )
+        == 0
+    )
+    assert capsys.readouterr().out.rstrip("\n") == "birds sang" + rows[2]["completion"]
+
+
+def test_generate_file_errors_are_one_line_and_write_nothing(run, tmp_path, capsys):
+    src = tmp_path / "p.txt"
+    src.write_text("one\n\ntwo\n")
+    bad = tmp_path / "p.jsonl"
+    bad.write_text('{"prompt": "ok"}\n{not json\n')
+    base = ["generate", "--run", str(run)]
+    assert main([*base, "--input", str(src), "--output", str(tmp_path / "r.xlsx")]) == 2
+    assert "unknown format '.xlsx'" in capsys.readouterr().err
+    assert main([*base, "--input", str(bad), "--output", str(tmp_path / "r.json")]) == 2
+    err = capsys.readouterr().err
+    assert "p.jsonl:2: not valid JSON" in err and err.count("\n") == 1
+    assert main([*base, "--input", str(src)]) == 2
+    assert "--input and --output go together" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.jsonl", "p.txt"]
+
+
+def test_chat_history_fits_the_context():
+    turns = [("system", "be brief")] + [
+        ("user" if i % 2 == 0 else "assistant", f"turn {i} " * 5) for i in range(10)
+    ]
+    kept = fit_turns(turns, count=len, budget=120)
+    assert kept[0] == ("system", "be brief") and kept[-1] == turns[-1]
+    assert len(format_turns(kept)) <= 120 and len(kept) < len(turns)
+    assert fit_turns(turns, count=len, budget=10) == [turns[-1]]  # the newest turn always stays
+
+
+def test_chat_repl_commands_and_ctrl_c_stops_only_the_reply(run):
+    from lmforge import LLM
+
+    llm = LLM.load(run, device="cpu")
+    session = ChatSession(llm.model, llm.tokenizer, SamplingParams(temperature=0.0), max_new_tokens=30)
+    lines = iter(
+        ["hello there", "/temperature 0.5", "/temperature warm", "again", "/reset", "/bogus", "last", "/quit"]
+    )
+    said: list[str] = []
+    state = {"msg": "", "pieces": 0, "history_at_stop": None}
+
+    def read(_prompt: str) -> str:
+        state["msg"], state["pieces"] = next(lines), 0
+        return state["msg"]
+
+    def write(text: str) -> None:
+        said.append(text)
+        # Ctrl-C lands while the reply to "again" streams, after its first piece was shown.
+        if state["msg"] == "again" and text.strip():
+            state["pieces"] += 1
+            if state["pieces"] == 2:
+                raise KeyboardInterrupt
+
+    repl(session, read=read, write=write)
+    out = "".join(said)
+    assert "(temperature 0.5)" in out and "needs a number" in out and "unknown command /bogus" in out
+    assert " [stopped]" in out  # the reply was cut ...
+    assert "(conversation cleared)" in out  # ... and the chat went on
+    assert session.params.temperature == 0.5
+    assert [role for role, _ in session.history] == ["user", "assistant"]  # /reset, then one exchange
+    assert session.history[0] == ("user", "last")
+
+
+def _read_until(fd: int, marker: bytes, timeout: float = 30.0) -> bytes:
+    buf, end = b"", time.time() + timeout
+    while marker not in buf:
+        if time.time() > end:
+            raise AssertionError(f"no {marker!r} in {buf!r}")
+        ready, _, _ = select.select([fd], [], [], 0.5)
+        if ready:
+            try:
+                buf += os.read(fd, 4096)
+            except OSError:
+                break
+    return buf
+
+
+def test_chat_command_in_a_pseudo_terminal(run):
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: the real `lmforge chat`, its terminal is the pty
+        os.environ["PYTHONPATH"] = str(ROOT / "src")
+        os.execv(
+            sys.executable,
+            [
+                sys.executable,
+                "-m",
+                "lmforge",
+                "chat",
+                "--run",
+                str(run),
+                "--temperature",
+                "0",
+                "--max-new-tokens",
+                "20",
+                "--device",
+                "cpu",
+            ],
+        )
+    try:
+        _read_until(fd, b"> ")
+        os.write(fd, b"hello\n")
+        first = _read_until(fd, b"> ")
+        os.kill(pid, 2)  # Ctrl-C at the prompt: a fresh line, still in the chat
+        _read_until(fd, b"> ")
+        os.write(fd, b"/temperature 0.3\n")
+        assert b"(temperature 0.3)" in _read_until(fd, b"(temperature 0.3)")
+        os.write(fd, b"/reset\n")
+        _read_until(fd, b"(conversation cleared)")
+        os.write(fd, b"/quit\n")
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        reply = first.split(b"hello", 1)[1].strip().rsplit(b"> ", 1)[0]
+        assert reply, first  # a streamed reply came back
+    finally:
+        os.close(fd)
+        try:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import signal
 import struct
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -14,15 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 
-import lmforge
 from lmforge.checkpoint import read_metrics
 from lmforge.cli import main
 from lmforge.plot import PlotError, plot_runs
 from lmforge.watch import run_status
 
 from .conftest import FAST, TINY_MODEL
-
-SRC = str(Path(lmforge.__file__).resolve().parents[1])
 
 
 def train_args(data, out, *extra):
@@ -179,16 +176,17 @@ def test_status_of_a_finished_run(observed, capsys):
     assert "finished" in out and "step         10/10" in out and "best val" in out
 
 
+def _train_in_child(argv: list[str]) -> None:
+    sys.stdout = sys.stderr = open(os.devnull, "w")  # noqa: SIM115 (the process is killed)
+    os._exit(main(argv))
+
+
 def test_status_of_a_running_then_killed_run(tiny_data, tmp_path):
     run = tmp_path / "live"
-    env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "lmforge",
-        *train_args(tiny_data, run, "--train.max_steps=100000", "--eval.at_start=false"),
-    ]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    argv = train_args(tiny_data, run, "--train.max_steps=100000", "--eval.at_start=false")
+    # a forked child: a real separate process (own pid) that skips re-importing torch
+    proc = multiprocessing.get_context("fork").Process(target=_train_in_child, args=(argv,))
+    proc.start()
     try:
         deadline = time.time() + 60
         s = None
@@ -197,12 +195,12 @@ def test_status_of_a_running_then_killed_run(tiny_data, tmp_path):
                 s = run_status(run)
                 if s["step"] >= 2:
                     break
-            time.sleep(0.2)
+            time.sleep(0.1)
         assert s is not None and s["state"] == "running" and s["alive"]
         assert s["eta_s"] > 0 and s["last_loss"] is not None
     finally:
-        proc.send_signal(signal.SIGKILL)  # no chance to write an end state
-        proc.wait(timeout=30)
+        os.kill(proc.pid, signal.SIGKILL)  # no chance to write an end state
+        proc.join(timeout=30)
     s = run_status(run)
     assert s["state"] == "dead" and not s["alive"] and "eta_s" not in s
 

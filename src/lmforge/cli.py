@@ -9,6 +9,10 @@ lmforge export   --run RUN_DIR --format hf|safetensors|onnx|gguf --out DIR [--dt
 lmforge import   hf:HF_DIR --out RUN_DIR
 lmforge eval     --run RUN_DIR [--data DATA_DIR | --text FILE] [--tasks NAME=FILE.jsonl] [--quantize int8]
 lmforge quickstart
+lmforge estimate --config configs/X.yaml [--preset P] [--gpu NAME] [--gpus N] [--section.key=value ...]
+lmforge plot RUN_DIR [RUN_DIR ...] [--out FILE.png|.html]
+lmforge status RUN_DIR
+lmforge doctor [--run-dir DIR]
 """
 
 from __future__ import annotations
@@ -197,6 +201,33 @@ def build_parser() -> tuple[ArgumentParser, dict[str, ArgumentParser]]:
     p.add_argument("--out", default=None, help="where to write the JSON report (default RUN_DIR/eval.json)")
     parsers["eval"] = p
 
+    p = _parser("Plan a run: parameters, FLOPs, memory per GPU, time, and which devices it fits.")
+    p.add_argument("--config", action=ActionConfigFile, help="a YAML config (see configs/)")
+    p.add_class_arguments(Config, nested_key=None, fail_untyped=False)
+    p.add_argument(
+        "--gpu", default=None, help="device of the summary, e.g. 4090, a100-80, h100 (default: RTX 4090)"
+    )
+    p.add_argument("--gpus", type=int, default=1, help="number of GPUs (data parallel or FSDP)")
+    p.add_argument(
+        "--mfu", type=float, default=0.4, help="assumed model FLOPs utilisation for the time estimate"
+    )
+    parsers["estimate"] = p
+
+    p = _parser("Plot loss, learning rate, gradient norm and tokens/s of one or more runs.")
+    p.add_argument("runs", nargs="+", help="RUN_DIRs (several: one chart, one line per run)")
+    p.add_argument("--out", default=None, help="FILE.png or FILE.html (default: RUN_DIR/curves.png)")
+    parsers["plot"] = p
+
+    p = _parser("Where a run stands: step, tokens, loss, best val, ETA, last checkpoint, alive or not.")
+    p.add_argument("run", help="RUN_DIR")
+    parsers["status"] = p
+
+    p = _parser(
+        "Check this machine for training: torch, GPU, bf16, flash attention, compile, disk, packages."
+    )
+    p.add_argument("--run-dir", default=".", help="where runs will be written (for the free-disk check)")
+    parsers["doctor"] = p
+
     helps = {
         "prepare": "tokenize raw text into shards",
         "train": "train or resume a model",
@@ -208,6 +239,10 @@ def build_parser() -> tuple[ArgumentParser, dict[str, ArgumentParser]]:
         "quickstart": "the whole pipeline in a few minutes on a CPU",
         "bench": "training throughput next to HF transformers",
         "eval": "measure a run: loss, ppl, bpb, accuracy, tasks, generation, speed",
+        "estimate": "memory, time and device fit of a config, before training",
+        "plot": "plot the curves of one or more runs",
+        "status": "step, loss, ETA and liveness of a run",
+        "doctor": "check torch, GPU, precision and optional packages",
     }
     for name, parser in parsers.items():
         subs.add_subcommand(name, parser, help=helps[name])
@@ -243,9 +278,11 @@ def parse(argv: list[str]) -> tuple[str, Namespace, dict[str, ArgumentParser]]:
     """Parse argv; a preset (from the command line or a config file) becomes the model defaults, then re-parse."""
     root, parsers = build_parser()
     ns = root.parse_args(argv)
-    name = {"train": lambda: ns.train.preset, "bench": lambda: ns.bench.preset}.get(
-        ns.command, lambda: None
-    )()
+    name = {
+        "train": lambda: ns.train.preset,
+        "bench": lambda: ns.bench.preset,
+        "estimate": lambda: ns.estimate.preset,
+    }.get(ns.command, lambda: None)()
     if name:
         try:
             preset = get_preset(name)
@@ -265,6 +302,9 @@ def main(argv: list[str] | None = None) -> int:
         command, ns, parsers = parse(argv)
         if command == "train":
             return cmd_train(ns, parsers["train"], console, err)
+        if command == "estimate":
+            cmd_estimate(ns, parsers["estimate"], console)
+            return 0
         COMMANDS[command](ns, console)
         return 0
     except ArgumentError as e:
@@ -506,6 +546,57 @@ def cmd_eval(ns: Namespace, console: Console) -> dict:
     return report
 
 
+def cmd_estimate(ns: Namespace, parser: ArgumentParser, console: Console):
+    """`lmforge estimate`: the plan for a config (no model is built, nothing is run)."""
+    from .estimate import estimate, report_lines
+
+    try:
+        cfg = parse_config(ns, parser)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(str(e)) from e
+    est = estimate(cfg, gpu=ns.gpu, gpus=ns.gpus, mfu=ns.mfu)
+    for line in report_lines(est):
+        console.print(line, highlight=False, markup=False, soft_wrap=True)
+    return est
+
+
+def cmd_plot(ns: Namespace, console: Console) -> Path:
+    """`lmforge plot`: curves of one or more runs into a PNG or HTML file."""
+    from .plot import plot_runs
+
+    out = Path(ns.out) if ns.out else Path(ns.runs[0]) / "curves.png"
+    plot_runs(ns.runs, out)
+    console.print(f"wrote {out}", highlight=False)
+    return out
+
+
+def cmd_status(ns: Namespace, console: Console) -> dict:
+    """`lmforge status`: one screen on where a run stands."""
+    from .watch import format_status, run_status
+
+    status = run_status(ns.run)
+    for line in format_status(status):
+        console.print(line, highlight=False, markup=False, soft_wrap=True)
+    return status
+
+
+def cmd_doctor(ns: Namespace, console: Console) -> list:
+    """`lmforge doctor`: what this machine can do for training, and what to fix."""
+    from .doctor import doctor_report
+
+    checks = doctor_report(ns.run_dir)
+    for line in format_checks(checks):
+        console.print(line, highlight=False, soft_wrap=True)
+    return checks
+
+
+def format_checks(checks: list) -> list[str]:
+    """Doctor checks as aligned lines, then the fixes."""
+    from .doctor import format_report
+
+    return format_report(checks)
+
+
 # Every subcommand but `train` (which needs its parser to build the config): name -> function(ns, console).
 COMMANDS = {
     "prepare": cmd_prepare,
@@ -517,6 +608,9 @@ COMMANDS = {
     "quickstart": cmd_quickstart,
     "bench": cmd_bench,
     "eval": cmd_eval,
+    "plot": cmd_plot,
+    "status": cmd_status,
+    "doctor": cmd_doctor,
 }
 
 

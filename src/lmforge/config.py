@@ -48,7 +48,7 @@ class TrainConfig:
 
     max_steps: int = 1000  # optimizer steps; max_tokens, when given, decides instead
     max_tokens: int | None = None  # token budget: max_steps = ceil(max_tokens / tokens per step)
-    micro_batch_size: int = 16  # sequences per forward/backward
+    micro_batch_size: int | Literal["auto"] = 16  # sequences per forward/backward; auto: largest that fits
     global_batch_size: int | None = None  # sequences per optimizer step; None: micro_batch_size x world size
     lr: float = 6e-4  # peak learning rate
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
@@ -88,7 +88,13 @@ class TrainConfig:
             self.max_tokens,
             "must be >= 1",
         )
-        _require(self.micro_batch_size >= 1, "train.micro_batch_size", self.micro_batch_size, "must be >= 1")
+        _require(
+            self.micro_batch_size == "auto"
+            or (isinstance(self.micro_batch_size, int) and self.micro_batch_size >= 1),
+            "train.micro_batch_size",
+            self.micro_batch_size,
+            "must be >= 1, or auto (the largest that fits in memory)",
+        )
         _require(
             self.global_batch_size is None or self.global_batch_size >= 1,
             "train.global_batch_size",
@@ -141,9 +147,27 @@ class LogConfig:
 
     every: int = 10  # steps between lines in metrics.jsonl
     progress: bool = True  # show a progress bar on a terminal
+    tensorboard: bool = False  # also write TensorBoard event files under RUN_DIR/tb
+    wandb: bool = False  # also log metrics and the config to Weights & Biases
+    wandb_project: str = "lmforge"
+    wandb_run_name: str | None = None  # None: the RUN_DIR's name
+    wandb_mode: str | None = None  # online | offline | disabled; None: W&B's default (WANDB_MODE)
+    sample_every: int = 0  # generate from sample_prompts every N evaluations (0: never)
+    sample_prompts: list[str] = field(default_factory=lambda: ["The", "def "])
+    sample_tokens: int = 48  # new tokens per sample
 
     def __post_init__(self) -> None:
         _require(self.every >= 1, "log.every", self.every, "must be >= 1")
+        _require(
+            self.sample_every >= 0, "log.sample_every", self.sample_every, "must be >= 0 (0: no samples)"
+        )
+        _require(self.sample_tokens >= 1, "log.sample_tokens", self.sample_tokens, "must be >= 1")
+        _require(
+            self.wandb_mode in (None, "online", "offline", "disabled"),
+            "log.wandb_mode",
+            self.wandb_mode,
+            "must be online, offline or disabled",
+        )
 
 
 @dataclass
@@ -166,7 +190,7 @@ class Config:
             get_preset(self.preset)  # unknown names fail here, with a suggestion
         self.model = self.model.resolved()
         gb = self.train.global_batch_size
-        if gb is not None and gb % self.train.micro_batch_size:
+        if gb is not None and self.train.micro_batch_size != "auto" and gb % self.train.micro_batch_size:
             raise ConfigError(
                 f"train.global_batch_size={gb} is not a multiple of train.micro_batch_size="
                 f"{self.train.micro_batch_size}: gradient accumulation needs a whole number of micro-batches"

@@ -26,8 +26,10 @@ from ..data import TokenLoader, iter_eval_batches, load_meta
 from ..device import autocast, peak_flops, pick_device, pick_precision
 from ..eval.metrics import evaluate_loss, loss_report
 from ..model import GPT, flops_per_token
+from .autobatch import oom_guard, resolve_micro_batch
 from .distributed import DistEnv, all_reduce_mean, close_distributed, init_distributed, no_sync, wrap_model
 from .guards import BadStepGuard, EarlyStopping
+from .hooks import RunHooks
 from .logging import ConsoleReporter, MetricsWriter, truncate_metrics
 from .optim import build_optimizer, lr_at
 from .resume import (
@@ -94,19 +96,6 @@ def resolve_vocab(cfg: Config, meta: dict, console: Console | None) -> Config:
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=data_vocab))
 
 
-def memory_estimate(cfg: Config, plan: Plan, precision: str) -> dict[str, float]:
-    """Rough training memory in bytes: fp32 weights + grads + AdamW moments (16 B/param) and activations.
-
-    Activations per layer ~ 34*B*T*C bytes in 16-bit (Korthikanti et al., 2022, without the attention
-    score term, which SDPA's fused kernels never materialise); doubled for fp32.
-    """
-    n = count_params_from_config(cfg)
-    B, T, C, L = plan.micro_batch_size, plan.seq_len, cfg.model.n_embd, cfg.model.n_layer
-    act = 34 * B * T * C * L * (2 if precision == "fp32" else 1)
-    logits = B * T * cfg.model.padded_vocab_size * 4 * 2  # fp32 logits and their gradient
-    return {"weights": 4 * n, "grads": 4 * n, "optimizer": 8 * n, "activations": act, "logits": logits}
-
-
 def count_params_from_config(cfg: Config) -> int:
     """Exact parameter count without building the model."""
     from ..model import param_breakdown
@@ -140,6 +129,8 @@ def train(
         raise ConfigError("data is not set: pass --data DATA_DIR (made by `lmforge prepare`)")
     data_meta = load_meta(cfg.data)
     cfg = resolve_vocab(cfg, data_meta, console if env.is_main else None)
+    if cfg.train.micro_batch_size == "auto":
+        cfg = resolve_micro_batch(cfg, device, precision, env.world_size, say, estimate_only=dry_run)
     plan = make_plan(cfg, env.world_size)
     n_params = count_params_from_config(cfg)
     fpt = flops_per_token(cfg.model)
@@ -205,6 +196,7 @@ def train(
         f"{plan.max_steps} steps"
     )
     metrics = MetricsWriter(run_dir / "metrics.jsonl", enabled=env.is_main)
+    hooks = RunHooks(cfg, run_dir, plan.max_steps, step, enabled=env.is_main)
     reporter = ConsoleReporter(console, plan.max_steps, step, env.is_main, cfg.log.progress)
     bytes_per_token = data_meta.get("val_bytes_per_token")
     test_signal = signal_hook_for_tests()  # test-only; None in real runs
@@ -236,6 +228,7 @@ def train(
             name=name,
         )
         reporter.print(f"saved checkpoint {path}")
+        hooks.checkpoint(path, step)
         return path
 
     def run_eval() -> dict:
@@ -245,6 +238,7 @@ def train(
         loss, _ = evaluate_loss(model, batches, device, precision)
         report = {"step": step, **loss_report(all_reduce_mean(loss, env, device), bytes_per_token)}
         metrics.write({"type": "eval", "tokens": tokens, **report})
+        hooks.evaluated(report, tokens, model)
         bpb = f" | val bpb {report['val_bpb']:.3f}" if "val_bpb" in report else ""
         reporter.print(f"step {step}: val loss {report['val_loss']:.4f} | ppl {report['val_ppl']:.1f}{bpb}")
         if early.update(report["val_loss"], step):
@@ -261,7 +255,7 @@ def train(
             last_ckpt, ckpt_step = save(), step
         return last_ckpt
 
-    with StopFlag() as stop:
+    with StopFlag() as stop, oom_guard(cfg, plan.micro_batch_size, precision, device, env.world_size):
 
         def stop_requested() -> bool:
             # every rank must agree, or one would wait forever in a collective the others left
@@ -350,6 +344,7 @@ def train(
                 if mfu is not None:
                     record["mfu"] = mfu
                 metrics.write(record)
+                hooks.train_step(record)
                 reporter.step(step, train_loss, tok_per_s, mfu, log_line=True)
                 t_log, tokens_at_log = time.time(), tokens
             if bad_steps.diverged:
@@ -379,6 +374,7 @@ def train(
             save_once()
     if message:
         reporter.print(message)
+    hooks.end(status, step, tokens, message)
     reporter.close()
     metrics.close()
     close_distributed()
@@ -388,22 +384,11 @@ def train(
 def print_dry_run(
     cfg: Config, plan: Plan, precision: str, device: torch.device, n_params: int, fpt: int, console: Console
 ) -> None:
-    """The resolved config and what the run would cost; nothing is trained."""
+    """The resolved config and the estimator's plan for this device; nothing is trained."""
+    from ..estimate import estimate, local_device, report_lines
+
     console.print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False).rstrip(), highlight=False)
-    total_tokens = plan.max_steps * plan.tokens_per_step
-    mem = memory_estimate(cfg, plan, precision)
-    gib = 1024**3
-    console.print(f"parameters        {n_params:,} ({n_params / 1e6:.2f}M)", highlight=False)
-    console.print(f"FLOPs per token   {fpt:,} (6N + 12*L*C*T)", highlight=False)
-    console.print(
-        f"tokens            {total_tokens:,} ({plan.max_steps} steps x {plan.tokens_per_step:,}); "
-        f"{total_tokens / n_params:.1f} tokens per parameter (Chinchilla-optimal: ~20)",
-        highlight=False,
-    )
-    console.print(f"training FLOPs    {fpt * total_tokens:.3e}", highlight=False)
-    parts = ", ".join(f"{k} {v / gib:.2f}" for k, v in mem.items())
-    console.print(
-        f"memory estimate   {sum(mem.values()) / gib:.2f} GiB per device ({parts} GiB; {precision}, AdamW, "
-        f"micro-batch {plan.micro_batch_size}) on {device}",
-        highlight=False,
-    )
+    est = estimate(cfg, device=local_device(device), precision=precision)
+    console.print(f"memory estimate and plan on {device} ({precision}):", highlight=False)
+    for line in report_lines(est):
+        console.print(line, highlight=False, markup=False, soft_wrap=True)

@@ -5,6 +5,7 @@ lmforge train    --config configs/X.yaml --data DATA_DIR --out RUN_DIR [--resume
 lmforge generate --run RUN_DIR --prompt "..." [--stream]
 lmforge export   --run RUN_DIR --format hf|safetensors|onnx|gguf --out DIR [--dtype f32|f16|bf16|q8_0]
 lmforge import   hf:HF_DIR --out RUN_DIR
+lmforge consolidate --run RUN_DIR [--out DIR]
 lmforge quickstart
 """
 
@@ -120,6 +121,15 @@ def build_parser() -> tuple[ArgumentParser, dict[str, ArgumentParser]]:
     p.add_argument("--seed", type=int, default=0)
     parsers["bench"] = p
 
+    p = _parser("Gather a sharded (FSDP) checkpoint into one model.safetensors for generate and export.")
+    p.add_argument(
+        "--run", required=True, help="RUN_DIR (its latest checkpoint) or a sharded checkpoint directory"
+    )
+    p.add_argument(
+        "--out", default=None, help="checkpoint directory to write (default: RUN_DIR/consolidated)"
+    )
+    parsers["consolidate"] = p
+
     helps = {
         "prepare": "tokenize raw text into shards",
         "train": "train or resume a model",
@@ -128,6 +138,7 @@ def build_parser() -> tuple[ArgumentParser, dict[str, ArgumentParser]]:
         "import": "import a Hugging Face model as a run",
         "quickstart": "the whole pipeline in a few minutes on a CPU",
         "bench": "training throughput next to HF transformers",
+        "consolidate": "gather a sharded (FSDP) checkpoint into one file",
     }
     for name, parser in parsers.items():
         subs.add_subcommand(name, parser, help=helps[name])
@@ -325,6 +336,15 @@ def cmd_bench(ns: Namespace, console: Console) -> list:
     return results
 
 
+def cmd_consolidate(ns: Namespace, console: Console) -> Path:
+    """`lmforge consolidate`: a sharded checkpoint -> a single-file checkpoint directory."""
+    from .train.dist_checkpoint import consolidate
+
+    out = consolidate(ns.run, ns.out)
+    console.print(f"wrote {out} (use it as --run for generate and export)", highlight=False, soft_wrap=True)
+    return out
+
+
 # Every subcommand but `train` (which needs its parser to build the config): name -> function(ns, console).
 COMMANDS = {
     "prepare": cmd_prepare,
@@ -333,6 +353,7 @@ COMMANDS = {
     "import": cmd_import,
     "quickstart": cmd_quickstart,
     "bench": cmd_bench,
+    "consolidate": cmd_consolidate,
 }
 
 

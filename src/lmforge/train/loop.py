@@ -357,7 +357,8 @@ def train(
         if status == "finished" and (last_eval is None or last_eval["step"] != step):
             last_eval = run_eval()
         if status == "preempted":
-            message = f"received {stop.name()}: saved step {step}; run the same command again to resume"
+            who = stop.name() or "a stop signal on another rank"
+            message = f"received {who}: saved step {step}; run the same command again to resume"
         if status != "diverged":  # a diverged run keeps its last good checkpoint as the newest
             save_once()
     if message:

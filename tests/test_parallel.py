@@ -237,6 +237,17 @@ def test_bad_parallel_settings_are_one_line_naming_the_key(section, key, value):
     assert "\n" not in str(e.value)
 
 
+def test_settings_this_device_cannot_run_are_one_line_before_training(tiny_data, tmp_path, capsys):
+    for flags, expect in (
+        (["--train.parallel=fsdp", "--fsdp.cpu_offload=true"], "fsdp.cpu_offload=true needs a CUDA GPU"),
+        (["--fsdp.cpu_offload=true"], "fsdp.cpu_offload=true needs train.parallel=fsdp"),
+    ):
+        assert train_here(tiny_data, tmp_path / "run", "--train.micro_batch_size=4", *flags) == 2
+        err = capsys.readouterr().err.strip()
+        assert expect in err and "\n" not in err
+    assert not (tmp_path / "run").exists()  # refused before the run directory is made
+
+
 def test_adamw8bit_without_torchao_or_bitsandbytes_is_one_clear_line():
     from lmforge.train.optim import build_optimizer
 

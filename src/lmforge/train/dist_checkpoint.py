@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import pickle
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -93,6 +94,14 @@ def _safe_reader(path: Path):
             return metadata
 
     return SafeReader(str(path))
+
+
+@contextlib.contextmanager
+def _quiet_single_process():
+    # DCP warns that it "assumes" one process when no process group exists; here that is the intent.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        yield
 
 
 # --- the checkpointer the training loop uses ---------------------------------------------------------
@@ -230,7 +239,8 @@ class Checkpointer:
         if with_optimizer:
             state["optim"] = get_optimizer_state_dict(self.model, self.optimizer)
             state["optim"].pop("param_groups")
-        dcp.load(state, storage_reader=_safe_reader(ckpt))
+        with _quiet_single_process():
+            dcp.load(state, storage_reader=_safe_reader(ckpt))
         set_model_state_dict(self.model, state["model"])
         if not with_optimizer:
             return state["rng"]
@@ -283,7 +293,8 @@ def consolidate(run: str | Path, out: str | Path | None = None) -> Path:
     cfg = config_from_dict(meta["config"])
     model = GPT(cfg.model)
     state = {"model": model.state_dict()}
-    dcp.load(state, storage_reader=_safe_reader(ckpt), no_dist=True)  # only the model's entries are read
+    with _quiet_single_process():  # only the model's entries are read
+        dcp.load(state, storage_reader=_safe_reader(ckpt), no_dist=True)
     ckpt_io.load_model_weights(model, state["model"])
 
     tmp = out.with_name(f".tmp-{out.name}")

@@ -31,7 +31,7 @@ from .distributed import DistEnv, all_reduce_mean, close_distributed, init_distr
 from .guards import BadStepGuard, EarlyStopping
 from .logging import ConsoleReporter, MetricsWriter, truncate_metrics
 from .optim import build_optimizer, lr_at
-from .parallel import all_agree, clip_grad_norm, collective_errors, grad_sync, parallelize
+from .parallel import all_agree, check_supported, clip_grad_norm, collective_errors, grad_sync, parallelize
 from .resume import check_resume_compatible, find_resume_point, restore_rng, rng_state
 from .signals import StopFlag, signal_hook_for_tests
 
@@ -123,6 +123,7 @@ def train(
     # --- setup -------------------------------------------------------------------------------
     device = pick_device(cfg.train.device)
     precision = pick_precision(cfg.train.precision, device)
+    check_supported(cfg, device, precision)  # parallel settings this device cannot run fail here
     env: DistEnv = init_distributed(device.type, cfg.train.dist_timeout_s)
     if device.type == "cuda" and env.world_size > 1:
         device = torch.device("cuda", env.local_rank)

@@ -82,11 +82,7 @@ def apply_fsdp(model: nn.Module, cfg: Config, env: DistEnv, device: torch.device
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
-    if precision == "fp16":
-        raise ConfigError(
-            "train.precision=fp16 with train.parallel=fsdp is not supported: use train.precision=bf16 "
-            "(or fp32), or train.parallel=ddp"
-        )
+    check_supported(cfg, device, precision)
     ensure_process_group(device, cfg.train.dist_timeout_s)
     mesh = init_device_mesh(device.type, (env.world_size,))
     if precision == "bf16":  # compute in bf16, but average gradients in fp32 so small updates survive
@@ -99,6 +95,26 @@ def apply_fsdp(model: nn.Module, cfg: Config, env: DistEnv, device: torch.device
         fully_shard(block, reshard_after_forward=cfg.fsdp.reshard_after_forward, **kwargs)
     # The root's parameters are needed again at once by backward (the head comes last in forward).
     fully_shard(model, reshard_after_forward=False, **kwargs)
+
+
+def check_supported(cfg: Config, device: torch.device, precision: str) -> None:
+    """Refuse, in one line, parallel settings this device or precision cannot run (before anything is written)."""
+    if cfg.train.parallel != "fsdp":
+        if cfg.fsdp.cpu_offload:
+            raise ConfigError(
+                "fsdp.cpu_offload=true needs train.parallel=fsdp (DDP keeps a full copy per GPU)"
+            )
+        return
+    if precision == "fp16":
+        raise ConfigError(
+            "train.precision=fp16 with train.parallel=fsdp is not supported: use train.precision=bf16 "
+            "(or fp32), or train.parallel=ddp"
+        )
+    if cfg.fsdp.cpu_offload and device.type != "cuda":
+        raise ConfigError(
+            f"fsdp.cpu_offload=true needs a CUDA GPU (it keeps GPU state in CPU memory), this run is on "
+            f"{device.type}: remove fsdp.cpu_offload"
+        )
 
 
 def parallelize(
@@ -116,8 +132,7 @@ def parallelize(
     if t.parallel == "fsdp":
         apply_fsdp(model, cfg, env, device, precision)
         return model
-    if cfg.fsdp.cpu_offload:
-        raise ConfigError("fsdp.cpu_offload=true needs train.parallel=fsdp (DDP keeps a full copy per GPU)")
+    check_supported(cfg, device, precision)
     if env.world_size == 1:
         return model
     from torch.nn.parallel import DistributedDataParallel

@@ -234,13 +234,17 @@ class Checkpointer:
         from .resume import rng_state
 
         # Templates in this run's layout (sharded or whole); DCP fills them, re-slicing where needed.
-        state = {"model": get_model_state_dict(self.model), "rng": {"rng/torch": rng_state()[0]["rng/torch"]}}
+        reader = _safe_reader(ckpt)
+        saved_keys = reader.read_metadata().state_dict_metadata
+        # RNG states this machine has and the checkpoint holds (CUDA ones only when both have them)
+        rng = {k: v for k, v in rng_state()[0].items() if f"rng.{k}" in saved_keys}
+        state = {"model": get_model_state_dict(self.model), "rng": rng}
         with_optimizer = saved.get("optimizer_state", True)  # False: saved before the first step
         if with_optimizer:
             state["optim"] = get_optimizer_state_dict(self.model, self.optimizer)
             state["optim"].pop("param_groups")
         with _quiet_single_process():
-            dcp.load(state, storage_reader=_safe_reader(ckpt))
+            dcp.load(state, storage_reader=reader)
         set_model_state_dict(self.model, state["model"])
         if not with_optimizer:
             return state["rng"]

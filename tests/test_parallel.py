@@ -135,6 +135,34 @@ def test_fsdp2_one_process_save_resume_is_bit_exact(tiny_data, tmp_path, monkeyp
     assert (run / "checkpoints" / "step_0000004" / ".metadata").is_file()
 
 
+def test_a_failed_sharded_save_is_one_line_and_the_previous_checkpoint_survives(
+    tiny_data, tmp_path, monkeypatch, capsys
+):
+    import torch.distributed.checkpoint as dcp
+
+    from lmforge.train.distributed import close_distributed
+
+    real_save, calls = dcp.save, []
+
+    def save_then_fill_the_disk(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 1:
+            raise OSError(28, "No space left on device")
+        return real_save(*args, **kwargs)
+
+    monkeypatch.setattr(dcp, "save", save_then_fill_the_disk)
+    run = tmp_path / "run"
+    flags = ["--train.micro_batch_size=4", "--train.parallel=fsdp", "--checkpoint.every=2"]
+    try:
+        assert train_here(tiny_data, run, *flags) == 2
+    finally:
+        close_distributed()  # the in-process group a failed run leaves behind
+    err = capsys.readouterr().err.strip()
+    assert "could not write sharded checkpoint" in err and "No space left" in err and "\n" not in err
+    assert ckpt_io.verify_checkpoint(ckpt_io.latest_checkpoint(run))["step"] == 2
+    assert not list((run / "checkpoints").glob(".tmp-*"))
+
+
 def test_consolidate_writes_one_file_generate_and_export_can_load(
     tiny_data, reference, fsdp_preempted, tmp_path, capsys
 ):

@@ -107,11 +107,6 @@ def _quiet_single_process():
 # --- the checkpointer the training loop uses ---------------------------------------------------------
 
 
-def _barrier() -> None:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
-
-
 def _agree_ok(ok: bool) -> bool:
     """Whether every rank succeeded (a failure on one rank is seen by all, so none waits forever)."""
     if not (dist.is_initialized() and dist.get_world_size() > 1):
@@ -160,18 +155,21 @@ class Checkpointer:
         root = run_dir / ckpt_io.CKPT_DIR
         final = root / (name or ckpt_io.step_dir_name(step))
         tmp = root / SHARDED_TMP.format(name=final.name)
+        error: BaseException | None = None
         if self.env.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        _barrier()
-        model_sd, optim_sd, groups = self._state_dicts()
-        meta["optimizer_state"] = optim_sd is not None
-        state = {"model": model_sd, "rng": rng_tensors} | ({"optim": optim_sd} if optim_sd else {})
-        error: BaseException | None = None
-        try:
-            dcp.save(state, checkpoint_id=str(tmp))
-        except OSError as e:
-            error = e
+            try:
+                tmp.mkdir(parents=True)
+            except OSError as e:
+                error = e
+        if _agree_ok(error is None):  # also the barrier: no rank writes before the directory exists
+            model_sd, optim_sd, groups = self._state_dicts()
+            meta["optimizer_state"] = optim_sd is not None
+            state = {"model": model_sd, "rng": rng_tensors} | ({"optim": optim_sd} if optim_sd else {})
+            try:
+                dcp.save(state, checkpoint_id=str(tmp))
+            except (OSError, dcp.api.CheckpointException) as e:  # DCP raises the latter on every rank
+                error = e
         if not _agree_ok(error is None):
             if self.env.is_main:
                 shutil.rmtree(tmp, ignore_errors=True)

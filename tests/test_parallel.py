@@ -293,8 +293,10 @@ def test_config_sections_round_trip():
 TIMEOUT_SCRIPT = """
 import time, torch, torch.distributed as dist
 from lmforge.train.distributed import init_distributed
-from lmforge.train.parallel import collective_errors, DistributedError
+from lmforge.train.parallel import all_agree, collective_errors, DistributedError
 env = init_distributed("cpu", timeout_s=2)
+# a stop / NaN / early-stop flag raised on one rank only is seen by both; none raised stays false
+print(f"AGREE rank {env.rank}", all_agree(env.rank == 1, env, "cpu"), all_agree(False, env, "cpu"), flush=True)
 try:
     with collective_errors(env, 2):
         if env.rank == 1:  # rank 0 never joins this all-reduce
@@ -307,12 +309,14 @@ if env.rank == 0:
 
 
 @pytest.mark.timeout(120)
-def test_a_collective_timeout_is_one_line_naming_the_rank(tmp_path):
+def test_ranks_agree_on_a_flag_and_a_collective_timeout_is_one_line_naming_the_rank(tmp_path):
     script = tmp_path / "hang.py"
     script.write_text(TIMEOUT_SCRIPT)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", str(script)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=110)
+    agree = sorted(ln for ln in proc.stdout.splitlines() if ln.startswith("AGREE"))
+    assert agree == ["AGREE rank 0 True False", "AGREE rank 1 True False"], proc.stdout + proc.stderr[-2000:]
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("ERROR:")]
     assert len(lines) == 1, proc.stdout + proc.stderr[-2000:]
     assert "rank 1 of 2: a collective did not finish within train.dist_timeout_s=2s" in lines[0]

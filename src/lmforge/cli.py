@@ -8,6 +8,8 @@ lmforge serve    --run RUN_DIR [--host 127.0.0.1] [--port 8000]
 lmforge export   --run RUN_DIR --format hf|safetensors|onnx|gguf --out DIR [--dtype f32|f16|bf16|q8_0]
 lmforge import   hf:HF_DIR --out RUN_DIR
 lmforge eval     --run RUN_DIR [--data DATA_DIR | --text FILE] [--tasks NAME=FILE.jsonl] [--quantize int8]
+
+lmforge consolidate --run RUN_DIR [--out DIR]
 lmforge quickstart
 lmforge estimate --config configs/X.yaml [--preset P] [--gpu NAME] [--gpus N] [--section.key=value ...]
 lmforge plot RUN_DIR [RUN_DIR ...] [--out FILE.png|.html]
@@ -228,6 +230,15 @@ def build_parser() -> tuple[ArgumentParser, dict[str, ArgumentParser]]:
     p.add_argument("--run-dir", default=".", help="where runs will be written (for the free-disk check)")
     parsers["doctor"] = p
 
+    p = _parser("Gather a sharded (FSDP) checkpoint into one model.safetensors for generate and export.")
+    p.add_argument(
+        "--run", required=True, help="RUN_DIR (its latest checkpoint) or a sharded checkpoint directory"
+    )
+    p.add_argument(
+        "--out", default=None, help="checkpoint directory to write (default: RUN_DIR/consolidated)"
+    )
+    parsers["consolidate"] = p
+
     helps = {
         "prepare": "tokenize raw text into shards",
         "train": "train or resume a model",
@@ -243,6 +254,7 @@ def build_parser() -> tuple[ArgumentParser, dict[str, ArgumentParser]]:
         "plot": "plot the curves of one or more runs",
         "status": "step, loss, ETA and liveness of a run",
         "doctor": "check torch, GPU, precision and optional packages",
+        "consolidate": "gather a sharded (FSDP) checkpoint into one file",
     }
     for name, parser in parsers.items():
         subs.add_subcommand(name, parser, help=helps[name])
@@ -597,6 +609,15 @@ def format_checks(checks: list) -> list[str]:
     return format_report(checks)
 
 
+def cmd_consolidate(ns: Namespace, console: Console) -> Path:
+    """`lmforge consolidate`: a sharded checkpoint -> a single-file checkpoint directory."""
+    from .train.dist_checkpoint import consolidate
+
+    out = consolidate(ns.run, ns.out)
+    console.print(f"wrote {out} (use it as --run for generate and export)", highlight=False, soft_wrap=True)
+    return out
+
+
 # Every subcommand but `train` (which needs its parser to build the config): name -> function(ns, console).
 COMMANDS = {
     "prepare": cmd_prepare,
@@ -611,6 +632,7 @@ COMMANDS = {
     "plot": cmd_plot,
     "status": cmd_status,
     "doctor": cmd_doctor,
+    "consolidate": cmd_consolidate,
 }
 
 

@@ -24,6 +24,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "EvalConfig",
+    "FSDPConfig",
     "LogConfig",
     "ModelConfig",
     "TrainConfig",
@@ -66,8 +67,33 @@ class TrainConfig:
     max_bad_steps: int = 5  # stop after this many consecutive steps with a non-finite loss or grad norm
     early_stop_patience: int = 0  # stop after this many evaluations without improvement; 0 = off
     early_stop_min_delta: float = 0.0  # an improvement must lower val loss by more than this
+    parallel: Literal["ddp", "fsdp"] = "ddp"  # ddp: replicate the model | fsdp: shard it (FSDP2, ZeRO-2/3)
+    activation_checkpointing: Literal["none", "full", "every_k"] = "none"  # recompute blocks in backward
+    activation_checkpointing_k: int = 2  # every_k: checkpoint one block in every k
+    optimizer: Literal["adamw", "adamw8bit"] = "adamw"  # adamw8bit needs torchao or bitsandbytes
+    dist_timeout_s: int = 600  # a collective waiting longer than this ends the run with an error
 
     def __post_init__(self) -> None:
+        _require(self.parallel in ("ddp", "fsdp"), "train.parallel", self.parallel, "must be ddp or fsdp")
+        _require(
+            self.activation_checkpointing in ("none", "full", "every_k"),
+            "train.activation_checkpointing",
+            self.activation_checkpointing,
+            "must be none, full or every_k",
+        )
+        _require(
+            self.activation_checkpointing_k >= 1,
+            "train.activation_checkpointing_k",
+            self.activation_checkpointing_k,
+            "must be >= 1 (1 checkpoints every block)",
+        )
+        _require(
+            self.optimizer in ("adamw", "adamw8bit"),
+            "train.optimizer",
+            self.optimizer,
+            "must be adamw or adamw8bit",
+        )
+        _require(self.dist_timeout_s >= 1, "train.dist_timeout_s", self.dist_timeout_s, "must be >= 1 second")
         _require(self.max_bad_steps >= 1, "train.max_bad_steps", self.max_bad_steps, "must be >= 1")
         _require(
             self.early_stop_patience >= 0,
@@ -171,6 +197,19 @@ class LogConfig:
 
 
 @dataclass
+class FSDPConfig:
+    """Sharding settings used when train.parallel is fsdp (FSDP2 `fully_shard`)."""
+
+    reshard_after_forward: bool = True  # true: ZeRO-3 (weights sharded between uses) | false: ZeRO-2
+    cpu_offload: bool = False  # keep sharded weights, gradients and optimizer state in CPU memory
+
+    def __post_init__(self) -> None:
+        for key in ("reshard_after_forward", "cpu_offload"):
+            value = getattr(self, key)
+            _require(isinstance(value, bool), f"fsdp.{key}", value, "must be true or false")
+
+
+@dataclass
 class Config:
     """Everything one training run needs; saved as config.yaml in the run directory."""
 
@@ -183,6 +222,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    fsdp: FSDPConfig = field(default_factory=FSDPConfig)
 
     def __post_init__(self) -> None:
         _require(bool(self.resume), "resume", self.resume, "must be auto, never or a checkpoint directory")
@@ -212,6 +252,7 @@ def config_from_dict(d: dict) -> Config:
         "eval": EvalConfig,
         "checkpoint": CheckpointConfig,
         "log": LogConfig,
+        "fsdp": FSDPConfig,
     }
     for key, value in d.items():
         if key not in sections:

@@ -111,21 +111,20 @@ class Setting:
 
 
 def setting_from_config(cfg: Config, gpus: int | None = None, precision: str | None = None) -> Setting:
-    """The Setting a config asks for. Keys another feature may add are read with defaults."""
+    """The Setting a config asks for."""
     t = cfg.train
-    fsdp = getattr(cfg, "fsdp", None)
     mbs = t.micro_batch_size if isinstance(t.micro_batch_size, int) else 1
     return Setting(
         micro_batch_size=mbs,
         seq_len=cfg.model.seq_len or cfg.model.context_len,
         precision=precision or (t.precision if t.precision != "auto" else "bf16"),
-        optimizer=getattr(t, "optimizer", "adamw"),
-        parallel=getattr(t, "parallel", "ddp"),
+        optimizer=t.optimizer,
+        parallel=t.parallel,
         gpus=gpus or 1,
-        checkpointing=getattr(t, "activation_checkpointing", "none"),
-        checkpointing_k=getattr(t, "activation_checkpointing_k", 2),
-        reshard_after_forward=getattr(fsdp, "reshard_after_forward", True),
-        cpu_offload=getattr(fsdp, "cpu_offload", False),
+        checkpointing=t.activation_checkpointing,
+        checkpointing_k=t.activation_checkpointing_k,
+        reshard_after_forward=cfg.fsdp.reshard_after_forward,
+        cpu_offload=cfg.fsdp.cpu_offload,
     )
 
 

@@ -63,7 +63,7 @@ def _next_smaller(b: int, per_rank: int | None) -> int:
 
 def _optimizer_bytes(cfg: Config) -> int:
     n = param_breakdown(cfg.model)["total"]
-    return (2 if getattr(cfg.train, "optimizer", "adamw") == "adamw8bit" else 8) * n
+    return (2 if cfg.train.optimizer == "adamw8bit" else 8) * n
 
 
 def _trial_fits(

@@ -291,12 +291,14 @@ def test_config_sections_round_trip():
 
 
 TIMEOUT_SCRIPT = """
-import time, torch, torch.distributed as dist
+import sys, time, torch, torch.distributed as dist
 from lmforge.train.distributed import init_distributed
 from lmforge.train.parallel import all_agree, collective_errors, DistributedError
 env = init_distributed("cpu", timeout_s=2)
 # a stop / NaN / early-stop flag raised on one rank only is seen by both; none raised stays false
-print(f"AGREE rank {env.rank}", all_agree(env.rank == 1, env, "cpu"), all_agree(False, env, "cpu"), flush=True)
+one, none = all_agree(env.rank == 1, env, "cpu"), all_agree(False, env, "cpu")
+sys.stdout.write(f"AGREE rank {env.rank} {one} {none}\\n")  # one write: the ranks share the pipe
+sys.stdout.flush()
 try:
     with collective_errors(env, 2):
         if env.rank == 1:  # rank 0 never joins this all-reduce

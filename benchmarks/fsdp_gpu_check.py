@@ -15,10 +15,10 @@ import time
 import torch
 
 from lmforge.config import Config, ModelConfig, TrainConfig
+from lmforge.estimate import memory_breakdown, setting_from_config
 from lmforge.model import GPT
 from lmforge.presets import get_preset
 from lmforge.train.distributed import DistEnv, close_distributed
-from lmforge.train.loop import make_plan, memory_estimate
 from lmforge.train.optim import build_optimizer
 from lmforge.train.parallel import clip_grad_norm, parallelize
 
@@ -67,7 +67,7 @@ def main() -> None:
         times.append(time.perf_counter() - t0)
         print(f"step {step + 1}: loss {loss.item():.4f} ({times[-1]:.3f} s)")
     peak = torch.cuda.max_memory_allocated(device)
-    est = memory_estimate(cfg, make_plan(cfg, 1), "bf16")
+    est = memory_breakdown(cfg.model, setting_from_config(cfg, gpus=1, precision="bf16"), "cuda")
     gib = 1024**3
     print(
         f"| {torch.cuda.get_device_name(device)} | torch {torch.__version__} | {args.preset} | micro-batch "

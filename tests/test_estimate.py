@@ -6,9 +6,7 @@ import dataclasses
 
 import pytest
 import torch
-import torch.nn as nn
 import yaml
-from torch.utils.checkpoint import checkpoint
 
 from lmforge.checkpoint import read_metrics
 from lmforge.cli import main
@@ -23,6 +21,7 @@ from lmforge.estimate import (
 )
 from lmforge.model import GPT, ModelConfig, count_params
 from lmforge.train.autobatch import OutOfMemory, oom_guard
+from lmforge.train.parallel import apply_activation_checkpointing
 
 from .conftest import FAST, TINY_MODEL
 
@@ -51,8 +50,8 @@ def _measure(
     torch.manual_seed(0)
     m = ModelConfig(**model_kw).resolved()
     model = GPT(m)
-    if full_checkpointing:  # what activation checkpointing does: keep block inputs, recompute the rest
-        model.blocks = nn.ModuleList(_Checkpointed(b) for b in model.blocks)
+    if full_checkpointing:  # the training loop's own checkpointing: keep block inputs, recompute the rest
+        apply_activation_checkpointing(model, "full", 1)
     x = torch.randint(0, m.vocab_size, (batch, seq))
     y = torch.randint(0, m.vocab_size, (batch, seq))
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
@@ -61,15 +60,6 @@ def _measure(
     mem = memory_breakdown(m, s, "cpu")
     fp32_weights = 4 * count_params(model)
     return measured, mem["weights"] - fp32_weights + mem["gradients"] + mem["activations"] + mem["logits"]
-
-
-class _Checkpointed(nn.Module):
-    def __init__(self, block: nn.Module) -> None:
-        super().__init__()
-        self.block = block
-
-    def forward(self, x, rope=None, cache=None, layer=0):
-        return checkpoint(self.block, x, rope, cache, layer, use_reentrant=False)
 
 
 @pytest.mark.parametrize(

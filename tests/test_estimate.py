@@ -179,3 +179,15 @@ def test_out_of_memory_mid_run_is_one_line_quoting_the_estimate():
     assert "\n" not in msg and "micro-batch 8" in msg and "the estimate is" in msg and "auto" in msg
     with pytest.raises(ValueError), oom_guard(cfg, 8, "fp32", torch.device("cpu"), 1):
         raise ValueError("other errors pass through")
+
+
+def test_dry_run_prints_the_estimate_with_auto_resolved(tiny_data, tmp_path, capsys):
+    run = tmp_path / "dry"
+    args = _auto_args(
+        tiny_data, run, "--train.micro_batch_size=auto", "--train.global_batch_size=8", "--dry-run"
+    )
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "train.micro_batch_size=auto -> 8 by the estimate" in out  # a dry run tries nothing
+    assert "| RTX 4090 24GB |" in out and "activations without / with full checkpointing" in out
+    assert not run.exists()

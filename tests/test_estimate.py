@@ -193,3 +193,28 @@ def test_dry_run_prints_the_estimate_with_auto_resolved(tiny_data, tmp_path, cap
     assert "train.micro_batch_size=auto -> 8 by the estimate" in out  # a dry run tries nothing
     assert "| RTX 4090 24GB |" in out and "activations without / with full checkpointing" in out
     assert not run.exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_step_memory_is_within_25_percent_of_the_measured_cuda_peak(family):
+    # big enough that activations, not cuBLAS workspaces (tens of MB on recent GPUs), dominate the peak
+    device = torch.device("cuda")
+    m = ModelConfig(
+        family=family, n_layer=4, n_head=8, n_embd=512, context_len=512, vocab_size=8000
+    ).resolved()
+    model = GPT(m).to(device)
+    x = torch.randint(0, m.vocab_size, (16, 512), device=device)
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = model(x, x)
+    loss.backward()
+    measured = torch.cuda.max_memory_allocated(device) - base
+    mem = memory_breakdown(m, Setting(16, 512, precision="bf16"), "cuda")
+    estimated = (
+        mem["weights"] - 4 * count_params(model) + mem["gradients"] + mem["activations"] + mem["logits"]
+    )
+    assert abs(estimated - measured) / measured < 0.25, (estimated, measured)

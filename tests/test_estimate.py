@@ -76,10 +76,12 @@ def test_step_memory_is_within_25_percent_of_the_measured_cpu_peak(kw, precision
 
 
 def test_checkpointed_activations_are_within_25_percent_of_the_measured_cpu_peak():
-    kw = dict(family="gpt2", n_layer=6, n_head=4, n_embd=96, context_len=128, vocab_size=64)
-    measured, estimated = _measure(kw, batch=8, seq=128, full_checkpointing=True)
+    # (the estimate counts all gradients; at this peak, early in backward, most do not exist yet: the
+    # estimate errs high by about the gradients' size, so activations must dominate for a fair check)
+    kw = dict(family="gpt2", n_layer=6, n_head=4, n_embd=64, context_len=256, vocab_size=64)
+    measured, estimated = _measure(kw, batch=8, seq=256, full_checkpointing=True)
     assert abs(estimated - measured) / measured < 0.25, (estimated, measured)
-    plain, _ = _measure(kw, batch=8, seq=128)
+    plain, _ = _measure(kw, batch=8, seq=256)
     assert plain > 2 * measured  # checkpointing really saves memory here, so the comparison means something
 
 
@@ -169,3 +171,40 @@ def test_out_of_memory_mid_run_is_one_line_quoting_the_estimate():
     assert "\n" not in msg and "micro-batch 8" in msg and "the estimate is" in msg and "auto" in msg
     with pytest.raises(ValueError), oom_guard(cfg, 8, "fp32", torch.device("cpu"), 1):
         raise ValueError("other errors pass through")
+
+
+def test_dry_run_prints_the_estimate_with_auto_resolved(tiny_data, tmp_path, capsys):
+    run = tmp_path / "dry"
+    args = _auto_args(
+        tiny_data, run, "--train.micro_batch_size=auto", "--train.global_batch_size=8", "--dry-run"
+    )
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "train.micro_batch_size=auto -> 8 by the estimate" in out  # a dry run tries nothing
+    assert "| RTX 4090 24GB |" in out and "activations without / with full checkpointing" in out
+    assert not run.exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_step_memory_is_within_25_percent_of_the_measured_cuda_peak(family):
+    # big enough that activations, not cuBLAS workspaces (tens of MB on recent GPUs), dominate the peak
+    device = torch.device("cuda")
+    m = ModelConfig(
+        family=family, n_layer=4, n_head=8, n_embd=512, context_len=512, vocab_size=8000
+    ).resolved()
+    model = GPT(m).to(device)
+    x = torch.randint(0, m.vocab_size, (16, 512), device=device)
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = model(x, x)
+    loss.backward()
+    measured = torch.cuda.max_memory_allocated(device) - base
+    mem = memory_breakdown(m, Setting(16, 512, precision="bf16"), "cuda")
+    estimated = (
+        mem["weights"] - 4 * count_params(model) + mem["gradients"] + mem["activations"] + mem["logits"]
+    )
+    assert abs(estimated - measured) / measured < 0.25, (estimated, measured)

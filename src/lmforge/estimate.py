@@ -305,6 +305,7 @@ class Estimate:
     tokens_per_s: float
     mfu: float
     table: list[dict] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def chinchilla_tokens(self) -> int:
@@ -356,9 +357,13 @@ def estimate(
     if precision == "auto":
         precision = "fp32" if device.kind == "cpu" and not _native_bf16() else "bf16"
     s = setting_from_config(cfg, gpus, precision)
+    notes = []
     if cfg.train.micro_batch_size == "auto":  # what `auto` would pick, by this estimate
         mb = largest_micro_batch(m, s, device.memory, device.kind)
         s = dataclasses.replace(s, micro_batch_size=max(1, mb))
+        notes.append(
+            f"micro-batch       auto -> {max(1, mb)} on {device.name} by this estimate (training tries it)"
+        )
     gb = cfg.train.global_batch_size or s.micro_batch_size * s.gpus
     tokens_per_step = gb * s.seq_len
     steps = math.ceil(cfg.train.max_tokens / tokens_per_step) if cfg.train.max_tokens else cfg.train.max_steps
@@ -375,6 +380,7 @@ def estimate(
         global_batch=gb,
         tokens_per_s=tokens_per_second(m, s, device, mfu),
         mfu=mfu,
+        notes=notes,
     )
     for d in devices():
         fixed, what = make_it_fit(m, s, d)
@@ -414,9 +420,10 @@ def report_lines(est: Estimate) -> list[str]:
         f"FLOPs per token   {est.flops_per_token:,} (6N + 12*L*C*T, training)",
         f"token budget      {est.total_tokens:,} (global batch {est.global_batch} x {s.seq_len}); "
         f"Chinchilla-optimal ~{est.chinchilla_tokens:,} (20/param): "
-        f"{est.total_tokens / est.chinchilla_tokens:.2f}x of it",
+        f"{est.total_tokens / est.chinchilla_tokens:.3g}x of it",
         f"training FLOPs    {est.flops_per_token * est.total_tokens:.3e}",
         f"assumed           {s.describe()}",
+        *est.notes,
         f"speed on {est.device.name} x{s.gpus}: {est.tokens_per_s:,.0f} tokens/s at an assumed MFU of "
         f"{est.mfu:.0%} -> {_duration(est.total_tokens / est.tokens_per_s / 3600)} for the budget",
         "",

@@ -104,10 +104,13 @@ def resolve_micro_batch(
     world_size: int,
     say: Callable[[str], None],
     estimate_only: bool = False,
+    build_model: Callable[[], torch.nn.Module] | None = None,
 ) -> Config:
     """cfg with micro_batch_size=auto replaced by the largest micro-batch that fits (global batch kept).
 
-    estimate_only (a dry run): the estimate decides, nothing is run.
+    estimate_only (a dry run): the estimate decides, nothing is run. build_model: the model as training
+    will run it (activation checkpointing, FSDP); by default a plain GPT on the device, so with FSDP over
+    several GPUs and no build_model the estimate decides (a whole model per GPU would not be the test).
     """
     gb = cfg.train.global_batch_size
     if gb is not None and gb % world_size:
@@ -115,7 +118,8 @@ def resolve_micro_batch(
     per_rank = gb // world_size if gb else None
     limit = memory_limit()
     s = setting_from_config(cfg, world_size, precision)
-    if estimate_only or (device.type != "cuda" and limit is None):
+    sharded = getattr(cfg.train, "parallel", "ddp") == "fsdp" and world_size > 1
+    if estimate_only or (device.type != "cuda" and limit is None) or (sharded and build_model is None):
         capacity = limit or _device_memory(device)
         kind = "cuda" if device.type == "cuda" else "cpu"
         mb = largest_micro_batch(cfg.model, s, capacity, kind, upto=per_rank or 1024)
@@ -128,7 +132,7 @@ def resolve_micro_batch(
             1, largest_micro_batch(cfg.model, s, capacity, "cuda" if device.type == "cuda" else "cpu")
         )
         b = per_rank or 2 * guess
-        model = GPT(cfg.model).to(device)
+        model = build_model() if build_model is not None else GPT(cfg.model).to(device)
         try:
             while b >= 1 and not _trial_fits(model, b, cfg, device, precision, limit):
                 b = _next_smaller(b, per_rank)

@@ -67,8 +67,9 @@ class RunHooks:
                     "log.tensorboard=true needs the tensorboard package: pip install 'lmforge[logging]'"
                 ) from e
             self.tb = SummaryWriter(log_dir=str(self.run_dir / TB_DIR))
-        if cfg.log.wandb:
-            self.wandb = _start_wandb(cfg, self.run_dir)
+        previous = _read_status(self.run_dir)
+        if cfg.log.wandb:  # a resumed run continues the same W&B run
+            self.wandb = _start_wandb(cfg, self.run_dir, previous.get("wandb_id"))
         now = time.time()
         self.status = {
             "pid": os.getpid(),
@@ -80,6 +81,8 @@ class RunHooks:
             "max_steps": max_steps,
             "tokens": 0,
         }
+        if self.wandb is not None:
+            self.status["wandb_id"] = self.wandb.id
         self.line(f"start at step {step} of {max_steps} ({cfg.model.family}, {cfg.model.n_layer} layers)")
         self._beat()
 
@@ -200,7 +203,14 @@ class RunHooks:
         tmp.replace(self.run_dir / STATUS_FILE)
 
 
-def _start_wandb(cfg: Config, run_dir: Path):
+def _read_status(run_dir: Path) -> dict:
+    try:
+        return json.loads((run_dir / STATUS_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def _start_wandb(cfg: Config, run_dir: Path, run_id: str | None):
     try:
         import wandb
     except ImportError as e:
@@ -211,4 +221,6 @@ def _start_wandb(cfg: Config, run_dir: Path):
         dir=str(run_dir),
         mode=cfg.log.wandb_mode,
         config=config_to_dict(cfg),
+        id=run_id,
+        resume="allow" if run_id else None,
     )

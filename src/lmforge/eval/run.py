@@ -181,7 +181,8 @@ def evaluate_run(run: str | Path, opts: EvalOptions, console: Console | None = N
         from ..model.quant import quantize_int8, weight_bytes
 
         say("scoring the unquantized model first ...")
-        base_bpb = language_modelling(model, ids, n_bytes, window, stride, opts.batch_size)["bpb"]
+        base_scores = score_tokens(model, ids, window, window, opts.batch_size)
+        base_bpb = summarize_scores(base_scores, n_bytes)["bpb"]
         base_model = copy.deepcopy(model) if opts.speed else None
         fp_bytes = weight_bytes(model)
         quantize_int8(model)

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import random
 
-import pytest
+# No test touches the network: Hugging Face libraries read these when they are imported.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import pytest  # noqa: E402
 import torch
 
 from lmforge.data import prepare
@@ -67,3 +72,15 @@ def _threads():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def trained_run(tiny_data, tmp_path_factory):
+    """A tiny run trained for 40 steps on tiny_data (a few seconds), with a val line at step 40."""
+    from lmforge.cli import main
+
+    out = tmp_path_factory.mktemp("trained") / "run"
+    args = ["train", "--data", str(tiny_data), "--out", str(out), *TINY_MODEL, *FAST]
+    args += ["--train.max_steps=40", "--train.lr=3e-3", "--train.warmup_steps=5", "--eval.every=40"]
+    assert main(args) == 0
+    return out

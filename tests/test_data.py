@@ -29,6 +29,7 @@ from lmforge.data import (
 
 # `lmforge.data.prepare` is shadowed by the re-exported function, so fetch the module itself.
 prepare_module = importlib.import_module("lmforge.data.prepare")
+encode_module = importlib.import_module("lmforge.data.encode")
 
 TRICKY = [
     "",
@@ -121,7 +122,7 @@ def test_tokenizer_save_load_identical(small_tok: Tokenizer, tmp_path: Path) -> 
 
 def test_tokenizer_errors(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="bpe"):
-        train_tokenizer(["x"], kind="wordpiece")
+        train_tokenizer(["x"], kind="sentencepiece")
     with pytest.raises(DataError, match="too small"):
         train_tokenizer(["x"], vocab_size=100)
     with pytest.raises(DataError, match="no tokenizer"):
@@ -179,13 +180,13 @@ def test_iter_documents_folder(tmp_path: Path) -> None:
 def test_iter_documents_bad_sources(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="does not exist.*builtin:stdlib"):
         iter_documents(str(tmp_path / "nope"))
-    with pytest.raises(DataError, match="unsupported source scheme 'hf:'.*builtin:stdlib"):
-        iter_documents("hf:some/dataset")
+    with pytest.raises(DataError, match="unsupported source scheme 's3:'.*builtin:stdlib"):
+        iter_documents("s3:some/dataset")
     with pytest.raises(DataError, match="builtin:stdlib"):
         iter_documents("builtin:nothing")
-    (tmp_path / "x.csv").write_text("a,b")
+    (tmp_path / "x.docx").write_text("a,b")
     with pytest.raises(DataError, match="unsupported extension"):
-        iter_documents(str(tmp_path / "x.csv"))
+        iter_documents(str(tmp_path / "x.docx"))
 
 
 def test_builtin_stdlib_corpus() -> None:
@@ -340,7 +341,7 @@ def test_prepare_tokenizer_sample_is_bounded_prefix_of_train(tmp_path: Path, mon
     seen: list[str] = []
     real = prepare_module.train_tokenizer
 
-    def spy(texts, kind="bpe", vocab_size=8192):
+    def spy(texts, kind="bpe", vocab_size=8192, special_tokens=()):
         seen.extend(texts)
         return real(seen, kind, vocab_size)
 
@@ -351,7 +352,7 @@ def test_prepare_tokenizer_sample_is_bounded_prefix_of_train(tmp_path: Path, mon
 
 
 def test_prepare_long_document_pieces_encode_like_whole(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setattr(prepare_module, "_PIECE_CHARS", 500)
+    monkeypatch.setattr(encode_module, "_PIECE_CHARS", 500)
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     # A class body: every newline touches whitespace, where a careless cut changes the tokens.
@@ -418,6 +419,9 @@ def test_prepare_meta_only_ever_describes_complete_shards(tmp_path: Path, monkey
         # When meta.json is written, every shard it lists must already be complete on disk,
         # and the folder must still be the hidden temp folder.
         assert path.parent != out
+        if path.name == "manifest.json":  # written just before meta.json
+            events.append("manifest")
+            return real_write_json(path, payload)
         for info in payload["splits"].values():
             sizes = sum((path.parent / n).stat().st_size for n in info["shards"])
             assert sizes == 2 * info["tokens"]
@@ -432,7 +436,7 @@ def test_prepare_meta_only_ever_describes_complete_shards(tmp_path: Path, monkey
     monkeypatch.setattr(prepare_module, "write_json", spy_write_json)
     monkeypatch.setattr(prepare_module, "install", spy_install)
     prepare([str(corpus)], out, vocab_size=300)
-    assert events == ["meta", "install"] and load_meta(out)["format_version"] == 1
+    assert events == ["manifest", "meta", "install"] and load_meta(out)["format_version"] == 1
 
 
 def test_prepare_swap_failure_keeps_previous_data(tmp_path: Path, monkeypatch) -> None:

@@ -41,6 +41,7 @@ BEST = "best"
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "train_state.safetensors"
 META_FILE = "meta.json"
+SHARDED_INDEX = ".metadata"  # torch.distributed.checkpoint's index of a sharded checkpoint (FSDP runs)
 
 
 class CheckpointError(LmforgeError, RuntimeError):
@@ -115,11 +116,38 @@ def save_checkpoint(
         tmp.mkdir()
         save_file(model_tensors, str(tmp / MODEL_FILE))
         save_file(state_tensors, str(tmp / STATE_FILE))
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _write_error(final, e) from e
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return publish_checkpoint(tmp, final, step, meta, keep_last, is_step=name is None)
+
+
+def _write_error(final: Path, e: OSError) -> CheckpointError:
+    reason = e.strerror or str(e)
+    return CheckpointError(
+        f"could not write checkpoint {final} ({reason}): free space or fix permissions, then run the "
+        f"same command again to resume from the previous checkpoint"
+    )
+
+
+def publish_checkpoint(
+    tmp: Path, final: Path, step: int, meta: dict, keep_last: int | None = None, is_step: bool = True
+) -> Path:
+    """Checksum every file of a filled temporary directory, write meta.json, rename it into place, move
+    `latest` (step checkpoints only) and rotate. The one commit point for every checkpoint format.
+
+    On failure the temporary directory is removed and the previous checkpoints stay as they were.
+    """
+    ckpt_root = final.parent
+    try:
         files = {}
-        for fname in (MODEL_FILE, STATE_FILE):
-            with open(tmp / fname, "rb") as f:
+        for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
+            with open(path, "rb") as f:
                 os.fsync(f.fileno())
-            files[fname] = sha256_file(tmp / fname)
+            files[path.relative_to(tmp).as_posix()] = sha256_file(path)
         _write_json(tmp / META_FILE, {**meta, "format_version": FORMAT_VERSION, "step": step, "files": files})
         _fsync_dir(tmp)
         old = None
@@ -130,22 +158,18 @@ def save_checkpoint(
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
         _fsync_dir(ckpt_root)
-        if name is None:
+        if is_step:
             latest_tmp = ckpt_root / f".{LATEST}.tmp"
             latest_tmp.write_text(final.name + "\n")
             os.replace(latest_tmp, ckpt_root / LATEST)
             _fsync_dir(ckpt_root)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        reason = e.strerror or str(e)
-        raise CheckpointError(
-            f"could not write checkpoint {final} ({reason}): free space or fix permissions, then run the "
-            f"same command again to resume from the previous checkpoint"
-        ) from e
+        raise _write_error(final, e) from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if keep_last and name is None:
+    if keep_last and is_step:
         _rotate(ckpt_root, keep_last)
     return final
 
@@ -207,7 +231,10 @@ def verify_checkpoint(ckpt: str | Path) -> dict:
     ckpt = Path(ckpt)
     meta = read_meta(ckpt)
     files = meta.get("files")
-    if not isinstance(files, dict) or MODEL_FILE not in files or not isinstance(meta.get("step"), int):
+    has_weights = MODEL_FILE in files if isinstance(files, dict) else False
+    if meta.get("sharded") and isinstance(files, dict):  # torch.distributed.checkpoint shards (FSDP)
+        has_weights = SHARDED_INDEX in files
+    if not isinstance(files, dict) or not has_weights or not isinstance(meta.get("step"), int):
         raise CheckpointError(
             f"{ckpt / META_FILE}: incomplete checkpoint metadata (no step or file checksums)"
         )
@@ -256,6 +283,11 @@ def load_checkpoint(ckpt: str | Path, verify: bool = True) -> tuple[dict, dict, 
     """(model tensors, train-state tensors, meta) of a checkpoint, on the CPU."""
     ckpt = Path(ckpt)
     meta = verify_checkpoint(ckpt) if verify else read_meta(ckpt)
+    if meta.get("sharded"):
+        raise CheckpointError(
+            f"{ckpt} is a sharded checkpoint (train.parallel=fsdp): run `lmforge consolidate --run "
+            f"{ckpt}` and use the directory it writes"
+        )
     model_sd = load_file(str(ckpt / MODEL_FILE))
     state_path = ckpt / STATE_FILE
     state = load_file(str(state_path)) if state_path.is_file() else {}
@@ -277,7 +309,7 @@ def load_model_weights(model: torch.nn.Module, tensors: dict[str, torch.Tensor])
 def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint directory from a run directory (its latest) or a checkpoint directory itself."""
     path = Path(path)
-    if (path / META_FILE).is_file() and (path / MODEL_FILE).is_file():
+    if (path / META_FILE).is_file() and ((path / MODEL_FILE).is_file() or (path / SHARDED_INDEX).is_file()):
         return path
     if not path.exists():
         raise CheckpointError(f"run '{path}' does not exist: pass a RUN_DIR written by `lmforge train`")

@@ -1,13 +1,20 @@
 """The one `lmforge` command. Each subcommand maps to one function; jsonargparse does all the parsing.
 
-lmforge prepare  --source SRC --out DATA_DIR [--tokenizer bpe] [--vocab-size N]
+lmforge prepare  --source SRC[:WEIGHT] ... --out DATA_DIR [--tokenizer bpe|wordpiece|unigram|word|char|gpt2|tiktoken:NAME|FILE]
 lmforge train    --config configs/X.yaml --data DATA_DIR --out RUN_DIR [--resume auto|never|PATH] [--section.key=value ...]
 lmforge generate --run RUN_DIR --prompt "..." [--stream] | --input prompts.txt --output results.jsonl
 lmforge chat     --run RUN_DIR
 lmforge serve    --run RUN_DIR [--host 127.0.0.1] [--port 8000]
 lmforge export   --run RUN_DIR --format hf|safetensors|onnx|gguf --out DIR [--dtype f32|f16|bf16|q8_0]
 lmforge import   hf:HF_DIR --out RUN_DIR
+lmforge eval     --run RUN_DIR [--data DATA_DIR | --text FILE] [--tasks NAME=FILE.jsonl] [--quantize int8]
+
+lmforge consolidate --run RUN_DIR [--out DIR]
 lmforge quickstart
+lmforge estimate --config configs/X.yaml [--preset P] [--gpu NAME] [--gpus N] [--section.key=value ...]
+lmforge plot RUN_DIR [RUN_DIR ...] [--out FILE.png|.html]
+lmforge status RUN_DIR
+lmforge doctor [--run-dir DIR]
 """
 
 from __future__ import annotations
@@ -44,20 +51,36 @@ def build_parser() -> tuple[ArgumentParser, dict[str, ArgumentParser]]:
     subs = root.add_subcommands(dest="command", required=True)
     parsers: dict[str, ArgumentParser] = {}
 
-    p = _parser("Train a tokenizer on raw text and write token shards plus meta.json.")
+    p = _parser("Train a tokenizer on raw text and write token shards plus meta.json and manifest.json.")
     p.add_argument(
         "--source",
         action="append",
         required=True,
-        help="a file, a folder of .txt/.md/.json/.jsonl, or builtin:stdlib (repeatable)",
+        help="a file or folder (.txt .md .json .jsonl .jsonl.gz .parquet .csv), builtin:stdlib, "
+        "hf:NAME[:CONFIG][@SPLIT], fineweb, fineweb-edu, dolma, pile, c4, or kaggle:OWNER/DATASET; "
+        "repeatable, SRC:WEIGHT mixes sources in proportion",
     )
     p.add_argument("--out", required=True, help="DATA_DIR to write")
-    p.add_argument("--tokenizer", default="bpe", help="bpe (byte-level BPE), or a path to a tokenizer.json")
+    p.add_argument(
+        "--tokenizer",
+        default="bpe",
+        help="bpe | wordpiece | unigram | word | char (trained here), gpt2, tiktoken:NAME, or a tokenizer.json",
+    )
     p.add_argument("--vocab-size", type=int, default=8192, help="vocabulary size of a trained tokenizer")
+    p.add_argument("--special-tokens", default="", help="extra special tokens, comma-separated")
+    p.add_argument(
+        "--text-field", default="text", help="record field holding the text (text falls back to content)"
+    )
     p.add_argument(
         "--val-fraction", type=float, default=0.01, help="share of documents held out for validation"
     )
     p.add_argument("--max-docs", type=int, default=None, help="stop after this many documents")
+    p.add_argument("--max-tokens", type=int, default=None, help="stop once this many tokens are written")
+    p.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: all cores)")
+    p.add_argument("--seq-len", type=int, default=None, help="validation window length recorded for eval")
+    p.add_argument(
+        "--stride", type=int, default=None, help="step between validation windows (< seq-len overlaps)"
+    )
     parsers["prepare"] = p
 
     p = _parser("Train (or resume) a model on prepared data.")
@@ -154,6 +177,68 @@ def build_parser() -> tuple[ArgumentParser, dict[str, ArgumentParser]]:
     p.add_argument("--seed", type=int, default=0)
     parsers["bench"] = p
 
+    p = _parser("Measure a run: loss, perplexity, bits per byte, accuracy, tasks, generation quality, speed.")
+    p.add_argument("--run", required=True, help="RUN_DIR (its latest checkpoint) or a checkpoint directory")
+    p.add_argument(
+        "--data", default=None, help="DATA_DIR whose val split is scored (default: the run's data)"
+    )
+    p.add_argument("--text", default=None, help="a UTF-8 text file to score instead of --data")
+    p.add_argument("--stride", type=int | None, default=None, help="sliding-window stride (default: half)")
+    p.add_argument("--batches", type=int, default=16, help="val batches to score (--data)")
+    p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
+    p.add_argument(
+        "--tasks", action="append", default=[], help="NAME=FILE.jsonl in HellaSwag's format (repeatable)"
+    )
+    p.add_argument(
+        "--prompts", default=None, help="prompt set: .txt (one per line) or .jsonl (default: built in)"
+    )
+    p.add_argument("--max-new-tokens", type=int, default=48, help="tokens generated per prompt")
+    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature for generation")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-speed", action="store_true", help="skip the speed measurement")
+    p.add_argument(
+        "--quantize", default=None, help="int8: evaluate int8 weights and compare with the original"
+    )
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", default=None, help="where to write the JSON report (default RUN_DIR/eval.json)")
+    parsers["eval"] = p
+
+    p = _parser("Plan a run: parameters, FLOPs, memory per GPU, time, and which devices it fits.")
+    p.add_argument("--config", action=ActionConfigFile, help="a YAML config (see configs/)")
+    p.add_class_arguments(Config, nested_key=None, fail_untyped=False)
+    p.add_argument(
+        "--gpu", default=None, help="device of the summary, e.g. 4090, a100-80, h100 (default: RTX 4090)"
+    )
+    p.add_argument("--gpus", type=int, default=1, help="number of GPUs (data parallel or FSDP)")
+    p.add_argument(
+        "--mfu", type=float, default=0.4, help="assumed model FLOPs utilisation for the time estimate"
+    )
+    parsers["estimate"] = p
+
+    p = _parser("Plot loss, learning rate, gradient norm and tokens/s of one or more runs.")
+    p.add_argument("runs", nargs="+", help="RUN_DIRs (several: one chart, one line per run)")
+    p.add_argument("--out", default=None, help="FILE.png or FILE.html (default: RUN_DIR/curves.png)")
+    parsers["plot"] = p
+
+    p = _parser("Where a run stands: step, tokens, loss, best val, ETA, last checkpoint, alive or not.")
+    p.add_argument("run", help="RUN_DIR")
+    parsers["status"] = p
+
+    p = _parser(
+        "Check this machine for training: torch, GPU, bf16, flash attention, compile, disk, packages."
+    )
+    p.add_argument("--run-dir", default=".", help="where runs will be written (for the free-disk check)")
+    parsers["doctor"] = p
+
+    p = _parser("Gather a sharded (FSDP) checkpoint into one model.safetensors for generate and export.")
+    p.add_argument(
+        "--run", required=True, help="RUN_DIR (its latest checkpoint) or a sharded checkpoint directory"
+    )
+    p.add_argument(
+        "--out", default=None, help="checkpoint directory to write (default: RUN_DIR/consolidated)"
+    )
+    parsers["consolidate"] = p
+
     helps = {
         "prepare": "tokenize raw text into shards",
         "train": "train or resume a model",
@@ -164,6 +249,12 @@ def build_parser() -> tuple[ArgumentParser, dict[str, ArgumentParser]]:
         "import": "import a Hugging Face model as a run",
         "quickstart": "the whole pipeline in a few minutes on a CPU",
         "bench": "training throughput next to HF transformers",
+        "eval": "measure a run: loss, ppl, bpb, accuracy, tasks, generation, speed",
+        "estimate": "memory, time and device fit of a config, before training",
+        "plot": "plot the curves of one or more runs",
+        "status": "step, loss, ETA and liveness of a run",
+        "doctor": "check torch, GPU, precision and optional packages",
+        "consolidate": "gather a sharded (FSDP) checkpoint into one file",
     }
     for name, parser in parsers.items():
         subs.add_subcommand(name, parser, help=helps[name])
@@ -199,9 +290,11 @@ def parse(argv: list[str]) -> tuple[str, Namespace, dict[str, ArgumentParser]]:
     """Parse argv; a preset (from the command line or a config file) becomes the model defaults, then re-parse."""
     root, parsers = build_parser()
     ns = root.parse_args(argv)
-    name = {"train": lambda: ns.train.preset, "bench": lambda: ns.bench.preset}.get(
-        ns.command, lambda: None
-    )()
+    name = {
+        "train": lambda: ns.train.preset,
+        "bench": lambda: ns.bench.preset,
+        "estimate": lambda: ns.estimate.preset,
+    }.get(ns.command, lambda: None)()
     if name:
         try:
             preset = get_preset(name)
@@ -221,6 +314,9 @@ def main(argv: list[str] | None = None) -> int:
         command, ns, parsers = parse(argv)
         if command == "train":
             return cmd_train(ns, parsers["train"], console, err)
+        if command == "estimate":
+            cmd_estimate(ns, parsers["estimate"], console)
+            return 0
         COMMANDS[command](ns, console)
         return 0
     except ArgumentError as e:
@@ -275,6 +371,13 @@ def cmd_prepare(ns: Namespace, console: Console) -> dict:
         val_fraction=ns.val_fraction,
         max_docs=ns.max_docs,
         progress=lambda msg: console.print(msg, highlight=False),
+        text_field=ns.text_field,
+        special_tokens=[t.strip() for t in ns.special_tokens.split(",") if t.strip()],
+        workers=ns.workers,
+        max_tokens=ns.max_tokens,
+        seq_len=ns.seq_len,
+        stride=ns.stride,
+        console=console,
     )
     tr, va = meta["splits"]["train"], meta["splits"]["val"]
     console.print(
@@ -421,6 +524,100 @@ def cmd_bench(ns: Namespace, console: Console) -> list:
     return results
 
 
+def cmd_eval(ns: Namespace, console: Console) -> dict:
+    """`lmforge eval`: measure a run, print a table and write eval.json."""
+    from .eval.run import EvalError, EvalOptions, evaluate_run, report_table, write_report
+
+    tasks = {}
+    for spec in ns.tasks:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise EvalError(
+                f"--tasks {spec}: write it as NAME=FILE.jsonl, e.g. hellaswag=hellaswag_val.jsonl"
+            )
+        tasks[name] = path
+    opts = EvalOptions(
+        data=ns.data,
+        text=ns.text,
+        stride=ns.stride,
+        batches=ns.batches,
+        batch_size=ns.batch_size,
+        tasks=tasks,
+        prompts=ns.prompts,
+        max_new_tokens=ns.max_new_tokens,
+        temperature=ns.temperature,
+        seed=ns.seed,
+        speed=not ns.no_speed,
+        quantize=ns.quantize,
+        device=ns.device,
+    )
+    report = evaluate_run(ns.run, opts, console)
+    out = write_report(report, ns.out or Path(ns.run) / "eval.json")
+    console.print(report_table(report))
+    console.print(f"wrote {out}", highlight=False)
+    return report
+
+
+def cmd_estimate(ns: Namespace, parser: ArgumentParser, console: Console):
+    """`lmforge estimate`: the plan for a config (no model is built, nothing is run)."""
+    from .estimate import estimate, report_lines
+
+    try:
+        cfg = parse_config(ns, parser)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(str(e)) from e
+    est = estimate(cfg, gpu=ns.gpu, gpus=ns.gpus, mfu=ns.mfu)
+    for line in report_lines(est):
+        console.print(line, highlight=False, markup=False, soft_wrap=True)
+    return est
+
+
+def cmd_plot(ns: Namespace, console: Console) -> Path:
+    """`lmforge plot`: curves of one or more runs into a PNG or HTML file."""
+    from .plot import plot_runs
+
+    out = Path(ns.out) if ns.out else Path(ns.runs[0]) / "curves.png"
+    plot_runs(ns.runs, out)
+    console.print(f"wrote {out}", highlight=False)
+    return out
+
+
+def cmd_status(ns: Namespace, console: Console) -> dict:
+    """`lmforge status`: one screen on where a run stands."""
+    from .watch import format_status, run_status
+
+    status = run_status(ns.run)
+    for line in format_status(status):
+        console.print(line, highlight=False, markup=False, soft_wrap=True)
+    return status
+
+
+def cmd_doctor(ns: Namespace, console: Console) -> list:
+    """`lmforge doctor`: what this machine can do for training, and what to fix."""
+    from .doctor import doctor_report
+
+    checks = doctor_report(ns.run_dir)
+    for line in format_checks(checks):
+        console.print(line, highlight=False, soft_wrap=True)
+    return checks
+
+
+def format_checks(checks: list) -> list[str]:
+    """Doctor checks as aligned lines, then the fixes."""
+    from .doctor import format_report
+
+    return format_report(checks)
+
+
+def cmd_consolidate(ns: Namespace, console: Console) -> Path:
+    """`lmforge consolidate`: a sharded checkpoint -> a single-file checkpoint directory."""
+    from .train.dist_checkpoint import consolidate
+
+    out = consolidate(ns.run, ns.out)
+    console.print(f"wrote {out} (use it as --run for generate and export)", highlight=False, soft_wrap=True)
+    return out
+
+
 # Every subcommand but `train` (which needs its parser to build the config): name -> function(ns, console).
 COMMANDS = {
     "prepare": cmd_prepare,
@@ -431,6 +628,11 @@ COMMANDS = {
     "import": cmd_import,
     "quickstart": cmd_quickstart,
     "bench": cmd_bench,
+    "eval": cmd_eval,
+    "plot": cmd_plot,
+    "status": cmd_status,
+    "doctor": cmd_doctor,
+    "consolidate": cmd_consolidate,
 }
 
 

@@ -24,6 +24,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "EvalConfig",
+    "FSDPConfig",
     "LogConfig",
     "ModelConfig",
     "TrainConfig",
@@ -48,7 +49,7 @@ class TrainConfig:
 
     max_steps: int = 1000  # optimizer steps; max_tokens, when given, decides instead
     max_tokens: int | None = None  # token budget: max_steps = ceil(max_tokens / tokens per step)
-    micro_batch_size: int = 16  # sequences per forward/backward
+    micro_batch_size: int | Literal["auto"] = 16  # sequences per forward/backward; auto: largest that fits
     global_batch_size: int | None = None  # sequences per optimizer step; None: micro_batch_size x world size
     lr: float = 6e-4  # peak learning rate
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
@@ -62,11 +63,37 @@ class TrainConfig:
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     compile: bool = False  # torch.compile the model
     seed: int = 1337
+    data_order: Literal["random", "sequential"] = "random"  # shuffled windows, or packed in stream order
     max_bad_steps: int = 5  # stop after this many consecutive steps with a non-finite loss or grad norm
     early_stop_patience: int = 0  # stop after this many evaluations without improvement; 0 = off
     early_stop_min_delta: float = 0.0  # an improvement must lower val loss by more than this
+    parallel: Literal["ddp", "fsdp"] = "ddp"  # ddp: replicate the model | fsdp: shard it (FSDP2, ZeRO-2/3)
+    activation_checkpointing: Literal["none", "full", "every_k"] = "none"  # recompute blocks in backward
+    activation_checkpointing_k: int = 2  # every_k: checkpoint one block in every k
+    optimizer: Literal["adamw", "adamw8bit"] = "adamw"  # adamw8bit needs torchao or bitsandbytes
+    dist_timeout_s: int = 600  # a collective waiting longer than this ends the run with an error
 
     def __post_init__(self) -> None:
+        _require(self.parallel in ("ddp", "fsdp"), "train.parallel", self.parallel, "must be ddp or fsdp")
+        _require(
+            self.activation_checkpointing in ("none", "full", "every_k"),
+            "train.activation_checkpointing",
+            self.activation_checkpointing,
+            "must be none, full or every_k",
+        )
+        _require(
+            self.activation_checkpointing_k >= 1,
+            "train.activation_checkpointing_k",
+            self.activation_checkpointing_k,
+            "must be >= 1 (1 checkpoints every block)",
+        )
+        _require(
+            self.optimizer in ("adamw", "adamw8bit"),
+            "train.optimizer",
+            self.optimizer,
+            "must be adamw or adamw8bit",
+        )
+        _require(self.dist_timeout_s >= 1, "train.dist_timeout_s", self.dist_timeout_s, "must be >= 1 second")
         _require(self.max_bad_steps >= 1, "train.max_bad_steps", self.max_bad_steps, "must be >= 1")
         _require(
             self.early_stop_patience >= 0,
@@ -87,7 +114,13 @@ class TrainConfig:
             self.max_tokens,
             "must be >= 1",
         )
-        _require(self.micro_batch_size >= 1, "train.micro_batch_size", self.micro_batch_size, "must be >= 1")
+        _require(
+            self.micro_batch_size == "auto"
+            or (isinstance(self.micro_batch_size, int) and self.micro_batch_size >= 1),
+            "train.micro_batch_size",
+            self.micro_batch_size,
+            "must be >= 1, or auto (the largest that fits in memory)",
+        )
         _require(
             self.global_batch_size is None or self.global_batch_size >= 1,
             "train.global_batch_size",
@@ -140,9 +173,40 @@ class LogConfig:
 
     every: int = 10  # steps between lines in metrics.jsonl
     progress: bool = True  # show a progress bar on a terminal
+    tensorboard: bool = False  # also write TensorBoard event files under RUN_DIR/tb
+    wandb: bool = False  # also log metrics and the config to Weights & Biases
+    wandb_project: str = "lmforge"
+    wandb_run_name: str | None = None  # None: the RUN_DIR's name
+    wandb_mode: str | None = None  # online | offline | disabled; None: W&B's default (WANDB_MODE)
+    sample_every: int = 0  # generate from sample_prompts every N evaluations (0: never)
+    sample_prompts: list[str] = field(default_factory=lambda: ["The", "def "])
+    sample_tokens: int = 48  # new tokens per sample
 
     def __post_init__(self) -> None:
         _require(self.every >= 1, "log.every", self.every, "must be >= 1")
+        _require(
+            self.sample_every >= 0, "log.sample_every", self.sample_every, "must be >= 0 (0: no samples)"
+        )
+        _require(self.sample_tokens >= 1, "log.sample_tokens", self.sample_tokens, "must be >= 1")
+        _require(
+            self.wandb_mode in (None, "online", "offline", "disabled"),
+            "log.wandb_mode",
+            self.wandb_mode,
+            "must be online, offline or disabled",
+        )
+
+
+@dataclass
+class FSDPConfig:
+    """Sharding settings used when train.parallel is fsdp (FSDP2 `fully_shard`)."""
+
+    reshard_after_forward: bool = True  # true: ZeRO-3 (weights sharded between uses) | false: ZeRO-2
+    cpu_offload: bool = False  # keep sharded weights, gradients and optimizer state in CPU memory
+
+    def __post_init__(self) -> None:
+        for key in ("reshard_after_forward", "cpu_offload"):
+            value = getattr(self, key)
+            _require(isinstance(value, bool), f"fsdp.{key}", value, "must be true or false")
 
 
 @dataclass
@@ -158,6 +222,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    fsdp: FSDPConfig = field(default_factory=FSDPConfig)
 
     def __post_init__(self) -> None:
         _require(bool(self.resume), "resume", self.resume, "must be auto, never or a checkpoint directory")
@@ -165,7 +230,7 @@ class Config:
             get_preset(self.preset)  # unknown names fail here, with a suggestion
         self.model = self.model.resolved()
         gb = self.train.global_batch_size
-        if gb is not None and gb % self.train.micro_batch_size:
+        if gb is not None and self.train.micro_batch_size != "auto" and gb % self.train.micro_batch_size:
             raise ConfigError(
                 f"train.global_batch_size={gb} is not a multiple of train.micro_batch_size="
                 f"{self.train.micro_batch_size}: gradient accumulation needs a whole number of micro-batches"
@@ -187,6 +252,7 @@ def config_from_dict(d: dict) -> Config:
         "eval": EvalConfig,
         "checkpoint": CheckpointConfig,
         "log": LogConfig,
+        "fsdp": FSDPConfig,
     }
     for key, value in d.items():
         if key not in sections:

@@ -35,8 +35,16 @@ def _batch(shards: TokenShards, windows: list[int], seq_len: int) -> tuple[torch
     return data[:, :-1].contiguous(), data[:, 1:].contiguous()
 
 
+LOADER_ORDERS = ("random", "sequential")
+
+
 class TokenLoader:
-    """Endless shuffled training batches; the order is a pure function of seed, epoch and rank."""
+    """Endless training batches; the order is a pure function of (seed, epoch, rank, world size, position).
+
+    ``order="random"`` reads the split's windows in a fresh shuffled order every epoch;
+    ``order="sequential"`` packs them in stream order (rank r reads windows r, r + world, ...),
+    so consecutive batches continue the same documents.
+    """
 
     def __init__(
         self,
@@ -47,7 +55,10 @@ class TokenLoader:
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
+        order: str = "random",
     ) -> None:
+        if order not in LOADER_ORDERS:
+            raise DataError(f"loader order '{order}' is unknown: choose one of {', '.join(LOADER_ORDERS)}")
         if micro_batch_size < 1:
             raise DataError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
         if world_size < 1 or not 0 <= rank < world_size:
@@ -59,6 +70,7 @@ class TokenLoader:
         self.seed = int(seed)
         self.rank = int(rank)
         self.world_size = int(world_size)
+        self.order = order
         self._shards, self.windows = _open_split(data_dir, split, self.seq_len)
         # Every rank gets the same number of windows per epoch (the permutation's tail of
         # fewer than world_size windows is dropped) so ranks change epoch in lockstep and
@@ -88,6 +100,8 @@ class TokenLoader:
 
     def window_index(self, epoch: int, position: int) -> int:
         """The window this rank reads at ``position`` of ``epoch``."""
+        if self.order == "sequential":
+            return self.rank + position * self.world_size
         return int(self._permutation(epoch)[self.rank + position * self.world_size])
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,6 +129,7 @@ class TokenLoader:
             "rank": self.rank,
             "world_size": self.world_size,
             "windows": self.windows,
+            "order": self.order,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -128,6 +143,11 @@ class TokenLoader:
             raise DataError(
                 f"loader state is for a split of {state['windows']} windows, '{self.data_dir}' has "
                 f"{self.windows}: the data changed since the checkpoint; resume with the same data"
+            )
+        if state.get("order", "random") != self.order:
+            raise DataError(
+                f"loader state is for order={state.get('order', 'random')} but this run has "
+                f"order={self.order}: keep the data order equal to resume"
             )
         position = int(state["position"])
         if not 0 <= position <= self.windows_per_rank:

@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 
 from lmforge.data.errors import DataError
-from lmforge.data.shards import META_FILE
+from lmforge.data.shards import MANIFEST_FILE, META_FILE
 from lmforge.data.tokenizer import TOKENIZER_FILE
 
 _SHARD_RE = re.compile(r"^[a-z]+_\d{6}\.bin$")
@@ -28,7 +28,7 @@ def is_data_dir(path: Path) -> bool:
         return False
     if not isinstance(meta, dict) or "format_version" not in meta:
         return False
-    known = {META_FILE, TOKENIZER_FILE}
+    known = {META_FILE, MANIFEST_FILE, TOKENIZER_FILE}
     return all(p.name in known or _SHARD_RE.match(p.name) for p in path.iterdir())
 
 

@@ -1,36 +1,40 @@
-"""`prepare`: documents -> tokenizer -> train/val token shards + meta.json, written atomically."""
+"""`prepare`: sources -> tokenizer -> train/val token shards + meta.json + manifest.json, written atomically."""
 
 from __future__ import annotations
 
 import hashlib
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from lmforge.data.encode import (
+    CHUNK_CHARS,
+    CHUNK_DOCS,
+    EncodePool,
+    ProgressBar,
+    default_workers,
+    serial_tokenizers,
+)
 from lmforge.data.errors import DataError
+from lmforge.data.mixture import SourceSpec, mix, parse_sources
 from lmforge.data.outdir import check_out_dir, install, remove_stale_temps, temp_dir_for, write_json
 from lmforge.data.shards import (
     DEFAULT_SHARD_TOKENS,
+    MANIFEST_FILE,
     META_FILE,
     ShardWriter,
     dtype_for_vocab,
     read_meta_file,
 )
-from lmforge.data.sources import Document, iter_documents
-from lmforge.data.tokenizer import TOKENIZER_FILE, TOKENIZER_KINDS, Tokenizer, train_tokenizer
+from lmforge.data.sources import DEFAULT_TEXT_FIELD, Document, Skips, iter_documents
+from lmforge.data.tokenizer import TOKENIZER_FILE, Tokenizer, train_tokenizer
+from lmforge.data.tokenizer_kinds import is_tokenizer_file, is_trained, load_pretrained
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "val")
-# Long documents are cut into pieces of about this many characters before encoding, so a
-# single huge .txt file is still spread over all cores and never held as one giant list.
-_PIECE_CHARS = 100_000
-# One encode_batch call gets about this much text: big enough to keep many cores busy,
-# small enough that the Encoding objects it returns stay at a few hundred MB.
-_BATCH_CHARS = 4_000_000
-_BATCH_PIECES = 4096
 _REQUIRED_META = ("format_version", "vocab_size", "dtype", "eos_id", "splits", "fingerprint")
 
 Progress = Callable[[str], None]
@@ -43,42 +47,6 @@ def _val_score(name: str) -> float:
     return int.from_bytes(hashlib.sha256(name.encode("utf-8")).digest()[:8], "big") / 2.0**64
 
 
-@dataclass
-class _Scan:
-    """What the first pass over the sources learns."""
-
-    documents: int = 0
-    overrides: dict[str, str] = field(default_factory=dict)
-    single: str | None = None  # name of the only document, when there is exactly one
-    sample: list[str] = field(default_factory=list)
-
-
-def _tokenizer_file(tokenizer: str) -> Path | None:
-    """The tokenizer.json to load, or None when ``tokenizer`` names a kind to train."""
-    if tokenizer in TOKENIZER_KINDS:
-        return None
-    path = Path(tokenizer).expanduser()
-    if path.is_dir() and (path / TOKENIZER_FILE).is_file():
-        return path / TOKENIZER_FILE
-    if path.is_file():
-        return path
-    raise DataError(
-        f"tokenizer '{tokenizer}' is neither a known kind ({', '.join(TOKENIZER_KINDS)}) nor an "
-        f"existing {TOKENIZER_FILE} or folder containing one"
-    )
-
-
-def _iter_all(sources: list[str], max_docs: int | None, skipped: dict[str, int] | None) -> Iterator[Document]:
-    remaining = max_docs
-    for source in sources:
-        if remaining is not None and remaining <= 0:
-            return
-        for doc in iter_documents(source, remaining, skipped):
-            yield doc
-            if remaining is not None:
-                remaining -= 1
-
-
 def _split_single(text: str, val_fraction: float) -> tuple[str, str] | None:
     """Cut one document into (train head, val tail) at a line break, or None if too short."""
     cut = len(text) - max(1, int(len(text) * val_fraction))
@@ -89,8 +57,61 @@ def _split_single(text: str, val_fraction: float) -> tuple[str, str] | None:
     return (head, tail) if head.strip() and tail.strip() else None
 
 
-def _scan(sources: list[str], max_docs: int | None, val_fraction: float, sample_bytes: int) -> _Scan:
-    """First pass: count documents, fix the split fallback and collect the tokenizer sample."""
+@dataclass
+class _Stream:
+    """One pass over the sources: unique documents, with skips and duplicates counted per source."""
+
+    specs: list[SourceSpec]
+    max_docs: int | None
+    text_field: str
+    log: Progress
+    skips: list[Skips] = field(default_factory=list)
+    exhausted: str | None = None  # the mixture source that ran out first, if any
+
+    def __iter__(self) -> Iterator[tuple[int, Document]]:
+        self.skips = [Skips() for _ in self.specs]
+        streams = [
+            iter_documents(spec.source, None, self.skips[i], self.text_field, self.log)
+            for i, spec in enumerate(self.specs)
+        ]
+        weights = None if self.specs[0].weight is None else [float(s.weight) for s in self.specs]
+
+        def exhausted(index: int) -> None:
+            self.exhausted = self.specs[index].source
+
+        seen: set[bytes] = set()
+        kept = 0
+        for index, doc in mix(streams, weights, exhausted):
+            if self.max_docs is not None and kept >= self.max_docs:
+                return
+            # Exact duplicates are dropped by a 128-bit hash of the text: 16 bytes per
+            # document keeps the set small enough for streams of tens of millions of documents.
+            digest = hashlib.blake2b(doc.text.encode("utf-8"), digest_size=16).digest()
+            if digest in seen:
+                self.skips[index].add("duplicate", doc.name)
+                continue
+            seen.add(digest)
+            kept += 1
+            yield index, doc
+
+
+@dataclass
+class _Scan:
+    """What the first pass over the sources learns."""
+
+    documents: int = 0
+    complete: bool = True  # False when the pass stopped early (enough seen for a big corpus)
+    overrides: dict[str, str] = field(default_factory=dict)
+    single: str | None = None  # name of the only document, when there is exactly one
+    sample: list[str] = field(default_factory=list)
+
+
+def _scan(stream: _Stream, val_fraction: float, sample_bytes: int) -> _Scan:
+    """First pass: count documents, fix the split fallback and collect the tokenizer sample.
+
+    It stops as soon as the sample is full and both splits have a document: then nothing
+    else it could learn matters, and a streamed corpus of any size is read only once more.
+    """
     scan = _Scan()
     min_train: tuple[float, str] | None = None  # the train document the val fallback takes
     max_val: tuple[float, str] | None = None  # the val document the train fallback takes
@@ -98,7 +119,10 @@ def _scan(sources: list[str], max_docs: int | None, val_fraction: float, sample_
     sample: list[tuple[str, str]] = []
     budget = sample_bytes
     first: Document | None = None
-    for doc in _iter_all(sources, max_docs, None):
+    for _, doc in stream:
+        if budget <= 0 and counts["train"] and counts["val"]:
+            scan.complete = False
+            break
         scan.documents += 1
         first = first or doc
         score = _val_score(doc.name)
@@ -122,7 +146,7 @@ def _scan(sources: list[str], max_docs: int | None, val_fraction: float, sample_
         head = first.text if parts is None else parts[0]
         sample = [(first.name, head.encode("utf-8")[:sample_bytes].decode("utf-8", errors="ignore"))]
         sample = sample if sample_bytes > 0 else []
-    elif scan.documents >= 2:
+    elif scan.documents >= 2 and scan.complete:
         # Deterministic fallback so that both splits are never empty: move the extreme
         # document by hash, which is the one closest to the other side of the threshold.
         if counts["val"] == 0 and min_train is not None:
@@ -134,74 +158,70 @@ def _scan(sources: list[str], max_docs: int | None, val_fraction: float, sample_
     return scan
 
 
-def _cut_point(text: str, start: int, end: int) -> int:
-    """Where to end the piece text[start:...], at most at ``end``."""
-    # Best: just before a newline that follows a non-space character. The byte-level
-    # pre-tokenizer (GPT-2 regex) always has a pre-token boundary there and matches on
-    # either side never look across it, and BPE merges never cross pre-tokens, so the
-    # pieces encode to exactly the ids of the whole document.
-    low = start + (end - start) // 2
-    pos = end
-    while (i := text.rfind("\n", low, pos)) > start:
-        if not text[i - 1].isspace():
-            return i
-        pos = i
-    i = text.rfind("\n", low, end)
-    return i + 1 if i >= 0 else end
+class _Writer:
+    """Second pass: chunks of documents through the pool into one ShardWriter per split."""
 
-
-def _pieces(text: str) -> list[str]:
-    """Cut text into pieces of at most _PIECE_CHARS characters, at token-preserving points if possible."""
-    pieces = []
-    start = 0
-    while len(text) - start > _PIECE_CHARS:
-        end = _cut_point(text, start, start + _PIECE_CHARS)
-        pieces.append(text[start:end])
-        start = end
-    pieces.append(text[start:])
-    return pieces
-
-
-class _Encoder:
-    """Second pass: batches documents through the tokenizer into one ShardWriter per split."""
-
-    def __init__(self, tok: Tokenizer, writers: dict[str, ShardWriter], progress: Progress) -> None:
-        self.tok = tok
+    def __init__(
+        self,
+        pool: EncodePool,
+        writers: dict[str, ShardWriter],
+        n_sources: int,
+        eos_id: int,
+        max_tokens: int | None,
+        bar: ProgressBar,
+    ) -> None:
+        self.pool = pool
         self.writers = writers
-        self.progress = progress
+        self.max_tokens = max_tokens
+        self.bar = bar
         self.stats = {split: {"documents": 0, "bytes": 0} for split in SPLITS}
-        self._docs: list[tuple[str, int]] = []  # (split, number of pieces)
-        self._pieces: list[str] = []
+        self.sources = [{"documents": 0, "tokens": 0, "bytes": 0} for _ in range(n_sources)]
+        self.full = False  # max_tokens reached: everything after this document is dropped
+        self._texts: list[str] = []
+        self._tags: list[tuple[str, int, int]] = []  # (split, source index, bytes) per text
         self._chars = 0
-        self._eos = np.array([tok.eos_id], dtype=np.int64)
-        self._next_report = 0
+        self._eos = np.array([eos_id], dtype=np.uint32)
 
-    def add(self, split: str, text: str) -> None:
-        pieces = _pieces(text)
-        self._docs.append((split, len(pieces)))
-        self._pieces.extend(pieces)
+    @property
+    def tokens(self) -> int:
+        return sum(w.tokens for w in self.writers.values())
+
+    def add(self, split: str, source: int, text: str) -> None:
+        self._texts.append(text)
+        self._tags.append((split, source, len(text.encode("utf-8"))))
         self._chars += len(text)
-        self.stats[split]["documents"] += 1
-        self.stats[split]["bytes"] += len(text.encode("utf-8"))
-        if self._chars >= _BATCH_CHARS or len(self._pieces) >= _BATCH_PIECES:
+        if self._chars >= CHUNK_CHARS or len(self._texts) >= CHUNK_DOCS:
             self.flush()
 
     def flush(self) -> None:
-        if not self._pieces:
-            return
-        ids = self.tok.encode_batch(self._pieces)
-        index = 0
-        for split, count in self._docs:
-            parts = [np.asarray(ids[index + k], dtype=np.int64) for k in range(count)]
-            index += count
+        if self._texts:
+            done = self.pool.submit(self._texts, self._tags)
+            self._texts, self._tags, self._chars = [], [], 0
+            for tags, lengths, ids in done:
+                self._write(tags, lengths, ids)
+
+    def finish(self) -> None:
+        self.flush()
+        for tags, lengths, ids in self.pool.drain():
+            self._write(tags, lengths, ids)
+
+    def _write(self, tags: list[tuple[str, int, int]], lengths: np.ndarray, ids: np.ndarray) -> None:
+        start = 0
+        for (split, source, nbytes), length in zip(tags, lengths.tolist(), strict=True):
+            if self.full:
+                return
             # The EOS after every document is what separates documents in the stream.
-            self.writers[split].write(np.concatenate([*parts, self._eos]))
-        self._docs, self._pieces, self._chars = [], [], 0
-        total = sum(w.tokens for w in self.writers.values())
-        if total >= self._next_report:
-            docs = sum(s["documents"] for s in self.stats.values())
-            self.progress(f"tokenized {docs:,} documents, {total:,} tokens")
-            self._next_report = total + 10_000_000
+            self.writers[split].write(np.concatenate([ids[start : start + length], self._eos]))
+            start += length
+            self.stats[split]["documents"] += 1
+            self.stats[split]["bytes"] += nbytes
+            self.sources[source]["documents"] += 1
+            self.sources[source]["tokens"] += length + 1
+            self.sources[source]["bytes"] += nbytes
+            if self.max_tokens is not None and self.tokens >= self.max_tokens:
+                self.full = True
+        docs = sum(s["documents"] for s in self.stats.values())
+        self.bar.update(docs, sum(s["bytes"] for s in self.stats.values()), self.tokens)
 
 
 def _fingerprint(tokenizer_sha: str, shard_sha: dict[str, str]) -> str:
@@ -210,6 +230,51 @@ def _fingerprint(tokenizer_sha: str, shard_sha: dict[str, str]) -> str:
     for name in sorted(shard_sha):
         digest.update(f"{name} {shard_sha[name]}\n".encode())
     return digest.hexdigest()
+
+
+def _problem_summary(skips: Skips) -> str:
+    """Skips.summary() without the duplicates, which are expected rather than a problem."""
+    problems = Skips()
+    for reason, count in skips.items():
+        if reason != "duplicate":
+            for name in skips.examples.get(reason, []):
+                problems.add(reason, name, 0)
+            problems[reason] = count
+    return problems.summary()
+
+
+def _resolve_tokenizer(spec: str, special_tokens: Sequence[str]) -> Tokenizer | None:
+    """A ready tokenizer (gpt2, tiktoken:NAME, a tokenizer.json), or None for a kind to train."""
+    if is_trained(spec):
+        return None
+    hf = load_pretrained(spec)
+    if special_tokens:
+        hf.add_special_tokens(list(special_tokens))
+    return Tokenizer(hf)
+
+
+def _check_args(
+    val_fraction: float,
+    tokenizer_sample_bytes: int,
+    max_tokens: int | None,
+    seq_len: int | None,
+    stride: int | None,
+    workers: int | None,
+) -> None:
+    if not 0.0 < val_fraction < 1.0:
+        raise DataError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
+    if tokenizer_sample_bytes < 1:
+        raise DataError(f"tokenizer_sample_bytes must be >= 1, got {tokenizer_sample_bytes}")
+    if max_tokens is not None and max_tokens < 1:
+        raise DataError(f"max_tokens must be >= 1, got {max_tokens}")
+    if workers is not None and workers < 1:
+        raise DataError(f"workers must be >= 1, got {workers}")
+    if stride is not None and seq_len is None:
+        raise DataError("--stride needs --seq-len: the stride is a step between windows of seq_len tokens")
+    if seq_len is not None and seq_len < 1:
+        raise DataError(f"seq_len must be >= 1, got {seq_len}")
+    if stride is not None and seq_len is not None and not 1 <= stride <= seq_len:
+        raise DataError(f"stride must be between 1 and seq_len={seq_len}, got {stride}")
 
 
 def prepare(
@@ -221,36 +286,53 @@ def prepare(
     max_docs: int | None = None,
     tokenizer_sample_bytes: int = 20_000_000,
     progress: Progress | None = None,
+    *,
+    text_field: str = DEFAULT_TEXT_FIELD,
+    special_tokens: Sequence[str] = (),
+    workers: int | None = None,
+    max_tokens: int | None = None,
+    seq_len: int | None = None,
+    stride: int | None = None,
+    console=None,
 ) -> dict:
-    """Tokenize ``sources`` into train/val shards, tokenizer.json and meta.json in ``out_dir``."""
+    """Tokenize ``sources`` into train/val shards, tokenizer.json, manifest.json and meta.json in ``out_dir``.
+
+    ``sources`` entries may end in ``:WEIGHT`` to mix them in proportion; ``workers`` processes
+    encode in parallel (default: all cores) with identical output for any count; ``console``
+    (a rich Console) shows a live progress bar.
+    """
     log: Progress = progress or (lambda _msg: None)
     if isinstance(sources, str):
         sources = [sources]  # a lone string would otherwise be read character by character
     sources = list(sources)
     if not sources:
         raise DataError("no sources given: pass at least one --source (a file, a folder, or builtin:stdlib)")
-    if not 0.0 < val_fraction < 1.0:
-        raise DataError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
-    if tokenizer_sample_bytes < 1:
-        raise DataError(f"tokenizer_sample_bytes must be >= 1, got {tokenizer_sample_bytes}")
+    _check_args(val_fraction, tokenizer_sample_bytes, max_tokens, seq_len, stride, workers)
+    workers = workers or default_workers()
+    specs = parse_sources(sources)
     out_dir = Path(out_dir).expanduser().absolute()
     check_out_dir(out_dir)
-    tokenizer_path = _tokenizer_file(tokenizer)
+    tok = _resolve_tokenizer(tokenizer, special_tokens)
 
     log(f"reading {', '.join(sources)}")
-    scan = _scan(sources, max_docs, val_fraction, tokenizer_sample_bytes if tokenizer_path is None else 0)
+    stream = _Stream(specs, max_docs, text_field, log)
+    scan = _scan(stream, val_fraction, tokenizer_sample_bytes if tok is None else 0)
     if scan.documents == 0:
+        skips = Skips()
+        for per_source in stream.skips:
+            for reason, count in per_source.items():
+                skips.add(reason, (per_source.examples.get(reason) or [""])[0], count)
+        found = f" (skipped: {skips.summary()})" if skips else ""
         raise DataError(
-            f"no usable documents in {', '.join(sources)}: need non-empty UTF-8 "
-            ".txt/.md/.json/.jsonl files (json records need a 'text' or 'content' field)"
+            f"no usable documents in {', '.join(sources)}{found}: need non-empty UTF-8 text "
+            f"(.txt/.md, or records with a '{text_field}' field in .json/.jsonl/.parquet/.csv)"
         )
-    if tokenizer_path is not None:
-        log(f"loading tokenizer {tokenizer_path}")
-        tok = Tokenizer.load(tokenizer_path)
-    else:
+    if tok is None:
         sample_mb = sum(len(t) for t in scan.sample) / 1e6
         log(f"training {tokenizer} tokenizer (vocab {vocab_size}) on {sample_mb:.1f}M characters")
-        tok = train_tokenizer(scan.sample, kind=tokenizer, vocab_size=vocab_size)
+        tok = train_tokenizer(
+            scan.sample, kind=tokenizer, vocab_size=vocab_size, special_tokens=special_tokens
+        )
     scan.sample = []  # free the sample before the long tokenization pass
     dtype = dtype_for_vocab(tok.vocab_size)
 
@@ -260,73 +342,128 @@ def prepare(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     writers: dict[str, ShardWriter] = {}
+    pool: EncodePool | None = None
+    bar = ProgressBar(console)
     try:
-        writers = {split: ShardWriter(tmp, split, dtype, DEFAULT_SHARD_TOKENS) for split in SPLITS}
-        encoder = _Encoder(tok, writers, log)
-        skipped: dict[str, int] = {}
-        seen = 0
-        for doc in _iter_all(sources, max_docs, skipped):
-            seen += 1
-            if scan.single is not None:
-                parts = _split_single(doc.text, val_fraction)
-                if parts is not None:
-                    encoder.add("train", parts[0])
-                    encoder.add("val", parts[1])
-                else:
-                    encoder.add("train", doc.text)
-                continue
-            split = scan.overrides.get(doc.name) or (
-                "val" if _val_score(doc.name) < val_fraction else "train"
-            )
-            encoder.add(split, doc.text)
-        encoder.flush()
-        if seen != scan.documents:
+        with serial_tokenizers():
+            writers = {split: ShardWriter(tmp, split, dtype, DEFAULT_SHARD_TOKENS) for split in SPLITS}
+            pool = EncodePool(tok, workers, tokenizer if not special_tokens else None)
+            out = _Writer(pool, writers, len(specs), tok.eos_id, max_tokens, bar)
+            seen = 0
+            for source, doc in stream:
+                if out.full:
+                    break
+                seen += 1
+                if scan.single is not None:
+                    parts = _split_single(doc.text, val_fraction)
+                    if parts is not None:
+                        out.add("train", source, parts[0])
+                        out.add("val", source, parts[1])
+                    else:
+                        out.add("train", source, doc.text)
+                    continue
+                split = scan.overrides.get(doc.name) or (
+                    "val" if _val_score(doc.name) < val_fraction else "train"
+                )
+                out.add(split, source, doc.text)
+            out.finish()
+        bar.close()
+        if scan.complete and not out.full and seen != scan.documents:
             raise DataError(
                 f"sources changed while preparing ({scan.documents} documents, then {seen}): run prepare again"
             )
         shards = {split: writers[split].close() for split in SPLITS}
         shard_sha = {name: sha for w in writers.values() for name, sha in w.sha256.items()}
         tok.save(tmp / TOKENIZER_FILE)
-        tokenizer_sha = tok.sha256()
+        # The digest of what a reader will load: Unigram scores, for one, are floats whose
+        # JSON text can change on the first save, and every later load must match this.
+        tokenizer_sha = Tokenizer.load(tmp / TOKENIZER_FILE).sha256()
         splits = {
             split: {
                 "tokens": writers[split].tokens,
-                "documents": encoder.stats[split]["documents"],
-                "bytes": encoder.stats[split]["bytes"],
+                "documents": out.stats[split]["documents"],
+                "bytes": out.stats[split]["bytes"],
                 "shards": shards[split],
             }
             for split in SPLITS
         }
+        if not splits["train"]["tokens"] or not splits["val"]["tokens"]:
+            raise DataError(
+                f"max_tokens={max_tokens} stopped before both splits got a document: raise --max-tokens"
+            )
+        skipped: dict[str, int] = {}
+        for per_source in stream.skips:
+            for reason, count in per_source.items():
+                skipped[reason] = skipped.get(reason, 0) + count
+        problems = {r: c for r, c in skipped.items() if r != "duplicate"}
+        if problems:
+            summary = "; ".join(_problem_summary(s) for s in stream.skips if any(r != "duplicate" for r in s))
+            log(f"warning: skipped {sum(problems.values()):,} unusable inputs: {summary}")
+        if stream.exhausted and specs[0].weight is not None:
+            log(f"note: the mixture stopped when '{stream.exhausted}' ran out (to keep the proportions)")
+        truncated = "max_tokens" if out.full else ("max_docs" if max_docs is not None else None)
         val_tokens = splits["val"]["tokens"]
+        fingerprint = _fingerprint(tokenizer_sha, shard_sha)
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "fingerprint": fingerprint,
+            "sources": [
+                {
+                    "source": spec.source,
+                    "weight": spec.weight,
+                    **out.sources[i],
+                    "duplicates": stream.skips[i].get("duplicate", 0),
+                    "skipped": dict(sorted(stream.skips[i].items())),
+                    "skipped_examples": dict(sorted(stream.skips[i].examples.items())),
+                }
+                for i, spec in enumerate(specs)
+            ],
+            "skipped": dict(sorted(skipped.items())),
+            "truncated_by": truncated,
+            "files": {
+                TOKENIZER_FILE: hashlib.sha256((tmp / TOKENIZER_FILE).read_bytes()).hexdigest(),
+                **dict(sorted(shard_sha.items())),
+            },
+        }
+        write_json(tmp / MANIFEST_FILE, manifest)
         meta = {
             "format_version": FORMAT_VERSION,
             "vocab_size": tok.vocab_size,
             "dtype": dtype,
             "eos_id": tok.eos_id,
-            "tokenizer": "file" if tokenizer_path is not None else tokenizer,
-            "tokenizer_file": str(tokenizer_path) if tokenizer_path is not None else None,
+            "tokenizer": "file" if is_tokenizer_file(tokenizer) else tokenizer,
+            "tokenizer_file": str(Path(tokenizer).expanduser()) if is_tokenizer_file(tokenizer) else None,
             "tokenizer_sha256": tokenizer_sha,
+            "special_tokens": list(special_tokens),
             "sources": sources,
+            "text_field": text_field,
             "max_docs": max_docs,
+            "max_tokens": max_tokens,
             "val_fraction": val_fraction,
             # Single-document corpora get their tail as validation; say so, it is unusual.
             "val_split": "document_hash" if scan.single is None else "single_document_tail",
+            # Overlapping validation windows for evaluation: seq_len tokens every stride tokens.
+            "val_windows": None if seq_len is None else {"seq_len": seq_len, "stride": stride or seq_len},
             "splits": splits,
             # EOS tokens carry no text bytes but are predicted, so they count as tokens.
             "val_bytes_per_token": splits["val"]["bytes"] / val_tokens if val_tokens else None,
             "skipped": dict(sorted(skipped.items())),
             "shard_sha256": shard_sha,
-            "fingerprint": _fingerprint(tokenizer_sha, shard_sha),
+            "fingerprint": fingerprint,
         }
         # meta.json is written last: a folder with meta.json always has complete shards.
         write_json(tmp / META_FILE, meta)
         install(tmp, out_dir)
     except BaseException:
         # BaseException too: Ctrl-C during a long run must not leave a half-written temp folder.
+        bar.close()
         for writer in writers.values():
             writer.abort()
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        if pool is not None:
+            pool.close()
     log(
         f"wrote {out_dir}: train {splits['train']['tokens']:,} tokens / "
         f"{splits['train']['documents']:,} docs, val {val_tokens:,} tokens / "

@@ -13,6 +13,7 @@ import numpy as np
 from lmforge.data.errors import DataError
 
 META_FILE = "meta.json"
+MANIFEST_FILE = "manifest.json"
 DEFAULT_SHARD_TOKENS = 2**27
 # Explicit little-endian dtypes: shards are raw bytes with no header, so the byte order
 # must not depend on the machine that wrote them.

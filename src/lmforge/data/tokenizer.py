@@ -8,15 +8,13 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from lmforge.data.errors import DataError
+from lmforge.data.tokenizer_kinds import EOS_TOKEN, MIN_BYTE_VOCAB, TRAINED_KINDS, train_hf
 
-EOS_TOKEN = "<|endoftext|>"
 TOKENIZER_FILE = "tokenizer.json"
-TOKENIZER_KINDS = ("bpe",)
-# 256 byte symbols plus the end-of-text token: anything smaller cannot encode every text.
-MIN_VOCAB_SIZE = 257
+TOKENIZER_KINDS = TRAINED_KINDS
+MIN_VOCAB_SIZE = MIN_BYTE_VOCAB
 
 
 class Tokenizer:
@@ -108,29 +106,8 @@ class Tokenizer:
         return f"Tokenizer(vocab_size={self.vocab_size}, eos_id={self.eos_id})"
 
 
-def train_tokenizer(texts: Iterable[str], kind: str = "bpe", vocab_size: int = 8192) -> Tokenizer:
+def train_tokenizer(
+    texts: Iterable[str], kind: str = "bpe", vocab_size: int = 8192, special_tokens: Sequence[str] = ()
+) -> Tokenizer:
     """Train a tokenizer of ``kind`` on ``texts`` (a bounded sample; it is read exactly once)."""
-    if kind not in TOKENIZER_KINDS:
-        raise DataError(f"unknown tokenizer kind '{kind}': choose one of {', '.join(TOKENIZER_KINDS)}")
-    if vocab_size < MIN_VOCAB_SIZE:
-        raise DataError(
-            f"vocab_size {vocab_size} is too small: byte-level BPE needs at least {MIN_VOCAB_SIZE}"
-        )
-    hf = HFTokenizer(models.BPE())
-    # Byte-level pre-tokenisation maps every byte to a symbol, so any UTF-8 text can be
-    # encoded without an unknown token and decodes back byte for byte. No prefix space:
-    # it would add a character that decode() cannot know to remove.
-    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    hf.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=[EOS_TOKEN],
-        # Seed all 256 byte symbols even if the sample lacks some bytes, otherwise text
-        # outside the sample could not be encoded.
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    # Pass the iterable straight through: the trainer streams it, so the caller's bound on
-    # the sample is the only bound on memory.
-    hf.train_from_iterator(iter(texts), trainer=trainer)
-    return Tokenizer(hf)
+    return Tokenizer(train_hf(texts, kind, vocab_size, special_tokens))

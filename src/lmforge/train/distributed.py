@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 
 
 @dataclass(frozen=True)
@@ -25,14 +24,20 @@ class DistEnv:
         return self.rank == 0
 
 
-def init_distributed(device_type: str) -> DistEnv:
-    """Join the process group when launched by torchrun (WORLD_SIZE > 1); otherwise world size 1."""
+def init_distributed(device_type: str, timeout_s: int = 600) -> DistEnv:
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1); otherwise world size 1.
+
+    A collective that waits longer than timeout_s fails instead of hanging (train.dist_timeout_s).
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return DistEnv()
     env = DistEnv(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+        dist.init_process_group(
+            backend="cpu:gloo,cuda:nccl" if device_type == "cuda" else "gloo",
+            timeout=timedelta(seconds=timeout_s),
+        )
     return env
 
 
@@ -40,23 +45,6 @@ def close_distributed() -> None:
     """Leave the process group, if one was joined."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
-
-
-def wrap_model(model: nn.Module, env: DistEnv, device: torch.device) -> nn.Module:
-    """DistributedDataParallel across ranks; the model itself for world size 1."""
-    if env.world_size == 1:
-        return model
-    from torch.nn.parallel import DistributedDataParallel
-
-    ids = [device.index] if device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=ids)
-
-
-def no_sync(model: nn.Module, sync: bool):
-    """Skip the gradient all-reduce on micro-steps that are not the last of an accumulation."""
-    if sync or not hasattr(model, "no_sync"):
-        return contextlib.nullcontext()
-    return model.no_sync()
 
 
 def all_reduce_mean(value: float, env: DistEnv, device: torch.device) -> float:

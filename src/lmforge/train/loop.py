@@ -26,18 +26,15 @@ from ..data import TokenLoader, iter_eval_batches, load_meta
 from ..device import autocast, peak_flops, pick_device, pick_precision
 from ..eval.metrics import evaluate_loss, loss_report
 from ..model import GPT, flops_per_token
-from .distributed import DistEnv, all_reduce_mean, close_distributed, init_distributed, no_sync, wrap_model
+from .autobatch import oom_guard, resolve_micro_batch
+from .dist_checkpoint import Checkpointer, loader_state_for
+from .distributed import DistEnv, all_reduce_mean, close_distributed, init_distributed
 from .guards import BadStepGuard, EarlyStopping
+from .hooks import RunHooks
 from .logging import ConsoleReporter, MetricsWriter, truncate_metrics
 from .optim import build_optimizer, lr_at
-from .resume import (
-    check_resume_compatible,
-    find_resume_point,
-    load_optimizer,
-    optimizer_tensors,
-    restore_rng,
-    rng_state,
-)
+from .parallel import all_agree, check_supported, clip_grad_norm, collective_errors, grad_sync, parallelize
+from .resume import check_resume_compatible, find_resume_point, restore_rng, rng_state
 from .signals import StopFlag, signal_hook_for_tests
 
 
@@ -94,19 +91,6 @@ def resolve_vocab(cfg: Config, meta: dict, console: Console | None) -> Config:
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=data_vocab))
 
 
-def memory_estimate(cfg: Config, plan: Plan, precision: str) -> dict[str, float]:
-    """Rough training memory in bytes: fp32 weights + grads + AdamW moments (16 B/param) and activations.
-
-    Activations per layer ~ 34*B*T*C bytes in 16-bit (Korthikanti et al., 2022, without the attention
-    score term, which SDPA's fused kernels never materialise); doubled for fp32.
-    """
-    n = count_params_from_config(cfg)
-    B, T, C, L = plan.micro_batch_size, plan.seq_len, cfg.model.n_embd, cfg.model.n_layer
-    act = 34 * B * T * C * L * (2 if precision == "fp32" else 1)
-    logits = B * T * cfg.model.padded_vocab_size * 4 * 2  # fp32 logits and their gradient
-    return {"weights": 4 * n, "grads": 4 * n, "optimizer": 8 * n, "activations": act, "logits": logits}
-
-
 def count_params_from_config(cfg: Config) -> int:
     """Exact parameter count without building the model."""
     from ..model import param_breakdown
@@ -128,7 +112,8 @@ def train(
     # --- setup -------------------------------------------------------------------------------
     device = pick_device(cfg.train.device)
     precision = pick_precision(cfg.train.precision, device)
-    env: DistEnv = init_distributed(device.type)
+    check_supported(cfg, device, precision)  # parallel settings this device cannot run fail here
+    env: DistEnv = init_distributed(device.type, cfg.train.dist_timeout_s)
     if device.type == "cuda" and env.world_size > 1:
         device = torch.device("cuda", env.local_rank)
 
@@ -140,6 +125,8 @@ def train(
         raise ConfigError("data is not set: pass --data DATA_DIR (made by `lmforge prepare`)")
     data_meta = load_meta(cfg.data)
     cfg = resolve_vocab(cfg, data_meta, console if env.is_main else None)
+    if cfg.train.micro_batch_size == "auto":
+        cfg = resolve_micro_batch(cfg, device, precision, env.world_size, say, estimate_only=dry_run)
     plan = make_plan(cfg, env.world_size)
     n_params = count_params_from_config(cfg)
     fpt = flops_per_token(cfg.model)
@@ -165,21 +152,29 @@ def train(
     random.seed(cfg.train.seed)
     np.random.seed(cfg.train.seed)
     model = GPT(cfg.model).to(device)
+    if init_tensors is not None and not saved:
+        ckpt_io.load_model_weights(model, init_tensors)
+        say("initialised the model from the given weights")
+    # activation checkpointing -> compile -> FSDP2 or DDP; `model` stays the module to save and evaluate
+    train_model = parallelize(model, cfg, env, device, precision)
     optimizer = build_optimizer(model, cfg.train, device.type)
+    checkpointer = Checkpointer(model, optimizer, env, sharded=cfg.train.parallel == "fsdp")
     loader = TokenLoader(
-        cfg.data, "train", plan.seq_len, plan.micro_batch_size, cfg.train.seed, env.rank, env.world_size
+        cfg.data,
+        "train",
+        plan.seq_len,
+        plan.micro_batch_size,
+        cfg.train.seed,
+        env.rank,
+        env.world_size,
+        order=cfg.train.data_order,
     )
     bad_steps = BadStepGuard(cfg.train.max_bad_steps)
     early = EarlyStopping(cfg.train.early_stop_patience, cfg.train.early_stop_min_delta)
     step, tokens = 0, 0
-    if init_tensors is not None and not saved:
-        ckpt_io.load_model_weights(model, init_tensors)
-        say("initialised the model from the given weights")
     if saved:
-        model_sd, state_tensors, _ = ckpt_io.load_checkpoint(resume_from, verify=False)
-        ckpt_io.load_model_weights(model, model_sd)
-        load_optimizer(optimizer, state_tensors, saved["optimizer_groups"])
-        loader.load_state_dict(saved["loader"])
+        state_tensors = checkpointer.load(resume_from, saved)
+        loader.load_state_dict(loader_state_for(saved["loader"], env.world_size))
         restore_rng(state_tensors, saved["rng"])
         guards = saved.get("guards", {})
         bad_steps.load_state_dict(guards.get("bad_steps", {"total": 0, "consecutive": 0}))
@@ -188,8 +183,13 @@ def train(
         if env.is_main:  # lines a crash wrote after this checkpoint would otherwise appear twice
             truncate_metrics(run_dir / "metrics.jsonl", step)
         say(f"resuming {run_dir} from {resume_from} (step {step}, {tokens:,} tokens)")
+        if saved.get("world_size", env.world_size) != env.world_size:
+            say(
+                f"note: the checkpoint was written by {saved['world_size']} processes and this run has "
+                f"{env.world_size}: weights and optimizer state are resharded; the data continues after the "
+                f"windows already consumed"
+            )
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    train_model = wrap_model(torch.compile(model) if cfg.train.compile else model, env, device)
     peak = peak_flops(device)
 
     say(
@@ -198,15 +198,13 @@ def train(
         f"{plan.max_steps} steps"
     )
     metrics = MetricsWriter(run_dir / "metrics.jsonl", enabled=env.is_main)
+    hooks = RunHooks(cfg, run_dir, plan.max_steps, step, enabled=env.is_main)
     reporter = ConsoleReporter(console, plan.max_steps, step, env.is_main, cfg.log.progress)
     bytes_per_token = data_meta.get("val_bytes_per_token")
     test_signal = signal_hook_for_tests()  # test-only; None in real runs
 
-    def save(name: str | None = None, extra: dict | None = None) -> Path | None:
-        if not env.is_main:
-            return None
+    def save(name: str | None = None, extra: dict | None = None) -> Path:
         rng_tensors, rng_meta = rng_state()
-        opt_tensors, groups = optimizer_tensors(optimizer)
         meta = {
             "config": config_to_dict(cfg),
             "tokens": tokens,
@@ -214,21 +212,13 @@ def train(
             "data_fingerprint": data_meta.get("fingerprint"),
             "loader": loader.state_dict(),
             "rng": rng_meta,
-            "optimizer_groups": groups,
             "precision": precision,
             "guards": {"bad_steps": bad_steps.state_dict(), "early_stop": early.state_dict()},
             **(extra or {}),
         }
-        path = ckpt_io.save_checkpoint(
-            run_dir,
-            step,
-            ckpt_io.model_state(model),
-            {**opt_tensors, **rng_tensors},
-            meta,
-            cfg.checkpoint.keep_last,
-            name=name,
-        )
+        path = checkpointer.save(run_dir, step, meta, rng_tensors, cfg.checkpoint.keep_last, name=name)
         reporter.print(f"saved checkpoint {path}")
+        hooks.checkpoint(path, step)
         return path
 
     def run_eval() -> dict:
@@ -238,6 +228,7 @@ def train(
         loss, _ = evaluate_loss(model, batches, device, precision)
         report = {"step": step, **loss_report(all_reduce_mean(loss, env, device), bytes_per_token)}
         metrics.write({"type": "eval", "tokens": tokens, **report})
+        hooks.evaluated(report, tokens, model)
         bpb = f" | val bpb {report['val_bpb']:.3f}" if "val_bpb" in report else ""
         reporter.print(f"step {step}: val loss {report['val_loss']:.4f} | ppl {report['val_ppl']:.1f}{bpb}")
         if early.update(report["val_loss"], step):
@@ -254,13 +245,15 @@ def train(
             last_ckpt, ckpt_step = save(), step
         return last_ckpt
 
-    with StopFlag() as stop:
+    with (
+        StopFlag() as stop,
+        collective_errors(env, cfg.train.dist_timeout_s),
+        oom_guard(cfg, plan.micro_batch_size, precision, device, env.world_size),
+    ):
 
         def stop_requested() -> bool:
             # every rank must agree, or one would wait forever in a collective the others left
-            if env.world_size == 1:
-                return stop.requested
-            return all_reduce_mean(float(stop.requested), env, device) > 0
+            return all_agree(stop.requested, env, device)
 
         first_eval = run_eval() if (cfg.eval.at_start and step == 0) else None
         last_eval = first_eval
@@ -270,7 +263,7 @@ def train(
             if stop_requested():
                 status = "preempted"
                 break
-            if early.should_stop:  # checked here too, so resuming an early-stopped run trains no further
+            if all_agree(early.should_stop, env, device):  # also stops a resumed early-stopped run
                 status = "early_stopped"
                 message = (
                     f"early stop at step {step}: val loss has not improved by more than "
@@ -289,17 +282,20 @@ def train(
             for micro in range(plan.grad_accum):
                 x, y = loader.next_batch()
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                with no_sync(train_model, sync=micro == plan.grad_accum - 1), autocast(device, precision):
+                with grad_sync(train_model, sync=micro == plan.grad_accum - 1), autocast(device, precision):
                     loss = train_model(x, y) / plan.grad_accum
                 scaler.scale(loss).backward()
                 loss_sum += loss.detach()
             scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                model.parameters(), cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
+            grad_norm = clip_grad_norm(
+                model, cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
             )
             # One host sync per step: a non-finite loss or grad norm skips the update, so the weights and
             # AdamW moments stay as they were. With fp16 the GradScaler already skips such steps itself.
-            finite = bool(scaler.is_enabled() or torch.isfinite(grad_norm + loss_sum))
+            # All ranks decide together, so none steps while another skips.
+            finite = scaler.is_enabled() or not all_agree(
+                not torch.isfinite(grad_norm + loss_sum), env, device
+            )
             if finite:
                 scaler.step(optimizer)
             scaler.update()
@@ -343,6 +339,7 @@ def train(
                 if mfu is not None:
                     record["mfu"] = mfu
                 metrics.write(record)
+                hooks.train_step(record)
                 reporter.step(step, train_loss, tok_per_s, mfu, log_line=True)
                 t_log, tokens_at_log = time.time(), tokens
             if bad_steps.diverged:
@@ -367,11 +364,13 @@ def train(
         if status == "finished" and (last_eval is None or last_eval["step"] != step):
             last_eval = run_eval()
         if status == "preempted":
-            message = f"received {stop.name()}: saved step {step}; run the same command again to resume"
+            who = stop.name() or "a stop signal on another rank"
+            message = f"received {who}: saved step {step}; run the same command again to resume"
         if status != "diverged":  # a diverged run keeps its last good checkpoint as the newest
             save_once()
     if message:
         reporter.print(message)
+    hooks.end(status, step, tokens, message)
     reporter.close()
     metrics.close()
     close_distributed()
@@ -381,22 +380,11 @@ def train(
 def print_dry_run(
     cfg: Config, plan: Plan, precision: str, device: torch.device, n_params: int, fpt: int, console: Console
 ) -> None:
-    """The resolved config and what the run would cost; nothing is trained."""
+    """The resolved config and the estimator's plan for this device; nothing is trained."""
+    from ..estimate import estimate, local_device, report_lines
+
     console.print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False).rstrip(), highlight=False)
-    total_tokens = plan.max_steps * plan.tokens_per_step
-    mem = memory_estimate(cfg, plan, precision)
-    gib = 1024**3
-    console.print(f"parameters        {n_params:,} ({n_params / 1e6:.2f}M)", highlight=False)
-    console.print(f"FLOPs per token   {fpt:,} (6N + 12*L*C*T)", highlight=False)
-    console.print(
-        f"tokens            {total_tokens:,} ({plan.max_steps} steps x {plan.tokens_per_step:,}); "
-        f"{total_tokens / n_params:.1f} tokens per parameter (Chinchilla-optimal: ~20)",
-        highlight=False,
-    )
-    console.print(f"training FLOPs    {fpt * total_tokens:.3e}", highlight=False)
-    parts = ", ".join(f"{k} {v / gib:.2f}" for k, v in mem.items())
-    console.print(
-        f"memory estimate   {sum(mem.values()) / gib:.2f} GiB per device ({parts} GiB; {precision}, AdamW, "
-        f"micro-batch {plan.micro_batch_size}) on {device}",
-        highlight=False,
-    )
+    est = estimate(cfg, device=local_device(device), precision=precision)
+    console.print(f"memory estimate and plan on {device} ({precision}):", highlight=False)
+    for line in report_lines(est):
+        console.print(line, highlight=False, markup=False, soft_wrap=True)

@@ -8,7 +8,7 @@ import math
 import torch
 import torch.nn as nn
 
-from ..config import TrainConfig
+from ..config import ConfigError, TrainConfig
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -29,11 +29,35 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig, device_type: str) -> torch.optim.Optimizer:
-    """AdamW, fused on CUDA (one kernel for all parameters)."""
+    """AdamW (fused on CUDA: one kernel for all parameters), or 8-bit AdamW with train.optimizer=adamw8bit."""
     kwargs = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    if cfg.optimizer == "adamw8bit":
+        return adamw_8bit(param_groups(model, cfg.weight_decay), kwargs)
     if device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters:
         kwargs["fused"] = True
     return torch.optim.AdamW(param_groups(model, cfg.weight_decay), **kwargs)
+
+
+def adamw_8bit(groups: list[dict], kwargs: dict) -> torch.optim.Optimizer:
+    """AdamW with moments stored in 8 bits (Dettmers et al., 2022): 2 instead of 8 bytes per parameter.
+
+    torchao's AdamW8bit when installed, else bitsandbytes'; both need a GPU for their kernels.
+    """
+    try:
+        from torchao.optim import AdamW8bit
+
+        return AdamW8bit(groups, **kwargs)
+    except ImportError:
+        pass
+    try:
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(groups, **kwargs)
+    except ImportError:
+        raise ConfigError(
+            "train.optimizer=adamw8bit needs torchao or bitsandbytes, and neither is installed: "
+            "pip install torchao (or bitsandbytes), or use train.optimizer=adamw"
+        ) from None
 
 
 def lr_at(step: int, cfg: TrainConfig, max_steps: int) -> float:

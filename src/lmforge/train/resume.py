@@ -68,7 +68,7 @@ def load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
 
 
 # Settings a resumed run may change: they alter the schedule or the bookkeeping, not what the weights mean.
-SAFE_TO_CHANGE = ("train", "eval", "checkpoint", "log", "resume", "out")
+SAFE_TO_CHANGE = ("train", "eval", "checkpoint", "log", "resume", "out", "fsdp")
 
 
 def check_resume_compatible(saved: dict, cfg: Config, data_meta: dict, say=None) -> None:

@@ -20,6 +20,7 @@ PREEMPT_SIGNALS = tuple(
 # optimizer step STEP (or inside the evaluation at STEP), so tests can hit an exact step. Never set it
 # in real runs.
 TEST_SIGNAL_ENV = "LMFORGE_TEST_SIGNAL_AT"
+TEST_SIGNAL_RANK_ENV = "LMFORGE_TEST_SIGNAL_RANK"
 
 
 class StopFlag:
@@ -61,7 +62,8 @@ class StopFlag:
 def signal_hook_for_tests() -> tuple[int, str, int] | None:
     """(signal, "step" | "eval", step) from LMFORGE_TEST_SIGNAL_AT, for tests only; None when unset."""
     spec = os.environ.get(TEST_SIGNAL_ENV)
-    if not spec:
+    only_rank = os.environ.get(TEST_SIGNAL_RANK_ENV)  # deliver to this rank alone (multi-process tests)
+    if not spec or (only_rank is not None and only_rank != os.environ.get("RANK", "0")):
         return None
     name, _, where = spec.partition("@")
     phase, _, step = where.rpartition(":")

@@ -1,0 +1,94 @@
+"""Prepare throughput on builtin:stdlib: MB/s and tokens/s for 1 worker and all cores, next to a
+plain single-process encode loop of the same tokenizer.
+
+    PYTHONPATH=src python benchmarks/prepare.py [--workers N] [--repeat 2]
+
+Reported for the pretrained GPT-2 tokenizer and for a byte-level BPE trained on the corpus.
+`prepare` numbers are end to end (read, dedup, split, encode, write shards, hashes); the loops
+only encode. Print a Markdown table for benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the loops are single-threaded by definition
+
+from lmforge.data import Tokenizer, prepare, train_tokenizer  # noqa: E402
+from lmforge.data.encode import default_workers  # noqa: E402
+from lmforge.data.sources import iter_documents  # noqa: E402
+from lmforge.data.tokenizer_kinds import fast_encoder, gpt2_hf  # noqa: E402
+
+
+def _best(fn, repeat: int) -> float:
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workers", type=int, default=default_workers(), help="the 'all cores' worker count")
+    parser.add_argument("--repeat", type=int, default=2, help="best of this many runs")
+    args = parser.parse_args()
+
+    docs = [d.text for d in iter_documents("builtin:stdlib")]
+    mb = sum(len(t.encode("utf-8")) for t in docs) / 1e6
+    work = Path(tempfile.mkdtemp(prefix="lmforge-bench-"))
+    bpe = train_tokenizer(docs[:200], kind="bpe", vocab_size=8192)
+    bpe_path = bpe.save(work / "bpe")
+    gpt2 = Tokenizer(gpt2_hf())
+    print(
+        f"corpus: builtin:stdlib, {len(docs):,} documents, {mb:.1f} MB; {platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} cores"
+    )
+    print()
+    print("| tokenizer | what | seconds | MB/s | tokens/s | vs encode loop |")
+    print("|---|---|---|---|---|---|")
+    for name, tok, spec in (("gpt2", gpt2, "gpt2"), ("bpe 8192 (trained)", bpe, str(bpe_path))):
+        loops = [("`Tokenizer.encode` loop (HF tokenizers)", lambda tok=tok: [tok.encode(t) for t in docs])]
+        fast = fast_encoder(spec)
+        if fast is not None:
+            loops.append(
+                (
+                    "`encode_ordinary` loop (tiktoken)",
+                    lambda fast=fast: [fast.encode_ordinary(t) for t in docs],
+                )
+            )
+        loop_times = {}
+        for label, fn in loops:
+            seconds = _best(fn, args.repeat)
+            loop_times[label] = seconds
+        tokens = sum(len(ids) for ids in loops[-1][1]()) + len(docs)
+        baseline = min(loop_times.values())  # compare against the faster loop
+        for label, seconds in loop_times.items():
+            print(
+                f"| {name} | {label} | {seconds:.2f} | {mb / seconds:.2f} | {tokens / seconds:,.0f} | "
+                f"{baseline / seconds:.2f}x |"
+            )
+        for workers in sorted({1, args.workers}):
+            out = work / f"out-{workers}"
+
+            def run(out=out, workers=workers, spec=spec) -> None:
+                shutil.rmtree(out, ignore_errors=True)
+                prepare(["builtin:stdlib"], out, tokenizer=spec, workers=workers, val_fraction=0.01)
+
+            seconds = _best(run, args.repeat)
+            print(
+                f"| {name} | `prepare --workers {workers}` (end to end) | {seconds:.2f} | {mb / seconds:.2f} | "
+                f"{tokens / seconds:,.0f} | {baseline / seconds:.2f}x |"
+            )
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,285 @@
+"""`lmforge eval`: every measurement of a run in one report (a table and eval.json).
+
+Sections: language modelling on validation data or a text file (loss, perplexity, bits per byte,
+top-1/top-5 accuracy, and the same with sliding windows), multiple-choice tasks, generation quality on
+a prompt set, speed, and, with int8 quantization, its speed-up and bits-per-byte change.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from ..checkpoint import load_model, tokenizer_path
+from ..data import Tokenizer, TokenShards, load_meta
+from ..device import pick_device
+from ..errors import LmforgeError
+from .metrics import score_tokens, summarize_scores
+from .quality import DEFAULT_PROMPTS, generation_quality
+from .speed import compare_speed, decode, measure_speed
+from .tasks import evaluate_multiple_choice, read_multiple_choice
+
+
+class EvalError(LmforgeError, ValueError):
+    """Bad arguments or inputs to `lmforge eval`; the message says what and how to fix it."""
+
+
+@dataclass
+class EvalOptions:
+    """What `lmforge eval` measures and on what (the CLI flags, one to one)."""
+
+    data: str | None = None
+    text: str | None = None
+    stride: int | None = None  # sliding-window stride; default half the context
+    batches: int = 16  # validation batches of batch_size x seq_len tokens (--data)
+    batch_size: int = 8
+    tasks: dict[str, str] = field(default_factory=dict)
+    prompts: str | None = None
+    max_new_tokens: int = 48
+    temperature: float = 0.8
+    seed: int = 0
+    speed: bool = True
+    quantize: str | None = None
+    device: str = "auto"
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    """Prompts from a .txt file (one per line) or .jsonl (a string or {"prompt": ...} per line)."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise EvalError(f"prompt file '{path}' does not exist") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise EvalError(f"cannot read prompt file '{path}' ({e}): it must be UTF-8 text") from None
+    prompts = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        if path.suffix != ".jsonl":
+            prompts.append(line)
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as e:
+            raise EvalError(f"{path}:{number}: not valid JSON ({e.msg})") from None
+        prompt = row.get("prompt") if isinstance(row, dict) else row
+        if not isinstance(prompt, str):
+            raise EvalError(f'{path}:{number}: expected a string or an object with a "prompt" string')
+        prompts.append(prompt)
+    if not prompts:
+        raise EvalError(f"prompt file '{path}' has no prompts")
+    return prompts
+
+
+def _read_text(path: str) -> str:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise EvalError(f"text file '{path}' does not exist") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise EvalError(f"cannot read text file '{path}' ({e}): it must be UTF-8 text") from None
+    if not text.strip():
+        raise EvalError(f"text file '{path}' is empty")
+    return text
+
+
+def lm_tokens(opts: EvalOptions, cfg, tokenizer: Tokenizer) -> tuple[torch.Tensor, float, str]:
+    """The token sequence to score, the bytes its targets cover, and where it came from."""
+    if opts.text:
+        text = _read_text(opts.text)
+        # Led by <|endoftext|>, as every document is in training, so the first token is scored too.
+        ids = torch.tensor([tokenizer.eos_id, *tokenizer.encode(text)], dtype=torch.long)
+        return ids, float(len(text.encode("utf-8"))), opts.text
+    data = opts.data or cfg.data
+    if not data or not Path(data).is_dir():
+        whose = "data folder" if opts.data else "the run's data folder"
+        raise EvalError(f"{whose} '{data}' does not exist: pass --data DATA_DIR or --text FILE")
+    meta = load_meta(data)
+    shards = TokenShards(data, "val", meta=meta)
+    want = opts.batches * opts.batch_size * model_seq_len(cfg) + 1
+    n = min(want, len(shards))
+    if n < 2:
+        raise EvalError(f"the val split of '{data}' has fewer than 2 tokens: prepare more data")
+    ids = torch.from_numpy(shards.read(0, n))
+    return ids, (n - 1) * float(meta["val_bytes_per_token"]), f"{data} (val)"
+
+
+def model_seq_len(cfg) -> int:
+    """The sequence length the model was trained on: the window it has learned to use."""
+    return cfg.model.resolved().seq_len
+
+
+def language_modelling(model, ids: torch.Tensor, n_bytes: float, window: int, stride: int, batch) -> dict:
+    """Metrics over disjoint windows (as training's eval), and over windows sliding by `stride`.
+
+    The window is the training sequence length: positions past it were never trained (a learned
+    position table has untrained rows there), so a longer window would not help.
+    """
+    plain = summarize_scores(score_tokens(model, ids, window, window, batch), n_bytes)
+    sliding = summarize_scores(score_tokens(model, ids, window, stride, batch), n_bytes)
+    out = {k: plain[k] for k in ("loss", "ppl", "bpb", "top1_acc", "top5_acc", "tokens")}
+    out.update({"sliding_" + k: sliding[k] for k in ("loss", "ppl", "bpb")})
+    out.update({"window": window, "stride": stride})
+    return out
+
+
+def generation(model, tokenizer: Tokenizer, prompts: list[str], opts: EvalOptions) -> dict:
+    """Sample one continuation per prompt and measure its quality."""
+    texts, counts = [], []
+    for i, prompt in enumerate(prompts):
+        ids = tokenizer.encode(prompt) if prompt else []
+        out, _ = decode(
+            model,
+            [tokenizer.eos_id, *ids],
+            opts.max_new_tokens,
+            temperature=opts.temperature,
+            seed=opts.seed + i,
+            eos_id=tokenizer.eos_id,
+        )
+        if out and out[-1] == tokenizer.eos_id:
+            out = out[:-1]
+        texts.append(tokenizer.decode(out))
+        counts.append(len(out))
+    report = generation_quality(texts, counts)
+    report["examples"] = [{"prompt": p, "output": t} for p, t in zip(prompts[:3], texts[:3], strict=False)]
+    return report
+
+
+def evaluate_run(run: str | Path, opts: EvalOptions, console: Console | None = None) -> dict:
+    """Load the run, measure everything `opts` asks for, and return the report (a JSON-able dict)."""
+    say = (lambda m: console.print(m, highlight=False)) if console else (lambda m: None)
+    if opts.data and opts.text:
+        raise EvalError("give --data or --text, not both")
+    if opts.quantize not in (None, "none", "int8"):
+        raise EvalError(f"--quantize {opts.quantize}: the supported value is int8")
+    tasks = {name: read_multiple_choice(path) for name, path in opts.tasks.items()}  # fail early
+    prompts = read_prompts(opts.prompts) if opts.prompts else list(DEFAULT_PROMPTS)
+    try:
+        device = pick_device(opts.device)
+    except ValueError as e:
+        raise EvalError(str(e).replace("train.device", "--device")) from None
+    model, cfg, ckpt = load_model(run, device=device)
+    tokenizer = Tokenizer.load(tokenizer_path(Path(run)))
+    ids, n_bytes, source = lm_tokens(opts, cfg, tokenizer)
+    window = model_seq_len(cfg)
+    stride = opts.stride or max(1, window // 2)
+    if not 1 <= stride <= window:
+        raise EvalError(f"--stride {stride}: must be between 1 and the model's window ({window} tokens)")
+    report: dict = {"run": str(run), "checkpoint": str(ckpt), "device": str(device), "source": source}
+
+    base_model, base_bpb = None, None
+    if opts.quantize == "int8":
+        from ..model.quant import quantize_int8, weight_bytes
+
+        say("scoring the unquantized model first ...")
+        base_bpb = language_modelling(model, ids, n_bytes, window, stride, opts.batch_size)["bpb"]
+        base_model = copy.deepcopy(model) if opts.speed else None
+        fp_bytes = weight_bytes(model)
+        quantize_int8(model)
+        report["quantization"] = {
+            **model.quant_info,
+            "weight_mb_fp": fp_bytes / 2**20,
+            "weight_mb_int8": weight_bytes(model) / 2**20,
+        }
+
+    say(f"scoring {ids.numel() - 1:,} tokens of {source} ...")
+    report["lm"] = language_modelling(model, ids, n_bytes, window, stride, opts.batch_size)
+    for name, items in tasks.items():
+        say(f"task {name}: {len(items)} items ...")
+        report.setdefault("tasks", {})[name] = evaluate_multiple_choice(model, tokenizer, items)
+    say(f"generating from {len(prompts)} prompts ...")
+    report["generation"] = generation(model, tokenizer, prompts, opts)
+    if opts.speed:
+        say("timing prefill and decode ...")
+        if base_model is None:
+            report["speed"] = measure_speed(model)
+        else:
+            both = compare_speed({"int8": model, "fp": base_model})
+            report["speed"] = both["int8"]
+            for key in ("prefill_tok_s", "decode_tok_s"):
+                speedup = both["int8"][key] / both["fp"][key]
+                report["quantization"][f"{key}_fp"] = both["fp"][key]
+                report["quantization"][f"{key.removesuffix('_tok_s')}_speedup"] = speedup
+    if base_bpb is not None:
+        q = report["quantization"]
+        q.update(bpb_fp=base_bpb, bpb_int8=report["lm"]["bpb"], bpb_change=report["lm"]["bpb"] - base_bpb)
+    return report
+
+
+def write_report(report: dict, path: str | Path) -> Path:
+    """Write the report as JSON through a temporary file and a rename (never half-written)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise EvalError(f"cannot write '{path}' ({e.strerror or e}): choose another --out") from None
+    return path
+
+
+def _fmt(value) -> str:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return str(value)
+    if isinstance(value, int):
+        return f"{value:,}"
+    if math.isfinite(value) and abs(value) >= 1000:
+        return f"{value:,.0f}"
+    return f"{value:.4f}" if abs(value) < 10 else f"{value:.2f}"
+
+
+ROWS = {
+    "lm": (
+        "loss",
+        "ppl",
+        "bpb",
+        "top1_acc",
+        "top5_acc",
+        "sliding_loss",
+        "sliding_ppl",
+        "sliding_bpb",
+        "tokens",
+    ),
+    "generation": ("distinct_1", "distinct_2", "repetition_rate", "mean_tokens", "mean_words"),
+    "speed": ("prefill_tok_s", "decode_tok_s", "ttft_ms", "peak_mem_mb"),
+    "quantization": (
+        "kernel",
+        "bpb_fp",
+        "bpb_int8",
+        "bpb_change",
+        "prefill_speedup",
+        "decode_speedup",
+        "weight_mb_fp",
+        "weight_mb_int8",
+    ),
+}
+
+
+def report_table(report: dict) -> Table:
+    """The report as a rich table: section, metric, value."""
+    table = Table(title=f"lmforge eval: {report['run']}")
+    table.add_column("section")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    sections = [(name, report.get(name, {}), keys) for name, keys in ROWS.items()]
+    for name, result in report.get("tasks", {}).items():
+        sections.insert(1, (f"task {name}", result, ("acc", "acc_norm", "items")))
+    for title, result, keys in sections:
+        first = True
+        for key in keys:
+            if key in result:
+                table.add_row(title if first else "", key, _fmt(result[key]))
+                first = False
+        if not first:
+            table.add_section()
+    return table

@@ -1,0 +1,317 @@
+"""Training checkpoints for every parallel mode: one writer for DDP, sharded files for FSDP2.
+
+DDP (and a single process) keeps the single-file format of `checkpoint.py`: rank 0 holds the whole model
+and writes it. FSDP2 writes through `torch.distributed.checkpoint` (DCP): every rank writes its own
+shard of the weights and optimizer state into one temporary directory; after a barrier rank 0 checksums
+the files, writes meta.json and renames the directory into place with the same `publish_checkpoint` as
+single-file checkpoints (atomic, `latest`, rotation, SHA-256 of every file).
+
+Resuming: a sharded checkpoint can be loaded at any world size and into either parallel mode; DCP
+re-slices each tensor for the new layout. On the same world size the resume is exact. On another one
+the weights, optimizer state and RNG are restored exactly and the data continues after the windows the
+run had consumed (see `loader_state_for`), but the last partial pass over the data differs a little,
+because each rank's share of an epoch is rounded down to whole windows.
+
+DCP's index (`.metadata`) is a pickle; it is read with an allow-list of the few classes DCP writes, so a
+downloaded checkpoint can never run code. Tensor shards are read by torch with `weights_only=True`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import pickle
+import shutil
+import warnings
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from .. import checkpoint as ckpt_io
+from ..checkpoint import CheckpointError
+from .distributed import DistEnv
+from .resume import load_optimizer, optimizer_tensors
+
+SHARDED_TMP = ".tmp-{name}-sharded"  # one name every rank can compute (pids differ between ranks)
+
+
+# --- reading DCP metadata without unpickling arbitrary objects ---------------------------------------
+
+_DCP_CLASSES = {
+    ("torch.distributed.checkpoint.metadata", n)
+    for n in (
+        "Metadata",
+        "MetadataIndex",
+        "StorageMeta",
+        "TensorProperties",
+        "TensorStorageMetadata",
+        "ChunkStorageMetadata",
+        "BytesStorageMetadata",
+        "_MEM_FORMAT_ENCODING",
+    )
+} | {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch.serialization", "_get_layout"),
+    ("torch", "Size"),
+    ("pathlib", "PosixPath"),
+    ("pathlib", "PurePosixPath"),
+    ("pathlib", "WindowsPath"),
+    ("pathlib", "PureWindowsPath"),
+    ("collections", "OrderedDict"),
+}
+
+
+class _AllowListUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if (module, name) in _DCP_CLASSES:
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        raise CheckpointError(
+            f"sharded checkpoint index refers to {module}.{name}, which a checkpoint never needs: the file "
+            f"is not an lmforge checkpoint (it was not loaded)"
+        )
+
+
+def _safe_reader(path: Path):
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class SafeReader(FileSystemReader):
+        """FileSystemReader whose metadata is unpickled through an allow-list."""
+
+        def read_metadata(self, *args, **kwargs):
+            index = Path(self.path) / ckpt_io.SHARDED_INDEX
+            try:
+                with open(index, "rb") as f:
+                    metadata = _AllowListUnpickler(f).load()
+            except (OSError, pickle.UnpicklingError, EOFError, AttributeError, ValueError) as e:
+                raise CheckpointError(f"{index}: unreadable sharded checkpoint index ({e})") from e
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return SafeReader(str(path))
+
+
+@contextlib.contextmanager
+def _quiet_single_process():
+    # DCP warns that it "assumes" one process when no process group exists; here that is the intent.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        yield
+
+
+# --- the checkpointer the training loop uses ---------------------------------------------------------
+
+
+def _agree_ok(ok: bool) -> bool:
+    """Whether every rank succeeded (a failure on one rank is seen by all, so none waits forever)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return ok
+    t = torch.tensor([0 if ok else 1], dtype=torch.int32)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t)
+    return int(t.item()) == 0
+
+
+class Checkpointer:
+    """Saves and restores the model and optimizer of a run in the format of its parallel mode."""
+
+    def __init__(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, env: DistEnv, sharded: bool
+    ) -> None:
+        self.model, self.optimizer, self.env, self.sharded = model, optimizer, env, sharded
+
+    def save(
+        self,
+        run_dir: Path,
+        step: int,
+        meta: dict,
+        rng_tensors: dict[str, torch.Tensor],
+        keep_last: int | None,
+        name: str | None = None,
+    ) -> Path:
+        """Write a checkpoint (collective under FSDP: every rank must call it); returns its directory."""
+        meta = {**meta, "world_size": self.env.world_size, "sharded": self.sharded}
+        if not self.sharded:
+            final = Path(run_dir) / ckpt_io.CKPT_DIR / (name or ckpt_io.step_dir_name(step))
+            if self.env.is_main:
+                opt_tensors, groups = optimizer_tensors(self.optimizer)
+                model_tensors = ckpt_io.model_state(self.model)
+                meta["optimizer_groups"] = groups
+                ckpt_io.save_checkpoint(
+                    run_dir, step, model_tensors, {**opt_tensors, **rng_tensors}, meta, keep_last, name
+                )
+            return final
+        return self._save_sharded(Path(run_dir), step, meta, rng_tensors, keep_last, name)
+
+    def _save_sharded(self, run_dir, step, meta, rng_tensors, keep_last, name) -> Path:
+        import torch.distributed.checkpoint as dcp
+
+        root = run_dir / ckpt_io.CKPT_DIR
+        final = root / (name or ckpt_io.step_dir_name(step))
+        tmp = root / SHARDED_TMP.format(name=final.name)
+        error: BaseException | None = None
+        if self.env.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            try:
+                tmp.mkdir(parents=True)
+            except OSError as e:
+                error = e
+        if _agree_ok(error is None):  # also the barrier: no rank writes before the directory exists
+            model_sd, optim_sd, groups = self._state_dicts()
+            meta["optimizer_state"] = optim_sd is not None
+            state = {"model": model_sd, "rng": rng_tensors} | ({"optim": optim_sd} if optim_sd else {})
+            try:
+                dcp.save(state, checkpoint_id=str(tmp))
+            except (OSError, dcp.api.CheckpointException) as e:  # DCP raises the latter on every rank
+                error = e
+        if not _agree_ok(error is None):
+            if self.env.is_main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise CheckpointError(
+                f"could not write sharded checkpoint {final} on rank {self.env.rank} or another rank "
+                f"({error or 'see the failing rank'}): free space or fix permissions, then run again to resume"
+            )
+        if self.env.is_main:
+            meta["optimizer_groups"] = [
+                {k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in groups
+            ]
+            try:
+                ckpt_io.publish_checkpoint(tmp, final, step, meta, keep_last, is_step=name is None)
+            except CheckpointError as e:
+                error = e
+        if not _agree_ok(error is None):
+            raise (
+                error
+                if isinstance(error, CheckpointError)
+                else CheckpointError(f"rank 0 could not publish checkpoint {final}: see rank 0's error")
+            )
+        return final
+
+    def _state_dicts(self) -> tuple[dict, dict | None, list[dict]]:
+        """(model, optimizer state or None before the first step, param groups), keyed by parameter name."""
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+        model_sd = get_model_state_dict(self.model)
+        if not self.optimizer.state:
+            # Asking DCP for an empty optimizer's state would run a zero step to create it, and AdamW's
+            # step count (its bias correction) would then be off by one from an uninterrupted run.
+            groups = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
+            return model_sd, None, groups
+        optim_sd = get_optimizer_state_dict(self.model, self.optimizer)
+        return model_sd, optim_sd, optim_sd.pop("param_groups")
+
+    def load(self, ckpt: Path, saved: dict) -> dict[str, torch.Tensor]:
+        """Restore weights and optimizer state from `ckpt`; returns the saved RNG tensors."""
+        if saved.get("sharded"):
+            return self._load_sharded(ckpt, saved)
+        if self.sharded:
+            raise CheckpointError(
+                f"{ckpt} is a single-file (DDP) checkpoint and this run uses train.parallel=fsdp: resume it "
+                f"with train.parallel=ddp, or start the FSDP run from its weights with a new --out"
+            )
+        model_sd, state_tensors, _ = ckpt_io.load_checkpoint(ckpt, verify=False)
+        ckpt_io.load_model_weights(self.model, model_sd)
+        load_optimizer(self.optimizer, state_tensors, saved["optimizer_groups"])
+        return {k: v for k, v in state_tensors.items() if k.startswith("rng/")}
+
+    def _load_sharded(self, ckpt: Path, saved: dict) -> dict[str, torch.Tensor]:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import (
+            get_model_state_dict,
+            get_optimizer_state_dict,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        from .resume import rng_state
+
+        # Templates in this run's layout (sharded or whole); DCP fills them, re-slicing where needed.
+        reader = _safe_reader(ckpt)
+        saved_keys = reader.read_metadata().state_dict_metadata
+        # RNG states this machine has and the checkpoint holds (CUDA ones only when both have them)
+        rng = {k: v for k, v in rng_state()[0].items() if f"rng.{k}" in saved_keys}
+        state = {"model": get_model_state_dict(self.model), "rng": rng}
+        with_optimizer = saved.get("optimizer_state", True)  # False: saved before the first step
+        if with_optimizer:
+            state["optim"] = get_optimizer_state_dict(self.model, self.optimizer)
+            state["optim"].pop("param_groups")
+        with _quiet_single_process():
+            dcp.load(state, storage_reader=reader)
+        set_model_state_dict(self.model, state["model"])
+        if not with_optimizer:
+            return state["rng"]
+        groups = [dict(g) for g in saved["optimizer_groups"]]
+        for g in groups:
+            if isinstance(g.get("betas"), list):
+                g["betas"] = tuple(g["betas"])
+        set_optimizer_state_dict(self.model, self.optimizer, {**state["optim"], "param_groups": groups})
+        return state["rng"]
+
+
+def loader_state_for(saved_loader: dict, world_size: int) -> dict:
+    """The loader state for this world size: the same windows consumed, re-split across the new ranks.
+
+    The loader hands rank r the windows r, r + W, r + 2W, ... of each epoch's permutation, so `position`
+    windows per rank at world size W means the first position*W windows of the permutation are used.
+    With a constant global batch that count is a multiple of both world sizes, so the new ranks continue
+    exactly where the old ones stopped (until the epoch ends: each rank's share is rounded down).
+    """
+    old_world = int(saved_loader["world_size"])
+    if old_world == world_size:
+        return saved_loader
+    consumed = int(saved_loader["position"]) * old_world
+    return {**saved_loader, "world_size": world_size, "position": consumed // world_size}
+
+
+# --- consolidation: a sharded checkpoint -> one model.safetensors --------------------------------------
+
+
+def consolidate(run: str | Path, out: str | Path | None = None) -> Path:
+    """Gather a sharded checkpoint's weights into a single-file checkpoint directory; returns it.
+
+    `run` is a RUN_DIR (its latest checkpoint) or a sharded checkpoint directory. The output (default
+    RUN_DIR/consolidated) holds model.safetensors, meta.json and tokenizer.json, so `lmforge generate` and
+    `lmforge export` take it as --run. Runs in one process; no GPU or process group is needed.
+    """
+    import torch.distributed.checkpoint as dcp
+
+    from ..config import config_from_dict
+    from ..model import GPT
+
+    ckpt = ckpt_io.resolve_checkpoint(run)
+    meta = ckpt_io.verify_checkpoint(ckpt)
+    if not meta.get("sharded"):
+        raise CheckpointError(f"{ckpt} is already a single-file checkpoint: use it directly")
+    run_dir = ckpt.parent.parent
+    out = Path(out) if out is not None else run_dir / "consolidated"
+    if out.exists() and any(out.iterdir()):
+        raise CheckpointError(f"{out} exists and is not empty: pass another --out or remove it")
+    cfg = config_from_dict(meta["config"])
+    model = GPT(cfg.model)
+    state = {"model": model.state_dict()}
+    with _quiet_single_process():  # only the model's entries are read
+        dcp.load(state, storage_reader=_safe_reader(ckpt), no_dist=True)
+    ckpt_io.load_model_weights(model, state["model"])
+
+    tmp = out.with_name(f".tmp-{out.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        from safetensors.torch import save_file
+
+        save_file(ckpt_io.model_state(model), str(tmp / ckpt_io.MODEL_FILE))
+        with contextlib.suppress(CheckpointError):  # a checkpoint copied without its run: weights still load
+            shutil.copyfile(ckpt_io.tokenizer_path(run_dir), tmp / "tokenizer.json")
+        keep = ("config", "tokens", "tokenizer_sha256", "data_fingerprint", "precision")
+        info = {k: meta[k] for k in keep if k in meta} | {"consolidated_from": str(ckpt)}
+        if out.exists():
+            out.rmdir()
+        return ckpt_io.publish_checkpoint(tmp, out, meta["step"], info, is_step=False)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,151 @@
+"""Every tokenizer kind: round trips, saved as JSON, GPT-2 ids equal to tiktoken's."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+
+from lmforge.data import DataError, Tokenizer, train_tokenizer
+from lmforge.data.sources import iter_documents
+from lmforge.data.tokenizer_kinds import (
+    BOS_TOKEN,
+    EOS_TOKEN,
+    PAD_TOKEN,
+    UNK_TOKEN,
+    fast_encoder,
+    from_tiktoken,
+    gpt2_files,
+    gpt2_hf,
+    load_pretrained,
+)
+from tests.test_data import TRICKY, WORDS
+
+tiktoken = pytest.importorskip("tiktoken")
+
+_GPT2_URL = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/"
+
+
+def _sample(seed: int = 0, docs: int = 30) -> list[str]:
+    rng = random.Random(seed)
+    out = []
+    for _ in range(docs):
+        lines = [
+            " ".join(rng.choice(WORDS) for _ in range(8)) + rng.choice([".", ",", "!", ""]) for _ in range(6)
+        ]
+        out.append("\n".join(lines) + "\n")
+    return out
+
+
+@pytest.fixture(scope="module")
+def gpt2() -> Tokenizer:
+    return Tokenizer(gpt2_hf())
+
+
+@pytest.fixture(scope="module")
+def tiktoken_cache(tmp_path_factory) -> Path:
+    """A TIKTOKEN_CACHE_DIR holding GPT-2's files, so tiktoken's own gpt2 loader runs offline."""
+    cache = tmp_path_factory.mktemp("tiktoken-cache")
+    encoder, merges = gpt2_files()
+    for url, path in ((_GPT2_URL + "encoder.json", encoder), (_GPT2_URL + "vocab.bpe", merges)):
+        shutil.copyfile(path, cache / hashlib.sha1(url.encode()).hexdigest())
+    return cache
+
+
+@pytest.fixture
+def offline_tiktoken(tiktoken_cache: Path, monkeypatch) -> None:
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tiktoken_cache))
+
+
+@pytest.mark.parametrize("kind", ["bpe", "unigram"])
+def test_byte_level_kinds_round_trip_any_text(kind: str, tmp_path: Path) -> None:
+    tok = train_tokenizer(_sample(), kind=kind, vocab_size=300)
+    for text in TRICKY:  # unicode the sample never contained still round-trips byte for byte
+        assert tok.decode(tok.encode(text)) == text
+    assert UNK_TOKEN not in tok.hf.get_vocab()
+    saved = Tokenizer.load(tok.save(tmp_path))
+    json.loads((tmp_path / "tokenizer.json").read_text())  # plain JSON, never a pickle
+    assert saved.encode(TRICKY[4]) == tok.encode(TRICKY[4])
+    # Once saved, the digest is stable: what prepare records is what every later load sees.
+    assert Tokenizer.load(saved.save(tmp_path / "again.json")).sha256() == saved.sha256()
+
+
+def test_word_and_char_round_trip_known_text_and_map_unknown_to_unk(tmp_path: Path) -> None:
+    sample = _sample()
+    known = "the quick fox,\n  jumps over the lazy dog.\n"
+    word = train_tokenizer(sample, kind="word", vocab_size=200)
+    vocab = word.hf.get_vocab()
+    assert all(t in vocab for t in (EOS_TOKEN, PAD_TOKEN, UNK_TOKEN, BOS_TOKEN))
+    assert word.decode(word.encode(known)) == known
+    assert word.encode("zebra") == [vocab[UNK_TOKEN]]  # a word never seen: one unknown token
+    char = train_tokenizer(sample, kind="char", vocab_size=100)
+    assert char.decode(char.encode(known)) == known
+    assert len(char.encode(known)) == len(known)  # one token per character
+    assert char.encode("é") == [char.hf.get_vocab()[UNK_TOKEN]]
+    again = Tokenizer.load(char.save(tmp_path / "c.json"))
+    assert again.encode(known) == char.encode(known)
+
+
+def test_wordpiece_round_trips_up_to_whitespace() -> None:
+    tok = train_tokenizer(_sample(), kind="wordpiece", vocab_size=120)
+    text = "the quick brown fox jumps over the lazy dog."
+    assert tok.decode(tok.encode(text)) == text
+    # BERT-style: runs of whitespace come back as single spaces (documented).
+    assert tok.decode(tok.encode("the   quick\nfox")) == "the quick fox"
+    assert any(t.startswith("##") for t in tok.hf.get_vocab())  # real word pieces were learned
+
+
+def test_special_tokens_are_configurable_and_kept_whole() -> None:
+    tok = train_tokenizer(_sample(), kind="bpe", vocab_size=300, special_tokens=["<|user|>", "<|bot|>"])
+    vocab = tok.hf.get_vocab()
+    assert "<|user|>" in vocab and "<|bot|>" in vocab and vocab[EOS_TOKEN] == tok.eos_id == 0
+    with pytest.raises(DataError, match="too small"):
+        train_tokenizer(_sample(), kind="word", vocab_size=3)
+
+
+def test_gpt2_ids_equal_tiktoken(gpt2: Tokenizer, offline_tiktoken: None) -> None:
+    assert gpt2.encode("Hello world") == [15496, 995]
+    assert gpt2.vocab_size == 50257 and gpt2.eos_id == 50256
+    reference = tiktoken.get_encoding("gpt2")  # tiktoken's own loader, from the cache
+    texts = TRICKY + [d.text for d in iter_documents("builtin:stdlib", max_docs=12)]
+    for text in texts:
+        ids = gpt2.encode(text)
+        assert ids == reference.encode_ordinary(text)
+        assert gpt2.decode(ids) == text
+    # The fast path prepare uses for gpt2 gives the same ids too.
+    fast = fast_encoder("gpt2")
+    assert [fast.encode_ordinary(t) for t in texts] == [gpt2.encode(t) for t in texts]
+    # Negative control: a different tokenizer does not pass the same comparison.
+    other = train_tokenizer(_sample(), vocab_size=300)
+    assert other.encode(texts[-1]) != reference.encode_ordinary(texts[-1])
+
+
+def test_tiktoken_encoding_converts_exactly(offline_tiktoken: None, tmp_path: Path) -> None:
+    reference = tiktoken.get_encoding("gpt2")
+    tok = Tokenizer(load_pretrained("tiktoken:gpt2"))
+    for text in TRICKY + ["Hello world", "  indented\n\tcode = 1_000_000  # ok\n"]:
+        assert tok.encode(text) == reference.encode_ordinary(text)
+    assert tok.eos_id == reference.eot_token
+    # Saved as tokenizer.json and loaded back by path: same ids.
+    path = tok.save(tmp_path)
+    assert Tokenizer(load_pretrained(str(path))).encode("Hello world") == [15496, 995]
+    # An encoding with special ids above a gap in the ranks keeps those ids.
+    ranks = {bytes([b]): b for b in range(256)} | {b"ab": 256, b"abc": 257}
+    gapped = tiktoken.Encoding(
+        "gapped", pat_str=reference._pat_str, mergeable_ranks=ranks, special_tokens={EOS_TOKEN: 260}
+    )
+    small = Tokenizer(from_tiktoken(gapped))
+    assert small.eos_id == 260 and small.encode("abcab") == gapped.encode_ordinary("abcab") == [257, 256]
+
+
+def test_tiktoken_unavailable_is_one_clear_line(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))
+    with pytest.raises(DataError, match="tiktoken cannot load 'no_such_encoding'") as info:
+        load_pretrained("tiktoken:no_such_encoding")
+    assert "\n" not in str(info.value)
+    with pytest.raises(DataError, match="tokenizer.json"):
+        load_pretrained(str(tmp_path / "missing.json"))

@@ -63,6 +63,9 @@ def test_python_api_generate_stream_batch(run, tmp_path):
         llm.generate("x", top_p=2.0)
     with pytest.raises(LmforgeError, match="int8"):
         LLM.load(run, quantize="int4")
+    q = LLM.load(run, device="cpu", quantize="int8")  # linear layers swapped for int8 ones
+    assert type(q.model.blocks[0].mlp.c_fc).__name__ == "Int8Linear"
+    assert len(q.generate(["the cat", "a"], max_new_tokens=6, temperature=0)) == 2
 
 
 @pytest.mark.parametrize("ext", ["json", "jsonl", "csv", "txt"])

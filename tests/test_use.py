@@ -63,6 +63,9 @@ def test_python_api_generate_stream_batch(run, tmp_path):
         llm.generate("x", top_p=2.0)
     with pytest.raises(LmforgeError, match="int8"):
         LLM.load(run, quantize="int4")
+    q = LLM.load(run, device="cpu", quantize="int8")  # linear layers swapped for int8 ones
+    assert type(q.model.blocks[0].mlp.c_fc).__name__ == "Int8Linear"
+    assert len(q.generate(["the cat", "a"], max_new_tokens=6, temperature=0)) == 2
 
 
 @pytest.mark.parametrize("ext", ["json", "jsonl", "csv", "txt"])
@@ -181,45 +184,34 @@ def _read_until(fd: int, marker: bytes, timeout: float = 30.0) -> bytes:
 
 
 def test_chat_command_in_a_pseudo_terminal(run):
-    pid, fd = pty.fork()
-    if pid == 0:  # the child: the real `lmforge chat`, its terminal is the pty
-        os.environ["PYTHONPATH"] = str(ROOT / "src")
-        os.execv(
-            sys.executable,
-            [
-                sys.executable,
-                "-m",
-                "lmforge",
-                "chat",
-                "--run",
-                str(run),
-                "--temperature",
-                "0",
-                "--max-new-tokens",
-                "20",
-                "--device",
-                "cpu",
-            ],
-        )
+    # The real `lmforge chat` with a pseudo-terminal as its stdin, stdout and stderr.
+    main_fd, term_fd = pty.openpty()
+    cmd = [sys.executable, "-m", "lmforge", "chat", "--run", str(run), "--temperature", "0"]
+    proc = subprocess.Popen(
+        [*cmd, "--max-new-tokens", "20", "--device", "cpu"],
+        stdin=term_fd,
+        stdout=term_fd,
+        stderr=term_fd,
+        env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
+        start_new_session=True,
+    )
+    os.close(term_fd)
     try:
-        _read_until(fd, b"> ")
-        os.write(fd, b"hello\n")
-        first = _read_until(fd, b"> ")
-        os.kill(pid, 2)  # Ctrl-C at the prompt: a fresh line, still in the chat
-        _read_until(fd, b"> ")
-        os.write(fd, b"/temperature 0.3\n")
-        assert b"(temperature 0.3)" in _read_until(fd, b"(temperature 0.3)")
-        os.write(fd, b"/reset\n")
-        _read_until(fd, b"(conversation cleared)")
-        os.write(fd, b"/quit\n")
-        _, status = os.waitpid(pid, 0)
-        assert os.waitstatus_to_exitcode(status) == 0
+        _read_until(main_fd, b"> ", timeout=120)  # starting python + torch on a busy machine
+        os.write(main_fd, b"hello\n")
+        first = _read_until(main_fd, b"> ")
+        os.kill(proc.pid, 2)  # Ctrl-C at the prompt: a fresh line, still in the chat
+        _read_until(main_fd, b"> ")
+        os.write(main_fd, b"/temperature 0.3\n")
+        _read_until(main_fd, b"(temperature 0.3)")
+        os.write(main_fd, b"/reset\n")
+        _read_until(main_fd, b"(conversation cleared)")
+        os.write(main_fd, b"/quit\n")
+        assert proc.wait(timeout=30) == 0
         reply = first.split(b"hello", 1)[1].strip().rsplit(b"> ", 1)[0]
         assert reply, first  # a streamed reply came back
     finally:
-        os.close(fd)
-        try:
-            os.kill(pid, 9)
-            os.waitpid(pid, 0)
-        except (ProcessLookupError, ChildProcessError):
-            pass
+        os.close(main_fd)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

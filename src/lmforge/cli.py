@@ -112,6 +112,7 @@ def build_parser() -> tuple[ArgumentParser, dict[str, ArgumentParser]]:
     p.add_argument("--input", default=None, help="prompts.txt (one per line) or prompts.jsonl ({'prompt'})")
     p.add_argument("--output", default=None, help="results .json | .jsonl | .csv | .txt (with --input)")
     p.add_argument("--batch-size", type=int, default=8, help="prompts decoded together (with --input)")
+    p.add_argument("--quantize", default=None, help="int8: int8 weight-only linear layers (CPU inference)")
     parsers["generate"] = p
 
     p = _parser(
@@ -125,6 +126,7 @@ def build_parser() -> tuple[ArgumentParser, dict[str, ArgumentParser]]:
     p.add_argument("--system", default=None, help="a system line kept at the start of the conversation")
     p.add_argument("--seed", type=int | None, default=None)
     p.add_argument("--device", default="auto")
+    p.add_argument("--quantize", default=None, help="int8: int8 weight-only linear layers (CPU inference)")
     parsers["chat"] = p
 
     p = _parser(
@@ -139,6 +141,7 @@ def build_parser() -> tuple[ArgumentParser, dict[str, ArgumentParser]]:
     )
     p.add_argument("--model-name", default=None, help="the model id clients see (default: the run's name)")
     p.add_argument("--device", default="auto")
+    p.add_argument("--quantize", default=None, help="int8: int8 weight-only linear layers (CPU inference)")
     parsers["serve"] = p
 
     p = _parser("Export a run to Hugging Face transformers, safetensors, ONNX or GGUF.")
@@ -422,7 +425,7 @@ def cmd_generate(ns: Namespace, console: Console) -> str | list:
         return _generate_file(ns, console)
     from .api import LLM
 
-    llm = LLM.load(ns.run, device=ns.device)
+    llm = LLM.load(ns.run, device=ns.device, quantize=ns.quantize)
     console.print(ns.prompt, end="", style="bold", highlight=False, markup=False)
     pieces = []
     for piece in llm.stream_params(ns.prompt, ns.max_new_tokens, params, ns.seed, ns.stop):
@@ -448,7 +451,7 @@ def _generate_file(ns: Namespace, console: Console) -> list:
         raise ConfigError("--input and --output go together: give both (e.g. --input p.txt --output r.jsonl)")
     check_output_path(ns.output)
     prompts = read_prompts(ns.input)
-    llm = LLM.load(ns.run, device=ns.device)
+    llm = LLM.load(ns.run, device=ns.device, quantize=ns.quantize)
     columns = (TextColumn("generating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
         task = bar.add_task("generate", total=len(prompts))
@@ -476,7 +479,7 @@ def cmd_chat(ns: Namespace, console: Console) -> None:
     from .generate.chat import repl
 
     params = sampling_params(ns.temperature, ns.top_k, ns.top_p)
-    llm = LLM.load(ns.run, device=ns.device)
+    llm = LLM.load(ns.run, device=ns.device, quantize=ns.quantize)
     session = llm.session(ns.max_new_tokens, params, ns.seed)
     session.system = ns.system
     repl(session)
@@ -494,6 +497,7 @@ def cmd_serve(ns: Namespace, console: Console) -> None:
         max_body=ns.max_body,
         model_name=ns.model_name,
         device=ns.device,
+        quantize=ns.quantize,
         console=console,
     )
 

@@ -21,6 +21,7 @@ def serve(
     model_name: str | None = None,
     device: str = "auto",
     console=None,
+    quantize: str | None = None,
 ) -> None:
     """Load the run and serve it until stopped (Ctrl-C)."""
     try:
@@ -38,7 +39,7 @@ def serve(
     _check_address(host, port)
     from ..api import LLM
 
-    llm = LLM.load(run, device=device)
+    llm = LLM.load(run, device=device, quantize=quantize)
     app = create_app(llm, max_tokens=max_tokens, max_body=max_body, model_name=model_name)
     if console is not None:
         console.print(

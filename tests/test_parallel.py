@@ -63,6 +63,17 @@ def reference(tiny_data, tmp_path_factory):
     return run
 
 
+def test_ddp_two_processes_match_one_process(tiny_data, tmp_path, reference):
+    """DDP: micro-batch 2 x 2 ranks sees the same 4 windows per step as the reference's 1 x 4 accumulation."""
+    run = tmp_path / "ddp"
+    proc = torchrun(tiny_data, run, "--train.micro_batch_size=2", "--train.parallel=ddp")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert losses(run) == pytest.approx(losses(reference), abs=1e-5)
+    assert len(losses(run)) == 4
+    # rank 0 alone wrote the run directory: one metrics line per step, one final checkpoint
+    assert (run / "checkpoints" / "step_0000004" / "model.safetensors").is_file()
+
+
 @pytest.fixture(scope="module")
 def fsdp_preempted(tiny_data, tmp_path_factory):
     """2-process FSDP2 ZeRO-2 run, micro-batch 1 x 2 accumulation steps x 2 ranks (the reference's global

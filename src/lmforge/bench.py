@@ -222,7 +222,7 @@ def report(results: list[StepResult], cfg: ModelConfig, batch: int, console) -> 
         "first loss",
         "last loss",
     ):
-        table.add_column(col, justify="left" if col == "impl" else "right")
+        table.add_column(col, justify="left" if col == "implementation" else "right")
     for r in results:
         table.add_row(
             r.name,

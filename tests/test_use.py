@@ -169,10 +169,12 @@ def test_chat_repl_commands_and_ctrl_c_stops_only_the_reply(run):
     assert session.history[0] == ("user", "last")
 
 
-def _read_until(fd: int, marker: bytes, timeout: float = 30.0) -> bytes:
+def _read_until(fd: int, marker: bytes, timeout: float = 30.0, fail: bool = True) -> bytes:
     buf, end = b"", time.time() + timeout
     while marker not in buf:
         if time.time() > end:
+            if not fail:
+                return buf
             raise AssertionError(f"no {marker!r} in {buf!r}")
         ready, _, _ = select.select([fd], [], [], 0.5)
         if ready:
@@ -200,8 +202,17 @@ def test_chat_command_in_a_pseudo_terminal(run):
         _read_until(main_fd, b"> ", timeout=120)  # starting python + torch on a busy machine
         os.write(main_fd, b"hello\n")
         first = _read_until(main_fd, b"> ")
-        os.kill(proc.pid, 2)  # Ctrl-C at the prompt: a fresh line, still in the chat
-        _read_until(main_fd, b"> ")
+        # Ctrl-C at the prompt: a fresh line, still in the chat. CPython's readline misses a SIGINT
+        # that lands between printing the prompt and waiting for input (the handler only sets a flag),
+        # so wait a moment, and press Ctrl-C again if the first went unseen, as a person would.
+        time.sleep(0.2)
+        for _ in range(5):
+            os.kill(proc.pid, 2)
+            if b"> " in _read_until(main_fd, b"> ", timeout=3.0, fail=False):
+                break
+        else:
+            raise AssertionError("Ctrl-C at the prompt gave no fresh prompt")
+        assert proc.poll() is None  # still in the chat
         os.write(main_fd, b"/temperature 0.3\n")
         _read_until(main_fd, b"(temperature 0.3)")
         os.write(main_fd, b"/reset\n")

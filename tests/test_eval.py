@@ -276,7 +276,7 @@ def test_cli_eval_writes_eval_json(run, tiny_data, tmp_path, capsys):
         (["--tasks", "hs=MISSING.jsonl"], "task file 'MISSING.jsonl' does not exist"),
         (["--tasks", "hs"], "--tasks hs: write it as NAME=FILE.jsonl"),
         (["--tasks", "hs=BAD.jsonl"], "BAD.jsonl:2: not valid JSON"),
-        (["--prompts", "MISSING.txt"], "prompt file 'MISSING.txt' does not exist"),
+        (["--prompts", "MISSING.txt"], "--prompts MISSING.txt: no such file"),
         (["--stride", "99"], "--stride 99: must be between 1 and the model's window (32 tokens)"),
         (["--quantize", "int4"], "--quantize int4: the supported value is int8"),
         (["--data", "NOWHERE", "--text", "x"], "give --data or --text, not both"),

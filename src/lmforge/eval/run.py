@@ -22,6 +22,7 @@ from ..checkpoint import load_model, tokenizer_path
 from ..data import Tokenizer, TokenShards, load_meta
 from ..device import pick_device
 from ..errors import LmforgeError
+from ..generate.batch import read_prompts as read_prompt_file
 from .metrics import score_tokens, summarize_scores
 from .quality import DEFAULT_PROMPTS, generation_quality
 from .speed import compare_speed, decode, measure_speed
@@ -52,32 +53,8 @@ class EvalOptions:
 
 
 def read_prompts(path: str | Path) -> list[str]:
-    """Prompts from a .txt file (one per line) or .jsonl (a string or {"prompt": ...} per line)."""
-    path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise EvalError(f"prompt file '{path}' does not exist") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise EvalError(f"cannot read prompt file '{path}' ({e}): it must be UTF-8 text") from None
-    prompts = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        if path.suffix != ".jsonl":
-            prompts.append(line)
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError as e:
-            raise EvalError(f"{path}:{number}: not valid JSON ({e.msg})") from None
-        prompt = row.get("prompt") if isinstance(row, dict) else row
-        if not isinstance(prompt, str):
-            raise EvalError(f'{path}:{number}: expected a string or an object with a "prompt" string')
-        prompts.append(prompt)
-    if not prompts:
-        raise EvalError(f"prompt file '{path}' has no prompts")
-    return prompts
+    """The --prompts set: .txt (one per line) or .jsonl, read like `generate --input`."""
+    return read_prompt_file(path, flag="--prompts")
 
 
 def _read_text(path: str) -> str:

@@ -36,16 +36,22 @@ def check_output_path(path: str | Path) -> Path:
     return path
 
 
-def read_prompts(path: str | Path) -> list[str]:
-    """Prompts from a .txt file (one per non-empty line) or a .jsonl file ({"prompt": ...} per line)."""
+def read_prompts(path: str | Path, flag: str = "--input") -> list[str]:
+    """Prompts from a .txt file (one per non-empty line) or a .jsonl file ({"prompt": ...} per line).
+
+    flag names the option the path came from, for the error messages.
+    """
     path = Path(path)
     if path.suffix.lower() not in INPUT_FORMATS:
         raise BatchFileError(
-            f"--input {path}: unknown format '{path.suffix}'; use .txt (one prompt per line) or .jsonl"
+            f"{flag} {path}: unknown format '{path.suffix}'; use .txt (one prompt per line) or .jsonl"
         )
     if not path.is_file():
-        raise BatchFileError(f"--input {path}: no such file")
-    lines = path.read_text(encoding="utf-8").splitlines()
+        raise BatchFileError(f"{flag} {path}: no such file")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise BatchFileError(f"{flag} {path}: cannot read it ({e}); it must be UTF-8 text") from None
     if path.suffix.lower() == ".txt":
         prompts = [line for line in lines if line.strip()]
     else:
@@ -62,7 +68,7 @@ def read_prompts(path: str | Path) -> list[str]:
                 raise BatchFileError(f'{path}:{n}: expected {{"prompt": "..."}} (a string), got {line[:60]}')
             prompts.append(prompt)
     if not prompts:
-        raise BatchFileError(f"--input {path}: no prompts in the file")
+        raise BatchFileError(f"{flag} {path}: no prompts in the file")
     return prompts
 
 

@@ -18,12 +18,13 @@ Eval, generation, export and serving read runs through this module and never imp
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -112,25 +113,28 @@ def save_checkpoint(
     final = ckpt_root / (name or step_dir_name(step))
     tmp = ckpt_root / f".tmp-{final.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with _discard_on_failure(tmp, final):
         tmp.mkdir()
         save_file(model_tensors, str(tmp / MODEL_FILE))
         save_file(state_tensors, str(tmp / STATE_FILE))
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise _write_error(final, e) from e
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return publish_checkpoint(tmp, final, step, meta, keep_last, is_step=name is None)
 
 
-def _write_error(final: Path, e: OSError) -> CheckpointError:
-    reason = e.strerror or str(e)
-    return CheckpointError(
-        f"could not write checkpoint {final} ({reason}): free space or fix permissions, then run the "
-        f"same command again to resume from the previous checkpoint"
-    )
+@contextlib.contextmanager
+def _discard_on_failure(tmp: Path, final: Path) -> Iterator[None]:
+    """Remove the temporary directory if anything fails; a failed write (e.g. a full disk) becomes one line."""
+    try:
+        yield
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        reason = e.strerror or str(e)
+        raise CheckpointError(
+            f"could not write checkpoint {final} ({reason}): free space or fix permissions, then run the "
+            f"same command again to resume from the previous checkpoint"
+        ) from e
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def publish_checkpoint(
@@ -142,7 +146,7 @@ def publish_checkpoint(
     On failure the temporary directory is removed and the previous checkpoints stay as they were.
     """
     ckpt_root = final.parent
-    try:
+    with _discard_on_failure(tmp, final):
         files = {}
         for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
             with open(path, "rb") as f:
@@ -163,12 +167,6 @@ def publish_checkpoint(
             latest_tmp.write_text(final.name + "\n")
             os.replace(latest_tmp, ckpt_root / LATEST)
             _fsync_dir(ckpt_root)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise _write_error(final, e) from e
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     if keep_last and is_step:
         _rotate(ckpt_root, keep_last)
     return final

@@ -13,21 +13,12 @@ import time
 
 import torch
 
+from ..generate.sampling import SamplingParams, sample_rows
+
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def _pick(logits: torch.Tensor, temperature: float, top_k: int | None, generator) -> torch.Tensor:
-    """Next token (B,) from logits (B, V): greedy at temperature 0, else top-k sampling."""
-    if temperature == 0:
-        return logits.argmax(-1)
-    logits = logits.float() / temperature
-    if top_k is not None and top_k < logits.size(-1):
-        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
 
 
 @torch.no_grad()
@@ -45,7 +36,8 @@ def decode(
     context = model.cfg.context_len
     max_new_tokens = max(0, min(max_new_tokens, context - 1))
     prompt = prompt[-(context - max_new_tokens) :] if max_new_tokens else prompt[-context:]
-    generator = torch.Generator(device=device).manual_seed(seed)
+    params = SamplingParams(temperature=temperature, top_k=top_k)
+    generators = [torch.Generator(device=device).manual_seed(seed)]
     cache = model.new_cache(1, max_len=len(prompt) + max_new_tokens)
     ids = torch.tensor([prompt], dtype=torch.long, device=device)  # (1, T)
     _sync(device)
@@ -56,7 +48,7 @@ def decode(
     out: list[int] = []
     start = time.perf_counter()
     for step in range(max_new_tokens):
-        nxt = _pick(logits, temperature, top_k, generator)  # (1,)
+        nxt = sample_rows(logits, params, generators=generators)  # (1,)
         token = int(nxt.item())
         if step == 0:
             first_token_s = prefill_s + time.perf_counter() - start

@@ -5,7 +5,8 @@ plain single-process encode loop of the same tokenizer.
 
 Reported for the pretrained GPT-2 tokenizer and for a byte-level BPE trained on the corpus.
 `prepare` numbers are end to end (read, dedup, split, encode, write shards, hashes); the loops
-only encode. Print a Markdown table for benchmarks/RESULTS.md.
+only encode, and so do the "encoding only" rows: prepare's own process pool and chunks without
+any reading or writing, the most prepare could reach on this machine. Print a Markdown table for benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pathlib import Path
 os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the loops are single-threaded by definition
 
 from lmforge.data import Tokenizer, prepare, train_tokenizer  # noqa: E402
-from lmforge.data.encode import default_workers  # noqa: E402
+from lmforge.data.encode import CHUNK_CHARS, EncodePool, default_workers  # noqa: E402
 from lmforge.data.sources import iter_documents  # noqa: E402
 from lmforge.data.tokenizer_kinds import fast_encoder, gpt2_hf  # noqa: E402
 
@@ -33,6 +34,27 @@ def _best(fn, repeat: int) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return min(times)
+
+
+def pool_encode(tok: Tokenizer, spec: str, docs: list[str], workers: int) -> None:
+    """prepare's encoding step alone (its pool, its chunks), without reading, splitting or writing:
+    what the encoding costs on this machine with ``workers`` processes, the ceiling for prepare."""
+    pool = EncodePool(tok, workers, spec)
+    try:
+        chunk: list[str] = []
+        size = 0
+        for text in docs:
+            chunk.append(text)
+            size += len(text)
+            if size >= CHUNK_CHARS:
+                pool.submit(chunk, None)
+                chunk, size = [], 0
+        if chunk:
+            pool.submit(chunk, None)
+        for _ in pool.drain():
+            pass
+    finally:
+        pool.close()
 
 
 def main() -> None:
@@ -74,6 +96,14 @@ def main() -> None:
             print(
                 f"| {name} | {label} | {seconds:.2f} | {mb / seconds:.2f} | {tokens / seconds:,.0f} | "
                 f"{baseline / seconds:.2f}x |"
+            )
+        for workers in sorted({1, args.workers}):
+            seconds = _best(
+                lambda workers=workers, tok=tok, spec=spec: pool_encode(tok, spec, docs, workers), args.repeat
+            )
+            print(
+                f"| {name} | encoding only, prepare's pool, {workers} process(es) | {seconds:.2f} | {mb / seconds:.2f} | "
+                f"{tokens / seconds:,.0f} | {baseline / seconds:.2f}x |"
             )
         for workers in sorted({1, args.workers}):
             out = work / f"out-{workers}"

@@ -224,6 +224,16 @@ def test_progress_bar_shows_rates(tmp_path: Path) -> None:
     assert "docs (" in shown and "MB/s" in shown and "tokens" in shown
 
 
+def test_cli_and_prepare_start_without_torch() -> None:
+    # Importing torch costs seconds; prepare and --help never need it.
+    code = (
+        "import sys, lmforge.cli, lmforge.commands, lmforge.data, lmforge.data.prepare; "
+        "sys.exit('torch' in sys.modules)"
+    )
+    env = {**os.environ, "PYTHONPATH": SRC}
+    assert subprocess.run([sys.executable, "-c", code], env=env).returncode == 0, "torch was imported"
+
+
 def test_killed_prepare_leaves_nothing_training_accepts(tmp_path: Path) -> None:
     out = tmp_path / "data"
     script = (

@@ -1,7 +1,9 @@
-"""Data preparation and loading: sources -> tokenizer -> token shards -> training batches."""
+"""Data preparation and loading: sources -> tokenizer -> token shards -> training batches.
+
+The loader (which needs torch) is imported on first use, so `lmforge prepare` starts without torch.
+"""
 
 from lmforge.data.errors import DataError
-from lmforge.data.loader import TokenLoader, iter_eval_batches
 from lmforge.data.prepare import FORMAT_VERSION, load_meta, prepare
 from lmforge.data.shards import ShardWriter, TokenShards, dtype_for_vocab
 from lmforge.data.sources import Document, iter_documents
@@ -23,3 +25,13 @@ __all__ = [
     "prepare",
     "train_tokenizer",
 ]
+
+
+def __getattr__(name: str):
+    if name in ("TokenLoader", "iter_eval_batches"):
+        from lmforge.data import loader
+
+        value = getattr(loader, name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -88,7 +88,7 @@ def encode_texts(tok: Tokenizer, texts: list[str], fast=None) -> tuple[np.ndarra
     return lengths, flat
 
 
-def _init_worker(tok_json: str, fast_spec: str | None) -> None:
+def _init_worker(tok_json: str | None, fast_spec: str | None) -> None:
     global _worker_tok, _worker_fast
     # Ctrl-C reaches the whole process group; the parent handles it and stops the pool, so a
     # worker should not die mid-chunk with a traceback of its own.
@@ -150,7 +150,8 @@ class EncodePool:
                 workers,
                 mp_context=multiprocessing.get_context(method),
                 initializer=_init_worker,
-                initargs=(tok.hf.to_str(), fast_spec),
+                # Forked workers inherit the tokenizers; only spawned ones need the JSON.
+                initargs=(None if method == "fork" else tok.hf.to_str(), fast_spec),
             )
 
     def submit(self, texts: list[str], tag: object) -> list[tuple[object, np.ndarray, np.ndarray]]:

@@ -288,14 +288,18 @@ def _iter_file(
 def _walk_sorted(root: Path, skip_dirs: frozenset[str]) -> list[tuple[str, Path]]:
     """All files under root as (relative posix path, path), sorted by relative path."""
     found: list[tuple[str, Path]] = []
-    for dirpath, dirnames, filenames in os.walk(root):
+    top = os.fspath(root)
+    for dirpath, dirnames, filenames in os.walk(top):
         # Pruning in place keeps os.walk out of excluded and hidden trees (.git, .venv, ...).
         dirnames[:] = [d for d in dirnames if d not in skip_dirs and not d.startswith(".")]
+        # os.walk joins onto `top`, so the relative folder is a plain string slice (much faster
+        # than Path.relative_to on every file of a large tree).
+        rel_dir = os.path.relpath(dirpath, top).replace(os.sep, "/")
+        prefix = "" if rel_dir == "." else rel_dir + "/"
         for filename in filenames:
             if filename.startswith("."):
                 continue
-            path = Path(dirpath) / filename
-            found.append((path.relative_to(root).as_posix(), path))
+            found.append((prefix + filename, Path(dirpath, filename)))
     # Sorting the relative paths (not walk order, which depends on the file system) is
     # what makes document order, and so the tokenizer sample, reproducible.
     found.sort(key=lambda item: item[0])

@@ -14,11 +14,13 @@ import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..errors import LmforgeError
 from ..model.config import ModelConfig
+
+if TYPE_CHECKING:  # torch is imported where it is used, so `lmforge --help` starts fast
+    import torch
 
 FORMATS = ("hf", "safetensors", "onnx", "gguf")
 DTYPES = ("f32", "f16", "bf16", "q8_0")
@@ -30,6 +32,8 @@ class ExportError(LmforgeError, RuntimeError):
 
 def trimmed_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The model's float32 CPU tensors with the vocab padding rows cut; a tied head is stored once as wte."""
+    import torch
+
     cfg: ModelConfig = model.cfg
     V = cfg.vocab_size
     out = {}
@@ -100,6 +104,8 @@ def write_json(path: Path, obj: dict) -> None:
 
 def export_run(run: str | Path, fmt: str, out: str | Path, dtype: str = "f32") -> Path:
     """Export the latest checkpoint of `run` (or a checkpoint directory) as `fmt` into the folder `out`."""
+    import torch
+
     from ..checkpoint import load_model, tokenizer_path
 
     if fmt not in FORMATS:
@@ -129,7 +135,11 @@ def export_run(run: str | Path, fmt: str, out: str | Path, dtype: str = "f32") -
     return Path(out)
 
 
-TORCH_DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype of an export ``--dtype`` that stores plain floats (f32, f16, bf16)."""
+    import torch
+
+    return {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}[name]
 
 
 def export_safetensors(model: torch.nn.Module, out: str | Path, dtype: str = "f32") -> Path:
@@ -137,7 +147,7 @@ def export_safetensors(model: torch.nn.Module, out: str | Path, dtype: str = "f3
     from safetensors.torch import save_file
 
     cfg: ModelConfig = model.cfg
-    tensors = {k: v.to(TORCH_DTYPES[dtype]).contiguous() for k, v in trimmed_state(model).items()}
+    tensors = {k: v.to(torch_dtype(dtype)).contiguous() for k, v in trimmed_state(model).items()}
     with staged_dir(out) as tmp:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         write_json(

@@ -22,7 +22,7 @@ import torch
 
 from ..data.tokenizer import EOS_TOKEN
 from ..model.config import ModelConfig
-from . import TORCH_DTYPES, ExportError, staged_dir, standard_architecture, trimmed_state
+from . import ExportError, staged_dir, standard_architecture, torch_dtype, trimmed_state
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -149,7 +149,7 @@ def export_hf(
     if dtype not in HF_DTYPE_NAMES:
         raise ExportError(f"--dtype {dtype} is not available for --format hf: use f32, f16 or bf16")
     tensors, kwargs = to_hf(model)
-    tensors = {k: v.to(TORCH_DTYPES[dtype]).contiguous() for k, v in tensors.items()}
+    tensors = {k: v.to(torch_dtype(dtype)).contiguous() for k, v in tensors.items()}
     eos_id = Tokenizer.load(tokenizer_file).eos_id
     model_type = kwargs.pop("model_type")
     hf_cfg = AutoConfig.for_model(model_type, bos_token_id=eos_id, eos_token_id=eos_id, **kwargs)

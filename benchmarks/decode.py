@@ -20,7 +20,7 @@ import torch
 from lmforge.bench import hf_twin
 from lmforge.generate.engine import BatchDecoder
 from lmforge.generate.sampling import SamplingParams
-from lmforge.model import GPT, ModelConfig
+from lmforge.model import GPT, ModelConfig, use_inference_layout
 from lmforge.presets import BENCH_MODEL
 
 GREEDY = SamplingParams(temperature=0.0)
@@ -69,6 +69,7 @@ def bench(family: str, batch: int, prompt_len: int, new: int, repeats: int) -> d
     torch.manual_seed(0)
     model = GPT(ModelConfig(**kw)).eval()
     hf = hf_twin(model).eval()
+    use_inference_layout(model)  # what load_model does for generate, chat, serve and the Python API
     prompts = torch.randint(
         0, kw["vocab_size"], (batch, prompt_len), generator=torch.Generator().manual_seed(1)
     )

@@ -10,7 +10,14 @@ import torch.nn.functional as F
 
 from lmforge.generate.engine import generate_ids
 from lmforge.generate.sampling import SamplingParams, top_k_filter, top_p_filter
-from lmforge.model import GPT, ModelConfig, count_params, flops_per_token, param_breakdown
+from lmforge.model import (
+    GPT,
+    ModelConfig,
+    count_params,
+    flops_per_token,
+    param_breakdown,
+    use_inference_layout,
+)
 
 FAMILIES = {
     "gpt2": dict(family="gpt2"),
@@ -101,6 +108,28 @@ def test_greedy_generation_same_with_and_without_kv_cache(name):
     without = list(generate_ids(model, prompt, 40, greedy, use_cache=False))
     assert len(with_cache) == 40
     assert with_cache == without
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama", "gpt2-untied-nobias"])
+def test_inference_layout_changes_memory_order_only(name):
+    torch.manual_seed(2)
+    model = GPT(tiny(**FAMILIES[name])).eval()
+    reference = GPT(tiny(**FAMILIES[name])).eval()
+    reference.load_state_dict(model.state_dict())
+    use_inference_layout(model)
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(m.weight.t().is_contiguous() and not m.weight.is_contiguous() for m in linears)
+    assert model.cfg.tie_embeddings is False or model.lm_head.weight is model.wte.weight
+    for (key, a), (_, b) in zip(model.state_dict().items(), reference.state_dict().items(), strict=True):
+        assert a.shape == b.shape and torch.equal(a, b), key
+    idx = torch.randint(0, 100, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx), reference(idx), atol=1e-5, rtol=1e-5)
+    prompt = idx[0].tolist()
+    greedy = SamplingParams(temperature=0.0)
+    assert list(generate_ids(model, prompt, 30, greedy)) == list(generate_ids(reference, prompt, 30, greedy))
+    use_inference_layout(model)  # idempotent
+    assert all(m.weight.t().is_contiguous() for m in linears)
 
 
 def test_sampling_is_seeded_and_filters_work():

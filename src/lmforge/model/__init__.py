@@ -6,13 +6,22 @@ only read configs (``lmforge prepare``, ``--help``) start without loading torch.
 
 from .config import ModelConfig
 
-__all__ = ["GPT", "KVCache", "ModelConfig", "count_params", "flops_per_token", "param_breakdown"]
+__all__ = [
+    "GPT",
+    "KVCache",
+    "ModelConfig",
+    "count_params",
+    "flops_per_token",
+    "param_breakdown",
+    "use_inference_layout",
+]
 
 _LAZY = {
     "GPT": "gpt",
     "count_params": "gpt",
     "flops_per_token": "gpt",
     "param_breakdown": "gpt",
+    "use_inference_layout": "gpt",
     "KVCache": "kv_cache",
 }
 

@@ -29,6 +29,7 @@ def test_bench_command_prints_table(capsys):
     out = capsys.readouterr().out
     assert "lmforge" in out and "hf" in out and "tokens/s" in out
     assert "first-step loss difference vs hf: 0.00e+00" in out
+    assert "mean loss of the last 2 steps" in out and "(0.00% apart)" in out
 
 
 def test_bench_rejects_unknown_comparison(capsys):

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from lmforge.data import DataError, Tokenizer, train_tokenizer
+from lmforge.data import DataError, Tokenizer, prepare, train_tokenizer
 from lmforge.data.sources import iter_documents
+from lmforge.data.tokenizer import file_sha256
 from lmforge.data.tokenizer_kinds import (
     BOS_TOKEN,
     EOS_TOKEN,
@@ -23,7 +24,7 @@ from lmforge.data.tokenizer_kinds import (
     gpt2_hf,
     load_pretrained,
 )
-from tests.test_data import TRICKY, WORDS
+from tests.test_data import TRICKY, WORDS, _corpus
 
 tiktoken = pytest.importorskip("tiktoken")
 
@@ -72,6 +73,17 @@ def test_byte_level_kinds_round_trip_any_text(kind: str, tmp_path: Path) -> None
     assert saved.encode(TRICKY[4]) == tok.encode(TRICKY[4])
     # Once saved, the digest is stable: what prepare records is what every later load sees.
     assert Tokenizer.load(saved.save(tmp_path / "again.json")).sha256() == saved.sha256()
+
+
+@pytest.mark.parametrize("kind", ["bpe", "wordpiece", "unigram", "word", "char", "gpt2"])
+def test_prepare_records_the_digest_every_load_sees(kind: str, tmp_path: Path) -> None:
+    # prepare hashes the saved file without reloading it; a reader loads it and must get the same.
+    meta = prepare(
+        [str(_corpus(tmp_path / "c", 12))], tmp_path / "d", tokenizer=kind, vocab_size=300, workers=1
+    )
+    loaded = Tokenizer.load(tmp_path / "d")
+    assert meta["tokenizer_sha256"] == loaded.sha256() == file_sha256(tmp_path / "d" / "tokenizer.json")
+    assert Tokenizer.load(loaded.save(tmp_path / "again.json")).sha256() == loaded.sha256()
 
 
 def test_word_and_char_round_trip_known_text_and_map_unknown_to_unk(tmp_path: Path) -> None:

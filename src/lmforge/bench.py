@@ -239,3 +239,11 @@ def report(results: list[StepResult], cfg: ModelConfig, batch: int, console) -> 
         # Same weights and batches: the first losses must agree, or the comparison is not like for like.
         gap = abs(results[0].losses[0] - base.losses[0])
         console.print(f"first-step loss difference vs {base.name}: {gap:.2e}", highlight=False)
+        # The end of the curve: a mean over the last steps smooths out batch-to-batch noise.
+        n = min(10, len(base.losses))
+        ours, theirs = (sum(r.losses[-n:]) / n for r in (results[0], base))
+        console.print(
+            f"mean loss of the last {n} steps: {results[0].name} {ours:.4f}, {base.name} {theirs:.4f} "
+            f"({abs(ours - theirs) / theirs:.2%} apart)",
+            highlight=False,
+        )

@@ -3,11 +3,16 @@
 The loader (which needs torch) is imported on first use, so `lmforge prepare` starts without torch.
 """
 
+from typing import TYPE_CHECKING
+
 from lmforge.data.errors import DataError
 from lmforge.data.prepare import FORMAT_VERSION, load_meta, prepare
 from lmforge.data.shards import ShardWriter, TokenShards, dtype_for_vocab
 from lmforge.data.sources import Document, iter_documents
 from lmforge.data.tokenizer import EOS_TOKEN, Tokenizer, train_tokenizer
+
+if TYPE_CHECKING:  # imported on first use at run time (see __getattr__)
+    from lmforge.data.loader import TokenLoader, iter_eval_batches
 
 __all__ = [
     "EOS_TOKEN",

@@ -30,7 +30,7 @@ from lmforge.data.shards import (
     read_meta_file,
 )
 from lmforge.data.sources import DEFAULT_TEXT_FIELD, Document, Skips, iter_documents
-from lmforge.data.tokenizer import TOKENIZER_FILE, Tokenizer, train_tokenizer
+from lmforge.data.tokenizer import TOKENIZER_FILE, Tokenizer, file_sha256, train_tokenizer
 from lmforge.data.tokenizer_kinds import is_tokenizer_file, is_trained, load_pretrained
 
 FORMAT_VERSION = 1
@@ -375,9 +375,9 @@ def prepare(
         shards = {split: writers[split].close() for split in SPLITS}
         shard_sha = {name: sha for w in writers.values() for name, sha in w.sha256.items()}
         tok.save(tmp / TOKENIZER_FILE)
-        # The digest of what a reader will load: Unigram scores, for one, are floats whose
-        # JSON text can change on the first save, and every later load must match this.
-        tokenizer_sha = Tokenizer.load(tmp / TOKENIZER_FILE).sha256()
+        # The digest of what a reader will load (from the saved file, not the object in memory:
+        # Unigram scores, for one, are floats whose JSON text can change on the first save).
+        tokenizer_sha = file_sha256(tmp / TOKENIZER_FILE)
         splits = {
             split: {
                 "tokens": writers[split].tokens,

@@ -292,8 +292,8 @@ def _walk_sorted(root: Path, skip_dirs: frozenset[str]) -> list[tuple[str, Path]
     for dirpath, dirnames, filenames in os.walk(top):
         # Pruning in place keeps os.walk out of excluded and hidden trees (.git, .venv, ...).
         dirnames[:] = [d for d in dirnames if d not in skip_dirs and not d.startswith(".")]
-        # os.walk joins onto `top`, so the relative folder is a plain string slice (much faster
-        # than Path.relative_to on every file of a large tree).
+        # The relative folder once per folder, then plain string joins: much faster than
+        # Path.relative_to on every file of a large tree.
         rel_dir = os.path.relpath(dirpath, top).replace(os.sep, "/")
         prefix = "" if rel_dir == "." else rel_dir + "/"
         for filename in filenames:

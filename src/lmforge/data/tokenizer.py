@@ -17,6 +17,23 @@ TOKENIZER_KINDS = TRAINED_KINDS
 MIN_VOCAB_SIZE = MIN_BYTE_VOCAB
 
 
+def canonical_json(text: str) -> str:
+    """JSON text re-written canonically: sorted keys, no whitespace."""
+    return _dump_canonical(json.loads(text))
+
+
+def _dump_canonical(tree: object) -> str:
+    # Canonicalising through json makes the digest independent of the library's key order and
+    # pretty-printing, so it survives save/load and library upgrades that only reformat the file.
+    return json.dumps(
+        tree,
+        sort_keys=True,
+        separators=(",", ":"),
+        ensure_ascii=False,
+        check_circular=False,  # a parsed JSON tree has no cycles; same output, 20% faster
+    )
+
+
 class Tokenizer:
     """A thin wrapper around ``tokenizers.Tokenizer`` with the few operations lmforge needs."""
 
@@ -66,16 +83,7 @@ class Tokenizer:
 
     def to_json(self) -> str:
         """The tokenizer serialised as canonical JSON (sorted keys, no whitespace)."""
-        # Canonicalising through json makes the digest independent of the library's key
-        # order and pretty-printing, so it survives save/load and library upgrades that
-        # only reformat the file.
-        return json.dumps(
-            json.loads(self._tok.to_str()),
-            sort_keys=True,
-            separators=(",", ":"),
-            ensure_ascii=False,
-            check_circular=False,  # a parsed JSON tree has no cycles; same output, 20% faster
-        )
+        return canonical_json(self._tok.to_str())
 
     def sha256(self) -> str:
         """Hex sha256 of the canonical JSON; identical for a tokenizer and its saved copy."""
@@ -115,3 +123,15 @@ def train_tokenizer(
 ) -> Tokenizer:
     """Train a tokenizer of ``kind`` on ``texts`` (a bounded sample; it is read exactly once)."""
     return Tokenizer(train_hf(texts, kind, vocab_size, special_tokens))
+
+
+def file_sha256(path: str | Path) -> str:
+    """``Tokenizer.load(path).sha256()``, without building the tokenizer when the file holds no floats."""
+    text = Path(path).read_text(encoding="utf-8")
+    floats: list[str] = []
+    tree = json.loads(text, parse_float=lambda literal: floats.append(literal) or float(literal))
+    if floats:
+        # The Rust reader may parse a float to a neighbouring double (Unigram scores do), so a
+        # reload can hold other values than the file says: hash what a reader really gets.
+        return Tokenizer.load(path).sha256()
+    return hashlib.sha256(_dump_canonical(tree).encode("utf-8")).hexdigest()

@@ -4,7 +4,13 @@
 only read configs (``lmforge prepare``, ``--help``) start without loading torch.
 """
 
+from typing import TYPE_CHECKING
+
 from .config import ModelConfig
+
+if TYPE_CHECKING:  # what type checkers and editors see; at run time __getattr__ below imports them
+    from .gpt import GPT, count_params, flops_per_token, param_breakdown, use_inference_layout
+    from .kv_cache import KVCache
 
 __all__ = [
     "GPT",

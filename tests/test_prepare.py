@@ -234,6 +234,23 @@ def test_cli_and_prepare_start_without_torch() -> None:
     assert subprocess.run([sys.executable, "-c", code], env=env).returncode == 0, "torch was imported"
 
 
+def _children(pid: int) -> list[int]:
+    """Child process ids of pid (Linux /proc; empty elsewhere)."""
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def _alive(pid: int) -> bool:
+    """True while pid runs (a zombie waiting to be reaped counts as ended)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
 def test_killed_prepare_leaves_nothing_training_accepts(tmp_path: Path) -> None:
     out = tmp_path / "data"
     script = (
@@ -248,8 +265,15 @@ def test_killed_prepare_leaves_nothing_training_accepts(tmp_path: Path) -> None:
     while not (tmp / "train_000000.bin").exists() and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.02)
     assert proc.poll() is None, "prepare finished before it could be interrupted"
+    workers = _children(proc.pid)
+    assert workers or not sys.platform.startswith("linux"), "the pool's workers were not found"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    # The pool's workers do not outlive it as orphans waiting on their task queue.
+    deadline = time.monotonic() + 10
+    while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [pid for pid in workers if _alive(pid)], "pool workers outlived the killed prepare"
     assert not out.exists()
     with pytest.raises(DataError, match="does not exist"):
         load_meta(out)

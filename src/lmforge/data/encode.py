@@ -11,6 +11,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
+import threading
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -88,8 +89,24 @@ def encode_texts(tok: Tokenizer, texts: list[str], fast=None) -> tuple[np.ndarra
     return lengths, flat
 
 
-def _init_worker(tok_json: str | None, fast_spec: str | None) -> None:
+def _exit_with_parent(parent: int, interval_s: float = 0.5) -> None:
+    """End this worker soon after the process that started the pool dies.
+
+    A pool worker waits on its task queue for ever; if prepare is killed (SIGKILL, the OOM killer),
+    nothing closes that queue, and the orphaned workers would keep their memory until reboot.
+    """
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(interval_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="lmforge-parent-watch", daemon=True).start()
+
+
+def _init_worker(tok_json: str | None, fast_spec: str | None, parent: int) -> None:
     global _worker_tok, _worker_fast
+    _exit_with_parent(parent)
     # Ctrl-C reaches the whole process group; the parent handles it and stops the pool, so a
     # worker should not die mid-chunk with a traceback of its own.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -151,7 +168,7 @@ class EncodePool:
                 mp_context=multiprocessing.get_context(method),
                 initializer=_init_worker,
                 # Forked workers inherit the tokenizers; only spawned ones need the JSON.
-                initargs=(None if method == "fork" else tok.hf.to_str(), fast_spec),
+                initargs=(None if method == "fork" else tok.hf.to_str(), fast_spec, os.getpid()),
             )
 
     def submit(self, texts: list[str], tag: object) -> list[tuple[object, np.ndarray, np.ndarray]]:

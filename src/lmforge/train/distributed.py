@@ -42,9 +42,15 @@ def init_distributed(device_type: str, timeout_s: int = 600) -> DistEnv:
 
 
 def close_distributed() -> None:
-    """Leave the process group, if one was joined."""
+    """Leave the process group, if one was joined, once every rank has got here."""
     if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+        # A rank's last collective can return while its messages are still on the way to the
+        # others; tearing the group down (and exiting) before they arrive can abort a peer. The
+        # barrier makes every rank finish its collectives first.
+        try:
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
 
 
 def all_reduce_mean(value: float, env: DistEnv, device: torch.device) -> float:

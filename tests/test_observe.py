@@ -50,6 +50,10 @@ def observed(tiny_data, tmp_path_factory):
         assert main(train_args(tiny_data, root / "plain", "--train.max_steps=6", "--train.lr=1e-3")) == 0
     finally:
         torch.set_num_threads(n)
+        # Stop W&B's service threads: later tests fork worker processes (prepare's pool), and a
+        # forked child of a process with live threads can inherit their locks mid-use.
+        if "wandb" in sys.modules:
+            sys.modules["wandb"].teardown()
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)

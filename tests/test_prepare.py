@@ -125,6 +125,40 @@ def test_pool_really_uses_other_processes(tmp_path: Path) -> None:
         pool.close()
 
 
+_PG_IN_A_CYCLE = """
+import gc, sys, torch.distributed as dist
+from lmforge.data import Tokenizer
+from lmforge.data.encode import EncodePool
+# What an in-process one-rank FSDP run can leave behind: a gloo process group, its threads running,
+# reachable only through a reference cycle once the group is destroyed. With automatic collection
+# off, the cycle is still there when the pool forks, whatever the allocations before it.
+gc.disable()
+dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+cycle = [dist.group.WORLD]
+cycle.append(cycle)
+dist.destroy_process_group()
+del cycle
+pool = EncodePool(Tokenizer.load(sys.argv[1]), 2)
+# A worker's collector must not meet the group: its destructor waits for threads the fork left behind.
+assert pool._pool.submit(gc.collect).result(timeout=20) >= 0
+pool.close()
+"""
+
+
+def test_pool_workers_survive_a_process_group_left_by_earlier_training(tmp_path: Path) -> None:
+    data = tmp_path / "d"
+    prepare([str(_corpus(tmp_path / "c", 10))], data, vocab_size=300, val_fraction=0.2, workers=1)
+    env = {**os.environ, "PYTHONPATH": SRC}
+    proc = subprocess.run(
+        [sys.executable, "-c", _PG_IN_A_CYCLE, str(data)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
 def test_duplicates_dropped_and_max_tokens_stops_at_target(tmp_path: Path) -> None:
     corpus = _corpus(tmp_path / "c", docs=30)
     (corpus / "zz_copy.txt").write_text((corpus / "doc003.txt").read_text())

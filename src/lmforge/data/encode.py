@@ -8,6 +8,7 @@ at most ``2 x workers`` chunks are in memory at a time, whatever the size of the
 
 from __future__ import annotations
 
+import gc
 import multiprocessing
 import os
 import signal
@@ -144,6 +145,23 @@ def default_workers() -> int:
         return os.cpu_count() or 1
 
 
+def _fork_workers_frozen(pool: ProcessPoolExecutor) -> None:
+    """Fork the pool's workers now, with every existing object kept away from their garbage collector.
+
+    A forked worker holds copies of all the parent's objects but none of its other threads. If the
+    worker's collector freed one whose destructor needs those threads (a torch.distributed process
+    group left in a reference cycle by an earlier training run in the same process, for one), the
+    worker would hang or die. Collecting first frees such cycles in the parent, where destructors
+    work; freezing keeps the workers' collectors off whatever the parent still holds.
+    """
+    gc.collect()
+    gc.freeze()
+    try:
+        pool.submit(int).result()  # with fork, the pool starts all its workers at the first task
+    finally:
+        gc.unfreeze()
+
+
 class EncodePool:
     """Ordered map of chunks -> (lengths, ids) over ``workers`` processes (1: in this process)."""
 
@@ -157,8 +175,8 @@ class EncodePool:
         self._pending: deque[tuple[object, Future | tuple[np.ndarray, np.ndarray]]] = deque()
         if workers > 1:
             # fork: workers start in milliseconds and inherit the loaded tokenizers through
-            # these globals; spawn would re-import torch and re-read the vocabulary in every
-            # worker. Elsewhere the platform default is used and workers rebuild them.
+            # these globals; spawn would start new interpreters that re-read the vocabulary.
+            # Elsewhere the platform default is used and workers rebuild them.
             global _worker_tok, _worker_fast
             method = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
             if method == "fork":
@@ -170,6 +188,8 @@ class EncodePool:
                 # Forked workers inherit the tokenizers; only spawned ones need the JSON.
                 initargs=(None if method == "fork" else tok.hf.to_str(), fast_spec, os.getpid()),
             )
+            if method == "fork":
+                _fork_workers_frozen(self._pool)
 
     def submit(self, texts: list[str], tag: object) -> list[tuple[object, np.ndarray, np.ndarray]]:
         """Queue a chunk; return the finished chunks (oldest first) that no longer fit in flight."""

@@ -155,11 +155,13 @@ def _fork_workers_frozen(pool: ProcessPoolExecutor) -> None:
     work; freezing keeps the workers' collectors off whatever the parent still holds.
     """
     gc.collect()
+    frozen_before = gc.get_freeze_count() > 0  # a caller's own freeze (for its forks) is left alone
     gc.freeze()
     try:
         pool.submit(int).result()  # with fork, the pool starts all its workers at the first task
     finally:
-        gc.unfreeze()
+        if not frozen_before:
+            gc.unfreeze()
 
 
 class EncodePool:
@@ -189,7 +191,11 @@ class EncodePool:
                 initargs=(None if method == "fork" else tok.hf.to_str(), fast_spec, os.getpid()),
             )
             if method == "fork":
-                _fork_workers_frozen(self._pool)
+                try:
+                    _fork_workers_frozen(self._pool)
+                except BaseException:
+                    self.close()
+                    raise
 
     def submit(self, texts: list[str], tag: object) -> list[tuple[object, np.ndarray, np.ndarray]]:
         """Queue a chunk; return the finished chunks (oldest first) that no longer fit in flight."""

@@ -17,12 +17,8 @@ TOKENIZER_KINDS = TRAINED_KINDS
 MIN_VOCAB_SIZE = MIN_BYTE_VOCAB
 
 
-def canonical_json(text: str) -> str:
-    """JSON text re-written canonically: sorted keys, no whitespace."""
-    return _dump_canonical(json.loads(text))
-
-
-def _dump_canonical(tree: object) -> str:
+def _canonical(tree: object) -> str:
+    """A parsed JSON tree written canonically: sorted keys, no whitespace."""
     # Canonicalising through json makes the digest independent of the library's key order and
     # pretty-printing, so it survives save/load and library upgrades that only reformat the file.
     return json.dumps(
@@ -83,7 +79,7 @@ class Tokenizer:
 
     def to_json(self) -> str:
         """The tokenizer serialised as canonical JSON (sorted keys, no whitespace)."""
-        return canonical_json(self._tok.to_str())
+        return _canonical(json.loads(self._tok.to_str()))
 
     def sha256(self) -> str:
         """Hex sha256 of the canonical JSON; identical for a tokenizer and its saved copy."""
@@ -134,4 +130,4 @@ def file_sha256(path: str | Path) -> str:
         # The Rust reader may parse a float to a neighbouring double (Unigram scores do), so a
         # reload can hold other values than the file says: hash what a reader really gets.
         return Tokenizer.load(path).sha256()
-    return hashlib.sha256(_dump_canonical(tree).encode("utf-8")).hexdigest()
+    return hashlib.sha256(_canonical(tree).encode("utf-8")).hexdigest()

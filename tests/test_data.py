@@ -387,6 +387,20 @@ def test_prepare_failure_leaves_nothing(tmp_path: Path, monkeypatch) -> None:
     assert sorted(os.listdir(tmp_path)) == ["corpus"]
 
 
+def test_prepare_failure_while_a_worker_saves_gpt2_leaves_nothing(tmp_path: Path, monkeypatch) -> None:
+    pytest.importorskip("tiktoken")
+    corpus = _corpus(tmp_path / "corpus", docs=10)
+
+    class ExplodingAtOnce(ShardWriter):
+        def write(self, ids) -> None:
+            raise KeyboardInterrupt  # at the first chunk: a worker is still building tokenizer.json
+
+    monkeypatch.setattr(prepare_module, "ShardWriter", ExplodingAtOnce)
+    with pytest.raises(KeyboardInterrupt):
+        prepare([str(corpus)], tmp_path / "data", tokenizer="gpt2", workers=2)
+    assert sorted(os.listdir(tmp_path)) == ["corpus"]
+
+
 def test_prepare_failure_keeps_previous_data(tmp_path: Path, monkeypatch) -> None:
     corpus = _corpus(tmp_path / "corpus", docs=10)
     out = tmp_path / "data"

@@ -5,12 +5,16 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import re
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from lmforge.data import DataError, Tokenizer, prepare, train_tokenizer
+from lmforge.data.pretoken_cache import SEP, CachedEncoder, pretoken_starts
+from lmforge.data.shards import TokenShards
 from lmforge.data.sources import iter_documents
 from lmforge.data.tokenizer import file_sha256
 from lmforge.data.tokenizer_kinds import (
@@ -134,6 +138,83 @@ def test_gpt2_ids_equal_tiktoken(gpt2: Tokenizer, offline_tiktoken: None) -> Non
     # Negative control: a different tokenizer does not pass the same comparison.
     other = train_tokenizer(_sample(), vocab_size=300)
     assert other.encode(texts[-1]) != reference.encode_ordinary(texts[-1])
+
+
+# GPT-2's pattern for ASCII text in Python's `re`: the reference the numpy pre-tokenizer must match.
+_ASCII_GPT2 = re.compile(
+    r"'(?:[sdmt]|ll|ve|re)| ?[A-Za-z]+| ?[0-9]+| ?[^\t\n\x0b\x0c\r A-Za-z0-9]+"
+    r"|[\t\n\x0b\x0c\r ]+(?![^\t\n\x0b\x0c\r ])|[\t\n\x0b\x0c\r ]+"
+)
+_PIECES = list("ab1 \n\t'sdmtlvrSD.,_\x00\x1c\x0b\x0c\rZ9") + [
+    "  ", "    ", "'s", "'ll", "'ve", "'re", " '", "\n\n", " " * 17, "abcdefghijklmnopqrs", "=" * 20,
+    "é", "\u00a0", "\u3000", "\u0085", "日本", "x\n", "😀",
+]  # fmt: skip
+
+
+def _random_texts(rng: random.Random, count: int) -> list[str]:
+    return ["".join(rng.choice(_PIECES) for _ in range(rng.randint(0, 60))) for _ in range(count)]
+
+
+def test_numpy_pretokenizer_matches_gpt2_pattern() -> None:
+    rng = random.Random(1)
+    texts = [t for t in _random_texts(rng, 3000) if t.isascii()]
+    texts += [d.text for d in iter_documents("builtin:stdlib", max_docs=20) if d.text.isascii()]
+    for text in texts:
+        data = np.frombuffer(text.encode("ascii"), dtype=np.uint8)
+        assert pretoken_starts(data).tolist() == [m.start() for m in _ASCII_GPT2.finditer(text)], repr(text)
+    # Texts joined by the separator come out as if each stood alone (plus the separators).
+    some = [t for t in texts[:60] if t]
+    data = np.frombuffer(SEP.join(some).encode("latin-1"), dtype=np.uint8)
+    expected, offset = [], 0
+    for text in some:
+        expected += [offset + m.start() for m in _ASCII_GPT2.finditer(text)] + [offset + len(text)]
+        offset += len(text) + 1
+    assert pretoken_starts(data).tolist() == expected[:-1]
+
+
+@pytest.mark.parametrize("max_entries", [1 << 18, 40])
+def test_cached_encoder_ids_equal_tiktoken(max_entries: int, offline_tiktoken: None) -> None:
+    reference = tiktoken.get_encoding("gpt2")
+    fast = CachedEncoder(fast_encoder("gpt2"), max_entries=max_entries)
+    assert fast.cached
+    rng = random.Random(2)
+    batches = [_random_texts(rng, rng.randint(1, 12)) for _ in range(150)] + [TRICKY]
+    docs = [d.text for d in iter_documents("builtin:stdlib", max_docs=60)]
+    batches += [docs[:30], docs[30:]]
+    sizes = []
+    for texts in batches:
+        lengths, flat = fast.encode_batch(texts)
+        expected = [reference.encode_ordinary(t) for t in texts]
+        assert lengths.tolist() == [len(ids) for ids in expected]
+        assert flat.tolist() == [i for ids in expected for i in ids]
+        sizes.append(fast._entry_len.size)
+    # The table was used (and, when small, started over) rather than everything going to tiktoken.
+    assert 0 < max(sizes) <= max_entries
+    restarts = sum(b < a for a, b in zip(sizes, sizes[1:], strict=False))
+    assert restarts > 0 if max_entries < 100 else restarts == 0
+
+
+def test_prepare_gpt2_ids_equal_tiktoken_for_any_worker_count(tmp_path: Path, offline_tiktoken: None) -> None:
+    reference = tiktoken.get_encoding("gpt2")
+    corpus = _corpus(tmp_path / "c", 20)
+    # Unicode and a literal "<|endoftext|>" (no NUL: prepare skips such a file as binary).
+    (corpus / "unicode.txt").write_text("\n".join(t for t in TRICKY[1:] if "\x00" not in t) + "\n")
+    texts = sorted(p.read_bytes().decode("utf-8") for p in corpus.iterdir())
+    outs = {}
+    for workers in (1, 2):
+        out = tmp_path / f"w{workers}"
+        meta = prepare([str(corpus)], out, tokenizer="gpt2", workers=workers, val_fraction=0.2)
+        assert meta["vocab_size"] == 50257 and meta["eos_id"] == 50256
+        docs = []
+        for split in ("train", "val"):
+            ids = TokenShards(out, split).read(0, meta["splits"][split]["tokens"]).tolist()
+            while ids:
+                end = ids.index(50256)
+                docs.append(ids[:end])
+                ids = ids[end + 1 :]
+        assert sorted(docs) == sorted(reference.encode_ordinary(t) for t in texts)
+        outs[workers] = {p.name: p.read_bytes() for p in sorted(out.iterdir())}
+    assert outs[1] == outs[2]
 
 
 def test_tiktoken_encoding_converts_exactly(offline_tiktoken: None, tmp_path: Path) -> None:

@@ -15,13 +15,15 @@ import signal
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from contextlib import contextmanager
+from typing import TypeVar
 
 import numpy as np
 from tokenizers import Tokenizer as HFTokenizer
 
+from lmforge.data.pretoken_cache import CachedEncoder
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.data.tokenizer_kinds import fast_encoder
 
@@ -30,13 +32,14 @@ from lmforge.data.tokenizer_kinds import fast_encoder
 _PIECE_CHARS = 100_000
 # Text per task: large enough that pickling and scheduling cost little next to encoding,
 # small enough that 2 x workers chunks in flight stay at tens of MB.
-CHUNK_CHARS = 1_000_000
+CHUNK_CHARS = 500_000
 CHUNK_DOCS = 2048
 # Chunks in flight per worker: one being encoded, one queued so no worker waits.
 _IN_FLIGHT_PER_WORKER = 2
 
+T = TypeVar("T")
 _worker_tok: Tokenizer | None = None
-_worker_fast = None  # a tiktoken.Encoding with the same ids, when one exists
+_worker_fast: CachedEncoder | None = None  # tiktoken with the same ids, when it exists
 
 
 def _cut_point(text: str, start: int, end: int) -> int:
@@ -67,7 +70,14 @@ def pieces(text: str) -> list[str]:
     return out
 
 
-def encode_texts(tok: Tokenizer, texts: list[str], fast=None) -> tuple[np.ndarray, np.ndarray]:
+def _cached_encoder(spec: str | None) -> CachedEncoder | None:
+    encoding = None if spec is None else fast_encoder(spec)
+    return None if encoding is None else CachedEncoder(encoding)
+
+
+def encode_texts(
+    tok: Tokenizer | None, texts: list[str], fast: CachedEncoder | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """(tokens per text, all ids concatenated as uint32) for a chunk of documents."""
     all_pieces: list[str] = []
     counts = []
@@ -78,13 +88,13 @@ def encode_texts(tok: Tokenizer, texts: list[str], fast=None) -> tuple[np.ndarra
     if fast is not None:
         # No special tokens allowed or disallowed: a literal "<|endoftext|>" in a document is
         # plain text, exactly as with tok.
-        arrays = [
-            fast.encode_to_numpy(p, disallowed_special=()).astype(np.uint32, copy=False) for p in all_pieces
-        ]
+        piece_lengths, flat = fast.encode_batch(all_pieces)
     else:
+        assert tok is not None, "encode_texts needs a tokenizer or a tiktoken encoding"
         arrays = [np.asarray(ids, dtype=np.uint32) for ids in tok.encode_batch(all_pieces)]
-    piece_ends = np.cumsum([0] + [a.size for a in arrays])
-    flat = np.concatenate(arrays) if arrays else np.empty(0, dtype=np.uint32)
+        piece_lengths = np.array([a.size for a in arrays], dtype=np.int64)
+        flat = np.concatenate(arrays) if arrays else np.empty(0, dtype=np.uint32)
+    piece_ends = np.concatenate([[0], np.cumsum(piece_lengths)])
     # Tokens per document: the end of its last piece minus the end of the previous document's.
     lengths = np.diff(piece_ends[np.concatenate([[0], np.cumsum(counts)])])
     return lengths, flat
@@ -105,20 +115,20 @@ def _exit_with_parent(parent: int, interval_s: float = 0.5) -> None:
     threading.Thread(target=watch, name="lmforge-parent-watch", daemon=True).start()
 
 
-def _init_worker(tok_json: str | None, fast_spec: str | None, parent: int) -> None:
+def _init_worker(forked: bool, tok_json: str | None, fast_spec: str | None, parent: int) -> None:
     global _worker_tok, _worker_fast
     _exit_with_parent(parent)
     # Ctrl-C reaches the whole process group; the parent handles it and stops the pool, so a
     # worker should not die mid-chunk with a traceback of its own.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if _worker_tok is not None:
-        return  # forked: inherited from the parent, nothing to rebuild
-    _worker_tok = Tokenizer(HFTokenizer.from_str(tok_json))
-    _worker_fast = None if fast_spec is None else fast_encoder(fast_spec)
+    if forked:
+        return  # inherited from the parent, nothing to rebuild
+    _worker_tok = None if tok_json is None else Tokenizer(HFTokenizer.from_str(tok_json))
+    _worker_fast = _cached_encoder(fast_spec)
 
 
 def _encode_in_worker(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    assert _worker_tok is not None, "worker not initialised"
+    assert _worker_tok is not None or _worker_fast is not None, "worker not initialised"
     return encode_texts(_worker_tok, texts, _worker_fast)
 
 
@@ -167,12 +177,14 @@ def _fork_workers_frozen(pool: ProcessPoolExecutor) -> None:
 class EncodePool:
     """Ordered map of chunks -> (lengths, ids) over ``workers`` processes (1: in this process)."""
 
-    def __init__(self, tok: Tokenizer, workers: int, fast_spec: str | None = None) -> None:
+    def __init__(self, tok: Tokenizer | None, workers: int, fast_spec: str | None = None) -> None:
         self.tok = tok
         self.workers = workers
         # Built here once: forked workers inherit it; spawned ones rebuild it from the spec.
-        self.fast = None if fast_spec is None else fast_encoder(fast_spec)
+        self.fast = _cached_encoder(fast_spec)
         fast_spec = fast_spec if self.fast is not None else None
+        if tok is None and self.fast is None:
+            raise ValueError(f"EncodePool needs a tokenizer: {fast_spec!r} has no tiktoken encoding")
         self._pool: ProcessPoolExecutor | None = None
         self._pending: deque[tuple[object, Future | tuple[np.ndarray, np.ndarray]]] = deque()
         if workers > 1:
@@ -188,7 +200,12 @@ class EncodePool:
                 mp_context=multiprocessing.get_context(method),
                 initializer=_init_worker,
                 # Forked workers inherit the tokenizers; only spawned ones need the JSON.
-                initargs=(None if method == "fork" else tok.hf.to_str(), fast_spec, os.getpid()),
+                initargs=(
+                    method == "fork",
+                    None if method == "fork" or tok is None else tok.hf.to_str(),
+                    fast_spec,
+                    os.getpid(),
+                ),
             )
             if method == "fork":
                 try:
@@ -196,6 +213,23 @@ class EncodePool:
                 except BaseException:
                     self.close()
                     raise
+
+    def fast_vocab(self) -> tuple[int, int]:
+        """(vocabulary size, EOS id) of the tiktoken encoding."""
+        assert self.fast is not None, "no tiktoken encoding"
+        return self.fast.encoding.n_vocab, self.fast.encoding.eot_token
+
+    def call(self, fn: Callable[..., T], *args: object) -> Future[T]:
+        """Run ``fn(*args)`` in a worker (here, with one worker) and return its future; it runs before
+        the chunks submitted after it."""
+        if self._pool is not None:
+            return self._pool.submit(fn, *args)
+        future: Future[T] = Future()
+        try:
+            future.set_result(fn(*args))
+        except Exception as exc:
+            future.set_exception(exc)
+        return future
 
     def submit(self, texts: list[str], tag: object) -> list[tuple[object, np.ndarray, np.ndarray]]:
         """Queue a chunk; return the finished chunks (oldest first) that no longer fit in flight."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import shutil
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -243,6 +244,23 @@ def _problem_summary(skips: Skips) -> str:
     return problems.summary()
 
 
+def _save_tokenizer(tok: Tokenizer, folder: Path) -> str:
+    """Write ``folder/tokenizer.json``; return the digest of what a reader will load from it.
+
+    Taken from the saved file, not the object in memory: Unigram scores, for one, are floats
+    whose JSON text can change on the first save.
+    """
+    tok.save(folder / TOKENIZER_FILE)
+    return file_sha256(folder / TOKENIZER_FILE)
+
+
+def _save_pretrained(spec: str, folder: Path) -> tuple[int, int, str]:
+    """Build the pretrained tokenizer ``spec``, save it in ``folder``: (vocabulary size, EOS id, digest)."""
+    tok = _resolve_tokenizer(spec, ())
+    assert tok is not None
+    return tok.vocab_size, tok.eos_id, _save_tokenizer(tok, folder)
+
+
 def _resolve_tokenizer(spec: str, special_tokens: Sequence[str]) -> Tokenizer | None:
     """A ready tokenizer (gpt2, tiktoken:NAME, a tokenizer.json), or None for a kind to train."""
     if is_trained(spec):
@@ -312,11 +330,14 @@ def prepare(
     specs = parse_sources(sources)
     out_dir = Path(out_dir).expanduser().absolute()
     check_out_dir(out_dir)
-    tok = _resolve_tokenizer(tokenizer, special_tokens)
+    # GPT-2 is encoded by tiktoken in the pool; its `tokenizers` object only writes tokenizer.json,
+    # so it is built in the background while the documents are encoded.
+    deferred = tokenizer == "gpt2" and not special_tokens and importlib.util.find_spec("tiktoken") is not None
+    tok = None if deferred else _resolve_tokenizer(tokenizer, special_tokens)
 
     log(f"reading {', '.join(sources)}")
     stream = _Stream(specs, max_docs, text_field, log)
-    scan = _scan(stream, val_fraction, tokenizer_sample_bytes if tok is None else 0)
+    scan = _scan(stream, val_fraction, tokenizer_sample_bytes if is_trained(tokenizer) else 0)
     if scan.documents == 0:
         skips = Skips()
         for per_source in stream.skips:
@@ -327,14 +348,13 @@ def prepare(
             f"no usable documents in {', '.join(sources)}{found}: need non-empty UTF-8 text "
             f"(.txt/.md, or records with a '{text_field}' field in .json/.jsonl/.parquet/.csv)"
         )
-    if tok is None:
+    if is_trained(tokenizer):
         sample_mb = sum(len(t) for t in scan.sample) / 1e6
         log(f"training {tokenizer} tokenizer (vocab {vocab_size}) on {sample_mb:.1f}M characters")
         tok = train_tokenizer(
             scan.sample, kind=tokenizer, vocab_size=vocab_size, special_tokens=special_tokens
         )
     scan.sample = []  # free the sample before the long tokenization pass
-    dtype = dtype_for_vocab(tok.vocab_size)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(out_dir)
@@ -346,9 +366,17 @@ def prepare(
     bar = ProgressBar(console)
     try:
         with serial_tokenizers():
-            writers = {split: ShardWriter(tmp, split, dtype, DEFAULT_SHARD_TOKENS) for split in SPLITS}
             pool = EncodePool(tok, workers, tokenizer if not special_tokens else None)
-            out = _Writer(pool, writers, len(specs), tok.eos_id, max_tokens, bar)
+            if tok is None:
+                vocab, eos_id = pool.fast_vocab()
+                # One worker builds, saves and hashes GPT-2's tokenizer.json (~0.5 s) while the
+                # others encode: in its own process, it never holds up this one's reading.
+                saved = pool.call(_save_pretrained, tokenizer, tmp)
+            else:
+                vocab, eos_id = tok.vocab_size, tok.eos_id
+            dtype = dtype_for_vocab(vocab)
+            writers = {split: ShardWriter(tmp, split, dtype, DEFAULT_SHARD_TOKENS) for split in SPLITS}
+            out = _Writer(pool, writers, len(specs), eos_id, max_tokens, bar)
             seen = 0
             for source, doc in stream:
                 if out.full:
@@ -374,10 +402,15 @@ def prepare(
             )
         shards = {split: writers[split].close() for split in SPLITS}
         shard_sha = {name: sha for w in writers.values() for name, sha in w.sha256.items()}
-        tok.save(tmp / TOKENIZER_FILE)
-        # The digest of what a reader will load (from the saved file, not the object in memory:
-        # Unigram scores, for one, are floats whose JSON text can change on the first save).
-        tokenizer_sha = file_sha256(tmp / TOKENIZER_FILE)
+        if tok is None:
+            saved_vocab, saved_eos, tokenizer_sha = saved.result()
+            if (saved_vocab, saved_eos) != (vocab, eos_id):  # tiktoken and tokenizers disagree: a bug
+                raise DataError(
+                    f"tokenizer '{tokenizer}': tiktoken has {vocab} ids (EOS {eos_id}), tokenizer.json "
+                    f"{saved_vocab} (EOS {saved_eos}); report this with your tiktoken and tokenizers versions"
+                )
+        else:
+            tokenizer_sha = _save_tokenizer(tok, tmp)
         splits = {
             split: {
                 "tokens": writers[split].tokens,
@@ -428,9 +461,9 @@ def prepare(
         write_json(tmp / MANIFEST_FILE, manifest)
         meta = {
             "format_version": FORMAT_VERSION,
-            "vocab_size": tok.vocab_size,
+            "vocab_size": vocab,
             "dtype": dtype,
-            "eos_id": tok.eos_id,
+            "eos_id": eos_id,
             "tokenizer": "file" if is_tokenizer_file(tokenizer) else tokenizer,
             "tokenizer_file": str(Path(tokenizer).expanduser()) if is_tokenizer_file(tokenizer) else None,
             "tokenizer_sha256": tokenizer_sha,
@@ -457,6 +490,8 @@ def prepare(
     except BaseException:
         # BaseException too: Ctrl-C during a long run must not leave a half-written temp folder.
         bar.close()
+        if pool is not None:
+            pool.close()  # a worker may be writing tokenizer.json into tmp: let it finish first
         for writer in writers.values():
             writer.abort()
         shutil.rmtree(tmp, ignore_errors=True)
@@ -467,7 +502,7 @@ def prepare(
     log(
         f"wrote {out_dir}: train {splits['train']['tokens']:,} tokens / "
         f"{splits['train']['documents']:,} docs, val {val_tokens:,} tokens / "
-        f"{splits['val']['documents']:,} docs, vocab {tok.vocab_size}"
+        f"{splits['val']['documents']:,} docs, vocab {vocab}"
     )
     return meta
 

@@ -41,14 +41,15 @@ def init_distributed(device_type: str, timeout_s: int = 600) -> DistEnv:
     return env
 
 
-def close_distributed() -> None:
-    """Leave the process group, if one was joined, once every rank has got here."""
+def close_distributed(barrier: bool = True) -> None:
+    """Leave the process group, if one was joined; with ``barrier``, once every rank has got here."""
     if dist.is_available() and dist.is_initialized():
         # A rank's last collective can return while its messages are still on the way to the
         # others; tearing the group down (and exiting) before they arrive can abort a peer. The
         # barrier makes every rank finish its collectives first.
         try:
-            dist.barrier()
+            if barrier:
+                dist.barrier()
         finally:
             dist.destroy_process_group()
 

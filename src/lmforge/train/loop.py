@@ -108,6 +108,18 @@ def train(
 
     init_tensors: starting weights for a new run (e.g. an imported HF model); a resume ignores them.
     """
+    try:
+        return _train(cfg, dry_run, console, init_tensors)
+    except BaseException:
+        # Leave the process group (FSDP makes one even for a single process) so that a caller in the
+        # same Python process starts clean. No barrier: the other ranks may never get here.
+        close_distributed(barrier=False)
+        raise
+
+
+def _train(
+    cfg: Config, dry_run: bool, console: Console | None, init_tensors: dict[str, torch.Tensor] | None
+) -> TrainResult | None:
     console = console or Console()
     # --- setup -------------------------------------------------------------------------------
     device = pick_device(cfg.train.device)
@@ -133,6 +145,7 @@ def train(
 
     if dry_run:
         print_dry_run(cfg, plan, precision, device, n_params, fpt, console)
+        close_distributed()
         return None
 
     # --- run directory and resume point -----------------------------------------------------

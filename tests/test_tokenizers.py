@@ -146,7 +146,7 @@ _ASCII_GPT2 = re.compile(
     r"|[\t\n\x0b\x0c\r ]+(?![^\t\n\x0b\x0c\r ])|[\t\n\x0b\x0c\r ]+"
 )
 _PIECES = list("ab1 \n\t'sdmtlvrSD.,_\x00\x1c\x0b\x0c\rZ9") + [
-    "  ", "    ", "'s", "'ll", "'ve", "'re", " '", "\n\n", " " * 17, "abcdefghijklmnopqrs", "=" * 20,
+    "  ", "    ", "'s", "'ll", "'ve", "'re", " '", "\n\n", " " * 17, "abcdefghijklmnopqrs", "=" * 20, "z" * 70,
     "é", "\u00a0", "\u3000", "\u0085", "日本", "x\n", "😀",
 ]  # fmt: skip
 
@@ -188,8 +188,10 @@ def test_cached_encoder_ids_equal_tiktoken(max_entries: int, offline_tiktoken: N
         assert lengths.tolist() == [len(ids) for ids in expected]
         assert flat.tolist() == [i for ids in expected for i in ids]
         sizes.append(fast._entry_len.size)
-    # The table was used (and, when small, started over) rather than everything going to tiktoken.
+    # The table was used (and, when small, started over) rather than everything going to tiktoken;
+    # pre-tokens longer than 64 characters were encoded but never kept.
     assert 0 < max(sizes) <= max_entries
+    assert all(len(word) <= 64 for word in fast._long) and fast._ids.size == fast._entry_len.sum()
     restarts = sum(b < a for a, b in zip(sizes, sizes[1:], strict=False))
     assert restarts > 0 if max_entries < 100 else restarts == 0
 

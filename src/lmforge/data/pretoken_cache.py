@@ -46,6 +46,9 @@ _LENGTH_BITS = np.array(
 # follows a character that is not white space (see encode.pieces); its ASCII parts are then
 # encoded here and only the others by tiktoken.
 _SAFE_CUT = re.compile(r"(?<=\S)(?=\n)")
+# Longer pre-tokens are encoded for the batch that holds them and not kept, so the table's memory
+# stays bounded (2^18 entries of at most 64 characters).
+_LONGEST_KEPT = 64
 # Pre-token entries kept per process. 2^18 covers a large code or prose corpus (builtin:stdlib has
 # ~50k distinct pre-tokens) in ~20 MB; past that the table starts over, so memory stays bounded
 # on a stream of any size.
@@ -171,6 +174,7 @@ class CachedEncoder:
         self._ids = np.empty(0, dtype=np.uint32)  # the ids of all entries, one after another
         self._entry_start = np.empty(0, dtype=np.int64)
         self._entry_len = np.empty(0, dtype=np.int64)
+        self._kept = 0  # entries past this one belong to the current batch only
 
     def _add_entries(self, words: list[str]) -> np.ndarray:
         """Encode pre-tokens not seen before; return their new entries."""
@@ -236,6 +240,12 @@ class CachedEncoder:
         total = int(ends_tok[-1]) if ends_tok.size else 0
         index = np.repeat(self._entry_start[entry] - (ends_tok - lens), lens) + np.arange(total)
         flat = self._ids[index]
+        if self._entry_len.size > self._kept:  # drop this batch's entries of very long pre-tokens
+            self._ids = self._ids[: int(self._entry_start[self._kept])]
+            self._entry_start, self._entry_len = (
+                self._entry_start[: self._kept],
+                self._entry_len[: self._kept],
+            )
         # Split per text: text k starts after k separators.
         text_starts = np.cumsum([0] + [len(texts[i]) + 1 for i in group[:-1]])
         bounds = np.append(np.concatenate([[0], ends_tok])[np.searchsorted(starts, text_starts)], total)
@@ -272,16 +282,24 @@ class CachedEncoder:
                     return None
                 self._reset()
                 continue
-            if missing.size or new_long:
+            if missing.size:
                 spans = zip(s_starts[missing].tolist(), (s_starts + s_len)[missing].tolist(), strict=True)
                 self._table.insert(
                     key_a[missing], key_b[missing], self._add_entries([joined[s:e] for s, e in spans])
                 )
                 found[absent] = self._table.lookup(key_a[absent], key_b[absent])
-                self._long.update(zip(new_long, self._add_entries(new_long).tolist(), strict=True))
+            # Very long pre-tokens (a run of "=", a blob of base64) get entries for this batch only:
+            # kept, a few of them could fill the memory the table is bounded to.
+            keep = [w for w in new_long if len(w) <= _LONGEST_KEPT]
+            self._long.update(zip(keep, self._add_entries(keep).tolist(), strict=True))
+            self._kept = self._entry_len.size
+            once = [w for w in new_long if len(w) > _LONGEST_KEPT]
+            lookup = self._long
+            if once:
+                lookup = {**self._long, **dict(zip(once, self._add_entries(once).tolist(), strict=True))}
             entry = np.empty(starts.size, dtype=np.int64)
             entry[short] = found
-            entry[long] = list(map(self._long.__getitem__, long_words))
+            entry[long] = list(map(lookup.__getitem__, long_words))
             return entry
         return None
 

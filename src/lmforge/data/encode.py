@@ -36,8 +36,8 @@ CHUNK_CHARS = 500_000
 CHUNK_DOCS = 2048
 # Chunks in flight per worker: one being encoded, one queued so no worker waits.
 _IN_FLIGHT_PER_WORKER = 2
-
 T = TypeVar("T")
+
 _worker_tok: Tokenizer | None = None
 _worker_fast: CachedEncoder | None = None  # tiktoken with the same ids, when it exists
 

@@ -32,7 +32,7 @@ from lmforge.data.shards import (
 )
 from lmforge.data.sources import DEFAULT_TEXT_FIELD, Document, Skips, iter_documents
 from lmforge.data.tokenizer import TOKENIZER_FILE, Tokenizer, file_sha256, train_tokenizer
-from lmforge.data.tokenizer_kinds import is_tokenizer_file, is_trained, load_pretrained
+from lmforge.data.tokenizer_kinds import gpt2_files, is_tokenizer_file, is_trained, load_pretrained
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "val")
@@ -333,6 +333,8 @@ def prepare(
     # GPT-2 is encoded by tiktoken in the pool; its `tokenizers` object only writes tokenizer.json,
     # so it is built in the background while the documents are encoded.
     deferred = tokenizer == "gpt2" and not special_tokens and importlib.util.find_spec("tiktoken") is not None
+    if deferred:
+        gpt2_files()  # fails here, before any reading, when the vocabulary package is missing
     tok = None if deferred else _resolve_tokenizer(tokenizer, special_tokens)
 
     log(f"reading {', '.join(sources)}")

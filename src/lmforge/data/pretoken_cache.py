@@ -15,6 +15,8 @@ lines go to tiktoken.
 from __future__ import annotations
 
 import re
+from collections import ChainMap
+from collections.abc import Mapping
 from itertools import chain
 
 import numpy as np
@@ -291,12 +293,13 @@ class CachedEncoder:
             # Very long pre-tokens (a run of "=", a blob of base64) get entries for this batch only:
             # kept, a few of them could fill the memory the table is bounded to.
             keep = [w for w in new_long if len(w) <= _LONGEST_KEPT]
-            self._long.update(zip(keep, self._add_entries(keep).tolist(), strict=True))
+            if keep:
+                self._long.update(zip(keep, self._add_entries(keep).tolist(), strict=True))
             self._kept = self._entry_len.size
             once = [w for w in new_long if len(w) > _LONGEST_KEPT]
-            lookup = self._long
+            lookup: Mapping[str, int] = self._long
             if once:
-                lookup = {**self._long, **dict(zip(once, self._add_entries(once).tolist(), strict=True))}
+                lookup = ChainMap(dict(zip(once, self._add_entries(once).tolist(), strict=True)), self._long)
             entry = np.empty(starts.size, dtype=np.int64)
             entry[short] = found
             entry[long] = list(map(lookup.__getitem__, long_words))

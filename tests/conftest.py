@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import os
 import random
+import tempfile
 
 # No test touches the network: Hugging Face libraries read these when they are imported.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# Built tokenizers are cached in a folder of this test session, never in the user's home.
+os.environ["LMFORGE_CACHE"] = tempfile.mkdtemp(prefix="lmforge-test-cache-")
 
 import pytest  # noqa: E402
 import torch

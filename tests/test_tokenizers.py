@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import random
 import re
@@ -217,6 +218,35 @@ def test_prepare_gpt2_ids_equal_tiktoken_for_any_worker_count(tmp_path: Path, of
         assert sorted(docs) == sorted(reference.encode_ordinary(t) for t in texts)
         outs[workers] = {p.name: p.read_bytes() for p in sorted(out.iterdir())}
     assert outs[1] == outs[2]
+
+
+def test_gpt2_tokenizer_cache_gives_the_same_folder_without_rebuilding(tmp_path: Path, monkeypatch) -> None:
+    prepare_module = importlib.import_module("lmforge.data.prepare")
+    builds = []
+    real = prepare_module._resolve_tokenizer
+    monkeypatch.setattr(prepare_module, "_resolve_tokenizer", lambda *a: builds.append(a) or real(*a))
+    corpus = _corpus(tmp_path / "c", 6)
+    cache = tmp_path / "cache"
+
+    def run(name: str, cache_setting: str) -> dict[str, bytes]:
+        monkeypatch.setenv("LMFORGE_CACHE", cache_setting)
+        prepare(
+            [str(corpus)], tmp_path / name, tokenizer="gpt2", workers=1
+        )  # one worker: builds counted here
+        return {p.name: p.read_bytes() for p in sorted((tmp_path / name).iterdir())}
+
+    cold = run("cold", str(cache))
+    assert len(builds) == 1 and len(list((cache / "tokenizers").iterdir())) == 1
+    assert run("warm", str(cache)) == cold and len(builds) == 1  # copied from the cache
+    assert run("off", "off") == cold and len(builds) == 2
+    # A damaged entry is noticed (its sha256 no longer matches), rebuilt and replaced.
+    (entry,) = (cache / "tokenizers").iterdir()
+    (entry / "tokenizer.json").write_text("{}")
+    assert run("damaged", str(cache)) == cold and len(builds) == 3
+    assert run("repaired", str(cache)) == cold and len(builds) == 3
+    # A cache that cannot be written (a file where its folder should be) changes nothing.
+    (tmp_path / "not_a_folder").write_text("")
+    assert run("unwritable", str(tmp_path / "not_a_folder")) == cold and len(builds) == 4
 
 
 def test_tiktoken_encoding_converts_exactly(offline_tiktoken: None, tmp_path: Path) -> None:

@@ -32,6 +32,7 @@ from lmforge.data.shards import (
 )
 from lmforge.data.sources import DEFAULT_TEXT_FIELD, Document, Skips, iter_documents
 from lmforge.data.tokenizer import TOKENIZER_FILE, Tokenizer, file_sha256, train_tokenizer
+from lmforge.data.tokenizer_cache import cached_tokenizer
 from lmforge.data.tokenizer_kinds import gpt2_files, is_tokenizer_file, is_trained, load_pretrained
 
 FORMAT_VERSION = 1
@@ -254,11 +255,15 @@ def _save_tokenizer(tok: Tokenizer, folder: Path) -> str:
     return file_sha256(folder / TOKENIZER_FILE)
 
 
-def _save_pretrained(spec: str, folder: Path) -> tuple[int, int, str]:
-    """Build the pretrained tokenizer ``spec``, save it in ``folder``: (vocabulary size, EOS id, digest)."""
-    tok = _resolve_tokenizer(spec, ())
-    assert tok is not None
-    return tok.vocab_size, tok.eos_id, _save_tokenizer(tok, folder)
+def _save_gpt2(folder: Path) -> tuple[int, int, str]:
+    """GPT-2's tokenizer.json in ``folder``, built or from the cache: (vocabulary size, EOS id, digest)."""
+
+    def build(folder: Path) -> tuple[int, int, str]:
+        tok = _resolve_tokenizer("gpt2", ())
+        assert tok is not None
+        return tok.vocab_size, tok.eos_id, _save_tokenizer(tok, folder)
+
+    return cached_tokenizer("gpt2", list(gpt2_files()), folder, build)
 
 
 def _resolve_tokenizer(spec: str, special_tokens: Sequence[str]) -> Tokenizer | None:
@@ -371,9 +376,9 @@ def prepare(
             pool = EncodePool(tok, workers, tokenizer if not special_tokens else None)
             if tok is None:
                 vocab, eos_id = pool.fast_vocab()
-                # One worker builds, saves and hashes GPT-2's tokenizer.json (~0.5 s) while the
-                # others encode: in its own process, it never holds up this one's reading.
-                saved = pool.call(_save_pretrained, tokenizer, tmp)
+                # One worker builds, saves and hashes GPT-2's tokenizer.json (~0.5 s; a copy when
+                # cached) while the others encode: in its own process, it never holds up this one.
+                saved = pool.call(_save_gpt2, tmp)
             else:
                 vocab, eos_id = tok.vocab_size, tok.eos_id
             dtype = dtype_for_vocab(vocab)

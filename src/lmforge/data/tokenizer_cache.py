@@ -3,9 +3,9 @@
 Building GPT-2 as a `tokenizers` object, saving it and taking the canonical digest costs ~0.5 s of
 CPU per `prepare`, a quarter of preparing the 12 MB builtin corpus. The result depends only on the
 vocabulary files, the `tokenizers` version and lmforge's own building and hashing code, so it is
-kept under a key made of all of them: ``$LMFORGE_CACHE`` (default ``$XDG_CACHE_HOME/lmforge`` or
-``~/.cache/lmforge``; ``LMFORGE_CACHE=off`` turns it off). An entry is used only when the file's
-sha256 still matches; a cache that cannot be written is skipped without a word.
+kept under a key made of all of them, in ``tokenizers/`` of lmforge's cache folder (``$LMFORGE_CACHE``,
+else ``~/.cache/lmforge``, as for Kaggle downloads). An entry is used only when the file's sha256
+still matches; a cache that cannot be written is skipped without a word.
 """
 
 from __future__ import annotations
@@ -18,18 +18,10 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from lmforge.data.hub import cache_root
 from lmforge.data.tokenizer import TOKENIZER_FILE
 
 _RECORD = "record.json"
-
-
-def cache_root() -> Path | None:
-    """The cache folder, or None when LMFORGE_CACHE=off."""
-    chosen = os.environ.get("LMFORGE_CACHE")
-    if chosen is not None:
-        return None if chosen.strip().lower() in ("off", "0", "false", "") else Path(chosen).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "lmforge"
 
 
 def _key(name: str, inputs: list[Path]) -> str:
@@ -55,19 +47,16 @@ def cached_tokenizer(
     ``build(folder)`` writes it and returns those three; its result is kept under a key of ``name``,
     the ``inputs`` files and the code that builds and hashes it, and copied from there next time.
     """
-    root = cache_root()
-    entry = None if root is None else root / "tokenizers" / _key(name, inputs)
-    if entry is not None:
-        try:
-            record = json.loads((entry / _RECORD).read_text(encoding="utf-8"))
-            if _sha256(entry / TOKENIZER_FILE) == record["file_sha256"]:
-                shutil.copyfile(entry / TOKENIZER_FILE, folder / TOKENIZER_FILE)
-                return int(record["vocab_size"]), int(record["eos_id"]), str(record["digest"])
-        except (OSError, ValueError, KeyError, TypeError):
-            pass  # absent or damaged: build it again
+    entry = cache_root() / "tokenizers" / _key(name, inputs)
+    try:
+        record = json.loads((entry / _RECORD).read_text(encoding="utf-8"))
+        if _sha256(entry / TOKENIZER_FILE) == record["file_sha256"]:
+            shutil.copyfile(entry / TOKENIZER_FILE, folder / TOKENIZER_FILE)
+            return int(record["vocab_size"]), int(record["eos_id"]), str(record["digest"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # absent or damaged: build it again
     vocab, eos, digest = build(folder)
-    if entry is not None:
-        _store(entry, folder / TOKENIZER_FILE, vocab, eos, digest)
+    _store(entry, folder / TOKENIZER_FILE, vocab, eos, digest)
     return vocab, eos, digest
 
 

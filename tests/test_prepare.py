@@ -214,7 +214,7 @@ def test_mixture_proportions_within_two_percent(tmp_path: Path) -> None:
     assert rows[2]["documents"] == 150 and rows[0]["documents"] < 400
 
 
-def test_cli_prepare_flags_reach_meta(tmp_path: Path, monkeypatch) -> None:
+def test_cli_prepare_flags_reach_meta(tmp_path: Path, monkeypatch, capsys) -> None:
     corpus = tmp_path / "c"
     corpus.mkdir()
     lines = [json.dumps({"body": f"record {i} " + "words here " * (i % 5 + 1)}) for i in range(40)]
@@ -228,6 +228,8 @@ def test_cli_prepare_flags_reach_meta(tmp_path: Path, monkeypatch) -> None:
         ]
     )  # fmt: skip
     assert code == 0
+    printed = capsys.readouterr().out
+    assert printed.count("wrote ") == 1 and "bytes/token" in printed  # one summary, not two
     meta = load_meta(out)
     assert meta["val_windows"] == {"seq_len": 16, "stride": 8} and meta["tokenizer"] == "word"
     assert meta["splits"]["train"]["documents"] + meta["splits"]["val"]["documents"] == 30

@@ -77,14 +77,7 @@ def cmd_prepare(ns: Namespace, console: Console) -> dict:
         stride=ns.stride,
         console=console,
     )
-    tr, va = meta["splits"]["train"], meta["splits"]["val"]
-    console.print(
-        f"wrote {ns.out}: train {tr['tokens']:,} tokens ({tr['documents']:,} docs), "
-        f"val {va['tokens']:,} tokens ({va['documents']:,} docs), vocab {meta['vocab_size']:,}, "
-        f"{meta['val_bytes_per_token']:.2f} bytes/token",
-        highlight=False,
-    )
-    return meta
+    return meta  # prepare's progress callback has printed the summary
 
 
 def cmd_export(ns: Namespace, console: Console) -> Path:

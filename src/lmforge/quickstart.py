@@ -71,9 +71,8 @@ def quickstart(
             data_dir,
             vocab_size=QUICKSTART_VOCAB,
             val_fraction=QUICKSTART_VAL_FRACTION,
-            progress=lambda msg: console.print(msg, highlight=False),
+            progress=lambda msg: console.print(msg, highlight=False),  # ends with a "wrote ..." summary
         )
-        console.print(f"wrote {data_dir}: {meta['splits']['train']['tokens']:,} train tokens")
 
     console.rule("[bold]2/3 train: the tiny preset")
     cfg = quickstart_config(data_dir, run_dir, max_tokens, device)

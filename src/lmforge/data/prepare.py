@@ -507,9 +507,9 @@ def prepare(
         if pool is not None:
             pool.close()
     log(
-        f"wrote {out_dir}: train {splits['train']['tokens']:,} tokens / "
-        f"{splits['train']['documents']:,} docs, val {val_tokens:,} tokens / "
-        f"{splits['val']['documents']:,} docs, vocab {vocab}"
+        f"wrote {out_dir}: train {splits['train']['tokens']:,} tokens ({splits['train']['documents']:,} docs), "
+        f"val {val_tokens:,} tokens ({splits['val']['documents']:,} docs), vocab {vocab:,}, "
+        f"{meta['val_bytes_per_token']:.2f} bytes/token"
     )
     return meta
 

@@ -48,15 +48,15 @@ _LENGTH_BITS = np.array(
 # follows a character that is not white space (see encode.pieces); its ASCII parts are then
 # encoded here and only the others by tiktoken.
 _SAFE_CUT = re.compile(r"(?<=\S)(?=\n)")
-# Longer pre-tokens are encoded for the batch that holds them and not kept, so the table's memory
-# stays bounded (2^18 entries of at most 64 characters).
+# Pre-tokens longer than this are encoded for the batch that holds them and not kept, so the table's
+# memory stays bounded (2^18 entries of at most 64 characters).
 _LONGEST_KEPT = 64
 # Pre-token entries kept per process. 2^18 covers a large code or prose corpus (builtin:stdlib has
 # ~50k distinct pre-tokens) in ~20 MB; past that the table starts over, so memory stays bounded
 # on a stream of any size.
 MAX_ENTRIES = 1 << 18
-# Characters per numpy pass: about prepare's chunk; larger arrays fall out of the CPU caches and
-# run slower per byte.
+# Characters per numpy pass: one of prepare's chunks (500k) fits; larger arrays fall out of the CPU
+# caches and run slower per byte.
 _BATCH_CHARS = 1_000_000
 
 

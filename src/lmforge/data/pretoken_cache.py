@@ -176,7 +176,6 @@ class CachedEncoder:
         self._ids = np.empty(0, dtype=np.uint32)  # the ids of all entries, one after another
         self._entry_start = np.empty(0, dtype=np.int64)
         self._entry_len = np.empty(0, dtype=np.int64)
-        self._kept = 0  # entries past this one belong to the current batch only
 
     def _add_entries(self, words: list[str]) -> np.ndarray:
         """Encode pre-tokens not seen before; return their new entries."""
@@ -191,10 +190,6 @@ class CachedEncoder:
 
     def _tiktoken(self, text: str) -> np.ndarray:
         return self.encoding.encode_to_numpy(text, disallowed_special=()).astype(np.uint32, copy=False)
-
-    def encode(self, text: str) -> np.ndarray:
-        """The ids of one text as uint32."""
-        return self.encode_batch([text])[1]
 
     def encode_batch(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """(ids per text, all ids concatenated as uint32); special tokens are plain text."""
@@ -231,23 +226,21 @@ class CachedEncoder:
         ends[:-1], ends[-1:] = starts[1:], data.size
         keep = data[starts] != ord(SEP)
         starts, ends = starts[keep], ends[keep]
-        entry = self._entries(joined, data, starts, ends)
-        if entry is None:  # the batch alone has more distinct pre-tokens than the table holds
+        found = self._entries(joined, data, starts, ends)
+        if found is None:  # the batch alone has more distinct pre-tokens than the table holds
             for i in group:
                 parts[i] = self._tiktoken(texts[i])
             return
+        entry, kept = found
         # The ids of each pre-token's entry, one pre-token after another.
         lens = self._entry_len[entry]
         ends_tok = np.cumsum(lens)
         total = int(ends_tok[-1]) if ends_tok.size else 0
         index = np.repeat(self._entry_start[entry] - (ends_tok - lens), lens) + np.arange(total)
         flat = self._ids[index]
-        if self._entry_len.size > self._kept:  # drop this batch's entries of very long pre-tokens
-            self._ids = self._ids[: int(self._entry_start[self._kept])]
-            self._entry_start, self._entry_len = (
-                self._entry_start[: self._kept],
-                self._entry_len[: self._kept],
-            )
+        if self._entry_len.size > kept:  # drop this batch's entries of very long pre-tokens
+            self._ids = self._ids[: int(self._entry_start[kept])]
+            self._entry_start, self._entry_len = self._entry_start[:kept], self._entry_len[:kept]
         # Split per text: text k starts after k separators.
         text_starts = np.cumsum([0] + [len(texts[i]) + 1 for i in group[:-1]])
         bounds = np.append(np.concatenate([[0], ends_tok])[np.searchsorted(starts, text_starts)], total)
@@ -256,8 +249,9 @@ class CachedEncoder:
 
     def _entries(
         self, joined: str, data: np.ndarray, starts: np.ndarray, ends: np.ndarray
-    ) -> np.ndarray | None:
-        """The entry of every pre-token, adding those not seen before; None if they do not fit."""
+    ) -> tuple[np.ndarray, int] | None:
+        """(The entry of every pre-token, the number of entries to keep after this batch), adding
+        those not seen before; None if they do not fit."""
         length = ends - starts
         short = np.flatnonzero(length <= _SHORT)
         long = np.flatnonzero(length > _SHORT)
@@ -295,7 +289,7 @@ class CachedEncoder:
             keep = [w for w in new_long if len(w) <= _LONGEST_KEPT]
             if keep:
                 self._long.update(zip(keep, self._add_entries(keep).tolist(), strict=True))
-            self._kept = self._entry_len.size
+            kept = self._entry_len.size
             once = [w for w in new_long if len(w) > _LONGEST_KEPT]
             lookup: Mapping[str, int] = self._long
             if once:
@@ -303,7 +297,7 @@ class CachedEncoder:
             entry = np.empty(starts.size, dtype=np.int64)
             entry[short] = found
             entry[long] = list(map(lookup.__getitem__, long_words))
-            return entry
+            return entry, kept
         return None
 
 

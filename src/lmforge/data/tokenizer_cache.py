@@ -18,6 +18,9 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+import tokenizers
+
+from lmforge.data import tokenizer, tokenizer_kinds
 from lmforge.data.hub import cache_root
 from lmforge.data.tokenizer import TOKENIZER_FILE
 
@@ -25,10 +28,6 @@ _RECORD = "record.json"
 
 
 def _key(name: str, inputs: list[Path]) -> str:
-    import tokenizers
-
-    from lmforge.data import tokenizer, tokenizer_kinds
-
     h = hashlib.sha256(f"{name}\0{tokenizers.__version__}\0".encode())
     for path in [Path(tokenizer.__file__), Path(tokenizer_kinds.__file__), *inputs]:  # code, then data
         h.update(path.read_bytes())

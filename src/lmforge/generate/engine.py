@@ -7,13 +7,15 @@ so a prompt gives the same greedy tokens alone or inside a padded batch (tests/t
 
 from __future__ import annotations
 
+import functools
+import os
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 
-from ..model import GPT
+from ..model import GPT, decode_step, pack_for_batches
 from .sampling import SamplingParams, sample_rows
 
 
@@ -30,6 +32,15 @@ def fit_prompt(prompt: list[int], max_new_tokens: int, context: int, warn: bool 
             stacklevel=3,
         )
     return prompt[-keep:]
+
+
+@functools.cache
+def _packing_budget() -> int | None:
+    """The most memory a packed copy of the weights may add: a quarter of the machine's (None: unknown)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
+    except (AttributeError, ValueError, OSError):
+        return None
 
 
 class BatchDecoder:
@@ -84,6 +95,8 @@ class BatchDecoder:
         self.generated: list[list[int]] = [[] for _ in range(B)]
         self.finish_reasons: list[str | None] = [None] * B
         self.use_cache = use_cache
+        if B > 1 and use_cache:  # decoding a batch: CPU inference layers get their batch-shaped weights
+            pack_for_batches(model, _packing_budget())
         self.cache = model.new_cache(B, max_len=self.total) if use_cache else None
         self.ids, self.positions = ids, positions  # kept whole only without a cache
         self.slot = P  # the cache slot the next token goes to
@@ -95,6 +108,8 @@ class BatchDecoder:
         pos = positions if self.padded else None
         if self.cache is None:  # reference path: the whole sequence again
             ids, pos, mask = self.ids, (self.positions if self.padded else None), mask
+        elif ids.size(1) == 1 and not self.model.training:  # a decode step: the one-token fast path
+            return decode_step(self.model, ids, self.cache, pos, mask)
         return self.model(ids, cache=self.cache, positions=pos, key_mask=mask, last_only=True)[:, -1]
 
     @property

@@ -9,7 +9,8 @@ from typing import TYPE_CHECKING
 from .config import ModelConfig
 
 if TYPE_CHECKING:  # what type checkers and editors see; at run time __getattr__ below imports them
-    from .gpt import GPT, count_params, flops_per_token, param_breakdown, use_inference_layout
+    from .gpt import GPT, count_params, flops_per_token, param_breakdown
+    from .inference import decode_step, pack_for_batches, use_inference_layout
     from .kv_cache import KVCache
 
 __all__ = [
@@ -17,7 +18,9 @@ __all__ = [
     "KVCache",
     "ModelConfig",
     "count_params",
+    "decode_step",
     "flops_per_token",
+    "pack_for_batches",
     "param_breakdown",
     "use_inference_layout",
 ]
@@ -27,7 +30,9 @@ _LAZY = {
     "count_params": "gpt",
     "flops_per_token": "gpt",
     "param_breakdown": "gpt",
-    "use_inference_layout": "gpt",
+    "decode_step": "inference",
+    "pack_for_batches": "inference",
+    "use_inference_layout": "inference",
     "KVCache": "kv_cache",
 }
 

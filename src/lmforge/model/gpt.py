@@ -270,21 +270,6 @@ class GPT(nn.Module):
         )
 
 
-def use_inference_layout(model: nn.Module) -> nn.Module:
-    """Store each linear weight on the CPU column-major (the memory of its transpose), in place; return model.
-
-    Same shapes and values, so state_dict, export and every result stay the same up to float rounding.
-    Decoding multiplies one or a few rows by each weight; BLAS then streams the weight in memory order,
-    which makes those products about 1.3-1.6x faster on x86 CPUs (benchmarks/RESULTS.md, decode). For
-    inference only: training keeps PyTorch's default layout, and GPU weights are left alone.
-    """
-    for module in model.modules():
-        if isinstance(module, nn.Linear) and module.weight.device.type == "cpu":
-            w = module.weight
-            w.data = w.data.t().contiguous().t()  # a no-op copy-free view when already column-major
-    return model
-
-
 def count_params(model: nn.Module) -> int:
     """Number of distinct parameters (tied weights counted once)."""
     return sum(p.numel() for p in model.parameters())

@@ -19,8 +19,10 @@ class KVCache:
         dtype: torch.dtype = torch.float32,
     ) -> None:
         shape = (n_layer, batch_size, n_kv_head, max_len, head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        # Not zeroed: attention reads only slots [0, pos), which update() has written. (Zeroing the cache
+        # of a batch of 8 on the bench model took 6 ms, 0.3% of a 128-token generation, for nothing.)
+        self.k = torch.empty(shape, device=device, dtype=dtype)
+        self.v = torch.empty(shape, device=device, dtype=dtype)
         self.max_len = max_len
         self.pos = 0  # number of positions already stored; the model advances it after each forward
 

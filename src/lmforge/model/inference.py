@@ -1,0 +1,163 @@
+"""Weight layouts for fast CPU decoding: the same linear layers, stored the way each product reads fastest.
+
+Decoding multiplies a handful of rows (one per sequence) by every weight of the model, so on a CPU its
+speed is set by how fast the weights stream from memory (benchmarks/RESULTS.md, decode):
+
+- one row (one sequence): BLAS streams a column-major weight in memory order, 1.3-1.6x faster than
+  PyTorch's default row-major layout on x86 CPUs;
+- 2 to 64 rows (a batch of sequences): oneDNN's GEMM on a weight pre-packed into its blocked layout is
+  about 1.2x faster than BLAS on either plain layout (fp32, AVX2).
+
+`use_inference_layout` gives every CPU linear layer the first; `pack_for_batches` adds the second as an
+extra copy, which the generation engine asks for only when it decodes several sequences at once.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .gpt import GPT, apply_rope, attention_mask
+from .kv_cache import KVCache
+
+# Rows per product up to which the packed weight is used: decoding a batch. Longer products (a prefill
+# of hundreds of tokens) are compute bound, where BLAS is as fast or faster.
+MAX_PACKED_ROWS = 64
+# Smallest weight worth packing. oneDNN's call costs ~30 us more than BLAS's, which only a weight that
+# has to come from memory (not cache) in every step repays: a 384x384 layer (0.6 MB) is slower packed.
+MIN_PACKED_BYTES = 1 << 20
+
+
+def _pack(weight: torch.Tensor) -> torch.Tensor | None:
+    """oneDNN's blocked copy of a (out, in) fp32 CPU weight, or None where oneDNN cannot provide one."""
+    if (
+        weight.device.type != "cpu"
+        or weight.dtype != torch.float32
+        or not torch.backends.mkldnn.is_available()
+    ):
+        return None
+    if weight.numel() * weight.element_size() < MIN_PACKED_BYTES:
+        return None
+    try:
+        return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
+    except (AttributeError, RuntimeError):  # an op this torch build does not have, or no kernel for this CPU
+        return None
+
+
+def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x @ weight^T + bias with the weight in oneDNN's packed layout (from `_pack`)."""
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+def _stamp(weight: torch.Tensor) -> tuple[int, int]:
+    """What changes when a weight is replaced or updated in place (inference tensors keep no version)."""
+    return weight.data_ptr(), (-1 if weight.is_inference() else weight._version)
+
+
+class InferenceLinear(nn.Linear):
+    """nn.Linear for CPU inference: same parameters and state_dict, faster kernels for decoding shapes.
+
+    With a packed copy (`pack`), products of 2..MAX_PACKED_ROWS rows run through oneDNN on it; everything
+    else (one row, long prefills, anything that records gradients, a weight changed after packing) is the
+    plain `F.linear`. The two kernels agree to float rounding (about 1e-6 relative).
+    """
+
+    _packed: torch.Tensor | None = None
+    _packed_stamp: tuple[int, int] = (0, -1)
+
+    def pack(self) -> int:
+        """Make the packed copy if there is none (idempotent); return the bytes it holds (0 if none)."""
+        if self._packed is None or self._packed_stamp != _stamp(self.weight):
+            self._packed = _pack(self.weight)
+            self._packed_stamp = _stamp(self.weight)
+        return 0 if self._packed is None else self.weight.numel() * self.weight.element_size()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        packed = self._packed
+        if (
+            packed is not None
+            and 1 < x.numel() // self.in_features <= MAX_PACKED_ROWS
+            and self._packed_stamp == _stamp(self.weight)  # a weight replaced or updated since packing
+            and not torch.is_grad_enabled()  # oneDNN's op has no backward
+            and x.is_cpu
+            and x.dtype == torch.float32
+            and not torch.compiler.is_compiling()
+        ):
+            return packed_linear(x, packed, self.bias)
+        return F.linear(x, self.weight, self.bias)
+
+
+def use_inference_layout(model: nn.Module) -> nn.Module:
+    """Give each CPU linear layer of `model` the decoding layout, in place; return model.
+
+    Each weight is stored column-major (the memory of its transpose): same shapes and values, so
+    state_dict, export and every result stay the same up to float rounding; and each nn.Linear becomes an
+    InferenceLinear (a subclass with the same parameters). For inference only: training keeps PyTorch's
+    default layout, and GPU weights are left alone. Idempotent.
+    """
+    for module in model.modules():
+        if type(module) is nn.Linear and module.weight.device.type == "cpu":
+            w = module.weight
+            w.data = w.data.t().contiguous().t()
+            module.__class__ = InferenceLinear  # same object, so tied weights and references stay intact
+    return model
+
+
+def pack_for_batches(model: nn.Module, max_bytes: int | None = None) -> int:
+    """Give every InferenceLinear of `model` its packed copy for batched decoding; return the bytes they hold.
+
+    Costs as much memory again as the linear weights: nothing is packed when that would exceed
+    max_bytes. Layers that cannot be packed keep `F.linear`. Cheap when already done.
+    """
+    layers = [m for m in model.modules() if isinstance(m, InferenceLinear)]
+    if max_bytes is not None and sum(m.weight.numel() * m.weight.element_size() for m in layers) > max_bytes:
+        return 0
+    return sum(m.pack() for m in layers)
+
+
+@torch.no_grad()
+def decode_step(
+    model: GPT,
+    idx: torch.Tensor,
+    cache: KVCache,
+    positions: torch.Tensor | None = None,
+    key_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Logits (B, vocab) of the next token after one new token per row, idx (B, 1), through the KV cache.
+
+    The same computation as `model(idx, cache=cache, positions=positions, key_mask=key_mask,
+    last_only=True)[:, -1]`, op for op (tests check the logits are identical), written for the one-token
+    shape: submodules are run through their `forward` (no module-call machinery or hooks) and q, k, v
+    come out of the fused projection as views. In eval mode only (no dropout); 7-15% faster decoding on
+    a CPU, where each step is a few hundred small operations (benchmarks/RESULTS.md, decode).
+    """
+    cfg = model.cfg
+    B, pos = idx.size(0), cache.pos
+    if pos + 1 > cfg.context_len:
+        raise ValueError(f"sequence of {pos + 1} tokens is longer than the context ({cfg.context_len})")
+    nh, nkv, hd = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+    x = model.wte.forward(idx)  # (B, 1, C)
+    if model.wpe is not None:
+        x = x + model.wpe.forward(positions if positions is not None else idx.new_full((1,), pos))
+    rope = None
+    if cfg.pos_emb == "rope":  # (1, hd/2) for all rows, or (B, 1, 1, hd/2) for per-row positions
+        where = positions.unsqueeze(1) if positions is not None else slice(pos, pos + 1)
+        rope = (model.rope_cos[where], model.rope_sin[where])
+    mask = None if key_mask is None else attention_mask(key_mask, pos, 1)  # (B, 1, 1, L)
+    for layer, block in enumerate(model.blocks):
+        attn = block.attn
+        qkv = attn.c_attn.forward(block.ln_1.forward(x)).view(B, nh + 2 * nkv, 1, hd)
+        q, k, v = qkv.split([nh, nkv, nkv], dim=1)  # (B, nh, 1, hd), (B, nkv, 1, hd) x 2
+        if attn.q_norm is not None:
+            q, k = attn.q_norm.forward(q), attn.k_norm.forward(k)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        k, v = cache.update(layer, k, v)  # (B, nkv, pos+1, hd)
+        # One query per row sees every stored key: no causal mask; padding is hidden by `mask`.
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=nkv != nh)  # (B, nh, 1, hd)
+        x = x + attn.c_proj.forward(y.reshape(B, 1, nh * hd))
+        x = x + block.mlp.forward(block.ln_2.forward(x))
+    cache.advance(1)
+    logits = model.lm_head.forward(model.ln_f.forward(x))  # (B, 1, V)
+    return logits[:, -1, : cfg.vocab_size]

@@ -1,0 +1,141 @@
+"""CPU inference paths: the one-token decode step and the packed weights for batched decoding."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import lmforge.model.inference as inference
+from lmforge.generate.engine import BatchDecoder, generate_ids
+from lmforge.generate.sampling import SamplingParams
+from lmforge.model import GPT, ModelConfig, decode_step, pack_for_batches, use_inference_layout
+from lmforge.model.inference import InferenceLinear
+from lmforge.model.quant import Int8Linear, quantize_int8
+
+FAMILIES = {
+    "gpt2": dict(family="gpt2"),
+    "llama-gqa": dict(family="llama", n_kv_head=2),
+    "llama-qknorm": dict(family="llama", qk_norm=True),
+    "gpt2-untied-nobias": dict(family="gpt2", bias=False, tie_embeddings=False),
+}
+GREEDY = SamplingParams(temperature=0.0)
+
+
+def tiny(name: str, seed: int = 0) -> GPT:
+    torch.manual_seed(seed)
+    cfg = ModelConfig(n_layer=2, n_head=4, n_embd=32, context_len=64, vocab_size=100, **FAMILIES[name])
+    return GPT(cfg).eval()
+
+
+def greedy_rows(model: GPT, prompts: list[list[int]], n: int) -> list[list[int]]:
+    dec = BatchDecoder(model, prompts, n, GREEDY)
+    while not dec.finished:
+        dec.step()
+    return dec.generated
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("padded", [False, True])
+def test_decode_step_gives_the_same_logits_as_forward(name, padded):
+    model = tiny(name)
+    g = torch.Generator().manual_seed(3)
+    B, P = 3, 9
+    prompt = torch.randint(0, 100, (B, P), generator=g)
+    key_mask = torch.ones(B, P + 4, dtype=torch.bool)
+    if padded:  # rows of 9, 5 and 2 real tokens, left-padded
+        key_mask[1, :4] = False
+        key_mask[2, :7] = False
+    positions = (key_mask[:, :P].long().cumsum(1) - 1).clamp(min=0)
+    caches = [model.new_cache(B, P + 4) for _ in range(2)]
+    with torch.no_grad():
+        for cache in caches:
+            model(
+                prompt,
+                cache=cache,
+                positions=positions if padded else None,
+                key_mask=key_mask[:, :P] if padded else None,
+            )
+        for step in range(4):
+            idx = torch.randint(0, 100, (B, 1), generator=g)
+            pos = positions[:, -1:] + step + 1 if padded else None
+            mask = key_mask[:, : P + step + 1] if padded else None
+            ref = model(idx, cache=caches[0], positions=pos, key_mask=mask, last_only=True)[:, -1]
+            got = decode_step(model, idx, caches[1], pos, mask)
+            assert got.shape == (B, 100)
+            assert torch.equal(got, ref), (name, padded, step)
+    assert caches[0].pos == caches[1].pos == P + 4
+    torch.testing.assert_close(caches[1].k, caches[0].k, rtol=0, atol=0)
+
+
+def test_decode_step_refuses_to_run_past_the_context():
+    model = tiny("gpt2")
+    cache = model.new_cache(1, 64)
+    with torch.no_grad():
+        model(torch.zeros(1, 64, dtype=torch.long), cache=cache)
+    with pytest.raises(ValueError, match="longer than the context"):
+        decode_step(model, torch.zeros(1, 1, dtype=torch.long), cache)
+
+
+@pytest.fixture
+def pack_small_layers(monkeypatch):
+    """Tiny test layers are below the size worth packing; pack them anyway, and count packed products."""
+    monkeypatch.setattr(inference, "MIN_PACKED_BYTES", 0)
+    calls = []
+    real = inference.packed_linear
+
+    def counting(x, packed, bias):
+        calls.append(x.numel() // x.size(-1))
+        return real(x, packed, bias)
+
+    monkeypatch.setattr(inference, "packed_linear", counting)
+    return calls
+
+
+def test_packed_linear_matches_f_linear_for_batch_shapes_only(pack_small_layers):
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(32, 48)
+    model = torch.nn.Sequential(layer)
+    use_inference_layout(model)
+    assert isinstance(layer, InferenceLinear) and layer.weight.t().is_contiguous()
+    assert pack_for_batches(model) == 32 * 48 * 4
+    for rows in (1, 2, 8, 64, 65):
+        x = torch.randn(rows, 1, 32)
+        with torch.no_grad():
+            torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
+    assert pack_small_layers == [2, 8, 64]  # one row and long products stay on F.linear
+    # a weight changed in place after packing is never served from the stale copy
+    with torch.no_grad():
+        layer.weight.mul_(2)
+        x = torch.randn(4, 32)
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
+    assert len(pack_small_layers) == 3
+    # with gradients the product is F.linear, and backward works
+    x = torch.randn(4, 32, requires_grad=True)
+    layer(x).sum().backward()
+    assert x.grad is not None and len(pack_small_layers) == 3
+
+
+def test_batched_greedy_decoding_with_packed_weights_matches_the_plain_model(pack_small_layers):
+    reference = tiny("llama-gqa", seed=4)
+    model = tiny("llama-gqa", seed=4)
+    use_inference_layout(model)
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, 100, (n,), generator=g).tolist() for n in (3, 11, 7, 1)]
+    got = greedy_rows(model, prompts, 20)
+    assert pack_small_layers, "the batch was not decoded with the packed weights"
+    assert got == greedy_rows(reference, prompts, 20)
+    # and each prompt alone (one row: the column-major weights) gives the same tokens
+    assert [list(generate_ids(model, p, 20, GREEDY)) for p in prompts] == got
+
+
+def test_packing_respects_the_memory_budget_and_quantization_still_applies(pack_small_layers):
+    model = use_inference_layout(tiny("gpt2"))
+    assert pack_for_batches(model, max_bytes=1000) == 0
+    assert all(m._packed is None for m in model.modules() if isinstance(m, InferenceLinear))
+    assert pack_for_batches(model) > 0
+    quantize_int8(model, kernel="dequant")
+    assert not any(isinstance(m, InferenceLinear) for m in model.modules())
+    assert any(isinstance(m, Int8Linear) for m in model.modules())
+    with torch.no_grad():
+        assert model(torch.randint(0, 100, (2, 5))).shape == (2, 5, 100)

@@ -1,8 +1,9 @@
 """Inference speed straight on the model: prefill and decode through its KV cache, timed.
 
 Prefill is one forward of the prompt into an empty cache; time to first token adds choosing the first
-token; decode is one forward per new token. Peak memory is the CUDA allocator's peak on a GPU and the
-process's peak resident set on a CPU (which includes everything loaded so far).
+token; decode is one step per new token through the generation engine's one-token path (`decode_step`).
+Peak memory is the CUDA allocator's peak on a GPU and the process's peak resident set on a CPU (which
+includes everything loaded so far).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import time
 import torch
 
 from ..generate.sampling import SamplingParams, sample_rows
+from ..model import decode_step
 
 
 def _sync(device: torch.device) -> None:
@@ -55,7 +57,7 @@ def decode(
         out.append(token)
         if token == eos_id or step == max_new_tokens - 1:
             break
-        logits = model(nxt.view(1, 1), cache=cache)[:, -1]
+        logits = decode_step(model, nxt.view(1, 1), cache)  # (1, V)
     _sync(device)
     decode_s = time.perf_counter() - start
     timing = {

@@ -103,7 +103,7 @@ class BatchDecoder:
         self._logits = self._forward(ids, positions, P)
 
     @torch.no_grad()
-    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, end: int) -> torch.Tensor:
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor | None, end: int) -> torch.Tensor:
         mask = self.key_mask[:, :end] if self.padded else None
         pos = positions if self.padded else None
         if self.cache is None:  # reference path: the whole sequence again
@@ -147,9 +147,11 @@ class BatchDecoder:
         if self.finished:
             return out
         B = len(self.done)
-        self.key_mask[:, self.slot] = True
-        positions = self.lengths.view(B, 1).clone()  # (B, 1): each row's own next position
-        self.lengths += 1
+        positions = None  # rows of one length count positions from the cache slot
+        if self.padded or self.cache is None:
+            self.key_mask[:, self.slot] = True
+            positions = self.lengths.view(B, 1).clone()  # (B, 1): each row's own next position
+            self.lengths += 1
         self.slot += 1
         if self.cache is None:
             self.ids = torch.cat([self.ids, nxt.view(B, 1)], dim=1)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -139,3 +141,15 @@ def test_packing_respects_the_memory_budget_and_quantization_still_applies(pack_
     assert any(isinstance(m, Int8Linear) for m in model.modules())
     with torch.no_grad():
         assert model(torch.randint(0, 100, (2, 5))).shape == (2, 5, 100)
+
+
+def test_a_packed_model_can_be_copied_and_the_copy_packs_again(pack_small_layers):
+    model = use_inference_layout(tiny("gpt2"))
+    assert pack_for_batches(model) > 0
+    twin = copy.deepcopy(model)  # oneDNN's packed tensors cannot be copied: the copy starts unpacked
+    layers = [m for m in twin.modules() if isinstance(m, InferenceLinear)]
+    assert layers and all(m._packed is None and m.weight.t().is_contiguous() for m in layers)
+    assert pack_for_batches(twin) == pack_for_batches(model)
+    idx = torch.randint(0, 100, (3, 1))
+    with torch.no_grad():
+        torch.testing.assert_close(twin(idx), model(idx), rtol=0, atol=0)

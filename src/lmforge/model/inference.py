@@ -75,6 +75,14 @@ class InferenceLinear(nn.Linear):
             self._packed_stamp = _stamp(self.weight)
         return 0 if self._packed is None else self.weight.numel() * self.weight.element_size()
 
+    def __getstate__(self) -> dict:
+        """Copies and pickles leave the packed copy behind (oneDNN's tensors have no storage to copy);
+        the engine packs again when a copy decodes a batch."""
+        state = self.__dict__.copy()
+        state.pop("_packed", None)
+        state.pop("_packed_stamp", None)
+        return state
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         packed = self._packed
         if (

@@ -167,7 +167,7 @@ def decode_step(
     nh, nkv, hd = cfg.n_head, cfg.n_kv_head, cfg.head_dim
     x = model.wte.forward(idx)  # (B, 1, C)
     if model.wpe is not None:
-        x = x + model.wpe.forward(positions if positions is not None else idx.new_full((1,), pos))
+        x = x + (model.wpe.forward(positions) if positions is not None else model.wpe.weight[pos])
     rope = None
     if cfg.pos_emb == "rope":  # (1, hd/2) for all rows, or (B, 1, 1, hd/2) for per-row positions
         where = positions.unsqueeze(1) if positions is not None else slice(pos, pos + 1)

@@ -6,7 +6,7 @@ speed is set by how fast the weights stream from memory (benchmarks/RESULTS.md, 
 - one row (one sequence): BLAS streams a column-major weight in memory order, 1.3-1.6x faster than
   PyTorch's default row-major layout on x86 CPUs;
 - 2 to 64 rows (a batch of sequences): oneDNN's GEMM on a weight pre-packed into its blocked layout is
-  about 1.2x faster than BLAS on either plain layout (fp32, AVX2).
+  up to 1.7x faster than BLAS on either plain layout, more for larger weights (fp32, AVX2).
 
 `use_inference_layout` gives every CPU linear layer the first; `pack_for_batches` adds the second as an
 extra copy, which the generation engine asks for only when it decodes several sequences at once.
@@ -157,8 +157,9 @@ def decode_step(
     The same computation as `model(idx, cache=cache, positions=positions, key_mask=key_mask,
     last_only=True)[:, -1]`, op for op (tests check the logits are identical), written for the one-token
     shape: submodules are run through their `forward` (no module-call machinery or hooks) and q, k, v
-    come out of the fused projection as views. In eval mode only (no dropout); 7-15% faster decoding on
-    a CPU, where each step is a few hundred small operations (benchmarks/RESULTS.md, decode).
+    come out of the fused projection as views, RMSNorm and RoPE take fewer dispatches (`_norm`, `_rope`).
+    In eval mode only (no dropout). On a CPU, where a step is a few hundred small operations, whole
+    generations on the bench model are 2-10% faster than through `model(...)` (benchmarks/RESULTS.md).
     """
     cfg = model.cfg
     B, pos = idx.size(0), cache.pos

@@ -83,6 +83,8 @@ def test_decode_step_refuses_to_run_past_the_context():
 def pack_small_layers(monkeypatch):
     """Tiny test layers are below the size worth packing; pack them anyway, and count packed products."""
     monkeypatch.setattr(inference, "MIN_PACKED_BYTES", 0)
+    if inference._pack(torch.ones(4, 4)) is None:
+        pytest.skip("oneDNN packing is not used on this CPU (needs x86 with AVX2 and a torch with oneDNN)")
     calls = []
     real = inference.packed_linear
 

@@ -32,11 +32,15 @@ MIN_PACKED_BYTES = 768 << 10
 
 
 def _pack(weight: torch.Tensor) -> torch.Tensor | None:
-    """oneDNN's blocked copy of a (out, in) fp32 CPU weight, or None where oneDNN cannot provide one."""
+    """oneDNN's blocked copy of a (out, in) fp32 CPU weight, or None where oneDNN cannot provide one.
+
+    Only on x86 CPUs with AVX2 or AVX-512, where it was measured to pay; elsewhere BLAS keeps the work.
+    """
     if (
         weight.device.type != "cpu"
         or weight.dtype != torch.float32
         or not torch.backends.mkldnn.is_available()
+        or not torch.backends.cpu.get_cpu_capability().startswith("AVX")
     ):
         return None
     if weight.numel() * weight.element_size() < MIN_PACKED_BYTES:

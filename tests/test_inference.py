@@ -126,6 +126,8 @@ def test_batched_greedy_decoding_with_packed_weights_matches_the_plain_model(pac
     use_inference_layout(model)
     g = torch.Generator().manual_seed(5)
     prompts = [torch.randint(0, 100, (n,), generator=g).tolist() for n in (3, 11, 7, 1)]
+    list(generate_ids(model, prompts[1], 5, GREEDY))  # one sequence: no second copy of the weights
+    assert all(m._packed is None for m in model.modules() if isinstance(m, InferenceLinear))
     got = greedy_rows(model, prompts, 20)
     assert pack_small_layers, "the batch was not decoded with the packed weights"
     assert got == greedy_rows(reference, prompts, 20)

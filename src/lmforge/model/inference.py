@@ -158,8 +158,8 @@ def decode_step(
 ) -> torch.Tensor:
     """Logits (B, vocab) of the next token after one new token per row, idx (B, 1), through the KV cache.
 
-    The same computation as `model(idx, cache=cache, positions=positions, key_mask=key_mask,
-    last_only=True)[:, -1]`, op for op (tests check the logits are identical), written for the one-token
+    The same values as `model(idx, cache=cache, positions=positions, key_mask=key_mask,
+    last_only=True)[:, -1]` (tests check the logits are bitwise identical), computed for the one-token
     shape: submodules are run through their `forward` (no module-call machinery or hooks) and q, k, v
     come out of the fused projection as views, RMSNorm and RoPE take fewer dispatches (`_norm`, `_rope`).
     In eval mode only (no dropout). On a CPU, where a step is a few hundred small operations, whole
@@ -173,12 +173,12 @@ def decode_step(
     x = model.wte.forward(idx)  # (B, 1, C)
     if model.wpe is not None:
         x = x + (model.wpe.forward(positions) if positions is not None else model.wpe.weight[pos])
-    rope = None
+    rope, fast_rope = None, False
     if cfg.pos_emb == "rope":  # (1, hd/2) for all rows, or (B, 1, 1, hd/2) for per-row positions
         where = positions.unsqueeze(1) if positions is not None else slice(pos, pos + 1)
         rope = (model.rope_cos[where], model.rope_sin[where])
         fast_rope = x.dtype == torch.float32
-        if fast_rope:  # full-width tables for _rotate, made once per step for all layers
+        if fast_rope:  # full-width tables for _rope, made once per step for all layers
             cos, sin = rope
             rope = (torch.cat((cos, cos), -1), torch.cat((-sin, sin), -1))
     mask = None if key_mask is None else attention_mask(key_mask, pos, 1)  # (B, 1, 1, L)

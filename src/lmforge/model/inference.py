@@ -43,7 +43,7 @@ def _pack(weight: torch.Tensor) -> torch.Tensor | None:
         or not torch.backends.cpu.get_cpu_capability().startswith("AVX")
     ):
         return None
-    if weight.numel() * weight.element_size() < MIN_PACKED_BYTES:
+    if weight.nbytes < MIN_PACKED_BYTES:
         return None
     try:
         return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
@@ -77,7 +77,7 @@ class InferenceLinear(nn.Linear):
         if self._packed is None or self._packed_stamp != _stamp(self.weight):
             self._packed = _pack(self.weight)
             self._packed_stamp = _stamp(self.weight)
-        return 0 if self._packed is None else self.weight.numel() * self.weight.element_size()
+        return 0 if self._packed is None else self.weight.nbytes
 
     def __getstate__(self) -> dict:
         """Copies and pickles leave the packed copy behind (oneDNN's tensors have no storage to copy);
@@ -125,7 +125,7 @@ def pack_for_batches(model: nn.Module, max_bytes: int | None = None) -> int:
     max_bytes. Layers that cannot be packed keep `F.linear`. Cheap when already done.
     """
     layers = [m for m in model.modules() if isinstance(m, InferenceLinear)]
-    if max_bytes is not None and sum(m.weight.numel() * m.weight.element_size() for m in layers) > max_bytes:
+    if max_bytes is not None and sum(m.weight.nbytes for m in layers) > max_bytes:
         return 0
     return sum(m.pack() for m in layers)
 

@@ -6,6 +6,9 @@ whole generation call (prefill + decode); tokens/s counts new tokens over all ro
 
     PYTHONPATH=src python benchmarks/decode.py                       # gpt2 and llama, batch 1 and 8
     PYTHONPATH=src python benchmarks/decode.py --family llama --batch 8 --new-tokens 64
+    PYTHONPATH=src python benchmarks/decode.py --device cuda --dtype bfloat16 --model gpt2-124m
+
+On a GPU lmforge decodes through CUDA graphs (its default there); the table adds lmforge without them.
 """
 
 from __future__ import annotations
@@ -21,13 +24,15 @@ from lmforge.bench import hf_twin
 from lmforge.generate.engine import BatchDecoder
 from lmforge.generate.sampling import SamplingParams
 from lmforge.model import GPT, ModelConfig, use_inference_layout
-from lmforge.presets import BENCH_MODEL
+from lmforge.presets import BENCH_MODEL, get_preset
 
 GREEDY = SamplingParams(temperature=0.0)
 
 
-def lmforge_generate(model: GPT, prompts: torch.Tensor, new: int) -> list[list[int]]:
-    dec = BatchDecoder(model, prompts.tolist(), new, GREEDY, eos_id=None)
+def lmforge_generate(
+    model: GPT, prompts: torch.Tensor, new: int, cuda_graph: bool | None = None
+) -> list[list[int]]:
+    dec = BatchDecoder(model, prompts.tolist(), new, GREEDY, eos_id=None, cuda_graph=cuda_graph)
     while not dec.finished:
         dec.step()
     return dec.generated
@@ -46,45 +51,53 @@ def hf_generate(hf, prompts: torch.Tensor, new: int) -> list[list[int]]:
     return out[:, prompts.size(1) :].tolist()
 
 
-def timed_pair(fn_a, fn_b, repeats: int) -> tuple[float, float, list, list]:
+def timed(fns: dict, repeats: int) -> tuple[dict[str, float], dict[str, list]]:
     """Median seconds of each function, calls interleaved (a, b, a, b, ...) after one warm-up each, so a
-    change in the machine's load hits both alike; and the last result of each."""
-    ra, rb = fn_a(), fn_b()
-    ta, tb = [], []
+    change in the machine's load hits all alike; and the last result of each."""
+    results = {name: fn() for name, fn in fns.items()}
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        ra = fn_a()
-        t1 = time.perf_counter()
-        rb = fn_b()
-        ta.append(t1 - t0)
-        tb.append(time.perf_counter() - t1)
-    return statistics.median(ta), statistics.median(tb), ra, rb
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            results[name] = fn()  # token lists: the device has finished when they exist
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}, results
 
 
 @torch.inference_mode()
-def bench(family: str, batch: int, prompt_len: int, new: int, repeats: int) -> dict:
-    kw = dict(BENCH_MODEL, family=family)
+def bench(args, family: str, batch: int) -> dict:
+    kw = dict(get_preset(args.model) if args.model else BENCH_MODEL, family=family)
     if family == "llama":
-        kw["n_kv_head"] = 2
+        kw["n_kv_head"] = max(1, kw["n_head"] // 3)
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     torch.manual_seed(0)
     model = GPT(ModelConfig(**kw)).eval()
-    hf = hf_twin(model).eval()
+    hf = hf_twin(model).eval().to(device=device, dtype=dtype)
+    model.to(device=device, dtype=dtype)
     use_inference_layout(model)  # what load_model does for generate, chat, serve and the Python API
     prompts = torch.randint(
-        0, kw["vocab_size"], (batch, prompt_len), generator=torch.Generator().manual_seed(1)
-    )
-    t_lm, t_hf, out_lm, out_hf = timed_pair(
-        lambda: lmforge_generate(model, prompts, new), lambda: hf_generate(hf, prompts, new), repeats
-    )
-    same = sum(a == b for a, b in zip(out_lm, out_hf, strict=True))
-    return {
+        0, kw["vocab_size"], (batch, args.prompt_len), generator=torch.Generator().manual_seed(1)
+    ).to(device)
+    new = args.new_tokens
+    fns = {
+        "lmforge": lambda: lmforge_generate(model, prompts, new),
+        "hf": lambda: hf_generate(hf, prompts, new),
+    }
+    if device.type == "cuda":
+        fns["eager"] = lambda: lmforge_generate(model, prompts, new, cuda_graph=False)
+    t, out = timed(fns, args.repeats)
+    same = sum(a == b for a, b in zip(out["lmforge"], out["hf"], strict=True))
+    r = {
         "family": family,
         "batch": batch,
-        "lmforge_tok_s": batch * new / t_lm,
-        "hf_tok_s": batch * new / t_hf,
-        "speedup": t_hf / t_lm,
+        "lmforge_tok_s": batch * new / t["lmforge"],
+        "hf_tok_s": batch * new / t["hf"],
+        "speedup": t["hf"] / t["lmforge"],
         "same_rows": f"{same}/{batch}",
     }
+    if "eager" in t:
+        r["eager_tok_s"] = batch * new / t["eager"]
+    return r
 
 
 def main() -> None:
@@ -95,24 +108,35 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--model", default=None, help="a model preset (default: the 6x384 bench model)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     import transformers
 
-    print(
-        f"torch {torch.__version__}, transformers {transformers.__version__}, {platform.processor() or platform.machine()}, "
-        f"{torch.get_num_threads()} threads; model {BENCH_MODEL['n_layer']}x{BENCH_MODEL['n_embd']}, "
-        f"vocab {BENCH_MODEL['vocab_size']}; prompt {args.prompt_len}, {args.new_tokens} new tokens, greedy"
+    kw = get_preset(args.model) if args.model else BENCH_MODEL
+    where = (
+        torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or platform.machine()
     )
-    print("| family | batch | lmforge tok/s | HF generate tok/s | speed-up | same tokens |")
-    print("|---|---|---|---|---|---|")
+    print(
+        f"torch {torch.__version__}, transformers {transformers.__version__}, {where}, "
+        f"{torch.get_num_threads()} threads, {args.dtype}; model {args.model or 'bench'} "
+        f"{kw['n_layer']}x{kw['n_embd']}, vocab {kw['vocab_size']}; prompt {args.prompt_len}, "
+        f"{args.new_tokens} new tokens, greedy"
+    )
+    cuda = args.device == "cuda"
+    extra = (" lmforge without CUDA graphs tok/s |", "---|") if cuda else ("", "")
+    print(f"| family | batch | lmforge tok/s | HF generate tok/s | speed-up | same tokens |{extra[0]}")
+    print(f"|---|---|---|---|---|---|{extra[1]}")
     for family in args.family.split(","):
         for batch in (int(b) for b in args.batch.split(",")):
-            r = bench(family, batch, args.prompt_len, args.new_tokens, args.repeats)
+            r = bench(args, family, batch)
+            eager = f" {r['eager_tok_s']:.0f} |" if cuda else ""
             print(
                 f"| {r['family']} | {r['batch']} | {r['lmforge_tok_s']:.0f} | {r['hf_tok_s']:.0f} | "
-                f"{r['speedup']:.2f}x | {r['same_rows']} |",
+                f"{r['speedup']:.2f}x | {r['same_rows']} |{eager}",
                 flush=True,
             )
 

@@ -11,7 +11,14 @@ import torch.nn.functional as F
 import lmforge.model.inference as inference
 from lmforge.generate.engine import BatchDecoder, generate_ids
 from lmforge.generate.sampling import SamplingParams
-from lmforge.model import GPT, ModelConfig, decode_step, pack_for_batches, use_inference_layout
+from lmforge.model import (
+    GPT,
+    ModelConfig,
+    StaticDecoder,
+    decode_step,
+    pack_for_batches,
+    use_inference_layout,
+)
 from lmforge.model.inference import InferenceLinear
 from lmforge.model.quant import Int8Linear, quantize_int8
 
@@ -157,3 +164,81 @@ def test_a_packed_model_can_be_copied_and_the_copy_packs_again(pack_small_layers
     idx = torch.randint(0, 100, (3, 1))
     with torch.no_grad():
         torch.testing.assert_close(twin(idx), model(idx), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("padded", [False, True])
+def test_static_decoder_gives_the_logits_of_decode_step(name, padded):
+    # StaticDecoder's fixed-shape step (what a GPU records as a CUDA graph) attends over the whole zeroed
+    # cache under a mask; it must agree with decode_step, which attends over the written slots only.
+    model = tiny(name)
+    g = torch.Generator().manual_seed(5)
+    B, P, steps = 3, 9, 5
+    L = P + steps
+    prompt = torch.randint(0, 100, (B, P), generator=g)
+    key_mask = torch.ones(B, L, dtype=torch.bool)
+    if padded:
+        key_mask[1, :4] = False
+        key_mask[2, :7] = False
+    positions = (key_mask[:, :P].long().cumsum(1) - 1).clamp(min=0)
+    ref_cache, cache = model.new_cache(B, L), model.new_cache(B, L, zeroed=True)
+    static = StaticDecoder(model, cache, key_mask if padded else None, graph=False)
+    with torch.no_grad():
+        for c in (ref_cache, cache):
+            model(
+                prompt,
+                cache=c,
+                positions=positions if padded else None,
+                key_mask=key_mask[:, :P] if padded else None,
+            )
+        for step in range(steps):
+            idx = torch.randint(0, 100, (B, 1), generator=g)
+            pos = positions[:, -1:] + step + 1 if padded else None
+            mask = key_mask[:, : P + step + 1] if padded else None
+            ref = decode_step(model, idx, ref_cache, pos, mask)
+            got = static(idx, pos)
+            torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+            assert torch.equal(got.argmax(-1), ref.argmax(-1))
+    assert cache.pos == ref_cache.pos == L
+    # the same keys and values in the same slots (later layers to float rounding: attention over more
+    # slots sums in another order)
+    torch.testing.assert_close(cache.k, ref_cache.k, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(cache.v, ref_cache.v, rtol=1e-5, atol=1e-6)
+
+
+def test_the_fixed_shape_path_generates_what_the_default_path_does():
+    model = tiny("llama-gqa")
+    prompts = [[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15]]
+    for params, seed in (
+        (GREEDY, None),
+        (SamplingParams(temperature=0.9, top_k=20, repetition_penalty=1.2), 7),
+    ):
+        runs = []
+        for cuda_graph in (False, True):
+            dec = BatchDecoder(model, prompts, 12, params, seed=seed, cuda_graph=cuda_graph)
+            assert (dec.static is not None) is cuda_graph
+            while not dec.finished:
+                dec.step()
+            runs.append(dec.generated)
+        assert runs[0] == runs[1]
+    # the default off a GPU is the plain one-token path
+    assert BatchDecoder(model, prompts, 32, GREEDY).static is None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("name", ["gpt2", "llama-gqa"])
+def test_cuda_graph_decoding_matches_eager_decoding_on_a_gpu(name):
+    model = tiny(name).cuda()
+    prompts = [[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15]]
+    runs = []
+    for cuda_graph in (False, True):
+        dec = BatchDecoder(model, prompts, 20, GREEDY, cuda_graph=cuda_graph)
+        while not dec.finished:
+            dec.step()
+        if cuda_graph:  # recorded once, replayed for every later token
+            assert dec.static.graph is not None
+        runs.append(dec.generated)
+    assert runs[0] == runs[1]
+    alone = [greedy_rows(model, [p], 20)[0] for p in prompts]  # 20 new tokens: graphs by default
+    assert alone == runs[1]

@@ -1,7 +1,8 @@
 """Inference speed straight on the model: prefill and decode through its KV cache, timed.
 
 Prefill is one forward of the prompt into an empty cache; time to first token adds choosing the first
-token; decode is one step per new token through the generation engine's one-token path (`decode_step`).
+token; decode is one step per new token through the generation engine's one-token path (`decode_step`,
+or on a GPU its step recorded as a CUDA graph, as `generate` does).
 Peak memory is the CUDA allocator's peak on a GPU and the process's peak resident set on a CPU (which
 includes everything loaded so far).
 """
@@ -14,8 +15,9 @@ import time
 
 import torch
 
+from ..generate.engine import GRAPH_MIN_TOKENS
 from ..generate.sampling import SamplingParams, sample_rows
-from ..model import decode_step
+from ..model import StaticDecoder, decode_step
 
 
 def _sync(device: torch.device) -> None:
@@ -40,7 +42,12 @@ def decode(
     prompt = prompt[-(context - max_new_tokens) :] if max_new_tokens else prompt[-context:]
     params = SamplingParams(temperature=temperature, top_k=top_k)
     generators = [torch.Generator(device=device).manual_seed(seed)]
-    cache = model.new_cache(1, max_len=len(prompt) + max_new_tokens)
+    graphs = device.type == "cuda" and max_new_tokens >= GRAPH_MIN_TOKENS  # what BatchDecoder does
+    cache = model.new_cache(1, max_len=len(prompt) + max_new_tokens, zeroed=graphs)
+    if graphs:
+        step_fn = StaticDecoder(model, cache, None, graph=True)
+    else:
+        step_fn = lambda idx: decode_step(model, idx, cache)  # noqa: E731
     ids = torch.tensor([prompt], dtype=torch.long, device=device)  # (1, T)
     _sync(device)
     start = time.perf_counter()
@@ -57,7 +64,7 @@ def decode(
         out.append(token)
         if token == eos_id or step == max_new_tokens - 1:
             break
-        logits = decode_step(model, nxt.view(1, 1), cache)  # (1, V)
+        logits = step_fn(nxt.view(1, 1))  # (1, V)
     _sync(device)
     decode_s = time.perf_counter() - start
     timing = {

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..model import GPT, decode_step, pack_for_batches
+from ..model import GPT, StaticDecoder, decode_step, pack_for_batches
 from .sampling import SamplingParams, sample_rows
 
 
@@ -34,6 +34,11 @@ def fit_prompt(prompt: list[int], max_new_tokens: int, context: int, warn: bool 
     return prompt[-keep:]
 
 
+# New tokens from which a generation on a GPU records its decode step as a CUDA graph: recording costs
+# about two eager steps, which a replay saves back within a few tokens.
+GRAPH_MIN_TOKENS = 16
+
+
 @functools.cache
 def _packing_budget() -> int | None:
     """The most memory a packed copy of the weights may add: a quarter of the machine's (None: unknown)."""
@@ -48,6 +53,10 @@ class BatchDecoder:
 
     step() returns each row's new token (None for rows already finished); finish(i) stops row i early
     (a stop string). A row finishes by itself at eos_id or after max_new_tokens.
+
+    cuda_graph: decode through `StaticDecoder`, whose step is recorded once as a CUDA graph on a GPU and
+    replayed for every token. None (default): on a GPU for generations of GRAPH_MIN_TOKENS or more; True
+    forces its fixed-shape step anywhere (eagerly off the GPU; for tests); False never.
     """
 
     def __init__(
@@ -59,6 +68,7 @@ class BatchDecoder:
         seed: int | None = None,
         eos_id: int | None = None,
         use_cache: bool = True,
+        cuda_graph: bool | None = None,
     ) -> None:
         if not prompts:
             raise ValueError("no prompts: give at least one")
@@ -97,7 +107,13 @@ class BatchDecoder:
         self.use_cache = use_cache
         if B > 1 and use_cache:  # decoding a batch: CPU inference layers get their batch-shaped weights
             pack_for_batches(model, _packing_budget())
-        self.cache = model.new_cache(B, max_len=self.total) if use_cache else None
+        if cuda_graph is None:
+            cuda_graph = device.type == "cuda" and max_new_tokens >= GRAPH_MIN_TOKENS
+        static = use_cache and cuda_graph and not model.training
+        self.cache = model.new_cache(B, max_len=self.total, zeroed=static) if use_cache else None
+        self.static = None
+        if static:  # the padded rows' key mask is updated in place by step(), which the graph reads
+            self.static = StaticDecoder(model, self.cache, self.key_mask if self.padded else None, graph=True)
         self.ids, self.positions = ids, positions  # kept whole only without a cache
         self.slot = P  # the cache slot the next token goes to
         self._logits = self._forward(ids, positions, P)
@@ -109,6 +125,8 @@ class BatchDecoder:
         if self.cache is None:  # reference path: the whole sequence again
             ids, pos, mask = self.ids, (self.positions if self.padded else None), mask
         elif ids.size(1) == 1 and not self.model.training:  # a decode step: the one-token fast path
+            if self.static is not None:
+                return self.static(ids, pos)
             return decode_step(self.model, ids, self.cache, pos, mask)
         return self.model(ids, cache=self.cache, positions=pos, key_mask=mask, last_only=True)[:, -1]
 

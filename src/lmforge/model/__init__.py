@@ -10,13 +10,14 @@ from .config import ModelConfig
 
 if TYPE_CHECKING:  # what type checkers and editors see; at run time __getattr__ below imports them
     from .gpt import GPT, count_params, flops_per_token, param_breakdown
-    from .inference import decode_step, pack_for_batches, use_inference_layout
+    from .inference import StaticDecoder, decode_step, pack_for_batches, use_inference_layout
     from .kv_cache import KVCache
 
 __all__ = [
     "GPT",
     "KVCache",
     "ModelConfig",
+    "StaticDecoder",
     "count_params",
     "decode_step",
     "flops_per_token",
@@ -30,6 +31,7 @@ _LAZY = {
     "count_params": "gpt",
     "flops_per_token": "gpt",
     "param_breakdown": "gpt",
+    "StaticDecoder": "inference",
     "decode_step": "inference",
     "pack_for_batches": "inference",
     "use_inference_layout": "inference",

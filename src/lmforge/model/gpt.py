@@ -255,9 +255,14 @@ class GPT(nn.Module):
         return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
 
     def new_cache(
-        self, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None
+        self,
+        batch_size: int,
+        max_len: int | None = None,
+        dtype: torch.dtype | None = None,
+        zeroed: bool = False,
     ) -> KVCache:
-        """An empty KV cache for up to max_len positions (default: the whole context)."""
+        """An empty KV cache for up to max_len positions (default: the whole context); zeroed for
+        attention over all of it (`static_decode_step`)."""
         p = self.wte.weight
         return KVCache(
             self.cfg.n_layer,
@@ -267,6 +272,7 @@ class GPT(nn.Module):
             self.cfg.head_dim,
             device=p.device,
             dtype=dtype or p.dtype,
+            zeroed=zeroed,
         )
 
 

@@ -132,6 +132,13 @@ def test_inference_layout_changes_memory_order_only(name):
     assert all(m.weight.t().is_contiguous() for m in linears)
 
 
+def test_inference_layout_leaves_non_fp32_weights_alone():
+    # bf16 products on column-major CPU weights take a slow path: the layout is for fp32 only
+    model = use_inference_layout(GPT(tiny()).eval().to(torch.bfloat16))
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(type(m) is torch.nn.Linear and m.weight.is_contiguous() for m in linears)
+
+
 def test_sampling_is_seeded_and_filters_work():
     torch.manual_seed(2)
     model = GPT(tiny()).eval()

@@ -121,14 +121,15 @@ class MLP(nn.Module):
         self.c_fc = nn.Linear(cfg.n_embd, (2 if self.swiglu else 1) * cfg.ffn_hidden, bias=cfg.bias)
         self.c_proj = nn.Linear(cfg.ffn_hidden, cfg.n_embd, bias=cfg.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.c_fc(x)
+    def act(self, h: torch.Tensor) -> torch.Tensor:
+        """The activation between the two projections: c_fc's output in, c_proj's input out."""
         if self.swiglu:
             gate, up = h.chunk(2, dim=-1)
-            h = F.silu(gate) * up
-        else:
-            h = F.gelu(h, approximate="tanh")  # GPT-2's "gelu_new"
-        return self.c_proj(h)
+            return F.silu(gate) * up
+        return F.gelu(h, approximate="tanh")  # GPT-2's "gelu_new"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(self.act(self.c_fc(x)))
 
 
 class Block(nn.Module):

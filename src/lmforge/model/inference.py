@@ -175,12 +175,13 @@ def _blocks_one_token(
     mask: torch.Tensor | None,
     store: Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
 ) -> torch.Tensor:
-    """Logits (B, vocab) from the embedded new tokens x (B, 1, C); store(layer, k, v) writes the new keys
-    and values to the cache and returns every key and value attention should see."""
+    """Logits (B, vocab) from the embedded new tokens x (B, C); store(layer, k, v) writes the new keys
+    and values to the cache and returns every key and value attention should see. The hidden state stays
+    2-d: each linear layer is then one matrix product, without matmul's reshapes around it."""
     cfg = model.cfg
     B, nh, nkv, hd = x.size(0), cfg.n_head, cfg.n_kv_head, cfg.head_dim
     for layer, block in enumerate(model.blocks):
-        attn = block.attn
+        attn, mlp = block.attn, block.mlp
         qkv = attn.c_attn.forward(_norm(block.ln_1, x)).view(B, nh + 2 * nkv, 1, hd)
         q, k, v = qkv.split([nh, nkv, nkv], dim=1)  # (B, nh, 1, hd), (B, nkv, 1, hd) x 2
         if attn.q_norm is not None:
@@ -192,10 +193,10 @@ def _blocks_one_token(
         k, v = store(layer, k, v)  # (B, nkv, keys, hd)
         # One query per row sees every stored key: no causal mask; padding is hidden by `mask`.
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=nkv != nh)  # (B, nh, 1, hd)
-        x = x + attn.c_proj.forward(y.reshape(B, 1, nh * hd))
-        x = x + block.mlp.forward(_norm(block.ln_2, x))
-    logits = model.lm_head.forward(_norm(model.ln_f, x))  # (B, 1, V)
-    return logits[:, -1, : cfg.vocab_size]
+        x = x + attn.c_proj.forward(y.reshape(B, nh * hd))
+        x = x + mlp.c_proj.forward(mlp.act(mlp.c_fc.forward(_norm(block.ln_2, x))))
+    logits = model.lm_head.forward(_norm(model.ln_f, x))  # (B, padded vocab)
+    return logits if logits.size(1) == cfg.vocab_size else logits[:, : cfg.vocab_size]
 
 
 def _check_room(model: GPT, cache: KVCache) -> None:
@@ -224,9 +225,10 @@ def decode_step(
     """
     _check_room(model, cache)
     pos = cache.pos
-    x = model.wte.forward(idx)  # (B, 1, C)
+    B = idx.size(0)
+    x = model.wte.forward(idx.view(B))  # (B, C)
     if model.wpe is not None:
-        x = x + (model.wpe.forward(positions) if positions is not None else model.wpe.weight[pos])
+        x = x + (model.wpe.forward(positions.view(B)) if positions is not None else model.wpe.weight[pos])
     where = positions.unsqueeze(1) if positions is not None else slice(pos, pos + 1)
     rope, fast_rope = _rope_rows(model, where, x.dtype)
     mask = None if key_mask is None else attention_mask(key_mask, pos, 1)  # (B, 1, 1, L)
@@ -249,9 +251,10 @@ def static_decode_step(
     positions (B, 1): each row's position. Does not advance the cache (the caller owns `pos`). Needs a
     cache made with zeroed=True: masked slots get zero weight, and 0 * NaN from never-written memory would
     still be NaN."""
-    x = model.wte.forward(idx)  # (B, 1, C)
+    B = idx.size(0)
+    x = model.wte.forward(idx.view(B))  # (B, C)
     if model.wpe is not None:
-        x = x + model.wpe.forward(positions)
+        x = x + model.wpe.forward(positions.view(B))
     rope, fast_rope = _rope_rows(model, positions.unsqueeze(1), x.dtype)
     k_slot = torch.arange(cache.max_len, device=idx.device)  # (L,)
     mask = (key_mask & (k_slot <= slot)) | (k_slot == slot)  # (B, L): real keys so far, and its own

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import lmforge.model.inference as inference
-from lmforge.generate.engine import BatchDecoder, generate_ids
+from lmforge.generate.engine import GRAPH_MIN_TOKENS, BatchDecoder, generate_ids, graphs_by_default
 from lmforge.generate.sampling import SamplingParams
 from lmforge.model import (
     GPT,
@@ -223,6 +223,16 @@ def test_the_fixed_shape_path_generates_what_the_default_path_does():
         assert runs[0] == runs[1]
     # the default off a GPU is the plain one-token path
     assert BatchDecoder(model, prompts, 32, GREEDY).static is None
+
+
+def test_cuda_graphs_by_default_only_on_a_gpu_for_longer_generations(monkeypatch):
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    monkeypatch.delenv("LMFORGE_CUDA_GRAPHS", raising=False)
+    assert graphs_by_default(cuda, GRAPH_MIN_TOKENS)
+    assert not graphs_by_default(cuda, GRAPH_MIN_TOKENS - 1)
+    assert not graphs_by_default(cpu, 1000)
+    monkeypatch.setenv("LMFORGE_CUDA_GRAPHS", "0")
+    assert not graphs_by_default(cuda, 1000)
 
 
 @pytest.mark.gpu

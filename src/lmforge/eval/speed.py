@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from ..generate.engine import GRAPH_MIN_TOKENS
+from ..generate.engine import graphs_by_default
 from ..generate.sampling import SamplingParams, sample_rows
 from ..model import StaticDecoder, decode_step
 
@@ -42,7 +42,7 @@ def decode(
     prompt = prompt[-(context - max_new_tokens) :] if max_new_tokens else prompt[-context:]
     params = SamplingParams(temperature=temperature, top_k=top_k)
     generators = [torch.Generator(device=device).manual_seed(seed)]
-    graphs = device.type == "cuda" and max_new_tokens >= GRAPH_MIN_TOKENS  # what BatchDecoder does
+    graphs = graphs_by_default(device, max_new_tokens)  # as BatchDecoder decides
     cache = model.new_cache(1, max_len=len(prompt) + max_new_tokens, zeroed=graphs)
     if graphs:
         step_fn = StaticDecoder(model, cache, None, graph=True)

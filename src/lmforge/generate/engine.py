@@ -39,6 +39,16 @@ def fit_prompt(prompt: list[int], max_new_tokens: int, context: int, warn: bool 
 GRAPH_MIN_TOKENS = 16
 
 
+def graphs_by_default(device: torch.device, max_new_tokens: int) -> bool:
+    """Whether a generation decodes through a CUDA graph when not told: on a GPU, for GRAPH_MIN_TOKENS or
+    more new tokens, unless the environment sets LMFORGE_CUDA_GRAPHS=0."""
+    return (
+        device.type == "cuda"
+        and max_new_tokens >= GRAPH_MIN_TOKENS
+        and os.environ.get("LMFORGE_CUDA_GRAPHS", "1") != "0"
+    )
+
+
 @functools.cache
 def _packing_budget() -> int | None:
     """The most memory a packed copy of the weights may add: a quarter of the machine's (None: unknown)."""
@@ -55,8 +65,8 @@ class BatchDecoder:
     (a stop string). A row finishes by itself at eos_id or after max_new_tokens.
 
     cuda_graph: decode through `StaticDecoder`, whose step is recorded once as a CUDA graph on a GPU and
-    replayed for every token. None (default): on a GPU for generations of GRAPH_MIN_TOKENS or more; True
-    forces its fixed-shape step anywhere (eagerly off the GPU; for tests); False never.
+    replayed for every token. None (default): `graphs_by_default`; True forces its fixed-shape step
+    anywhere (eagerly off the GPU; for tests); False never.
     """
 
     def __init__(
@@ -108,7 +118,7 @@ class BatchDecoder:
         if B > 1 and use_cache:  # decoding a batch: CPU inference layers get their batch-shaped weights
             pack_for_batches(model, _packing_budget())
         if cuda_graph is None:
-            cuda_graph = device.type == "cuda" and max_new_tokens >= GRAPH_MIN_TOKENS
+            cuda_graph = graphs_by_default(device, max_new_tokens)
         static = use_cache and cuda_graph and not model.training
         self.cache = model.new_cache(B, max_len=self.total, zeroed=static) if use_cache else None
         self.static = None

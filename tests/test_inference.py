@@ -21,13 +21,8 @@ from lmforge.model import (
 )
 from lmforge.model.inference import InferenceLinear
 from lmforge.model.quant import Int8Linear, quantize_int8
+from tests.test_model import FAMILIES  # the four architecture variants the model tests use
 
-FAMILIES = {
-    "gpt2": dict(family="gpt2"),
-    "llama-gqa": dict(family="llama", n_kv_head=2),
-    "llama-qknorm": dict(family="llama", qk_norm=True),
-    "gpt2-untied-nobias": dict(family="gpt2", bias=False, tie_embeddings=False),
-}
 GREEDY = SamplingParams(temperature=0.0)
 
 
@@ -128,8 +123,8 @@ def test_packed_linear_matches_f_linear_for_batch_shapes_only(pack_small_layers)
 
 
 def test_batched_greedy_decoding_with_packed_weights_matches_the_plain_model(pack_small_layers):
-    reference = tiny("llama-gqa", seed=4)
-    model = tiny("llama-gqa", seed=4)
+    reference = tiny("llama", seed=4)
+    model = tiny("llama", seed=4)
     use_inference_layout(model)
     g = torch.Generator().manual_seed(5)
     prompts = [torch.randint(0, 100, (n,), generator=g).tolist() for n in (3, 11, 7, 1)]
@@ -182,7 +177,7 @@ def test_static_decoder_gives_the_logits_of_decode_step(name, padded):
         key_mask[2, :7] = False
     positions = (key_mask[:, :P].long().cumsum(1) - 1).clamp(min=0)
     ref_cache, cache = model.new_cache(B, L), model.new_cache(B, L, zeroed=True)
-    static = StaticDecoder(model, cache, key_mask if padded else None, graph=False)
+    static = StaticDecoder(model, cache, key_mask if padded else None)
     with torch.no_grad():
         for c in (ref_cache, cache):
             model(
@@ -207,7 +202,7 @@ def test_static_decoder_gives_the_logits_of_decode_step(name, padded):
 
 
 def test_the_fixed_shape_path_generates_what_the_default_path_does():
-    model = tiny("llama-gqa")
+    model = tiny("llama")
     prompts = [[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15]]
     for params, seed in (
         (GREEDY, None),
@@ -237,7 +232,7 @@ def test_cuda_graphs_by_default_only_on_a_gpu_for_longer_generations(monkeypatch
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("name", ["gpt2", "llama-gqa"])
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
 def test_cuda_graph_decoding_matches_eager_decoding_on_a_gpu(name):
     model = tiny(name).cuda()
     prompts = [[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15]]

@@ -45,7 +45,7 @@ def decode(
     graphs = graphs_by_default(device, max_new_tokens)  # as BatchDecoder decides
     cache = model.new_cache(1, max_len=len(prompt) + max_new_tokens, zeroed=graphs)
     if graphs:
-        step_fn = StaticDecoder(model, cache, None, graph=True)
+        step_fn = StaticDecoder(model, cache, None)
     else:
         step_fn = lambda idx: decode_step(model, idx, cache)  # noqa: E731
     ids = torch.tensor([prompt], dtype=torch.long, device=device)  # (1, T)

@@ -123,7 +123,7 @@ class BatchDecoder:
         self.cache = model.new_cache(B, max_len=self.total, zeroed=static) if use_cache else None
         self.static = None
         if static:  # the padded rows' key mask is updated in place by step(), which the graph reads
-            self.static = StaticDecoder(model, self.cache, self.key_mask if self.padded else None, graph=True)
+            self.static = StaticDecoder(model, self.cache, self.key_mask if self.padded else None)
         self.ids, self.positions = ids, positions  # kept whole only without a cache
         self.slot = P  # the cache slot the next token goes to
         self._logits = self._forward(ids, positions, P)

@@ -279,7 +279,7 @@ class StaticDecoder:
     logits returned are overwritten by the next step.
     """
 
-    def __init__(self, model: GPT, cache: KVCache, key_mask: torch.Tensor | None, graph: bool) -> None:
+    def __init__(self, model: GPT, cache: KVCache, key_mask: torch.Tensor | None) -> None:
         B, L, device = cache.k.size(1), cache.max_len, cache.k.device
         self.model, self.cache = model, cache
         # Inputs live in fixed tensors: a graph reads the memory it was recorded with.
@@ -289,7 +289,7 @@ class StaticDecoder:
         self.key_mask = (
             key_mask if key_mask is not None else torch.ones((B, L), dtype=torch.bool, device=device)
         )
-        self.graph_wanted = graph and device.type == "cuda"
+        self.graph_wanted = device.type == "cuda"
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -9,14 +10,14 @@ import pytest
 import yaml
 
 from lmforge.cli import main, parse, parse_config
-from lmforge.config import load_yaml_config
+from lmforge.config import ConfigError, load_yaml_config
 from lmforge.model import ModelConfig
 from lmforge.presets import PRESETS
 
 
 def config_of(argv):
     command, ns, parsers = parse(["train", *argv])
-    return parse_config(ns, parsers["train"])
+    return parse_config(ns, parsers["train"], argv)
 
 
 @pytest.mark.parametrize(
@@ -100,3 +101,54 @@ def test_python_dash_m_and_help():
     assert out.returncode == 0
     for command in ("prepare", "train", "generate", "quickstart"):
         assert command in out.stdout
+
+
+def _yaml(tmp_path, text):
+    f = tmp_path / "c.yaml"
+    f.write_text(text)
+    return str(f)
+
+
+def test_the_budget_given_at_the_highest_level_wins_and_both_at_one_level_is_an_error(tmp_path):
+    tokens_yaml = _yaml(tmp_path, "train:\n  max_tokens: 700000\n")
+    cfg = config_of(["--config", tokens_yaml, "--train.max_steps=40"])
+    assert (cfg.train.max_steps, cfg.train.max_tokens) == (40, None)  # flag beats the YAML's token budget
+    assert cfg.train.steps_for(2048) == 40
+    cfg = config_of(["--config", tokens_yaml])
+    assert (cfg.train.max_steps, cfg.train.max_tokens) == (None, 700000)
+    assert cfg.train.steps_for(2048) == 342  # ceil(700000 / 2048)
+    steps_yaml = _yaml(tmp_path, "train:\n  max_steps: 50\n")
+    cfg = config_of(["--config", steps_yaml, "--train.max_tokens=4096"])
+    assert (cfg.train.max_steps, cfg.train.max_tokens) == (None, 4096)
+    assert config_of([]).train.steps_for(2048) == 1000  # neither given: the default
+    with pytest.raises(ConfigError, match="both given by the command line"):
+        config_of(["--train.max_steps=3", "--train.max_tokens=5000"])
+    both_yaml = _yaml(tmp_path, "train:\n  max_steps: 3\n  max_tokens: 5000\n")
+    with pytest.raises(ConfigError, match="both given by --config"):
+        config_of(["--config", both_yaml])
+    # ... unless the command line settles it
+    assert config_of(["--config", both_yaml, "--train.max_steps=7"]).train.max_steps == 7
+
+
+def test_configs_saved_before_the_budget_was_one_setting_still_load():
+    from lmforge.config import config_from_dict
+
+    cfg = config_from_dict({"train": {"max_steps": 1000, "max_tokens": 700000}})
+    assert (cfg.train.max_steps, cfg.train.max_tokens) == (None, 700000)  # max_tokens decided then
+
+
+def test_max_steps_on_the_command_line_beats_a_config_token_budget_in_a_real_run(tiny_data, tmp_path, capsys):
+    from .conftest import FAST, TINY_MODEL
+
+    config = _yaml(tmp_path, "train:\n  max_tokens: 700000\n  warmup_steps: 20\n")
+    out = tmp_path / "run"
+    args = ["train", "--config", config, "--data", str(tiny_data), "--out", str(out), *TINY_MODEL, *FAST]
+    assert main([*args, "--train.max_steps=6", "--eval.every=0", "--checkpoint.every=0"]) == 0
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert max(steps) == 6
+    printed = capsys.readouterr().out
+    assert "budget: train.max_steps=6, from the command line" in printed
+    # warmup (20) is longer than the run (6 steps): one warning line says so
+    assert "warning: train.warmup_steps=20 is not shorter than the run (6 steps)" in printed
+    saved = yaml.safe_load((out / "config.yaml").read_text())["train"]
+    assert (saved["max_steps"], saved["max_tokens"]) == (6, None)

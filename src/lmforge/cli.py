@@ -315,9 +315,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         command, ns, parsers = parse(argv)
         if command == "train":
-            return cmd_train(ns, parsers["train"], console, err)
+            return cmd_train(ns, parsers["train"], console, err, argv)
         if command == "estimate":
-            cmd_estimate(ns, parsers["estimate"], console)
+            cmd_estimate(ns, parsers["estimate"], console, argv)
             return 0
         COMMANDS[command](ns, console)
         return 0

@@ -7,12 +7,15 @@ cli.py builds the parsers and dispatches here; heavy modules are imported inside
 from __future__ import annotations
 
 import dataclasses
+import os
+import re
 from pathlib import Path
 
+import yaml
 from jsonargparse import ArgumentParser, Namespace
 from rich.console import Console
 
-from .config import Config, ConfigError
+from .config import DEFAULT_MAX_STEPS, Config, ConfigError
 from .export import ExportError
 from .model import ModelConfig
 
@@ -21,19 +24,66 @@ EXIT_DIVERGED = 3  # train.max_bad_steps consecutive non-finite steps; the last 
 EXIT_PREEMPTED = 75  # SIGINT/SIGTERM/SIGUSR1: checkpoint saved, run the same command to resume (EX_TEMPFAIL)
 
 
-def parse_config(ns: Namespace, parser: ArgumentParser) -> Config:
-    """Build the validated Config from the train subcommand's namespace."""
-    init = parser.instantiate(ns)
-    fields = {f.name: init[f.name] for f in dataclasses.fields(Config)}
-    return Config(**fields)
+BUDGET_KEYS = ("max_steps", "max_tokens")
 
 
-def cmd_train(ns: Namespace, parser: ArgumentParser, console: Console, err: Console) -> int:
-    """`lmforge train`: build the config (preset < YAML < flags), train, and map the outcome to an exit code."""
+def _budget_flags(argv: list[str]) -> set[str]:
+    """Budget keys given as --train.KEY flags on the command line."""
+    found = (re.match(r"--train\.(max_steps|max_tokens)(=|$)", arg) for arg in argv)
+    return {m.group(1) for m in found if m}
+
+
+def _budget_in_yaml(paths: list) -> set[str]:
+    """Budget keys that the --config files set (to something other than null)."""
+    keys: set[str] = set()
+    for path in paths:
+        data = yaml.safe_load(Path(os.fspath(path)).read_text(encoding="utf-8")) or {}
+        train = data.get("train") if isinstance(data, dict) else None
+        keys |= {k for k in BUDGET_KEYS if isinstance(train, dict) and train.get(k) is not None}
+    return keys
+
+
+def resolve_budget(ns: Namespace, argv: list[str]) -> str:
+    """Keep the one budget key given at the highest level (YAML < command line); clear the other in ns.
+
+    Returns where the budget came from, for the run's first lines. Both keys at one level is an error.
+    """
+    for where, keys in (
+        ("the command line", _budget_flags(argv)),
+        ("--config", _budget_in_yaml(ns.get("config") or [])),
+    ):
+        if len(keys) > 1:
+            raise ConfigError(
+                f"train.max_steps and train.max_tokens are both given by {where}: they are two ways to set "
+                f"one budget; keep one"
+            )
+        if keys:
+            (key,) = keys
+            other = BUDGET_KEYS[1 - BUDGET_KEYS.index(key)]
+            ns[f"train.{other}"] = None
+            return f"train.{key}={ns[f'train.{key}']}, from {where}"
+    return f"train.max_steps={DEFAULT_MAX_STEPS}, the default"
+
+
+def parse_config_with_budget(ns: Namespace, parser: ArgumentParser, argv: list[str]) -> tuple[Config, str]:
+    """The validated Config of a train/estimate namespace, and where its budget came from."""
     try:
-        cfg = parse_config(ns, parser)
+        budget = resolve_budget(ns, argv)
+        init = parser.instantiate(ns)
+        return Config(**{f.name: init[f.name] for f in dataclasses.fields(Config)}), budget
     except (ValueError, TypeError) as e:
         raise ConfigError(str(e)) from e
+
+
+def parse_config(ns: Namespace, parser: ArgumentParser, argv: list[str] | None = None) -> Config:
+    """Build the validated Config from the train subcommand's namespace (argv: to tell flags from YAML)."""
+    return parse_config_with_budget(ns, parser, argv or [])[0]
+
+
+def cmd_train(ns: Namespace, parser: ArgumentParser, console: Console, err: Console, argv: list[str]) -> int:
+    """`lmforge train`: build the config (preset < YAML < flags), train, and map the outcome to an exit code."""
+    cfg, budget = parse_config_with_budget(ns, parser, argv)
+    console.print(f"budget: {budget}", highlight=False, soft_wrap=True)
     from .train.loop import train
 
     init = None
@@ -250,14 +300,11 @@ def cmd_eval(ns: Namespace, console: Console) -> dict:
     return report
 
 
-def cmd_estimate(ns: Namespace, parser: ArgumentParser, console: Console):
+def cmd_estimate(ns: Namespace, parser: ArgumentParser, console: Console, argv: list[str]):
     """`lmforge estimate`: the plan for a config (no model is built, nothing is run)."""
     from .estimate import estimate, report_lines
 
-    try:
-        cfg = parse_config(ns, parser)
-    except (ValueError, TypeError) as e:
-        raise ConfigError(str(e)) from e
+    cfg = parse_config(ns, parser, argv)
     est = estimate(cfg, gpu=ns.gpu, gpus=ns.gpus, mfu=ns.mfu)
     for line in report_lines(est):
         console.print(line, highlight=False, markup=False, soft_wrap=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +39,9 @@ class ConfigError(LmforgeError, ValueError):
     """A configuration value a user must fix; the message is one line naming the key."""
 
 
+DEFAULT_MAX_STEPS = 1000  # train.max_steps when neither it nor train.max_tokens is given
+
+
 def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
     if not ok:
         raise ConfigError(f"{key}={value!r}: {allowed}")
@@ -47,8 +51,10 @@ def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
 class TrainConfig:
     """Optimisation and hardware settings."""
 
-    max_steps: int = 1000  # optimizer steps; max_tokens, when given, decides instead
-    max_tokens: int | None = None  # token budget: max_steps = ceil(max_tokens / tokens per step)
+    # The run's length, given one of two ways (never both): optimizer steps, or a token budget that
+    # becomes ceil(max_tokens / tokens per step) steps. Neither given: DEFAULT_MAX_STEPS.
+    max_steps: int | None = None
+    max_tokens: int | None = None
     micro_batch_size: int | Literal["auto"] = 16  # sequences per forward/backward; auto: largest that fits
     global_batch_size: int | None = None  # sequences per optimizer step; None: micro_batch_size x world size
     lr: float = 6e-4  # peak learning rate
@@ -107,7 +113,14 @@ class TrainConfig:
             self.early_stop_min_delta,
             "must be >= 0",
         )
-        _require(self.max_steps >= 1, "train.max_steps", self.max_steps, "must be at least 1")
+        _require(
+            self.max_steps is None or self.max_steps >= 1, "train.max_steps", self.max_steps, "must be >= 1"
+        )
+        if self.max_steps is not None and self.max_tokens is not None:
+            raise ConfigError(
+                f"train.max_steps={self.max_steps} and train.max_tokens={self.max_tokens} are both set: they "
+                f"are two ways to give one budget; keep one"
+            )
         _require(
             self.max_tokens is None or self.max_tokens >= 1,
             "train.max_tokens",
@@ -140,6 +153,12 @@ class TrainConfig:
             self.device,
             "must be auto, cpu, cuda, cuda:N or mps",
         )
+
+    def steps_for(self, tokens_per_step: int) -> int:
+        """The run's length in optimizer steps, from whichever budget is set."""
+        if self.max_tokens is not None:
+            return math.ceil(self.max_tokens / tokens_per_step)
+        return self.max_steps if self.max_steps is not None else DEFAULT_MAX_STEPS
 
 
 @dataclass
@@ -262,10 +281,19 @@ def config_from_dict(d: dict) -> Config:
             for sub in value or {}:
                 if sub not in known:
                     raise ConfigError(unknown_key_message(f"{key}.{sub}", [f"{key}.{k}" for k in known]))
+            if key == "train":
+                value = _upgrade_budget(value or {})
             kwargs[key] = types[key](**(value or {}))
         else:
             kwargs[key] = value
     return Config(**kwargs)
+
+
+def _upgrade_budget(train: dict) -> dict:
+    """Configs saved before the budget became one setting hold both keys, and max_tokens decided then."""
+    if train.get("max_steps") is not None and train.get("max_tokens") is not None:
+        return {**train, "max_steps": None}
+    return train
 
 
 def load_yaml_config(path: str | Path) -> Config:

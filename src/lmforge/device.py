@@ -4,9 +4,16 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import platform
 
 import torch
+
+from .errors import LmforgeError
+
+
+class DeviceError(LmforgeError, ValueError):
+    """A device or precision this machine cannot provide; one line saying what to use instead."""
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -19,36 +26,59 @@ def pick_device(name: str = "auto") -> torch.device:
         return torch.device("cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"train.device={name!r}: no CUDA GPU is visible; use --train.device=cpu or auto")
+        raise DeviceError(f"train.device={name!r}: no CUDA GPU is visible; use --train.device=cpu or auto")
     if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"train.device={name!r}: MPS is not available; use --train.device=cpu or auto")
+        raise DeviceError(f"train.device={name!r}: MPS is not available; use --train.device=cpu or auto")
     return device
 
 
-@functools.lru_cache(maxsize=1)
+# LMFORGE_CPU_BF16=1 or 0 overrides the detection below: CI runs the precision-sensitive tests both ways
+# on any machine, and a user can keep a CPU with native bf16 in fp32 without editing configs.
+CPU_BF16_ENV = "LMFORGE_CPU_BF16"
+
+
 def cpu_has_native_bf16() -> bool:
     """True when the CPU computes bf16 matmuls natively (AVX512-BF16 or AMX on x86, bf16 on Apple M2+).
 
     On CPUs without it, bf16 matmuls are emulated: measured 36x slower than fp32 on an AVX2 EPYC
-    (3072x256 @ 256x768: 27 ms fp32, 990 ms bf16, torch 2.13).
+    (3072x256 @ 256x768: 27 ms fp32, 990 ms bf16, torch 2.13). `LMFORGE_CPU_BF16=1|0` overrides the answer.
     """
-    if platform.machine() in ("x86_64", "AMD64"):
-        try:
-            with open("/proc/cpuinfo", encoding="utf-8") as f:
-                flags = f.read()
-        except OSError:
-            return False
-        return "avx512_bf16" in flags or "amx_bf16" in flags
-    return (
-        platform.system() == "Darwin" and platform.machine() == "arm64" and "M1" not in platform.processor()
-    )
+    forced = os.environ.get(CPU_BF16_ENV, "").strip()
+    if forced in ("1", "0"):
+        return forced == "1"
+    if forced:
+        raise DeviceError(f"{CPU_BF16_ENV}={forced!r}: must be 1 (use bf16 on the CPU) or 0 (do not)")
+    return _detected_native_bf16()
+
+
+@functools.lru_cache(maxsize=1)
+def _detected_native_bf16() -> bool:
+    machine = platform.machine().lower()
+    if machine in ("x86_64", "amd64"):
+        return bool(_cpuinfo_words() & {"avx512_bf16", "amx_bf16"})
+    if platform.system() == "Darwin":
+        return machine == "arm64" and "M1" not in platform.processor()
+    if machine in ("aarch64", "arm64"):
+        # Linux on Arm lists features as "Features : ... bf16 ..." (Neoverse V1/V2, Graviton 3 and later).
+        return "bf16" in _cpuinfo_words()
+    return False
+
+
+def _cpuinfo_words(path: str = "/proc/cpuinfo") -> set[str]:
+    """The words of cpuinfo's "flags" (x86) and "Features" (Arm) lines; empty where it is unreadable."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            lines = [line for line in f if line.lower().startswith(("flags", "features")) and ":" in line]
+    except OSError:
+        return set()
+    return {word for line in lines for word in line.split(":", 1)[1].split()}
 
 
 def pick_precision(precision: str, device: torch.device) -> str:
     """Resolve 'auto': bf16 on CUDA with bf16 and on CPUs with native bf16; fp16 on older GPUs; else fp32."""
     if precision != "auto":
         if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            raise ValueError("train.precision='bf16': this GPU has no bf16; use fp16 or auto")
+            raise DeviceError("train.precision='bf16': this GPU has no bf16; use fp16 or auto")
         return precision
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"

@@ -16,7 +16,6 @@ Memory model (bytes per GPU), N parameters, Nm of them in matmuls:
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 from dataclasses import dataclass, field
 
@@ -366,7 +365,7 @@ def estimate(
         )
     gb = cfg.train.global_batch_size or s.micro_batch_size * s.gpus
     tokens_per_step = gb * s.seq_len
-    steps = math.ceil(cfg.train.max_tokens / tokens_per_step) if cfg.train.max_tokens else cfg.train.max_steps
+    steps = cfg.train.steps_for(tokens_per_step)
     est = Estimate(
         model=m,
         setting=s,

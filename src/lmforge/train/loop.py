@@ -7,7 +7,6 @@ clip, step, log, evaluate, checkpoint) -> final evaluation and checkpoint.
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import random
 import shutil
@@ -75,10 +74,27 @@ def make_plan(cfg: Config, world_size: int) -> Plan:
         )
     seq_len = cfg.model.seq_len
     tokens_per_step = gb * seq_len
-    max_steps = math.ceil(t.max_tokens / tokens_per_step) if t.max_tokens else t.max_steps
+    max_steps = t.steps_for(tokens_per_step)
     return Plan(
         t.micro_batch_size, gb // (t.micro_batch_size * world_size), gb, seq_len, tokens_per_step, max_steps
     )
+
+
+def plan_warnings(cfg: Config, plan: Plan) -> list[str]:
+    """Settings that cannot do what they say in a run of plan.max_steps steps, one line each."""
+    steps, out = plan.max_steps, []
+    if cfg.train.warmup_steps >= steps:
+        out.append(
+            f"train.warmup_steps={cfg.train.warmup_steps} is not shorter than the run ({steps} steps): "
+            f"the learning rate never reaches train.lr"
+        )
+    for key, every, what in (
+        ("eval.every", cfg.eval.every, "evaluation happens only at the start and the end"),
+        ("checkpoint.every", cfg.checkpoint.every, "the only checkpoint is the final one"),
+    ):
+        if every >= steps:
+            out.append(f"{key}={every} is not shorter than the run ({steps} steps): {what}")
+    return out
 
 
 def resolve_vocab(cfg: Config, meta: dict, console: Console | None) -> Config:
@@ -140,6 +156,8 @@ def _train(
     if cfg.train.micro_batch_size == "auto":
         cfg = resolve_micro_batch(cfg, device, precision, env.world_size, say, estimate_only=dry_run)
     plan = make_plan(cfg, env.world_size)
+    for warning in plan_warnings(cfg, plan):
+        say(f"warning: {warning}")
     n_params = count_params_from_config(cfg)
     fpt = flops_per_token(cfg.model)
 
@@ -214,6 +232,10 @@ def _train(
     hooks = RunHooks(cfg, run_dir, plan.max_steps, step, enabled=env.is_main)
     reporter = ConsoleReporter(console, plan.max_steps, step, env.is_main, cfg.log.progress)
     bytes_per_token = data_meta.get("val_bytes_per_token")
+    # Evaluation computes in fp32 whatever the training precision, as `lmforge eval` does, so a run's
+    # val_loss equals eval's loss and compares across machines (bf16 on one CPU, fp32 on another).
+    # FSDP2's mixed-precision policy casts the sharded weights to bf16 itself, so there it stays bf16.
+    eval_precision = "bf16" if cfg.train.parallel == "fsdp" and precision == "bf16" else "fp32"
     test_signal = signal_hook_for_tests()  # test-only; None in real runs
 
     def save(name: str | None = None, extra: dict | None = None) -> Path:
@@ -238,9 +260,9 @@ def _train(
         if test_signal and test_signal[1] == "eval" and test_signal[2] == step:
             os.kill(os.getpid(), test_signal[0])  # test-only: a signal arriving during evaluation
         batches = iter_eval_batches(cfg.data, "val", plan.seq_len, plan.micro_batch_size, cfg.eval.batches)
-        loss, _ = evaluate_loss(model, batches, device, precision)
+        loss, _ = evaluate_loss(model, batches, device, "fp32")
         report = {"step": step, **loss_report(all_reduce_mean(loss, env, device), bytes_per_token)}
-        metrics.write({"type": "eval", "tokens": tokens, **report})
+        metrics.write({"type": "eval", "tokens": tokens, **report, "precision": eval_precision})
         hooks.evaluated(report, tokens, model)
         bpb = f" | val bpb {report['val_bpb']:.3f}" if "val_bpb" in report else ""
         reporter.print(f"step {step}: val loss {report['val_loss']:.4f} | ppl {report['val_ppl']:.1f}{bpb}")

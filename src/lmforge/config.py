@@ -140,12 +140,17 @@ class TrainConfig:
             self.global_batch_size,
             "must be >= 1",
         )
-        _require(self.lr > 0, "train.lr", self.lr, "must be > 0 (typical: 1e-4 to 1e-3)")
+        _require(0 < self.lr <= 1, "train.lr", self.lr, "must be in (0, 1] (typical: 1e-4 to 1e-3)")
+        # numpy's and Python's generators take seeds in [0, 2^32) and [0, 2^63): the common range.
+        _require(0 <= self.seed < 2**32, "train.seed", self.seed, "must be in [0, 2^32)")
         _require(0 <= self.min_lr_ratio <= 1, "train.min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
         _require(self.warmup_steps >= 0, "train.warmup_steps", self.warmup_steps, "must be >= 0")
         _require(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, "must be >= 0")
         _require(0 <= self.beta1 < 1, "train.beta1", self.beta1, "must be in [0, 1)")
         _require(0 <= self.beta2 < 1, "train.beta2", self.beta2, "must be in [0, 1)")
+        _require(
+            math.isfinite(self.eps) and self.eps > 0, "train.eps", self.eps, "must be > 0 (typical: 1e-8)"
+        )
         _require(self.grad_clip >= 0, "train.grad_clip", self.grad_clip, "must be >= 0 (0 disables clipping)")
         _require(
             re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device) is not None,

@@ -86,6 +86,16 @@ class ModelConfig:
             raise ValueError(f"model.dropout={self.dropout}: must be in [0, 1)")
         if self.ffn_hidden is not None and self.ffn_hidden < 1:
             raise ValueError(f"model.ffn_hidden={self.ffn_hidden}: must be a positive integer")
+        # Zero or negative values here train NaN losses from the first step (a norm divides by
+        # sqrt(var + eps); RoPE's frequencies are theta^(-2i/d)); refuse them before anything runs.
+        for key, typical in (
+            ("norm_eps", "1e-5 or 1e-6"),
+            ("rope_theta", "10000 or 500000"),
+            ("init_std", "0.02"),
+        ):
+            value = getattr(self, key)
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"model.{key}={value}: must be a positive number (typical: {typical})")
 
     def resolved(self) -> ModelConfig:
         """A copy with every None that has a derived value filled in (family defaults, n_kv_head, ...)."""

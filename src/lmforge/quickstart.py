@@ -22,7 +22,9 @@ QUICKSTART_VOCAB = 4096
 QUICKSTART_BATCH = 8
 QUICKSTART_TOKENS = 700_000
 QUICKSTART_VAL_FRACTION = 0.03  # ~20 stdlib modules, enough for a steady validation number
-QUICKSTART_PROMPT = "def "
+# Openings of Python the corpus is full of: the samples show what the model learned of the language.
+QUICKSTART_PROMPTS = ("def ", "class ", "import ")
+SAMPLE_TOKENS = 64
 
 
 def quickstart_config(data_dir: str, run_dir: str, max_tokens: int | None, device: str) -> Config:
@@ -79,12 +81,10 @@ def quickstart(
     result = train(cfg, console=console)
 
     console.rule("[bold]3/3 generate")
-    model, _, _ = load_model(run_dir, device="cpu")
-    tok = Tokenizer.load(Path(run_dir) / "tokenizer.json")
-    params = SamplingParams(temperature=0.8, top_k=50)
-    with torch.no_grad():
-        sample = "".join(stream_text(model, tok, QUICKSTART_PROMPT, 120, params, seed=0))
-    console.print(QUICKSTART_PROMPT + sample, highlight=False, markup=False)
+    samples = generate_samples(run_dir)
+    for prompt, text in samples.items():
+        console.rule(f"sample: {prompt!r}", style="dim", align="left")
+        console.print(prompt + text, highlight=False, markup=False)
 
     # From metrics.jsonl, so a re-run of a finished quickstart still reports the whole run.
     evals = [r for r in read_metrics(run_dir) if r.get("type") == "eval"]
@@ -98,7 +98,20 @@ def quickstart(
         )
     console.print(
         f"data: {data_dir}   run: {run_dir} (config.yaml, metrics.jsonl, checkpoints/)\n"
-        f'next: lmforge generate --run {run_dir} --prompt "import " --stream',
+        f'next: lmforge generate --run {run_dir} --prompt "def " --stream',
         highlight=False,
     )
-    return {"first_eval": first, "last_eval": last, "sample": sample, "result": result}
+    return {"first_eval": first, "last_eval": last, "samples": samples, "result": result}
+
+
+def generate_samples(run_dir: str) -> dict[str, str]:
+    """One continuation of each quickstart prompt (fixed seeds, so a re-run prints the same)."""
+    model, _, _ = load_model(run_dir, device="cpu")
+    tok = Tokenizer.load(Path(run_dir) / "tokenizer.json")
+    # A little below the usual 0.8: a 6M-parameter model's tail is mostly noise.
+    params = SamplingParams(temperature=0.7, top_k=40)
+    with torch.no_grad():
+        return {
+            prompt: "".join(stream_text(model, tok, prompt, SAMPLE_TOKENS, params, seed=i))
+            for i, prompt in enumerate(QUICKSTART_PROMPTS)
+        }

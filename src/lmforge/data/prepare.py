@@ -31,7 +31,7 @@ from lmforge.data.shards import (
     read_meta_file,
 )
 from lmforge.data.sources import DEFAULT_TEXT_FIELD, Document, Skips, iter_documents
-from lmforge.data.tokenizer import TOKENIZER_FILE, Tokenizer, file_sha256, train_tokenizer
+from lmforge.data.tokenizer import TOKENIZER_FILE, Tokenizer, file_sha256, tokenizer_id, train_tokenizer
 from lmforge.data.tokenizer_cache import cached_tokenizer
 from lmforge.data.tokenizer_kinds import gpt2_files, is_tokenizer_file, is_trained, load_pretrained
 
@@ -46,7 +46,10 @@ def _val_score(name: str) -> float:
     """A stable pseudo-random number in [0, 1) for a document name."""
     # Hashing the name (not the position) keeps a document in the same split when other
     # files are added to the corpus, so validation numbers stay comparable across runs.
-    return int.from_bytes(hashlib.sha256(name.encode("utf-8")).digest()[:8], "big") / 2.0**64
+    # surrogatepass: a name that still holds a lone surrogate hashes instead of crashing, and every
+    # other name gives exactly its UTF-8 bytes, so splits are unchanged.
+    data = name.encode("utf-8", errors="surrogatepass")
+    return int.from_bytes(hashlib.sha256(data).digest()[:8], "big") / 2.0**64
 
 
 def _split_single(text: str, val_fraction: float) -> tuple[str, str] | None:
@@ -234,11 +237,15 @@ def _fingerprint(tokenizer_sha: str, shard_sha: dict[str, str]) -> str:
     return digest.hexdigest()
 
 
+# Skip reasons that are by design rather than a problem with the input: no warning for them.
+_EXPECTED_SKIPS = ("duplicate", "mostly_data")
+
+
 def _problem_summary(skips: Skips) -> str:
-    """Skips.summary() without the duplicates, which are expected rather than a problem."""
+    """Skips.summary() without the expected skips (duplicates, builtin:stdlib's data tables)."""
     problems = Skips()
     for reason, count in skips.items():
-        if reason != "duplicate":
+        if reason not in _EXPECTED_SKIPS:
             for name in skips.examples.get(reason, []):
                 problems.add(reason, name, 0)
             problems[reason] = count
@@ -435,10 +442,14 @@ def prepare(
         for per_source in stream.skips:
             for reason, count in per_source.items():
                 skipped[reason] = skipped.get(reason, 0) + count
-        problems = {r: c for r, c in skipped.items() if r != "duplicate"}
+        problems = {r: c for r, c in skipped.items() if r not in _EXPECTED_SKIPS}
         if problems:
-            summary = "; ".join(_problem_summary(s) for s in stream.skips if any(r != "duplicate" for r in s))
+            summary = "; ".join(_problem_summary(s) for s in stream.skips if any(r in problems for r in s))
             log(f"warning: skipped {sum(problems.values()):,} unusable inputs: {summary}")
+        if skipped.get("mostly_data"):
+            log(
+                f"note: left out {skipped['mostly_data']:,} modules that are mostly data tables (mostly_data)"
+            )
         if stream.exhausted and specs[0].weight is not None:
             log(f"note: the mixture stopped when '{stream.exhausted}' ran out (to keep the proportions)")
         truncated = "max_tokens" if out.full else ("max_docs" if max_docs is not None else None)
@@ -473,7 +484,8 @@ def prepare(
             "eos_id": eos_id,
             "tokenizer": "file" if is_tokenizer_file(tokenizer) else tokenizer,
             "tokenizer_file": str(Path(tokenizer).expanduser()) if is_tokenizer_file(tokenizer) else None,
-            "tokenizer_sha256": tokenizer_sha,
+            "tokenizer_sha256": tokenizer_sha,  # of the file: the dataset fingerprint is built on it
+            "tokenizer_id": tokenizer_id(tmp / TOKENIZER_FILE),  # of what it does: resume compares this
             "special_tokens": list(special_tokens),
             "sources": sources,
             "text_field": text_field,
@@ -517,6 +529,10 @@ def prepare(
 def load_meta(data_dir: str | Path) -> dict:
     """Read and check ``DATA_DIR/meta.json``; DataError if the folder is not a prepared data folder."""
     path = Path(data_dir)
+    if path.exists() and not path.is_dir():
+        raise DataError(
+            f"data folder '{data_dir}' is a file: pass the folder that `lmforge prepare --out` wrote"
+        )
     if not path.is_dir():
         raise DataError(
             f"data folder '{data_dir}' does not exist: run `lmforge prepare --source ... --out {data_dir}` first"

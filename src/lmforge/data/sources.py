@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import csv
 import gzip
-import json
+import io
 import os
 import re
-import sysconfig
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
+from lmforge.data import safe_read
 from lmforge.data.errors import DataError
+from lmforge.data.safe_read import Unusable, capped_lines, display_name, load_json, open_regular, read_capped
 
 TEXT_EXTENSIONS = (".txt", ".md")
 JSON_EXTENSIONS = (".json", ".jsonl", ".jsonl.gz")
@@ -30,12 +31,6 @@ _PARQUET_BATCH_ROWS = 1024
 
 Log = Callable[[str], None]
 
-# Directory names that hold the stdlib's own test suites (test/, tests/, idlelib/idle_test,
-# lib2to3/tests, ctypes/test, ...) or installed third-party code; the built-in corpus
-# should be real library code that does not depend on what the user has pip-installed.
-_STDLIB_EXCLUDED_DIRS = frozenset(
-    {"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test"}
-)
 # A scheme needs at least two letters so that Windows drive letters ("C:\\...") stay paths.
 _SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]+):")
 # Looking for NUL bytes in the first few KiB is how most tools tell binary from text.
@@ -75,22 +70,23 @@ class Skips(dict):
         return "; ".join(parts)
 
 
-def _count(skipped: dict[str, int] | None, reason: str, name: str = "") -> None:
+def count_skip(skipped: dict[str, int] | None, reason: str, name: str = "", count: int = 1) -> None:
+    """Count ``count`` skips of ``reason`` in ``skipped`` (a Skips, a plain dict, or None: not counted)."""
     if isinstance(skipped, Skips):
-        skipped.add(reason, name)
+        skipped.add(reason, name, count)
     elif skipped is not None:
-        skipped[reason] = skipped.get(reason, 0) + 1
+        skipped[reason] = skipped.get(reason, 0) + count
 
 
 def _decode(data: bytes, skipped: dict[str, int] | None, name: str = "") -> str | None:
     """Bytes -> str, or None (counted) for binary or non-UTF-8 content."""
     if b"\x00" in data[:_BINARY_SNIFF_BYTES]:
-        _count(skipped, "binary", name)
+        count_skip(skipped, "binary", name)
         return None
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
-        _count(skipped, "invalid_utf8", name)
+        count_skip(skipped, "invalid_utf8", name)
         return None
     # Editors on Windows like to prepend a BOM; it is not part of the text.
     return text[1:] if text.startswith("\ufeff") else text
@@ -114,88 +110,115 @@ def record_text(record: Any, fields: tuple[str, ...] = TEXT_FIELDS) -> str | Non
 
 
 def make_doc(name: str, text: str | None, skipped: dict[str, int] | None) -> Document | None:
-    """A Document, or None (counted as no_text_field or empty) when there is no usable text."""
+    """A Document, or None (counted as no_text_field, too_large or empty) when there is no usable text.
+
+    Lone surrogates (JSON's \\ud800 escapes make them) become U+FFFD: they cannot be encoded as UTF-8.
+    """
     if text is None:
-        _count(skipped, "no_text_field", name)
+        count_skip(skipped, "no_text_field", name)
+        return None
+    if safe_read.utf8_size_over(text, safe_read.MAX_DOCUMENT_BYTES):
+        count_skip(skipped, "too_large", name)
         return None
     if not text.strip():
-        _count(skipped, "empty", name)
+        count_skip(skipped, "empty", name)
         return None
-    return Document(name, text)
+    return Document(name, safe_read.clean_text(text))
 
 
-def _read_bytes(path: Path, skipped: dict[str, int] | None, name: str = "") -> bytes | None:
+def _read_all(handle: IO[bytes], cap: int, name: str, skipped: dict[str, int] | None) -> str | None:
+    """The whole of ``handle`` as text, or None (counted: too_large, unreadable, binary, invalid_utf8)."""
     try:
-        return path.read_bytes()
-    except OSError:
-        _count(skipped, "unreadable", name)
+        data = read_capped(handle, cap)
+    except Unusable as skip:
+        count_skip(skipped, skip.reason, name)
         return None
+    except OSError:
+        count_skip(skipped, "unreadable", name)
+        return None
+    return _decode(data, skipped, name)
+
+
+def read_text_file(path: str | Path, name: str, skipped: dict[str, int] | None) -> str | None:
+    """The text of one regular file of at most MAX_DOCUMENT_BYTES, or None (counted, by reason)."""
+    try:
+        with open_regular(path) as handle:
+            return _read_all(handle, safe_read.MAX_DOCUMENT_BYTES, name, skipped)
+    except Unusable as skip:
+        count_skip(skipped, skip.reason, name)
+    except OSError:
+        count_skip(skipped, "unreadable", name)
+    return None
+
+
+_END = object()  # marks the end of a line iterator whose items may be None
 
 
 def _iter_jsonl(
-    path: Path, name: str, skipped: dict[str, int] | None, fields: tuple[str, ...]
+    handle: IO[bytes], name: str, skipped: dict[str, int] | None, fields: tuple[str, ...]
 ) -> Iterator[Document]:
-    gz = path.name.lower().endswith(".gz")
-    try:
-        handle = gzip.open(path, "rb") if gz else path.open("rb")  # noqa: SIM115 - closed by the with below
-    except OSError:
-        _count(skipped, "unreadable", name)
-        return
-    with handle:
-        lineno = 0
-        lines = iter(handle)
-        # Stream line by line: .jsonl corpora are often far larger than memory.
-        while True:
-            try:
-                raw = next(lines, None)
-            except (OSError, EOFError, zlib.error):
-                # A corrupt or truncated .gz: keep what was read, count the rest as unreadable.
-                _count(skipped, "unreadable", name)
-                return
-            if raw is None:
-                return
-            lineno += 1
-            if not raw.strip():
-                continue
-            line_name = f"{name}#{lineno}"
-            line = _decode(raw, skipped, line_name)
-            if line is None:
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                _count(skipped, "bad_json", line_name)
-                continue
-            doc = make_doc(line_name, record_text(record, fields), skipped)
-            if doc is not None:
-                yield doc
+    lineno = records = 0
+    # Stream line by line, each line capped: .jsonl corpora are often far larger than memory.
+    lines = capped_lines(handle, safe_read.MAX_DOCUMENT_BYTES)
+    while True:
+        try:
+            raw = next(lines, _END)
+        except (OSError, EOFError, zlib.error):
+            # A corrupt or truncated .gz: keep what was read, count the rest as unreadable.
+            count_skip(skipped, "unreadable", name)
+            return
+        if raw is _END:
+            break
+        lineno += 1
+        line_name = f"{name}#{lineno}"
+        if raw is None:
+            records += 1
+            count_skip(skipped, "too_large", line_name)
+            continue
+        if not raw.strip():
+            continue
+        records += 1
+        line = _decode(raw, skipped, line_name)
+        if line is None:
+            continue
+        try:
+            record = load_json(line)
+        except Unusable as skip:
+            count_skip(skipped, skip.reason, line_name)
+            continue
+        doc = make_doc(line_name, record_text(record, fields), skipped)
+        if doc is not None:
+            yield doc
+    if not records:  # a file with no records at all is counted, never passed over in silence
+        count_skip(skipped, "empty", name)
 
 
 def _iter_json(
-    path: Path, name: str, skipped: dict[str, int] | None, fields: tuple[str, ...]
+    handle: IO[bytes], name: str, skipped: dict[str, int] | None, fields: tuple[str, ...]
 ) -> Iterator[Document]:
-    data = _read_bytes(path, skipped, name)
-    text = None if data is None else _decode(data, skipped, name)
+    text = _read_all(handle, safe_read.MAX_JSON_FILE_BYTES, name, skipped)
     if text is None:
         return
     try:
-        payload = json.loads(text)
-    except json.JSONDecodeError:
-        _count(skipped, "bad_json", name)
+        payload = load_json(text)
+    except Unusable as skip:
+        count_skip(skipped, skip.reason, name)
         return
-    if isinstance(payload, list):
-        for index, record in enumerate(payload):
-            doc = make_doc(f"{name}#{index}", record_text(record, fields), skipped)
-            if doc is not None:
-                yield doc
-    else:
+    if not isinstance(payload, list):
         doc = make_doc(name, record_text(payload, fields), skipped)
+        if doc is not None:
+            yield doc
+        return
+    if not payload:
+        count_skip(skipped, "empty", name)
+    for index, record in enumerate(payload):
+        doc = make_doc(f"{name}#{index}", record_text(record, fields), skipped)
         if doc is not None:
             yield doc
 
 
 def _iter_parquet(
-    path: Path, name: str, skipped: dict[str, int] | None, fields: tuple[str, ...]
+    handle: IO[bytes], name: str, skipped: dict[str, int] | None, fields: tuple[str, ...]
 ) -> Iterator[Document]:
     try:
         import pyarrow.parquet as pq  # optional, heavy: only parquet sources need it
@@ -203,18 +226,15 @@ def _iter_parquet(
         raise DataError(f"'{name}' is parquet, which needs pyarrow: pip install 'lmforge[parquet]'") from None
 
     try:
-        table = pq.ParquetFile(path)
+        table = pq.ParquetFile(handle)
     except Exception:  # pyarrow raises ArrowInvalid/OSError subclasses for non-parquet bytes
-        _count(skipped, "unreadable", name)
+        count_skip(skipped, "unreadable", name)
         return
     with table:
+        rows = table.metadata.num_rows
         column = next((f for f in fields if f in table.schema_arrow.names), None)
-        if column is None:
-            rows = table.metadata.num_rows
-            if rows and isinstance(skipped, Skips):
-                skipped.add("no_text_field", name, rows)
-            elif rows and skipped is not None:
-                skipped["no_text_field"] = skipped.get("no_text_field", 0) + rows
+        if not rows or column is None:
+            count_skip(skipped, "no_text_field" if rows else "empty", name, rows or 1)
             return
         row = 0
         try:
@@ -225,37 +245,58 @@ def _iter_parquet(
                     row += 1
                     if doc is not None:
                         yield doc
-        except OSError:
-            _count(skipped, "unreadable", name)
+        except Exception:  # OSError or an ArrowInvalid for a damaged page: the rest is unreadable
+            count_skip(skipped, "unreadable", name)
 
 
 def _iter_csv(
-    path: Path, name: str, skipped: dict[str, int] | None, fields: tuple[str, ...]
+    handle: IO[bytes], name: str, skipped: dict[str, int] | None, fields: tuple[str, ...]
 ) -> Iterator[Document]:
     try:
-        with path.open("rb") as probe:
-            head = probe.read(_BINARY_SNIFF_BYTES)
-        handle = path.open(encoding="utf-8", newline="")
+        head = handle.read(_BINARY_SNIFF_BYTES)
+        handle.seek(0)
     except OSError:
-        _count(skipped, "unreadable", name)
+        count_skip(skipped, "unreadable", name)
         return
     if b"\x00" in head:
-        handle.close()
-        _count(skipped, "binary", name)
+        count_skip(skipped, "binary", name)
         return
-    # Text fields of real corpora are far longer than csv's 128 KiB default limit.
-    csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))
-    with handle:
-        try:
-            reader = csv.DictReader(handle)
-            for row, record in enumerate(reader, start=1):
-                doc = make_doc(f"{name}#{row}", record_text(record, fields), skipped)
-                if doc is not None:
-                    yield doc
-        except UnicodeDecodeError:
-            _count(skipped, "invalid_utf8", name)
-        except csv.Error:
-            _count(skipped, "bad_csv", name)
+    too_long = 0
+
+    def lines() -> Iterator[str]:
+        # csv reads whole lines; each is capped, and an over-long one is counted and left out.
+        nonlocal too_long
+        for line in capped_lines(text, safe_read.MAX_DOCUMENT_BYTES):
+            if line is None:
+                too_long += 1
+                count_skip(skipped, "too_large", name)
+            else:
+                yield line
+
+    # Text fields of real corpora are far longer than csv's 128 KiB default limit; a field
+    # spread over many lines stops at the document cap (in characters: csv counts those).
+    csv.field_size_limit(safe_read.MAX_DOCUMENT_BYTES)
+    text = io.TextIOWrapper(handle, encoding="utf-8", newline="")
+    rows = 0
+    try:
+        for rows, record in enumerate(csv.DictReader(lines()), start=1):  # noqa: B007 - read below
+            doc = make_doc(f"{name}#{rows}", record_text(record, fields), skipped)
+            if doc is not None:
+                yield doc
+    except UnicodeDecodeError:
+        count_skip(skipped, "invalid_utf8", name)
+        return
+    except csv.Error as error:
+        # The field limit is csv's only error about size; after either, the rest cannot be trusted.
+        count_skip(skipped, "too_large" if "field larger" in str(error) else "bad_csv", name)
+        return
+    except OSError:
+        count_skip(skipped, "unreadable", name)
+        return
+    finally:
+        text.detach()  # the caller owns and closes the binary file
+    if not rows and not too_long:
+        count_skip(skipped, "empty", name)
 
 
 def _suffix(path: Path) -> str:
@@ -264,43 +305,72 @@ def _suffix(path: Path) -> str:
     return ".jsonl.gz" if lower.endswith(".jsonl.gz") else path.suffix.lower()
 
 
+_READERS = {".jsonl": _iter_jsonl, ".jsonl.gz": _iter_jsonl, ".json": _iter_json}
+_READERS.update({".parquet": _iter_parquet, ".csv": _iter_csv})
+
+
 def _iter_file(
-    path: Path, name: str, skipped: dict[str, int] | None, fields: tuple[str, ...] = TEXT_FIELDS
+    path: str | Path, name: str, skipped: dict[str, int] | None, fields: tuple[str, ...] = TEXT_FIELDS
 ) -> Iterator[Document]:
-    suffix = _suffix(path)
-    if suffix in (".jsonl", ".jsonl.gz"):
-        yield from _iter_jsonl(path, name, skipped, fields)
-    elif suffix == ".json":
-        yield from _iter_json(path, name, skipped, fields)
-    elif suffix == ".parquet":
-        yield from _iter_parquet(path, name, skipped, fields)
-    elif suffix == ".csv":
-        yield from _iter_csv(path, name, skipped, fields)
-    else:
-        data = _read_bytes(path, skipped, name)
-        text = None if data is None else _decode(data, skipped, name)
+    """The documents of one file, by its type; a FIFO, device or socket is counted, never opened."""
+    try:
+        handle = open_regular(path)
+    except Unusable as skip:
+        count_skip(skipped, skip.reason, name)
+        return
+    except OSError:
+        count_skip(skipped, "unreadable", name)
+        return
+    with handle:
+        suffix = _suffix(Path(path))
+        if suffix in _READERS:
+            # GzipFile leaves the file it wraps open; the with above closes it.
+            stream = gzip.GzipFile(fileobj=handle, mode="rb") if suffix == ".jsonl.gz" else handle
+            yield from _READERS[suffix](stream, name, skipped, fields)
+            return
+        text = _read_all(handle, safe_read.MAX_DOCUMENT_BYTES, name, skipped)
         if text is not None:
             doc = make_doc(name, text, skipped)
             if doc is not None:
                 yield doc
 
 
-def _walk_sorted(root: Path, skip_dirs: frozenset[str]) -> list[tuple[str, Path]]:
-    """All files under root as (relative posix path, path), sorted by relative path."""
-    found: list[tuple[str, Path]] = []
-    top = os.fspath(root)
-    for dirpath, dirnames, filenames in os.walk(top):
-        # Pruning in place keeps os.walk out of excluded and hidden trees (.git, .venv, ...).
-        dirnames[:] = [d for d in dirnames if d not in skip_dirs and not d.startswith(".")]
-        # The relative folder once per folder, then plain string joins: much faster than
-        # Path.relative_to on every file of a large tree.
-        rel_dir = os.path.relpath(dirpath, top).replace(os.sep, "/")
-        prefix = "" if rel_dir == "." else rel_dir + "/"
-        for filename in filenames:
-            if filename.startswith("."):
+def walk_sorted(root: Path, skip_dirs: frozenset[str]) -> list[tuple[str, str, str | None]]:
+    """Everything under root as (relative posix path, path, skip reason or None), sorted by relative path.
+
+    A folder that cannot be listed comes back with the reason ``unreadable``, a symlink to a
+    folder (not followed: it could loop or leave the tree) with ``not_a_regular_file``.
+    """
+    found: list[tuple[str, str, str | None]] = []
+    # An explicit stack, not recursion: a tree nested a thousand folders deep is still a tree.
+    pending = [("", os.fspath(root))]
+    while pending:
+        rel_dir, folder = pending.pop()
+        try:
+            with os.scandir(folder) as listing:
+                entries = list(listing)
+        except OSError:
+            found.append((rel_dir.rstrip("/") or ".", folder, "unreadable"))
+            continue
+        for entry in entries:
+            # Hidden and excluded trees (.git, .venv, ...) are never entered.
+            if entry.name.startswith("."):
                 continue
-            found.append((prefix + filename, Path(dirpath, filename)))
-    # Sorting the relative paths (not walk order, which depends on the file system) is
+            rel = rel_dir + entry.name
+            try:
+                is_dir = entry.is_dir()
+                is_link = entry.is_symlink()
+            except OSError:
+                is_dir = is_link = False  # it will be counted as unreadable when opened
+            if not is_dir:
+                found.append((rel, entry.path, None))
+            elif entry.name in skip_dirs:
+                continue
+            elif is_link:
+                found.append((rel, entry.path, "not_a_regular_file"))
+            else:
+                pending.append((rel + "/", entry.path))
+    # Sorting the relative paths (not listing order, which depends on the file system) is
     # what makes document order, and so the tokenizer sample, reproducible.
     found.sort(key=lambda item: item[0])
     return found
@@ -310,34 +380,14 @@ def iter_folder(
     root: Path, skipped: dict[str, int] | None, fields: tuple[str, ...] = TEXT_FIELDS, prefix: str = ""
 ) -> Iterator[Document]:
     """Documents of every supported file under ``root``, in sorted relative-path order."""
-    for rel, path in _walk_sorted(root, frozenset()):
-        if _suffix(path) not in SUPPORTED_EXTENSIONS:
-            _count(skipped, "unsupported_extension", prefix + rel)
-            continue
-        yield from _iter_file(path, prefix + rel, skipped, fields)
-
-
-def stdlib_root() -> Path:
-    """The folder holding this interpreter's Python standard library sources."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    if not (root / "os.py").is_file():
-        raise DataError(
-            f"builtin:stdlib: no Python standard library sources at '{root}': "
-            "give a file or folder as --source instead"
-        )
-    return root
-
-
-def _iter_stdlib(skipped: dict[str, int] | None) -> Iterator[Document]:
-    for rel, path in _walk_sorted(stdlib_root(), _STDLIB_EXCLUDED_DIRS):
-        if not rel.endswith(".py"):
-            continue
-        data = _read_bytes(path, skipped, rel)
-        text = None if data is None else _decode(data, skipped, rel)
-        if text is not None:
-            doc = make_doc(rel, text, skipped)
-            if doc is not None:
-                yield doc
+    for rel, path, reason in walk_sorted(root, frozenset()):
+        name = prefix + display_name(rel)
+        if reason is not None:
+            count_skip(skipped, reason, name)
+        elif _suffix(Path(rel)) not in SUPPORTED_EXTENSIONS:
+            count_skip(skipped, "unsupported_extension", name)
+        else:
+            yield from _iter_file(path, name, skipped, fields)
 
 
 def _iter_source(
@@ -346,7 +396,9 @@ def _iter_source(
     fields = text_fields(text_field)
     if source.startswith("builtin:"):
         if source == "builtin:stdlib":
-            yield from _iter_stdlib(skipped)
+            from lmforge.data.stdlib_corpus import iter_stdlib  # it builds on this module
+
+            yield from iter_stdlib(skipped)
             return
         raise DataError(
             f"unknown built-in source '{source}': supported built-ins are {', '.join(BUILTIN_SOURCES)}"
@@ -361,8 +413,13 @@ def _iter_source(
                 f"source '{source}' has an unsupported extension: use one of "
                 f"{', '.join(SUPPORTED_EXTENSIONS)} (or a folder of them)"
             )
-        yield from _iter_file(path, path.name, skipped, fields)
+        yield from _iter_file(path, display_name(path.name), skipped, fields)
         return
+    if path.exists():  # a FIFO, a device or a socket: reading it could block or never end
+        raise DataError(
+            f"source '{display_name(source)}' is not a regular file or a folder (a FIFO, device or "
+            "socket): give a file or a folder of files"
+        )
     from lmforge.data import hub  # imports nothing heavy until a hub source is read
 
     if hub.is_hub_source(source):
@@ -391,8 +448,9 @@ def iter_documents(
     """Yield the non-empty documents of one source in a deterministic order.
 
     ``skipped``, when given, is filled with counts of what was passed over, by reason
-    (binary, invalid_utf8, unreadable, bad_json, bad_csv, no_text_field, empty,
-    unsupported_extension); a ``Skips`` also keeps the first offenders' names.
+    (binary, invalid_utf8, unreadable, not_a_regular_file, too_large, bad_json, json_too_deep,
+    bad_csv, no_text_field, empty, unsupported_extension, and mostly_data for builtin:stdlib);
+    a ``Skips`` also keeps the first offenders' names.
     """
     if max_docs is not None and max_docs < 0:
         raise DataError(f"max_docs must be >= 0, got {max_docs}")

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .config import Config, config_from_dict
@@ -286,10 +287,21 @@ def load_checkpoint(ckpt: str | Path, verify: bool = True) -> tuple[dict, dict, 
             f"{ckpt} is a sharded checkpoint (train.parallel=fsdp): run `lmforge consolidate --run "
             f"{ckpt}` and use the directory it writes"
         )
-    model_sd = load_file(str(ckpt / MODEL_FILE))
+    model_sd = _load_tensors(ckpt / MODEL_FILE)
     state_path = ckpt / STATE_FILE
-    state = load_file(str(state_path)) if state_path.is_file() else {}
+    state = _load_tensors(state_path) if state_path.is_file() else {}
     return model_sd, state, meta
+
+
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors; anything else (e.g. a pickle under that name) is one line, never loaded."""
+    try:
+        return load_file(str(path))
+    except SafetensorError as e:
+        raise CheckpointError(
+            f"{path}: not a safetensors file ({e}); lmforge loads weights only from safetensors and never "
+            f"unpickles: the checkpoint was not written by lmforge or was modified"
+        ) from None
 
 
 def load_model_weights(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:

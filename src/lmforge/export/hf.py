@@ -181,6 +181,7 @@ def export_hf(
 
 
 def _load_hf_tensors(src: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     files = sorted(src.glob("*.safetensors"))
@@ -190,7 +191,12 @@ def _load_hf_tensors(src: Path) -> dict[str, torch.Tensor]:
         )
     tensors: dict[str, torch.Tensor] = {}
     for f in files:
-        tensors.update(load_file(str(f)))
+        try:
+            tensors.update(load_file(str(f)))
+        except SafetensorError as e:
+            raise ExportError(
+                f"{f}: not a safetensors file ({e}); only safetensors weights are imported (never pickles)"
+            ) from None
     return {k: v.to(torch.float32) for k, v in tensors.items()}
 
 

@@ -12,13 +12,17 @@ the weights, optimizer state and RNG are restored exactly and the data continues
 run had consumed (see `loader_state_for`), but the last partial pass over the data differs a little,
 because each rank's share of an epoch is rounded down to whole windows.
 
-DCP's index (`.metadata`) is a pickle; it is read with an allow-list of the few classes DCP writes, so a
-downloaded checkpoint can never run code. Tensor shards are read by torch with `weights_only=True`.
+Nothing is unpickled: a sharded checkpoint holds tensors only (any other value of the training state goes
+to meta.json), its index (`.metadata`, a pickle) is read with an allow-list of the classes DCP writes and
+must describe tensors only, and the shards are read here with `weights_only=True`. A checkpoint with
+non-tensor items, which DCP itself would unpickle, is refused before anything is read.
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
+import json
 import pickle
 import shutil
 import warnings
@@ -36,7 +40,13 @@ from .resume import load_optimizer, optimizer_tensors
 SHARDED_TMP = ".tmp-{name}-sharded"  # one name every rank can compute (pids differ between ranks)
 
 
-# --- reading DCP metadata without unpickling arbitrary objects ---------------------------------------
+# --- reading a sharded checkpoint: tensors only, nothing unpickled -----------------------------------
+#
+# DCP stores tensors with torch.save (read back with weights_only=True) and any other value as raw bytes
+# that its loader hands to torch.load(weights_only=False), i.e. a pickle that can run code. lmforge never
+# writes such items (see _split_non_tensors), so its reader refuses them at three points: the index's
+# unpickler does not know BytesStorageMetadata, the loaded index must describe tensors only, and
+# read_data refuses byte items and loads every tensor itself with weights_only=True.
 
 _DCP_CLASSES = {
     ("torch.distributed.checkpoint.metadata", n)
@@ -47,7 +57,6 @@ _DCP_CLASSES = {
         "TensorProperties",
         "TensorStorageMetadata",
         "ChunkStorageMetadata",
-        "BytesStorageMetadata",
         "_MEM_FORMAT_ENCODING",
     )
 } | {
@@ -62,16 +71,88 @@ _DCP_CLASSES = {
 }
 
 
+def _non_tensor_error(path: Path, what: str) -> CheckpointError:
+    return CheckpointError(
+        f"{path}: the sharded checkpoint holds non-tensor (pickled) items ({what}), which lmforge never "
+        f"loads because unpickling them can run code: it was not written by lmforge or was modified; "
+        f"nothing was loaded"
+    )
+
+
 class _AllowListUnpickler(pickle.Unpickler):
+    def __init__(self, f, path: Path) -> None:
+        super().__init__(f)
+        self.path = path
+
     def find_class(self, module: str, name: str):
         if (module, name) in _DCP_CLASSES:
             return super().find_class(module, name)
         if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
             return getattr(torch, name)
+        if name == "BytesStorageMetadata":
+            raise _non_tensor_error(self.path, "BytesStorageMetadata")
         raise CheckpointError(
-            f"sharded checkpoint index refers to {module}.{name}, which a checkpoint never needs: the file "
-            f"is not an lmforge checkpoint (it was not loaded)"
+            f"{self.path}: the sharded checkpoint index refers to {module}.{name}, which a checkpoint never "
+            f"needs: the file is not an lmforge checkpoint (it was not loaded)"
         )
+
+
+def _check_tensors_only(metadata, index: Path) -> None:
+    """Refuse an index that describes anything but tensors stored in plain files of its own directory."""
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
+
+    if not (
+        isinstance(metadata, Metadata)
+        and isinstance(metadata.state_dict_metadata, dict)
+        and isinstance(metadata.storage_data, dict)
+    ):
+        raise CheckpointError(f"{index}: not a sharded checkpoint index (nothing was loaded)")
+    for fqn, item in metadata.state_dict_metadata.items():
+        if not isinstance(item, TensorStorageMetadata):
+            raise _non_tensor_error(index, f"{fqn} is a {type(item).__name__}")
+    for info in metadata.storage_data.values():
+        rel = getattr(info, "relative_path", None)
+        # Shards are files beside the index, covered by meta.json's checksums; lmforge writes no transforms.
+        if not isinstance(info, _StorageInfo) or not isinstance(rel, str) or Path(rel).name != rel:
+            raise CheckpointError(f"{index}: refers to data outside its checkpoint directory ({rel!r})")
+        if rel in ("", ".", "..") or getattr(info, "transform_descriptors", None):  # older torch: absent
+            raise CheckpointError(f"{index}: refers to transformed or missing shard data ({rel!r})")
+
+
+def _read_tensors(reader, plan, planner) -> None:
+    """Fill the planner's tensors from the shard files; byte items and pickled objects are refused."""
+    from torch.distributed.checkpoint.planner import LoadItemType
+
+    index = Path(reader.path) / ckpt_io.SHARDED_INDEX
+    for req in plan.items:
+        if req.type == LoadItemType.BYTE_IO:
+            raise _non_tensor_error(index, f"{req.storage_index.fqn} is stored as bytes")
+    for req in plan.items:
+        info = reader.storage_data[req.storage_index]
+        path = Path(reader.path) / info.relative_path
+        with open(path, "rb") as f:
+            f.seek(info.offset)
+            blob = io.BytesIO(f.read(info.length))
+        try:
+            tensor = torch.load(blob, map_location="cpu", weights_only=True)
+        except Exception as e:  # weights_only raises UnpicklingError, a bad zip RuntimeError, ...
+            raise CheckpointError(
+                f"{path}: item {req.storage_index.fqn} is not plain tensor data ({type(e).__name__}); "
+                f"lmforge never unpickles it: the checkpoint was not written by lmforge or was modified"
+            ) from None
+        if not isinstance(tensor, torch.Tensor):
+            raise _non_tensor_error(index, f"{req.storage_index.fqn} holds a {type(tensor).__name__}")
+        for dim, (start, length) in enumerate(zip(req.storage_offsets, req.lengths, strict=True)):
+            tensor = tensor.narrow(dim, start, length)  # this rank's chunk of the saved chunk
+        target = planner.resolve_tensor(req).detach()
+        if target.size() != tensor.size():
+            raise CheckpointError(
+                f"{path}: item {req.storage_index.fqn} has shape {tuple(tensor.shape)}, expected "
+                f"{tuple(target.shape)}: the checkpoint index and its shards do not match"
+            )
+        target.copy_(tensor)
+        planner.commit_tensor(req, target)
 
 
 def _safe_reader(path: Path):
@@ -79,21 +160,45 @@ def _safe_reader(path: Path):
     from torch.distributed.checkpoint.metadata import StorageMeta
 
     class SafeReader(FileSystemReader):
-        """FileSystemReader whose metadata is unpickled through an allow-list."""
+        """FileSystemReader for tensors only: an allow-listed, checked index and weights-only tensor loads."""
 
         def read_metadata(self, *args, **kwargs):
             index = Path(self.path) / ckpt_io.SHARDED_INDEX
             try:
                 with open(index, "rb") as f:
-                    metadata = _AllowListUnpickler(f).load()
-            except (OSError, pickle.UnpicklingError, EOFError, AttributeError, ValueError) as e:
+                    metadata = _AllowListUnpickler(f, index).load()
+            except (OSError, pickle.UnpicklingError, EOFError, AttributeError, ValueError, TypeError) as e:
                 raise CheckpointError(f"{index}: unreadable sharded checkpoint index ({e})") from e
+            _check_tensors_only(metadata, index)
             if getattr(metadata, "storage_meta", None) is None:
                 metadata.storage_meta = StorageMeta()
             metadata.storage_meta.load_id = self.load_id
             return metadata
 
+        def read_data(self, plan, planner):
+            _read_tensors(self, plan, planner)
+            done = torch.futures.Future()
+            done.set_result(None)
+            return done
+
     return SafeReader(str(path))
+
+
+def _load_tensors_only(state: dict, ckpt: Path, **kwargs) -> None:
+    """`dcp.load` into `state` through the safe reader; its refusals come out as one-line CheckpointErrors."""
+    import torch.distributed.checkpoint as dcp
+
+    reader = _safe_reader(ckpt)
+    reader.read_metadata()  # refuse before DCP plans anything (DCP would wrap the error in its own)
+    try:
+        with _quiet_single_process():
+            dcp.load(state, storage_reader=reader, **kwargs)
+    except dcp.api.CheckpointException as e:
+        for failure in e.failures.values():
+            err = failure[0] if isinstance(failure, tuple) else failure
+            if isinstance(err, CheckpointError):
+                raise err from None
+        raise
 
 
 @contextlib.contextmanager
@@ -102,6 +207,34 @@ def _quiet_single_process():
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
         yield
+
+
+def _split_non_tensors(tree: dict) -> tuple[dict, dict]:
+    """(the nested dict with its tensors only, its other leaves in the same nesting).
+
+    DCP would store a non-tensor leaf (e.g. an optimizer's int step count) as a pickle, which no reader
+    here loads; those leaves go to meta.json instead and `_merge` puts them back after loading.
+    """
+    tensors, others = {}, {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            tensors[key], sub = _split_non_tensors(value)
+            if sub:
+                others[key] = sub
+        elif isinstance(value, torch.Tensor):
+            tensors[key] = value
+        else:
+            others[key] = value
+    return tensors, others
+
+
+def _merge(tree: dict, others: dict) -> None:
+    """Put the leaves `_split_non_tensors` took out (as read back from meta.json) into `tree`."""
+    for key, value in others.items():
+        if isinstance(value, dict):
+            _merge(tree.setdefault(key, {}), value)
+        else:
+            tree[key] = value
 
 
 # --- the checkpointer the training loop uses ---------------------------------------------------------
@@ -166,9 +299,11 @@ class Checkpointer:
             model_sd, optim_sd, groups = self._state_dicts()
             meta["optimizer_state"] = optim_sd is not None
             state = {"model": model_sd, "rng": rng_tensors} | ({"optim": optim_sd} if optim_sd else {})
+            state, others = _split_non_tensors(state)
             try:
+                meta["non_tensor_state"] = json.loads(json.dumps(others))  # TypeError: not JSON-able
                 dcp.save(state, checkpoint_id=str(tmp))
-            except (OSError, dcp.api.CheckpointException) as e:  # DCP raises the latter on every rank
+            except (OSError, TypeError, dcp.api.CheckpointException) as e:  # DCP's is raised on every rank
                 error = e
         if not _agree_ok(error is None):
             if self.env.is_main:
@@ -221,7 +356,6 @@ class Checkpointer:
         return {k: v for k, v in state_tensors.items() if k.startswith("rng/")}
 
     def _load_sharded(self, ckpt: Path, saved: dict) -> dict[str, torch.Tensor]:
-        import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import (
             get_model_state_dict,
             get_optimizer_state_dict,
@@ -232,8 +366,7 @@ class Checkpointer:
         from .resume import rng_state
 
         # Templates in this run's layout (sharded or whole); DCP fills them, re-slicing where needed.
-        reader = _safe_reader(ckpt)
-        saved_keys = reader.read_metadata().state_dict_metadata
+        saved_keys = _safe_reader(ckpt).read_metadata().state_dict_metadata
         # RNG states this machine has and the checkpoint holds (CUDA ones only when both have them)
         rng = {k: v for k, v in rng_state()[0].items() if f"rng.{k}" in saved_keys}
         state = {"model": get_model_state_dict(self.model), "rng": rng}
@@ -241,8 +374,9 @@ class Checkpointer:
         if with_optimizer:
             state["optim"] = get_optimizer_state_dict(self.model, self.optimizer)
             state["optim"].pop("param_groups")
-        with _quiet_single_process():
-            dcp.load(state, storage_reader=reader)
+        state, _ = _split_non_tensors(state)  # the shards hold tensors only; the rest is in meta.json
+        _load_tensors_only(state, ckpt)
+        _merge(state, saved.get("non_tensor_state", {}))
         set_model_state_dict(self.model, state["model"])
         if not with_optimizer:
             return state["rng"]
@@ -279,8 +413,6 @@ def consolidate(run: str | Path, out: str | Path | None = None) -> Path:
     RUN_DIR/consolidated) holds model.safetensors, meta.json and tokenizer.json, so `lmforge generate` and
     `lmforge export` take it as --run. Runs in one process; no GPU or process group is needed.
     """
-    import torch.distributed.checkpoint as dcp
-
     from ..config import config_from_dict
     from ..model import GPT
 
@@ -295,8 +427,7 @@ def consolidate(run: str | Path, out: str | Path | None = None) -> Path:
     cfg = config_from_dict(meta["config"])
     model = GPT(cfg.model)
     state = {"model": model.state_dict()}
-    with _quiet_single_process():  # only the model's entries are read
-        dcp.load(state, storage_reader=_safe_reader(ckpt), no_dist=True)
+    _load_tensors_only(state, ckpt, no_dist=True)  # only the model's entries are read
     ckpt_io.load_model_weights(model, state["model"])
 
     tmp = out.with_name(f".tmp-{out.name}")

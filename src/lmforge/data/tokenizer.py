@@ -121,13 +121,69 @@ def train_tokenizer(
     return Tokenizer(train_hf(texts, kind, vocab_size, special_tokens))
 
 
-def file_sha256(path: str | Path) -> str:
-    """``Tokenizer.load(path).sha256()``, without building the tokenizer when the file holds no floats."""
+def _read_tree(path: str | Path) -> dict:
+    """The parsed tokenizer.json as a reader of it gets it."""
     text = Path(path).read_text(encoding="utf-8")
     floats: list[str] = []
     tree = json.loads(text, parse_float=lambda literal: floats.append(literal) or float(literal))
     if floats:
         # The Rust reader may parse a float to a neighbouring double (Unigram scores do), so a
-        # reload can hold other values than the file says: hash what a reader really gets.
-        return Tokenizer.load(path).sha256()
-    return hashlib.sha256(_canonical(tree).encode("utf-8")).hexdigest()
+        # reload can hold other values than the file says: take what a reader really gets.
+        return json.loads(Tokenizer.load(path).hf.to_str())
+    return tree
+
+
+def file_sha256(path: str | Path) -> str:
+    """``Tokenizer.load(path).sha256()``, without building the tokenizer when the file holds no floats."""
+    return hashlib.sha256(_canonical(_read_tree(path)).encode("utf-8")).hexdigest()
+
+
+# Parts of a tokenizer.json that decide the ids of a text or the text of ids. Left out: "version" (the
+# file format's) and a post-processor that adds nothing (_adds_nothing), which tools such as transformers'
+# save_pretrained write into a copy. A post-processor that does add tokens is kept even though lmforge
+# encodes without special tokens: the file travels into exports, whose users get them by default.
+_BEHAVIOUR_KEYS = (
+    "model",
+    "normalizer",
+    "pre_tokenizer",
+    "added_tokens",
+    "post_processor",
+    "decoder",
+    "truncation",  # when set, encoding cuts ids
+    "padding",  # when set, batch encoding adds pad ids
+)
+
+
+def _adds_nothing(proc: dict | None) -> bool:
+    """Whether a post-processor leaves every encoding's ids as they are, special tokens requested or not."""
+    if proc is None or proc.get("type") == "ByteLevel":  # ByteLevel post-processing only trims offsets
+        return True
+    if proc.get("type") == "Sequence":
+        return all(_adds_nothing(p) for p in proc.get("processors", []))
+    if proc.get("type") != "TemplateProcessing":
+        return False  # e.g. BertProcessing, RobertaProcessing: they add [CLS]/[SEP]-style tokens
+
+    def pieces(template: list) -> list:  # type ids are dropped: no causal LM reads them
+        return [(kind, spec.get("id")) for piece in template for kind, spec in piece.items()]
+
+    return pieces(proc.get("single", [])) == [("Sequence", "A")] and pieces(proc.get("pair", [])) == [
+        ("Sequence", "A"),
+        ("Sequence", "B"),
+    ]
+
+
+def tokenizer_id(source: Tokenizer | str | Path) -> str:
+    """Hex sha256 of what a tokenizer does (not of its file's bytes): equal for copies that encode and
+    decode alike, e.g. a tokenizer and the copy transformers' save_pretrained writes with a no-op
+    post-processor. ``source`` is a Tokenizer or a tokenizer.json path."""
+    tree = json.loads(source.hf.to_str()) if isinstance(source, Tokenizer) else _read_tree(source)
+    parts = {key: tree.get(key) for key in _BEHAVIOUR_KEYS}
+    if _adds_nothing(parts["post_processor"]):
+        parts["post_processor"] = None
+    parts["added_tokens"] = sorted(parts["added_tokens"] or [], key=lambda t: t.get("id", -1))
+    model = parts["model"]
+    if isinstance(model, dict) and isinstance(model.get("merges"), list):
+        # Older tokenizers write a BPE merge as "a b", newer ones as ["a", "b"]: the same merge.
+        merges = [m.split(" ") if isinstance(m, str) and m.count(" ") == 1 else m for m in model["merges"]]
+        parts["model"] = {**model, "merges": merges}
+    return hashlib.sha256(_canonical(parts).encode("utf-8")).hexdigest()

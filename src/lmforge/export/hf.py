@@ -157,6 +157,8 @@ def export_hf(
     setattr(hf_cfg, "dtype" if "dtype" in hf_cfg.to_dict() else "torch_dtype", HF_DTYPE_NAMES[dtype])
     with staged_dir(out) as tmp:
         hf_cfg.save_pretrained(tmp)
+        if model_type == "llama":
+            _write_rope_theta(tmp / "config.json", model.cfg.rope_theta)
         GenerationConfig(bos_token_id=eos_id, eos_token_id=eos_id).save_pretrained(tmp)
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         hf_tok = PreTrainedTokenizerFast(
@@ -175,6 +177,15 @@ def export_hf(
         tok_cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
         tok_cfg_path.write_text(json.dumps(tok_cfg, indent=2) + "\n", encoding="utf-8")
     return Path(out)
+
+
+def _write_rope_theta(path: Path, theta: float) -> None:
+    """Put rope_theta where every supported transformers reads it: 4.x only at the top level, 5.x in
+    rope_parameters (the top level is its fallback); the installed version's save writes only one."""
+    hf = json.loads(path.read_text(encoding="utf-8"))
+    hf["rope_theta"] = theta
+    hf["rope_parameters"] = {**(hf.get("rope_parameters") or {}), "rope_type": "default", "rope_theta": theta}
+    path.write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 # --- HF -> lmforge -------------------------------------------------------------------------------
@@ -266,10 +277,26 @@ def _from_gpt2(t: dict[str, torch.Tensor], hf: dict) -> tuple[ModelConfig, dict[
     return cfg, sd
 
 
+def _rope_theta(hf: dict) -> float:
+    """RoPE's base from a Llama config.json of any transformers version: 5.x writes rope_parameters, 4.x a
+    top-level rope_theta (and rope_scaling for scaled variants, which lmforge does not compute)."""
+    params = [p for p in (hf.get("rope_parameters"), hf.get("rope_scaling")) if isinstance(p, dict)]
+    for p in params:
+        kind = p.get("rope_type", p.get("type", "default"))
+        if kind != "default":
+            raise ExportError(f"rope scaling {kind!r} cannot be imported: lmforge computes plain RoPE")
+    given = [hf.get("rope_theta"), *(p.get("rope_theta") for p in params)]
+    thetas = sorted({float(t) for t in given if t is not None})
+    if len(thetas) > 1:
+        raise ExportError(
+            f"config.json gives rope_theta {thetas[0]:g} and {thetas[1]:g} (at the top level, in "
+            f"rope_parameters or rope_scaling): transformers 4 and 5 would read different models; keep one"
+        )
+    return thetas[0] if thetas else 10000.0  # transformers' default when a config names none
+
+
 def _from_llama(t: dict[str, torch.Tensor], hf: dict) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    if rope.get("rope_type", rope.get("type", "default")) != "default":
-        raise ExportError(f"rope scaling {rope.get('rope_type', rope.get('type'))!r} cannot be imported")
+    rope_theta = _rope_theta(hf)
     if hf.get("hidden_act", "silu") != "silu":
         raise ExportError(f"hidden_act={hf['hidden_act']!r}: lmforge's SwiGLU uses silu")
     attn_bias, mlp_bias = bool(hf.get("attention_bias", False)), bool(hf.get("mlp_bias", False))
@@ -290,7 +317,7 @@ def _from_llama(t: dict[str, torch.Tensor], hf: dict) -> tuple[ModelConfig, dict
         vocab_size=hf["vocab_size"],
         ffn_hidden=hf["intermediate_size"],
         norm_eps=hf.get("rms_norm_eps", 1e-6),
-        rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
+        rope_theta=rope_theta,
         bias=attn_bias,
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
     )

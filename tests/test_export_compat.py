@@ -1,4 +1,4 @@
-"""HF export/import across transformers versions."""
+"""HF export/import across transformers versions, and an imported run trained further in place."""
 
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from lmforge.checkpoint import load_model
+from lmforge.checkpoint import latest_checkpoint, load_model, read_meta
 from lmforge.cli import main
 
+from .conftest import FAST, TINY_MODEL
 from .test_export import inputs, make_run
 
 ROPE_THETA = 500000.0  # Llama 3's base: far enough from transformers' default 10000 to show in the logits
@@ -115,3 +116,39 @@ def test_hf_export_matches_in_another_transformers_version(tiny_data, tmp_path):
     assert diff() < 1e-4
     edit_config(out, drop_top_level=True)  # negative control: what this file held before 4.x was written for
     assert diff() > 1e-3
+
+
+def test_imported_run_trains_further_in_place(tiny_data, tmp_path, capsys):
+    pytest.importorskip("transformers")
+    run, hf, imp, data2 = (tmp_path / name for name in ("run", "hf", "imp", "data2"))
+    common = [*TINY_MODEL, *FAST, "--model.family=llama", "--model.seq_len=16"]
+    assert main(["train", "--data", str(tiny_data), "--out", str(run), *common, "--train.max_steps=2"]) == 0
+    assert main(["export", "--run", str(run), "--format", "hf", "--out", str(hf)]) == 0
+    assert main(["import", f"hf:{hf}", "--out", str(imp)]) == 0
+    text = tiny_data.parent / "text"
+    prep = ["prepare", "--source", str(text), "--out", str(data2), "--tokenizer", str(imp / "tokenizer.json")]
+    assert main([*prep, "--val-fraction", "0.1"]) == 0
+    imported_step = read_meta(latest_checkpoint(imp))["step"]
+
+    # No model flags: the architecture is the checkpoint's, not train's defaults (context_len 1024, gpt2).
+    fast = ["--train.micro_batch_size=2", "--eval.batches=1", "--log.progress=false"]
+    train = ["train", "--out", str(imp), "--data", str(data2), *fast]
+    assert main([*train, f"--train.max_steps={imported_step + 2}"]) == 0
+    meta = read_meta(latest_checkpoint(imp))
+    assert meta["step"] == imported_step + 2 and meta["config"]["model"]["family"] == "llama"
+    assert meta["tokenizer_id"] and "loader" in meta  # now an ordinary, exactly resumable checkpoint
+    assert main([*train, f"--train.max_steps={imported_step + 3}"]) == 0  # and it resumes as one
+    assert read_meta(latest_checkpoint(imp))["step"] == imported_step + 3
+
+    # A model setting the user does give must still match the checkpoint.
+    capsys.readouterr()
+    assert main([*train, f"--train.max_steps={imported_step + 4}", "--model.n_layer=3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "model.n_layer=3 differs from the checkpoint's 2" in err and len(err.splitlines()) == 1
+
+    # The original data: its tokenizer.json lacks the no-op post-processor the HF export added, and the
+    # imported config.yaml names the model; both are the same as far as training is concerned.
+    assert main(["import", f"hf:{hf}", "--out", str(tmp_path / "imp2")]) == 0
+    again = ["train", "--config", str(tmp_path / "imp2/config.yaml"), "--data", str(tiny_data), *fast]
+    assert main([*again, "--out", str(tmp_path / "imp2"), "--train.max_steps=1"]) == 0
+    assert read_meta(latest_checkpoint(tmp_path / "imp2"))["step"] == 1

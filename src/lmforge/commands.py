@@ -91,6 +91,10 @@ def cmd_train(ns: Namespace, parser: ArgumentParser, console: Console, err: Cons
         from .export.hf import init_from_hf
 
         cfg, init = init_from_hf(ns.init_from, cfg)
+    else:  # resuming: the model settings this command leaves at their defaults are the checkpoint's
+        from .train.resume import model_from_checkpoint
+
+        cfg = model_from_checkpoint(cfg, ns.model.as_dict())
     result = train(cfg, dry_run=ns.dry_run, console=console, init_tensors=init)
     if result is not None and result.status == "preempted":
         return EXIT_PREEMPTED

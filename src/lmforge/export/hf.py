@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..data.tokenizer import EOS_TOKEN
+from ..data.tokenizer import EOS_TOKEN, tokenizer_id
 from ..model.config import ModelConfig
 from . import ExportError, staged_dir, standard_architecture, torch_dtype, trimmed_state
 
@@ -355,21 +355,12 @@ def _read_hf(src: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor], Pat
     return mcfg, sd, src / "tokenizer.json"
 
 
-def _same_vocab(a: Path, b: Path) -> bool:
-    """Same BPE model (vocab, merges) and pre-tokenizer; save_pretrained rewrites the rest of the file."""
-
-    def core(path: Path) -> tuple:
-        try:
-            d = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return (None, path)
-        return (
-            d.get("model"),
-            d.get("pre_tokenizer"),
-            sorted(t["content"] for t in d.get("added_tokens", [])),
-        )
-
-    return core(a) == core(b)
+def _same_tokenizer(a: Path, b: Path) -> bool:
+    """Whether two tokenizer.json files encode and decode alike (save_pretrained rewrites parts of them)."""
+    try:
+        return tokenizer_id(a) == tokenizer_id(b)
+    except (OSError, ValueError):  # missing, unreadable or not a tokenizer (DataError is a ValueError)
+        return False
 
 
 def init_from_hf(source: str, cfg: Config) -> tuple[Config, dict[str, torch.Tensor]]:
@@ -381,7 +372,7 @@ def init_from_hf(source: str, cfg: Config) -> tuple[Config, dict[str, torch.Tens
     if not sep or kind != "hf" or not path:
         raise ExportError(f"--init-from {source!r}: write it as hf:DIR (a local Hugging Face model folder)")
     mcfg, sd, tok_file = _read_hf(path)
-    if cfg.data is not None and not _same_vocab(Path(cfg.data) / "tokenizer.json", tok_file):
+    if cfg.data is not None and not _same_tokenizer(Path(cfg.data) / "tokenizer.json", tok_file):
         raise ExportError(
             f"--data {cfg.data} was not tokenized with {tok_file}: "
             f"run lmforge prepare --tokenizer {tok_file} first"
@@ -423,6 +414,7 @@ def import_hf(src: str | Path, run_dir: str | Path) -> Path:
             "config": config_to_dict(cfg),
             "tokens": 0,
             "tokenizer_sha256": tok.sha256(),
+            "tokenizer_id": tokenizer_id(tok),
             "imported_from": str(src.resolve()),
         }
         if mcfg.tie_embeddings:

@@ -33,7 +33,7 @@ from .hooks import RunHooks
 from .logging import ConsoleReporter, MetricsWriter, truncate_metrics
 from .optim import build_optimizer, lr_at
 from .parallel import all_agree, check_supported, clip_grad_norm, collective_errors, grad_sync, parallelize
-from .resume import check_resume_compatible, find_resume_point, restore_rng, rng_state
+from .resume import check_resume_compatible, find_resume_point, has_training_state, restore_rng, rng_state
 from .signals import StopFlag, signal_hook_for_tests
 
 
@@ -171,6 +171,8 @@ def _train(
     resume_from, saved = find_resume_point(cfg, run_dir, say)
     if saved:
         check_resume_compatible(saved, cfg, data_meta, say)
+    if saved and not has_training_state(saved):  # e.g. `lmforge import`: its weights start this run
+        init_tensors, resume_from, saved = ckpt_io.load_checkpoint(resume_from, verify=False)[0], None, None
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         for left in ckpt_io.clean_leftovers(run_dir):
@@ -244,6 +246,7 @@ def _train(
             "config": config_to_dict(cfg),
             "tokens": tokens,
             "tokenizer_sha256": data_meta.get("tokenizer_sha256"),
+            "tokenizer_id": data_meta.get("tokenizer_id"),
             "data_fingerprint": data_meta.get("fingerprint"),
             "loader": loader.state_dict(),
             "rng": rng_meta,

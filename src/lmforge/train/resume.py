@@ -6,6 +6,7 @@ ever unpickled.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from pathlib import Path
 
@@ -15,6 +16,8 @@ import torch
 from .. import checkpoint as ckpt_io
 from ..checkpoint import CheckpointError
 from ..config import Config, ConfigError, config_to_dict
+from ..data.tokenizer import TOKENIZER_FILE, Tokenizer, file_sha256, tokenizer_id
+from ..model.config import ModelConfig
 
 
 def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
@@ -71,27 +74,67 @@ def load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
 SAFE_TO_CHANGE = ("train", "eval", "checkpoint", "log", "resume", "out", "fsdp")
 
 
+def has_training_state(saved: dict) -> bool:
+    """Whether a checkpoint can be resumed exactly; `lmforge import` writes weights only (no optimizer,
+    data position or RNG), which a run then starts from, as from --init-from."""
+    return "loader" in saved
+
+
+def _recorded_tokenizer_id(meta: dict, tokenizer_file: Path) -> str | None:
+    """meta's tokenizer_id; for a meta written before that key existed, the id of `tokenizer_file` when it
+    is the very tokenizer meta's tokenizer_sha256 names (prepare records file_sha256, import .sha256())."""
+    if meta.get("tokenizer_id"):
+        return meta["tokenizer_id"]
+    sha = meta.get("tokenizer_sha256")
+    if not sha or not tokenizer_file.is_file():
+        return None
+    try:
+        if sha == file_sha256(tokenizer_file) or sha == Tokenizer.load(tokenizer_file).sha256():
+            return tokenizer_id(tokenizer_file)
+    except (OSError, ValueError):  # unreadable, or not a tokenizer (DataError): the file digests decide
+        pass
+    return None
+
+
+def _same_tokenizer(saved: dict, cfg: Config, data_meta: dict) -> tuple[bool, str, str]:
+    """(same?, the data's and the checkpoint's digest as shown): by what the tokenizers do when both sides
+    know it (a copy that transformers re-saved is the same tokenizer), else by the recorded file digests."""
+    old_sha, new_sha = saved.get("tokenizer_sha256"), data_meta.get("tokenizer_sha256")
+    if (not old_sha and not saved.get("tokenizer_id")) or (old_sha and old_sha == new_sha):
+        return True, "", ""  # the checkpoint does not say which tokenizer it had, or the very same file
+    new_id = _recorded_tokenizer_id(data_meta, Path(cfg.data or "") / TOKENIZER_FILE)
+    old_id = _recorded_tokenizer_id(saved, Path(cfg.out) / TOKENIZER_FILE) if new_id else None
+    if new_id and old_id:
+        return new_id == old_id, f"tokenizer_id {new_id[:12]}", old_id[:12]
+    return old_sha == new_sha, f"tokenizer_sha256 {str(new_sha)[:12]}", str(old_sha)[:12]
+
+
 def check_resume_compatible(saved: dict, cfg: Config, data_meta: dict, say=None) -> None:
     """Architecture, vocab, seq_len, tokenizer and dataset must match the checkpoint; the error names the setting.
 
-    Changes to safe settings (lr, max_steps, intervals, ...) are allowed and reported through `say`.
+    Changes to safe settings (lr, max_steps, intervals, ...) are allowed and reported through `say`. A
+    checkpoint without training state (an import) may also change seq_len, as --init-from may.
     """
     old_model = saved["config"]["model"]
+    free = ("dropout",) if has_training_state(saved) else ("dropout", "seq_len")
     for key, new in config_to_dict(cfg.model).items():
-        if key in ("dropout",):
+        if key in free:
             continue
         if old_model.get(key) != new:
             raise ConfigError(
                 f"model.{key}={new!r} differs from the checkpoint's {old_model.get(key)!r}: resume with the same "
                 f"model settings, or start a new run with a different --out"
             )
-    for what, key in (("tokenizer", "tokenizer_sha256"), ("dataset", "fingerprint")):
-        old = saved.get(key if key == "tokenizer_sha256" else "data_fingerprint")
-        new = data_meta.get(key)
-        if old and old != new:
+    same, new_shown, old_shown = _same_tokenizer(saved, cfg, data_meta)
+    old_fp, new_fp = saved.get("data_fingerprint"), data_meta.get("fingerprint")
+    for what, ok, new, old in (
+        ("tokenizer", same, new_shown, old_shown),
+        ("dataset", not old_fp or old_fp == new_fp, f"fingerprint {str(new_fp)[:12]}", str(old_fp)[:12]),
+    ):
+        if not ok:
             raise ConfigError(
-                f"the data's {what} ({key} {str(new)[:12]}) differs from the one this run was trained with "
-                f"({str(old)[:12]}): use the same data, or start a new run with a different --out"
+                f"the data's {what} ({new}) differs from the one this run was trained with ({old}): use the "
+                f"same data, or start a new run with a different --out"
             )
     if say is None:
         return
@@ -102,6 +145,34 @@ def check_resume_compatible(saved: dict, cfg: Config, data_meta: dict, say=None)
             for key, value in after.items():
                 if key in before and before[key] != value:
                     say(f"note: {section}.{key} {before[key]!r} -> {value!r} (changed since the checkpoint)")
+
+
+def _resume_meta(cfg: Config) -> dict | None:
+    """meta.json of the checkpoint cfg.resume points at, unverified (train verifies it), or None."""
+    if cfg.resume == "never":
+        return None
+    ckpt = ckpt_io.latest_checkpoint(cfg.out) if cfg.resume == "auto" else Path(cfg.resume)
+    try:
+        return ckpt_io.read_meta(ckpt) if ckpt is not None else None
+    except CheckpointError:
+        return None  # train reports a damaged checkpoint properly
+
+
+def model_from_checkpoint(cfg: Config, given: dict) -> Config:
+    """For a resume: model settings left at train's defaults come from the checkpoint (e.g. an imported
+    run's architecture); `given` (the command's raw model.* values: flags, --config, a preset) must match
+    it, which check_resume_compatible enforces. A fresh run's cfg is returned as it is."""
+    saved_cfg = (_resume_meta(cfg) or {}).get("config")
+    old = saved_cfg.get("model") if isinstance(saved_cfg, dict) else None
+    if not isinstance(old, dict):
+        return cfg
+    defaults = config_to_dict(ModelConfig())
+    chosen = {k: v for k, v in given.items() if k in defaults and v != defaults[k]}
+    try:
+        model = ModelConfig(**{**old, **chosen}).resolved()
+    except (TypeError, ValueError):
+        return cfg  # a checkpoint config this version cannot build: the compatibility check names it
+    return dataclasses.replace(cfg, model=model)
 
 
 def find_resume_point(cfg: Config, run_dir: Path, warn) -> tuple[Path | None, dict | None]:

@@ -1,4 +1,4 @@
-"""Named model sizes as plain data. Each entry is a set of `model.*` keys; the README's table lists true counts.
+"""Named model sizes as plain data. Each entry is a set of `model.*` keys; docs/models.md lists true counts.
 
 Counts are exact for the vocab given (padded to a multiple of 64); `lmforge train --dry-run --preset NAME`
 prints them. Where a name promises a size the shape does not have, the comment says what it really counts.

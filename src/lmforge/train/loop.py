@@ -31,7 +31,7 @@ from .distributed import DistEnv, all_reduce_mean, close_distributed, init_distr
 from .guards import BadStepGuard, EarlyStopping
 from .hooks import RunHooks
 from .logging import ConsoleReporter, MetricsWriter, truncate_metrics
-from .optim import build_optimizer, lr_at
+from .optim import apply_optimizer_settings, build_optimizer, lr_at
 from .parallel import all_agree, check_supported, clip_grad_norm, collective_errors, grad_sync, parallelize
 from .resume import check_resume_compatible, find_resume_point, has_training_state, restore_rng, rng_state
 from .signals import StopFlag, signal_hook_for_tests
@@ -207,6 +207,7 @@ def _train(
     step, tokens = 0, 0
     if saved:
         state_tensors = checkpointer.load(resume_from, saved)
+        apply_optimizer_settings(optimizer, cfg.train)  # the saved groups hold the old betas, eps, decay
         loader.load_state_dict(loader_state_for(saved["loader"], env.world_size))
         restore_rng(state_tensors, saved["rng"])
         guards = saved.get("guards", {})

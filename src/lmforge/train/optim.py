@@ -38,6 +38,19 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, device_type: str) -> tor
     return torch.optim.AdamW(param_groups(model, cfg.weight_decay), **kwargs)
 
 
+def apply_optimizer_settings(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> None:
+    """Put the config's betas, eps and weight decay on every group of a restored optimizer.
+
+    Loading a checkpoint restores its groups as they were saved; without this, a resume that changes
+    these settings would report the change but train with the old values. Group 0 is param_groups()'s
+    decayed group and group 1 the one without decay, in checkpoints of every version.
+    """
+    for i, group in enumerate(optimizer.param_groups):
+        group["betas"] = (cfg.beta1, cfg.beta2)
+        group["eps"] = cfg.eps
+        group["weight_decay"] = cfg.weight_decay if i == 0 else 0.0
+
+
 def adamw_8bit(groups: list[dict], kwargs: dict) -> torch.optim.Optimizer:
     """AdamW with moments stored in 8 bits (Dettmers et al., 2022): 2 instead of 8 bytes per parameter.
 

@@ -125,6 +125,13 @@ def check_resume_compatible(saved: dict, cfg: Config, data_meta: dict, say=None)
                 f"model.{key}={new!r} differs from the checkpoint's {old_model.get(key)!r}: resume with the same "
                 f"model settings, or start a new run with a different --out"
             )
+    old_optimizer = saved["config"].get("train", {}).get("optimizer", "adamw")
+    if has_training_state(saved) and old_optimizer != cfg.train.optimizer:
+        raise ConfigError(
+            f"train.optimizer={cfg.train.optimizer!r} differs from the checkpoint's {old_optimizer!r}: its saved "
+            f"state is {old_optimizer}'s; resume with --train.optimizer={old_optimizer}, or start a new run "
+            f"with a different --out"
+        )
     same, new_shown, old_shown = _same_tokenizer(saved, cfg, data_meta)
     old_fp, new_fp = saved.get("data_fingerprint"), data_meta.get("fingerprint")
     for what, ok, new, old in (

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import ExportError, staged_dir, standard_architecture, trimmed_state
+from .common import ExportError, staged_dir, standard_architecture, trimmed_state
 
 # Per-tensor storage: 1-D tensors (norms, biases) stay f32, as llama.cpp's converter keeps them.
 FILE_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0"}

@@ -22,7 +22,7 @@ import torch
 
 from ..data.tokenizer import EOS_TOKEN, tokenizer_id
 from ..model.config import ModelConfig
-from . import ExportError, staged_dir, standard_architecture, torch_dtype, trimmed_state
+from .common import ExportError, staged_dir, standard_architecture, torch_dtype, trimmed_state
 
 if TYPE_CHECKING:
     from ..config import Config

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from . import ExportError, staged_dir, write_json
+from .common import ExportError, staged_dir, write_json
 
 OPSET = 17  # LayerNormalization is a native op from opset 17
 
@@ -52,8 +52,12 @@ def _exportable(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def export_onnx(model: torch.nn.Module, tokenizer_file: str | Path, out: str | Path) -> Path:
-    """Write model.onnx (dynamic batch and sequence), tokenizer.json and a small config.json into `out`."""
+def export_onnx(
+    model: torch.nn.Module, tokenizer_file: str | Path, out: str | Path, dtype: str = "f32"
+) -> Path:
+    """Write model.onnx (dynamic batch and sequence), tokenizer.json and a small config.json into `out`.
+
+    The graph computes in float32 (`dtype` is always f32: export_run refuses others for onnx)."""
     try:
         import onnx  # noqa: F401  (torch.onnx.export needs it)
     except ImportError as e:

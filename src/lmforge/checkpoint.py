@@ -8,9 +8,11 @@
         step_0000500/
           model.safetensors  weights (a tied output head is stored once, as wte.weight)
           train_state.safetensors  optimizer moments and RNG states (tensors only)
-          meta.json          config, step, tokens, loader state, optimizer hyper-parameters, SHA-256 of each file
+          meta.json          config, step, tokens, loader state, optimizer hyper-parameters, SHA-256 of each
+                             file, and the SHA-256 of meta.json's own content (format 2)
         best/                the checkpoint with the lowest validation loss (same layout, never rotated)
         latest               name of the newest complete checkpoint
+      .lock                  held by the `lmforge train` writing the run (see runlock.py)
 
 Tensors live in safetensors and everything else in JSON, so loading a checkpoint never unpickles anything.
 Eval, generation, export and serving read runs through this module and never import `train/`.
@@ -35,8 +37,12 @@ from safetensors.torch import load_file, save_file
 from .config import Config, config_from_dict
 from .errors import LmforgeError
 from .model import GPT, use_inference_layout
+from .safewrite import io_errno, remove_quietly, write_failure
 
-FORMAT_VERSION = 1
+# 2: meta.json carries META_DIGEST, the SHA-256 of its other content. Checkpoints of format 1 (written
+# before it existed) still load, unverified metadata and all; from format 2 on a missing digest is damage.
+FORMAT_VERSION = 2
+META_DIGEST = "meta_sha256"
 CKPT_DIR = "checkpoints"
 LATEST = "latest"
 BEST = "best"
@@ -106,15 +112,16 @@ def save_checkpoint(
     """Write a checkpoint into a temporary directory, flush it, rename it into place, then move `latest`.
 
     `name` (e.g. "best") writes a side checkpoint: same format, but `latest` and rotation are left alone.
-    A failed write (a full disk) raises CheckpointError; the previous checkpoints stay as they were and
-    the temporary directory is removed.
+    A failed write (a full disk) raises CheckpointError in one line, with the room it needed and the room
+    free; the previous checkpoints stay as they were and the temporary directory is removed.
     """
     ckpt_root = Path(run_dir) / CKPT_DIR
-    ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / (name or step_dir_name(step))
     tmp = ckpt_root / f".tmp-{final.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    with _discard_on_failure(tmp, final):
+    needed = sum(t.numel() * t.element_size() for t in (*model_tensors.values(), *state_tensors.values()))
+    with _discard_on_failure(tmp, final, needed):
+        ckpt_root.mkdir(parents=True, exist_ok=True)
         tmp.mkdir()
         save_file(model_tensors, str(tmp / MODEL_FILE))
         save_file(state_tensors, str(tmp / STATE_FILE))
@@ -122,20 +129,29 @@ def save_checkpoint(
 
 
 @contextlib.contextmanager
-def _discard_on_failure(tmp: Path, final: Path) -> Iterator[None]:
-    """Remove the temporary directory if anything fails; a failed write (e.g. a full disk) becomes one line."""
+def _discard_on_failure(tmp: Path, final: Path, needed: int | None = None) -> Iterator[None]:
+    """Remove what a failed save half-wrote; a failed write (a full disk, also inside safetensors) becomes
+    one line naming the checkpoint that stays the resume point."""
     try:
         yield
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        reason = e.strerror or str(e)
-        raise CheckpointError(
-            f"could not write checkpoint {final} ({reason}): free space or fix permissions, then run the "
-            f"same command again to resume from the previous checkpoint"
-        ) from e
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    except BaseException as e:
+        remove_quietly(tmp)
+        remove_quietly(final.parent / f".{LATEST}.tmp")
+        if io_errno(e) is None or isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(write_failure("checkpoint", final, e, needed, _resume_hint(final))) from e
+
+
+def _resume_hint(final: Path) -> str:
+    if final.parent.name != CKPT_DIR:  # a consolidated copy, not part of a run's checkpoints
+        return ", then run the same command again"
+    try:
+        previous = latest_checkpoint(final.parent.parent)
+    except OSError:  # the hint must not hide the error it is part of
+        return ", then run the same command again"
+    if previous is None:
+        return ", then run the same command again (the run has no checkpoint yet: it starts over)"
+    return f", then run the same command again to resume from {previous.name} (it is intact)"
 
 
 def publish_checkpoint(
@@ -153,13 +169,20 @@ def publish_checkpoint(
             with open(path, "rb") as f:
                 os.fsync(f.fileno())
             files[path.relative_to(tmp).as_posix()] = sha256_file(path)
-        _write_json(tmp / META_FILE, {**meta, "format_version": FORMAT_VERSION, "step": step, "files": files})
+        body = {**meta, "format_version": FORMAT_VERSION, "step": step, "files": files}
+        body = json.loads(json.dumps(body))  # the digest is over what a reader will parse back
+        _write_json(tmp / META_FILE, {**body, META_DIGEST: meta_digest(body)})
         _fsync_dir(tmp)
         old = None
         if final.exists():  # a re-save of the same step: keep the old copy until the new one is in place
             old = final.with_name(f".old-{final.name}-{os.getpid()}")
             os.replace(final, old)
-        os.replace(tmp, final)
+        try:
+            os.replace(tmp, final)
+        except OSError:
+            if old is not None:
+                os.replace(old, final)  # the old copy goes back rather than away with the leftovers
+            raise
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
         _fsync_dir(ckpt_root)
@@ -174,24 +197,32 @@ def publish_checkpoint(
 
 
 def _rotate(ckpt_root: Path, keep_last: int) -> None:
-    # Delete only complete older checkpoints, and never let a failed delete stop training.
-    steps = sorted(p for p in ckpt_root.glob("step_*") if p.is_dir())
+    # Keep the newest `keep_last` complete checkpoints, and never let a failed delete stop training.
+    # meta.json goes first: a kill halfway leaves a directory without it, which is never a resume point
+    # and which clean_leftovers removes on the next start.
+    steps = sorted(p for p in ckpt_root.glob("step_*") if (p / META_FILE).is_file())
     for old in steps[:-keep_last]:
         try:
+            (old / META_FILE).unlink()
             shutil.rmtree(old)
         except OSError as e:
             warnings.warn(f"could not delete old checkpoint {old}: {e}", stacklevel=2)
 
 
 def clean_leftovers(run_dir: str | Path) -> list[Path]:
-    """Remove temporary directories a killed save left behind (`.tmp-*`, `.old-*`); return them."""
+    """Remove what an interrupted save or rotation left behind; return the removed paths.
+
+    That is temporary directories (`.tmp-*`, `.old-*`) and `step_*` directories without meta.json that
+    are older than the newest complete checkpoint (a rotation killed halfway). A newer incomplete one is
+    kept: find_valid_checkpoint reports it, and the run writes that step again when it gets there.
+    """
     root = Path(run_dir) / CKPT_DIR
-    found = [p for pattern in (".tmp-*", ".old-*") for p in root.glob(pattern)]
+    found = [p for pattern in (".tmp-*", ".old-*", f".{LATEST}.tmp") for p in root.glob(pattern)]
+    complete = list_checkpoints(run_dir)
+    if complete:
+        found += [p for p in step_checkpoints(run_dir) if p.name < complete[-1].name and p not in complete]
     for p in found:
-        if p.is_dir():
-            shutil.rmtree(p, ignore_errors=True)
-        else:
-            p.unlink(missing_ok=True)
+        remove_quietly(p)
     return found
 
 
@@ -213,9 +244,18 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
+def meta_digest(meta: dict) -> str:
+    """SHA-256 of a checkpoint's metadata (without the digest itself) as canonical JSON."""
+    body = {k: v for k, v in meta.items() if k != META_DIGEST}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
 def read_meta(ckpt: str | Path) -> dict:
     """meta.json of a checkpoint."""
     path = Path(ckpt) / META_FILE
+    if not path.is_file() and Path(ckpt).is_dir():
+        raise CheckpointError(f"{path}: missing (the checkpoint is incomplete)")
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
@@ -226,9 +266,10 @@ def read_meta(ckpt: str | Path) -> dict:
 
 
 def verify_checkpoint(ckpt: str | Path) -> dict:
-    """Check every file against the SHA-256 recorded at save time; return the metadata."""
+    """Check the metadata and every file against the SHA-256s recorded at save time; return the metadata."""
     ckpt = Path(ckpt)
     meta = read_meta(ckpt)
+    _verify_meta_digest(ckpt / META_FILE, meta)
     files = meta.get("files")
     has_weights = MODEL_FILE in files if isinstance(files, dict) else False
     if meta.get("sharded") and isinstance(files, dict):  # torch.distributed.checkpoint shards (FSDP)
@@ -246,6 +287,17 @@ def verify_checkpoint(ckpt: str | Path) -> dict:
     return meta
 
 
+def _verify_meta_digest(path: Path, meta: dict) -> None:
+    version = meta.get("format_version", 1)
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise CheckpointError(f"{path}: format_version {version!r} is not a checkpoint format")
+    if version < 2:  # written before the metadata had a digest: accepted as it is (see FORMAT_VERSION)
+        return
+    if meta.get(META_DIGEST) != meta_digest(meta):
+        what = "has no checksum" if META_DIGEST not in meta else "does not match its checksum"
+        raise CheckpointError(f"{path}: the metadata {what} (the file is corrupt or was edited)")
+
+
 def step_checkpoints(run_dir: str | Path) -> list[Path]:
     """Every step_* directory of a run, complete or not, oldest first."""
     root = Path(run_dir) / CKPT_DIR
@@ -255,15 +307,16 @@ def step_checkpoints(run_dir: str | Path) -> list[Path]:
 def find_valid_checkpoint(run_dir: str | Path, warn: Callable[[str], None]) -> tuple[Path, dict] | None:
     """The newest checkpoint whose files match their checksums, with its metadata.
 
-    A corrupt one (flipped byte, truncated, empty or missing file, unreadable meta.json) is reported
-    through `warn`, naming the file, and the next older one is tried. None when the run has no
-    checkpoint directories at all; CheckpointError when it has some but none is valid.
+    A corrupt one (flipped byte, truncated, empty or missing file, a meta.json that is unreadable, edited
+    or missing) is reported through `warn`, naming the file, and the next older one is tried. None when
+    the run has no checkpoint directories at all; CheckpointError when it has some but none is valid.
     """
     candidates = step_checkpoints(run_dir)[::-1]
-    latest = latest_checkpoint(run_dir)
-    if latest is not None and latest in candidates:  # the marker wins over the highest name
-        candidates.remove(latest)
-        candidates.insert(0, latest)
+    marker = Path(run_dir) / CKPT_DIR / LATEST
+    marked = marker.parent / marker.read_text().strip() if marker.is_file() else None
+    if marked in candidates:  # the marker wins over the highest name; if incomplete, it is reported
+        candidates.remove(marked)
+        candidates.insert(0, marked)
     for i, ckpt in enumerate(candidates):
         try:
             return ckpt, verify_checkpoint(ckpt)

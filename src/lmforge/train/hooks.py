@@ -1,5 +1,7 @@
 """What a run writes beside metrics.jsonl, behind a few named hooks the loop calls.
 
+- RUN_DIR/config.yaml and RUN_DIR/tokenizer.json: written by `prepare_run_dir` before training.
+
 - RUN_DIR/train.log: one timestamped line per logged step, evaluation, checkpoint and the end (always).
 - RUN_DIR/status.json: a heartbeat (pid, host, state, step, tokens, speed, last checkpoint) that
   `lmforge status` reads to say whether the run is alive.
@@ -8,7 +10,8 @@
 - RUN_DIR/samples.jsonl: text generated from log.sample_prompts every log.sample_every evaluations, also
   sent to TensorBoard and W&B.
 
-Only rank 0 writes (`enabled=False` elsewhere makes every hook a no-op).
+Only rank 0 writes (`enabled=False` elsewhere makes every hook a no-op). A failed write of train.log,
+status.json or samples.jsonl (a full disk) stops the run with one line, like one of metrics.jsonl.
 """
 
 from __future__ import annotations
@@ -17,10 +20,16 @@ import json
 import os
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 
+import yaml
+
+from .. import checkpoint as ckpt_io
 from ..config import Config, config_to_dict
 from ..errors import LmforgeError
+from ..safewrite import LineFile, copy_atomic, write_atomic
+from .logging import discard_metrics
 
 STATUS_FILE = "status.json"
 LOG_FILE = "train.log"
@@ -44,6 +53,20 @@ class BackendError(LmforgeError):
     """A logging backend was asked for but cannot run (e.g. its package is not installed)."""
 
 
+def prepare_run_dir(run_dir: Path, cfg: Config, fresh: bool, say: Callable[[str], None]) -> None:
+    """Before training (rank 0, holding the run's lock): remove what an interrupted save or rotation left,
+    drop the metrics of an earlier start that never checkpointed (`fresh`), write config.yaml and copy the
+    tokenizer, each file whole or not at all."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for left in ckpt_io.clean_leftovers(run_dir):
+        say(f"removed {left.name} (left by an interrupted save or rotation)")
+    if fresh and (n := discard_metrics(run_dir / "metrics.jsonl")):  # else its steps would appear twice
+        say(f"note: removed metrics.jsonl ({n} lines) of a start that ended before its first checkpoint")
+    config_text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+    write_atomic(run_dir / "config.yaml", config_text, "the config")
+    copy_atomic(Path(cfg.data) / "tokenizer.json", run_dir / "tokenizer.json", "the tokenizer")
+
+
 class RunHooks:
     """Side effects of a training run: train.log, status.json, TensorBoard, W&B and samples."""
 
@@ -58,7 +81,7 @@ class RunHooks:
         self.status: dict = {}
         if not enabled:
             return
-        self._log = open(self.run_dir / LOG_FILE, "a", encoding="utf-8")  # noqa: SIM115 (closed in end())
+        self._log = LineFile(self.run_dir / LOG_FILE, "the run log")
         if cfg.log.tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -145,8 +168,7 @@ class RunHooks:
     def line(self, text: str) -> None:
         """One timestamped line in train.log."""
         if self.enabled:
-            self._log.write(time.strftime("%Y-%m-%d %H:%M:%S ") + text + "\n")
-            self._log.flush()
+            self._log.append(time.strftime("%Y-%m-%d %H:%M:%S ") + text + "\n")
 
     def samples(self, model, step: int, tokens: int) -> list[dict]:
         """Generate from the fixed prompts (seeded, so runs can be compared); write them everywhere."""
@@ -170,9 +192,11 @@ class RunHooks:
                 out.append({"step": step, "tokens": tokens, "prompt": prompt, "text": text})
         finally:
             model.train(was_training)
-        with open(self.run_dir / SAMPLES_FILE, "a", encoding="utf-8") as f:
-            for rec in out:
-                f.write(json.dumps(rec) + "\n")
+        samples_file = LineFile(self.run_dir / SAMPLES_FILE, "samples")
+        try:
+            samples_file.append("".join(json.dumps(rec) + "\n" for rec in out))
+        finally:
+            samples_file.close()
         body = "\n\n".join(f"**{r['prompt']}**{r['text']}" for r in out)
         if self.tb is not None:
             self.tb.add_text("samples", body, step)
@@ -198,9 +222,8 @@ class RunHooks:
             self.wandb.log(values, step=step)
 
     def _beat(self) -> None:
-        tmp = self.run_dir / (STATUS_FILE + ".tmp")
-        tmp.write_text(json.dumps(self.status), encoding="utf-8")
-        tmp.replace(self.run_dir / STATUS_FILE)
+        # a heartbeat: rewritten at every logged step, so no fsync (a crash may leave it one beat old)
+        write_atomic(self.run_dir / STATUS_FILE, json.dumps(self.status), "the run status", durable=False)
 
 
 def _read_status(run_dir: Path) -> dict:

@@ -10,21 +10,26 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from ..safewrite import LineFile, failing_cleanly, write_atomic
+
 
 class MetricsWriter:
-    """Appends one JSON object per line to RUN_DIR/metrics.jsonl (kept across resumes)."""
+    """Appends one JSON object per line to RUN_DIR/metrics.jsonl (kept across resumes).
+
+    Each line is written straight to the file (no buffer), so a crash loses nothing already logged, and a
+    failed write (a full disk) leaves no torn line and stops the run with one line (DiskWriteError).
+    """
 
     def __init__(self, path: Path, enabled: bool = True) -> None:
         self.enabled = enabled
-        self._f = open(path, "a", encoding="utf-8") if enabled else None  # noqa: SIM115 (closed in close())
+        self._f = LineFile(path, "metrics") if enabled else None
 
     def write(self, record: dict) -> None:
-        """Write one record, flushed so a crash loses nothing already logged."""
+        """Write one record."""
         if self._f is None:
             return
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
-        self._f.write(json.dumps(clean) + "\n")
-        self._f.flush()
+        self._f.append(json.dumps(clean) + "\n")
 
     def close(self) -> None:
         """Close the file."""
@@ -33,8 +38,23 @@ class MetricsWriter:
             self._f = None
 
 
+def discard_metrics(path: Path) -> int:
+    """Delete the metrics of an earlier start that never checkpointed (a fresh start writes them again);
+    return how many records it held."""
+    if not path.is_file():
+        return 0
+    n = len(path.read_text(encoding="utf-8", errors="replace").splitlines())
+    with failing_cleanly("metrics", path):  # a read-only directory, say
+        path.unlink()
+    return n
+
+
 def truncate_metrics(path: Path, step: int) -> int:
-    """Drop records after `step` (written after the checkpoint a run resumes from); return how many."""
+    """Drop records after `step` (written after the checkpoint a run resumes from); return how many.
+
+    The file is rewritten through a temporary one: if that fails (a full disk), the original stays and
+    the error is one line.
+    """
     if not path.is_file():
         return 0
     lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
@@ -47,9 +67,7 @@ def truncate_metrics(path: Path, step: int) -> int:
             continue  # a torn line from a crash mid-write
         kept.append(line if line.endswith("\n") else line + "\n")
     if len(kept) != len(lines):
-        tmp = path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(kept), encoding="utf-8")
-        tmp.replace(path)
+        write_atomic(path, "".join(kept), "metrics")
     return len(lines) - len(kept)
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import random
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,13 +22,15 @@ from .. import checkpoint as ckpt_io
 from ..config import Config, ConfigError, config_to_dict
 from ..data import TokenLoader, iter_eval_batches, load_meta
 from ..device import autocast, peak_flops, pick_device, pick_precision
+from ..errors import LmforgeError
 from ..eval.metrics import evaluate_loss, loss_report
 from ..model import GPT, flops_per_token
+from ..runlock import RunLock, RunLockedError
 from .autobatch import oom_guard, resolve_micro_batch
 from .dist_checkpoint import Checkpointer, loader_state_for
 from .distributed import DistEnv, all_reduce_mean, close_distributed, init_distributed
 from .guards import BadStepGuard, EarlyStopping
-from .hooks import RunHooks
+from .hooks import RunHooks, prepare_run_dir
 from .logging import ConsoleReporter, MetricsWriter, truncate_metrics
 from .optim import apply_optimizer_settings, build_optimizer, lr_at
 from .parallel import all_agree, check_supported, clip_grad_norm, collective_errors, grad_sync, parallelize
@@ -124,17 +125,24 @@ def train(
 
     init_tensors: starting weights for a new run (e.g. an imported HF model); a resume ignores them.
     """
+    lock = RunLock(cfg.out)  # taken by rank 0 before the run directory is read, held until the end
     try:
-        return _train(cfg, dry_run, console, init_tensors)
+        return _train(cfg, dry_run, console, init_tensors, lock)
     except BaseException:
         # Leave the process group (FSDP makes one even for a single process) so that a caller in the
         # same Python process starts clean. No barrier: the other ranks may never get here.
         close_distributed(barrier=False)
         raise
+    finally:
+        lock.release()
 
 
 def _train(
-    cfg: Config, dry_run: bool, console: Console | None, init_tensors: dict[str, torch.Tensor] | None
+    cfg: Config,
+    dry_run: bool,
+    console: Console | None,
+    init_tensors: dict[str, torch.Tensor] | None,
+    lock: RunLock,
 ) -> TrainResult | None:
     console = console or Console()
     # --- setup -------------------------------------------------------------------------------
@@ -168,17 +176,21 @@ def _train(
 
     # --- run directory and resume point -----------------------------------------------------
     run_dir = Path(cfg.out)
+    refused = None
+    if env.is_main:  # one writer per run directory (runlock.py)
+        try:
+            lock.acquire(say)
+        except LmforgeError as e:
+            refused = e
+    if all_agree(refused is not None, env, device):  # the other ranks stop too, rather than wait
+        raise refused or RunLockedError(f"rank 0 could not lock {run_dir}: see its error")
     resume_from, saved = find_resume_point(cfg, run_dir, say)
     if saved:
         check_resume_compatible(saved, cfg, data_meta, say)
     if saved and not has_training_state(saved):  # e.g. `lmforge import`: its weights start this run
         init_tensors, resume_from, saved = ckpt_io.load_checkpoint(resume_from, verify=False)[0], None, None
     if env.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        for left in ckpt_io.clean_leftovers(run_dir):
-            say(f"removed {left.name} (a save that was interrupted)")
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-        shutil.copyfile(Path(cfg.data) / "tokenizer.json", run_dir / "tokenizer.json")
+        prepare_run_dir(run_dir, cfg, fresh=not saved, say=say)
 
     # --- model, optimizer, data --------------------------------------------------------------
     torch.manual_seed(cfg.train.seed)

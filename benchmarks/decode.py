@@ -22,8 +22,9 @@ import torch
 
 from lmforge.bench import hf_twin
 from lmforge.generate.engine import BatchDecoder
+from lmforge.generate.layout import use_inference_layout
 from lmforge.generate.sampling import SamplingParams
-from lmforge.model import GPT, ModelConfig, use_inference_layout
+from lmforge.model import GPT, ModelConfig
 from lmforge.presets import BENCH_MODEL, get_preset
 
 GREEDY = SamplingParams(temperature=0.0)
@@ -74,7 +75,7 @@ def bench(args, family: str, batch: int) -> dict:
     model = GPT(ModelConfig(**kw)).eval()
     hf = hf_twin(model).eval().to(device=device, dtype=dtype)
     model.to(device=device, dtype=dtype)
-    use_inference_layout(model)  # what load_model does for generate, chat, serve and the Python API
+    use_inference_layout(model)  # what LLM.load does for generate, chat, serve and the Python API
     prompts = torch.randint(
         0, kw["vocab_size"], (batch, args.prompt_len), generator=torch.Generator().manual_seed(1)
     ).to(device)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import shutil
 
@@ -15,6 +16,7 @@ from lmforge.cli import main
 from lmforge.config import Config, config_to_dict
 from lmforge.data import Tokenizer
 from lmforge.export import ExportError, export_run
+from lmforge.generate.layout import use_inference_layout
 from lmforge.model import GPT
 from lmforge.model.config import ModelConfig
 
@@ -64,6 +66,31 @@ def greedy(forward, idx, n):
         nxt = forward(idx)[:, -1].argmax(-1, keepdim=True)
         idx = torch.cat([idx, nxt], dim=1)
     return idx
+
+
+@pytest.mark.parametrize("fmt", ["hf", "gguf"])
+def test_export_sees_plain_linear_layers_never_the_decoding_layout(tiny_data, tmp_path, monkeypatch, fmt):
+    # The decoding layout (InferenceLinear, column-major weights) is generation's own: loading a run for
+    # export must hand the exporter the model as trained.
+    module = importlib.import_module(f"lmforge.export.{fmt}")
+    name = f"export_{fmt}"
+    real, seen = getattr(module, name), []
+
+    def spy(model, *args, **kwargs):
+        seen.append(model)
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(module, name, spy)
+    run = make_run(tmp_path, tiny_data, "gpt2-untied")
+    assert main(["export", "--run", str(run), "--format", fmt, "--out", str(tmp_path / "out")]) == 0
+    (model,) = seen
+
+    def plain(m: torch.nn.Module) -> bool:
+        linears = [x for x in m.modules() if isinstance(x, torch.nn.Linear)]
+        return bool(linears) and all(type(x) is torch.nn.Linear and x.weight.is_contiguous() for x in linears)
+
+    assert plain(model)
+    assert not plain(use_inference_layout(model))  # negative control: the check sees the layout
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))

@@ -8,18 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import lmforge.model.inference as inference
+import lmforge.generate.layout as layout
 from lmforge.generate.engine import GRAPH_MIN_TOKENS, BatchDecoder, generate_ids, graphs_by_default
+from lmforge.generate.layout import InferenceLinear, pack_for_batches, use_inference_layout
 from lmforge.generate.sampling import SamplingParams
-from lmforge.model import (
-    GPT,
-    ModelConfig,
-    StaticDecoder,
-    decode_step,
-    pack_for_batches,
-    use_inference_layout,
-)
-from lmforge.model.inference import InferenceLinear
+from lmforge.generate.step import StaticDecoder, decode_step
+from lmforge.model import GPT, ModelConfig
 from lmforge.model.quant import Int8Linear, quantize_int8
 from tests.test_model import FAMILIES  # the four architecture variants the model tests use
 
@@ -84,17 +78,17 @@ def test_decode_step_refuses_to_run_past_the_context():
 @pytest.fixture
 def pack_small_layers(monkeypatch):
     """Tiny test layers are below the size worth packing; pack them anyway, and count packed products."""
-    monkeypatch.setattr(inference, "MIN_PACKED_BYTES", 0)
-    if inference._pack(torch.ones(4, 4)) is None:
+    monkeypatch.setattr(layout, "MIN_PACKED_BYTES", 0)
+    if layout._pack(torch.ones(4, 4)) is None:
         pytest.skip("oneDNN packing is not used on this CPU (needs x86 with AVX2 and a torch with oneDNN)")
     calls = []
-    real = inference.packed_linear
+    real = layout.packed_linear
 
     def counting(x, packed, bias):
         calls.append(x.numel() // x.size(-1))
         return real(x, packed, bias)
 
-    monkeypatch.setattr(inference, "packed_linear", counting)
+    monkeypatch.setattr(layout, "packed_linear", counting)
     return calls
 
 

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import ast
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from lmforge.generate.engine import generate_ids
+from lmforge.generate.layout import use_inference_layout
 from lmforge.generate.sampling import SamplingParams, top_k_filter, top_p_filter
 from lmforge.model import (
     GPT,
@@ -16,7 +21,6 @@ from lmforge.model import (
     count_params,
     flops_per_token,
     param_breakdown,
-    use_inference_layout,
 )
 
 FAMILIES = {
@@ -160,3 +164,35 @@ def test_prompt_longer_than_context_is_cut_from_the_left_with_a_warning():
     with pytest.warns(UserWarning, match="cut"):
         out = list(generate_ids(model, list(range(1, 80)), 5, SamplingParams(temperature=0)))
     assert len(out) == 5
+
+
+def model_imports(source: str) -> set[str]:
+    """Top-level names of what a module imports; a relative import that leaves model/ counts as 'lmforge'."""
+    names = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            names.add(node.module.split(".")[0])
+        elif isinstance(node, ast.ImportFrom) and node.level > 1:  # `from ..x`: out of model/
+            names.add("lmforge")
+    return names
+
+
+def test_the_model_package_imports_only_torch_and_itself():
+    # model/ is the model alone: the decoding machinery lives in generate/, which imports model/, never
+    # the other way round; outside the standard library, torch is all model/ may need.
+    allowed = {"torch"} | set(sys.stdlib_module_names)
+    for path in sorted(Path(__file__).resolve().parents[1].glob("src/lmforge/model/*.py")):
+        assert model_imports(path.read_text()) <= allowed, path.name
+    assert model_imports("from ..generate.layout import InferenceLinear") - allowed == {"lmforge"}  # control
+    code = (
+        "import sys, lmforge.model as m; [getattr(m, n) for n in m.__all__]; "
+        "print(' '.join(sorted(x for x in sys.modules if x.startswith('lmforge'))))"
+    )
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root / "src")
+    assert out.returncode == 0, out.stderr
+    assert set(out.stdout.split()) == {"lmforge", "lmforge.model"} | {
+        f"lmforge.model.{name}" for name in ("config", "gpt", "kv_cache")
+    }

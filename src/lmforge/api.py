@@ -14,6 +14,7 @@ from .generate.batch import check_output_path, generate_batches, records, write_
 from .generate.chat import STOP as CHAT_STOP
 from .generate.chat import ChatSession, fit_turns, format_turns, repl
 from .generate.engine import Completion, generate_texts, stream_text
+from .generate.layout import use_inference_layout
 from .generate.sampling import SamplingParams
 from .model import GPT
 
@@ -57,6 +58,10 @@ class LLM:
                 str(e).replace("--train.device", "--device").replace("train.device", "--device")
             ) from e
         model, _, ckpt = load_model(run, device=dev)
+        # The decoding layout is this object's own: load_model gives every other reader (eval's scoring,
+        # export) the plain model. Before int8, so int8 weights keep the memory order they have always had
+        # (one-row products round differently in the other; `lmforge eval --quantize int8` does the same).
+        use_inference_layout(model)
         if quantize is not None:
             if quantize != "int8":
                 raise GenerationError(f"quantize={quantize!r}: the only choice is int8")

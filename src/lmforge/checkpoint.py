@@ -36,7 +36,7 @@ from safetensors.torch import load_file, save_file
 
 from .config import Config, config_from_dict
 from .errors import LmforgeError
-from .model import GPT, use_inference_layout
+from .model import GPT
 from .safewrite import io_errno, remove_quietly, write_failure
 
 # 2: meta.json carries META_DIGEST, the SHA-256 of its other content. Checkpoints of format 1 (written
@@ -387,15 +387,14 @@ def resolve_checkpoint(path: str | Path) -> Path:
 def load_model(
     run: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
 ) -> tuple[GPT, Config, Path]:
-    """Build the model of a run (or checkpoint directory) with its saved weights, in eval mode, for inference
-    (on the CPU its linear weights take the faster decoding layout, `use_inference_layout`)."""
+    """Build the model of a run (or checkpoint directory) with its saved weights, in eval mode, as trained:
+    plain nn.Linear layers (whoever decodes applies its own layout, `generate/layout.py`)."""
     ckpt = resolve_checkpoint(run)
     model_sd, _, meta = load_checkpoint(ckpt)
     cfg = config_from_dict(meta["config"])
     model = GPT(cfg.model)
     load_model_weights(model, model_sd)
     model.to(device=device, dtype=dtype).eval()
-    use_inference_layout(model)
     return model, cfg, ckpt
 
 

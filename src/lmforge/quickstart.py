@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import torch
 from rich.console import Console
 
-from .checkpoint import load_model, read_metrics
+from .api import LLM
+from .checkpoint import read_metrics
 from .config import CheckpointConfig, Config, EvalConfig, LogConfig, ModelConfig, TrainConfig
-from .data import Tokenizer, prepare
+from .data import prepare
 from .data.errors import DataError
 from .data.prepare import load_meta
-from .generate.engine import stream_text
-from .generate.sampling import SamplingParams
 from .presets import get_preset
 
 # Sized to train in about 5 minutes on a 2-core CPU: the tiny preset runs at ~2.4k tokens/s there in fp32
@@ -106,12 +102,9 @@ def quickstart(
 
 def generate_samples(run_dir: str) -> dict[str, str]:
     """One continuation of each quickstart prompt (fixed seeds, so a re-run prints the same)."""
-    model, _, _ = load_model(run_dir, device="cpu")
-    tok = Tokenizer.load(Path(run_dir) / "tokenizer.json")
+    llm = LLM.load(run_dir, device="cpu")  # as `lmforge generate` loads it, so the two print the same
     # A little below the usual 0.8: a 6M-parameter model's tail is mostly noise.
-    params = SamplingParams(temperature=0.7, top_k=40)
-    with torch.no_grad():
-        return {
-            prompt: "".join(stream_text(model, tok, prompt, SAMPLE_TOKENS, params, seed=i))
-            for i, prompt in enumerate(QUICKSTART_PROMPTS)
-        }
+    return {
+        prompt: llm.generate(prompt, SAMPLE_TOKENS, temperature=0.7, top_k=40, seed=i)
+        for i, prompt in enumerate(QUICKSTART_PROMPTS)
+    }

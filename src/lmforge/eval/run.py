@@ -155,6 +155,7 @@ def evaluate_run(run: str | Path, opts: EvalOptions, console: Console | None = N
 
     base_model, base_bpb = None, None
     if opts.quantize == "int8":
+        from ..generate.layout import use_inference_layout
         from ..model.quant import quantize_int8, weight_bytes
 
         say("scoring the unquantized model first ...")
@@ -162,6 +163,7 @@ def evaluate_run(run: str | Path, opts: EvalOptions, console: Console | None = N
         base_bpb = summarize_scores(base_scores, n_bytes)["bpb"]
         base_model = copy.deepcopy(model) if opts.speed else None
         fp_bytes = weight_bytes(model)
+        use_inference_layout(model)  # int8 of the decoding layout, as `LLM.load(quantize="int8")` makes it
         quantize_int8(model)
         report["quantization"] = {
             **model.quant_info,

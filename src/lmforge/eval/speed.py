@@ -1,8 +1,9 @@
 """Inference speed straight on the model: prefill and decode through its KV cache, timed.
 
-Prefill is one forward of the prompt into an empty cache; time to first token adds choosing the first
-token; decode is one step per new token through the generation engine's one-token path (`decode_step`,
-or on a GPU its step recorded as a CUDA graph, as `generate` does).
+The model decodes as `generate` decodes: in the CPU decoding layout (`use_inference_layout`, given to
+the model in place, as `LLM.load` does), with one step per new token through the engine's one-token path
+(`decode_step`, or on a GPU its step recorded as a CUDA graph). Prefill is one forward of the prompt into
+an empty cache; time to first token adds choosing the first token.
 Peak memory is the CUDA allocator's peak on a GPU and the process's peak resident set on a CPU (which
 includes everything loaded so far).
 """
@@ -16,8 +17,9 @@ import time
 import torch
 
 from ..generate.engine import graphs_by_default
+from ..generate.layout import use_inference_layout
 from ..generate.sampling import SamplingParams, sample_rows
-from ..model import StaticDecoder, decode_step
+from ..generate.step import StaticDecoder, decode_step
 
 
 def _sync(device: torch.device) -> None:
@@ -35,7 +37,11 @@ def decode(
     seed: int = 0,
     eos_id: int | None = None,
 ) -> tuple[list[int], dict[str, float]]:
-    """New token ids for one prompt (stopping at eos_id) and the seconds spent in prefill and decode."""
+    """New token ids for one prompt (stopping at eos_id) and the seconds spent in prefill and decode.
+
+    Gives the model the decoding layout first (in place; a no-op once done, and for int8 layers).
+    """
+    use_inference_layout(model)
     device = next(model.parameters()).device
     context = model.cfg.context_len
     max_new_tokens = max(0, min(max_new_tokens, context - 1))

@@ -3,6 +3,10 @@
 A batch of prompts of different lengths is left-padded so that every row writes its next token to the
 same cache slot; a key mask hides the padding and each row counts positions from its own first token,
 so a prompt gives the same greedy tokens alone or inside a padded batch (tests/test_generate.py).
+
+The engine decodes a model in whatever layout it is given: the faster CPU layout (`layout.py`) is applied
+by whoever owns the model for inference (`LLM.load`), never here, since training samples through this
+engine too and must keep its weights as they are.
 """
 
 from __future__ import annotations
@@ -15,8 +19,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ..model import GPT, StaticDecoder, decode_step, pack_for_batches
+from ..model import GPT
+from .layout import pack_for_batches
 from .sampling import SamplingParams, sample_rows
+from .step import StaticDecoder, decode_step
 
 
 def fit_prompt(prompt: list[int], max_new_tokens: int, context: int, warn: bool = True) -> list[int]:

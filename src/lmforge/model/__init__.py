@@ -10,20 +10,15 @@ from .config import ModelConfig
 
 if TYPE_CHECKING:  # what type checkers and editors see; at run time __getattr__ below imports them
     from .gpt import GPT, count_params, flops_per_token, param_breakdown
-    from .inference import StaticDecoder, decode_step, pack_for_batches, use_inference_layout
     from .kv_cache import KVCache
 
 __all__ = [
     "GPT",
     "KVCache",
     "ModelConfig",
-    "StaticDecoder",
     "count_params",
-    "decode_step",
     "flops_per_token",
-    "pack_for_batches",
     "param_breakdown",
-    "use_inference_layout",
 ]
 
 _LAZY = {
@@ -31,10 +26,6 @@ _LAZY = {
     "count_params": "gpt",
     "flops_per_token": "gpt",
     "param_breakdown": "gpt",
-    "StaticDecoder": "inference",
-    "decode_step": "inference",
-    "pack_for_batches": "inference",
-    "use_inference_layout": "inference",
     "KVCache": "kv_cache",
 }
 

@@ -263,7 +263,7 @@ class GPT(nn.Module):
         zeroed: bool = False,
     ) -> KVCache:
         """An empty KV cache for up to max_len positions (default: the whole context); zeroed for
-        attention over all of it (`static_decode_step`)."""
+        attention over all of it (the fixed-shape decode step that CUDA graphs record)."""
         p = self.wte.weight
         return KVCache(
             self.cfg.n_layer,

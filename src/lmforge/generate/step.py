@@ -1,0 +1,216 @@
+"""The one-token decode step: the model's forward written for one new token per row, eagerly or recorded
+as a CUDA graph (`StaticDecoder`). Same values as `GPT.forward` through the KV cache (tests compare the
+logits bitwise); `BatchDecoder` and eval's speed check decode through it.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..model.gpt import GPT, apply_rope, attention_mask
+from ..model.kv_cache import KVCache
+
+
+def _norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """norm(x); RMSNorm on the CPU in fp32 as the 6 operations torch's own CPU kernel performs (same
+    values), without its ~4 extra dispatches for dtype conversions, which cost more than the arithmetic."""
+    if isinstance(norm, nn.RMSNorm) and x.is_cpu and x.dtype == torch.float32 and norm.weight is not None:
+        eps = norm.eps if norm.eps is not None else torch.finfo(x.dtype).eps
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True).add_(eps)) * norm.weight
+    return norm.forward(x)
+
+
+def _rope(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], fast: bool) -> torch.Tensor:
+    """`apply_rope`, or with full-width tables (cos|cos, -sin|sin) in fp32 as x*cos + roll(x)*sin: the same
+    products and sums in 4 operations instead of 12 (roll by half swaps the halves)."""
+    if not fast:
+        return apply_rope(x, *rope)
+    cos, sin = rope
+    return x * cos + x.roll(x.size(-1) // 2, dims=-1) * sin
+
+
+def _rope_rows(
+    model: GPT, where: slice | torch.Tensor, dtype: torch.dtype
+) -> tuple[tuple[torch.Tensor, torch.Tensor] | None, bool]:
+    """RoPE tables for one new token per row, made once per step for all layers, and whether they are the
+    full-width ones `_rope` takes (fp32). where: a slice of one position shared by all rows, or (B, 1, 1)
+    positions, one per row."""
+    if model.cfg.pos_emb != "rope":
+        return None, False
+    cos, sin = model.rope_cos[where], model.rope_sin[where]  # (1, hd/2) or (B, 1, 1, hd/2)
+    if dtype != torch.float32:
+        return (cos, sin), False
+    return (torch.cat((cos, cos), -1), torch.cat((-sin, sin), -1)), True
+
+
+def _blocks_one_token(
+    model: GPT,
+    x: torch.Tensor,
+    rope: tuple[torch.Tensor, torch.Tensor] | None,
+    fast_rope: bool,
+    mask: torch.Tensor | None,
+    store: Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+) -> torch.Tensor:
+    """Logits (B, vocab) from the embedded new tokens x (B, C); store(layer, k, v) writes the new keys
+    and values to the cache and returns every key and value attention should see. The hidden state stays
+    2-d: each linear layer is then one matrix product, without matmul's reshapes around it."""
+    cfg = model.cfg
+    B, nh, nkv, hd = x.size(0), cfg.n_head, cfg.n_kv_head, cfg.head_dim
+    for layer, block in enumerate(model.blocks):
+        attn, mlp = block.attn, block.mlp
+        qkv = attn.c_attn.forward(_norm(block.ln_1, x)).view(B, nh + 2 * nkv, 1, hd)
+        q, k, v = qkv.split([nh, nkv, nkv], dim=1)  # (B, nh, 1, hd), (B, nkv, 1, hd) x 2
+        if attn.q_norm is not None:
+            q, k = _norm(attn.q_norm, q), _norm(attn.k_norm, k)
+            if rope is not None:
+                q, k = _rope(q, rope, fast_rope), _rope(k, rope, fast_rope)
+        elif rope is not None:  # q and k are adjacent heads of qkv: rotate them in one pass (same values)
+            q, k = _rope(qkv[:, : nh + nkv], rope, fast_rope).split([nh, nkv], dim=1)
+        k, v = store(layer, k, v)  # (B, nkv, keys, hd)
+        # One query per row sees every stored key: no causal mask; padding is hidden by `mask`.
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=nkv != nh)  # (B, nh, 1, hd)
+        x = x + attn.c_proj.forward(y.reshape(B, nh * hd))
+        x = x + mlp.c_proj.forward(mlp.act(mlp.c_fc.forward(_norm(block.ln_2, x))))
+    logits = model.lm_head.forward(_norm(model.ln_f, x))  # (B, padded vocab)
+    return logits if logits.size(1) == cfg.vocab_size else logits[:, : cfg.vocab_size]
+
+
+def _check_room(model: GPT, cache: KVCache) -> None:
+    if cache.pos + 1 > model.cfg.context_len:
+        raise ValueError(
+            f"sequence of {cache.pos + 1} tokens is longer than the context ({model.cfg.context_len})"
+        )
+
+
+@torch.no_grad()
+def decode_step(
+    model: GPT,
+    idx: torch.Tensor,
+    cache: KVCache,
+    positions: torch.Tensor | None = None,
+    key_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Logits (B, vocab) of the next token after one new token per row, idx (B, 1), through the KV cache.
+
+    The same values as `model(idx, cache=cache, positions=positions, key_mask=key_mask,
+    last_only=True)[:, -1]` (tests check the logits are bitwise identical), computed for the one-token
+    shape: submodules are run through their `forward` (no module-call machinery or hooks) and q, k, v
+    come out of the fused projection as views, RMSNorm and RoPE take fewer dispatches (`_norm`, `_rope`).
+    In eval mode only (no dropout). On a CPU, where a step is a few hundred small operations, whole
+    generations on the bench model are 2-10% faster than through `model(...)` (benchmarks/RESULTS.md).
+    """
+    _check_room(model, cache)
+    pos = cache.pos
+    B = idx.size(0)
+    x = model.wte.forward(idx.view(B))  # (B, C)
+    if model.wpe is not None:
+        x = x + (model.wpe.forward(positions.view(B)) if positions is not None else model.wpe.weight[pos])
+    where = positions.unsqueeze(1) if positions is not None else slice(pos, pos + 1)
+    rope, fast_rope = _rope_rows(model, where, x.dtype)
+    mask = None if key_mask is None else attention_mask(key_mask, pos, 1)  # (B, 1, 1, L)
+    logits = _blocks_one_token(model, x, rope, fast_rope, mask, cache.update)
+    cache.advance(1)
+    return logits
+
+
+def static_decode_step(
+    model: GPT,
+    idx: torch.Tensor,
+    positions: torch.Tensor,
+    slot: torch.Tensor,
+    key_mask: torch.Tensor,
+    cache: KVCache,
+) -> torch.Tensor:
+    """decode_step with every shape fixed and no value read on the host, so it can be recorded as a CUDA
+    graph: the new token of each row goes to cache slot `slot` (a (1,) tensor) and attention runs over the
+    whole cache, masked to the slots up to `slot` that key_mask (B, cache.max_len) marks as real tokens.
+    positions (B, 1): each row's position. Does not advance the cache (the caller owns `pos`). Needs a
+    cache made with zeroed=True: masked slots get zero weight, and 0 * NaN from never-written memory would
+    still be NaN."""
+    B = idx.size(0)
+    x = model.wte.forward(idx.view(B))  # (B, C)
+    if model.wpe is not None:
+        x = x + model.wpe.forward(positions.view(B))
+    rope, fast_rope = _rope_rows(model, positions.unsqueeze(1), x.dtype)
+    k_slot = torch.arange(cache.max_len, device=idx.device)  # (L,)
+    mask = (key_mask & (k_slot <= slot)) | (k_slot == slot)  # (B, L): real keys so far, and its own
+    return _blocks_one_token(
+        model,
+        x,
+        rope,
+        fast_rope,
+        mask[:, None, None, :],
+        lambda layer, k, v: cache.store_at(layer, slot, k, v),
+    )
+
+
+class StaticDecoder:
+    """Decode steps for one batch and one KV cache through `static_decode_step`. On a GPU the first step
+    is recorded as a CUDA graph and every step replays it: one launch instead of one per kernel (hundreds
+    per step), which is what bounds decoding speed at small batches. Elsewhere the step runs eagerly (the
+    same arithmetic; what the CPU tests check).
+
+    key_mask (B, cache.max_len) marks real tokens (left padding False) and must be updated in place by the
+    caller before each step that adds a token to a padded row; None: every row is all real tokens. The
+    logits returned are overwritten by the next step.
+    """
+
+    def __init__(self, model: GPT, cache: KVCache, key_mask: torch.Tensor | None) -> None:
+        B, L, device = cache.k.size(1), cache.max_len, cache.k.device
+        self.model, self.cache = model, cache
+        # Inputs live in fixed tensors: a graph reads the memory it was recorded with.
+        self.idx = torch.zeros((B, 1), dtype=torch.long, device=device)
+        self.positions = torch.zeros((B, 1), dtype=torch.long, device=device)
+        self.slot = torch.zeros(1, dtype=torch.long, device=device)
+        self.key_mask = (
+            key_mask if key_mask is not None else torch.ones((B, L), dtype=torch.bool, device=device)
+        )
+        self.graph_wanted = device.type == "cuda"
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.logits: torch.Tensor | None = None
+
+    def _step(self) -> torch.Tensor:
+        return static_decode_step(self.model, self.idx, self.positions, self.slot, self.key_mask, self.cache)
+
+    def _record(self) -> None:
+        """Record the step as a CUDA graph (after one warm-up run on a side stream, as CUDA graphs need);
+        the warm-up writes the same keys and values the replay is about to write."""
+        side = torch.cuda.Stream(device=self.idx.device)
+        side.wait_stream(torch.cuda.current_stream(self.idx.device))
+        with torch.cuda.stream(side):
+            self._step()
+        torch.cuda.current_stream(self.idx.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self.logits = self._step()
+        self.graph = graph
+
+    @torch.no_grad()
+    def __call__(self, idx: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """decode_step(model, idx, cache, positions, key_mask) for this batch: logits (B, vocab)."""
+        _check_room(self.model, self.cache)
+        pos = self.cache.pos
+        self.idx.copy_(idx)
+        if positions is None:
+            self.positions.fill_(pos)
+        else:
+            self.positions.copy_(positions)
+        self.slot.fill_(pos)
+        if self.graph_wanted and self.graph is None:
+            try:
+                self._record()
+            except RuntimeError as e:  # an operation that cannot be recorded: decode without the graph
+                warnings.warn(f"decoding without a CUDA graph: recording failed ({e})", stacklevel=2)
+                self.graph_wanted = False
+        if self.graph is not None:
+            self.graph.replay()
+            logits = self.logits
+        else:
+            logits = self._step()
+        self.cache.advance(1)
+        return logits

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from lmforge.cli import main
 from lmforge.generate.chat import ChatSession, fit_turns, format_turns, repl
@@ -66,6 +67,66 @@ def test_python_api_generate_stream_batch(run, tmp_path):
     q = LLM.load(run, device="cpu", quantize="int8")  # linear layers swapped for int8 ones
     assert type(q.model.blocks[0].mlp.c_fc).__name__ == "Int8Linear"
     assert len(q.generate(["the cat", "a"], max_new_tokens=6, temperature=0)) == 2
+
+
+def test_generate_decodes_in_the_fast_layout_that_load_model_leaves_out(run, monkeypatch, capsys):
+    from lmforge import LLM
+    from lmforge.checkpoint import load_model
+    from lmforge.generate import engine
+    from lmforge.generate.layout import InferenceLinear
+
+    def fast(model) -> bool:
+        linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+        return bool(linears) and all(
+            isinstance(m, InferenceLinear) and m.weight.t().is_contiguous() for m in linears
+        )
+
+    assert fast(LLM.load(run, device="cpu").model)
+    assert not fast(load_model(run)[0])  # every other reader gets the plain model (and the check can fail)
+    seen = []
+    real_init = engine.BatchDecoder.__init__
+
+    def spy(self, model, *args, **kwargs):
+        seen.append(model)
+        real_init(self, model, *args, **kwargs)
+
+    monkeypatch.setattr(engine.BatchDecoder, "__init__", spy)
+    args = ["generate", "--run", str(run), "--prompt", "the", "--max-new-tokens", "3", "--device", "cpu"]
+    assert main(args) == 0
+    assert len(seen) == 1 and fast(seen[0])  # `lmforge generate` decoded in it
+
+
+def test_stream_events_gives_pieces_then_the_completion_under_the_lock(run):
+    from lmforge import LLM
+    from lmforge.api import GenerationError
+    from lmforge.generate.engine import Completion
+
+    llm = LLM.load(run, device="cpu")
+    greedy = SamplingParams(temperature=0.0)
+    *pieces, done = llm.stream_events("the dog ran", 12, greedy)
+    assert pieces and all(isinstance(p, str) and p for p in pieces) and isinstance(done, Completion)
+    assert "".join(pieces) == done.text == llm.generate("the dog ran", max_new_tokens=12, temperature=0)
+    assert done.prompt_tokens == len(llm.tokenizer.encode("the dog ran")) and len(done.token_ids) <= 12
+    msgs = [{"role": "user", "content": "hello"}]
+    *pieces, done = llm.stream_events(msgs, 16, greedy)
+    assert pieces and not pieces[0][0].isspace()  # the space after "Assistant:" is left out
+    assert "".join(pieces).strip() == done.text == llm.chat(msgs, max_new_tokens=16, temperature=0)
+    # the lock is held while pieces come, and released at the Completion or when the stream is closed
+    stream = llm.stream_events("the dog ran", 12, greedy)
+    assert isinstance(next(stream), str) and llm.lock.locked()
+    event = next(e for e in stream if not isinstance(e, str))  # stop at the Completion, unexhausted
+    assert isinstance(event, Completion) and not llm.lock.locked()
+    stream = llm.stream_events("the dog ran", 12, greedy)
+    next(stream)
+    stream.close()
+    assert not llm.lock.locked()
+    with pytest.raises(GenerationError, match="role"):  # at the call, before anything is generated
+        llm.stream_events([{"role": "robot", "content": "beep"}], 4, greedy)
+    # a chat session replies through the same door, under the same lock
+    reply = llm.session(16, greedy).send("hello")
+    assert next(reply) == pieces[0] and llm.lock.locked()
+    reply.close()
+    assert not llm.lock.locked()
 
 
 @pytest.mark.parametrize("ext", ["json", "jsonl", "csv", "txt"])
@@ -140,7 +201,7 @@ def test_chat_repl_commands_and_ctrl_c_stops_only_the_reply(run):
     from lmforge import LLM
 
     llm = LLM.load(run, device="cpu")
-    session = ChatSession(llm.model, llm.tokenizer, SamplingParams(temperature=0.0), max_new_tokens=30)
+    session = ChatSession(llm, SamplingParams(temperature=0.0), max_new_tokens=30)
     lines = iter(
         ["hello there", "/temperature 0.5", "/temperature warm", "again", "/reset", "/bogus", "last", "/quit"]
     )

@@ -1,7 +1,12 @@
-"""The Python API: `from lmforge import LLM; llm = LLM.load("runs/quickstart"); llm.generate("def ")`."""
+"""The Python API: `from lmforge import LLM; llm = LLM.load("runs/quickstart"); llm.generate("def ")`.
+
+`LLM` is the one door to a loaded model: `lmforge generate` and `chat`, the HTTP server and Python code
+all go through its methods, which hold its lock while they generate.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -13,7 +18,7 @@ from .errors import LmforgeError
 from .generate.batch import check_output_path, generate_batches, records, write_results
 from .generate.chat import STOP as CHAT_STOP
 from .generate.chat import ChatSession, fit_turns, format_turns, repl
-from .generate.engine import Completion, generate_texts, stream_text
+from .generate.engine import Completion, generate_texts, stream_texts
 from .generate.layout import use_inference_layout
 from .generate.sampling import SamplingParams
 from .model import GPT
@@ -135,10 +140,51 @@ class LLM:
         stop: Sequence[str] | str | None = None,
     ) -> Iterator[str]:
         """stream() with ready SamplingParams; holds the lock until the stream ends or is closed."""
+        events = self.stream_events(prompt, max_new_tokens, params, seed, stop)
+        try:
+            for event in events:
+                if isinstance(event, str):
+                    yield event
+        finally:
+            events.close()
+
+    def stream_events(
+        self,
+        prompt: str | Sequence[dict],
+        max_new_tokens: int,
+        params: SamplingParams,
+        seed: int | None = None,
+        stop: Sequence[str] | str | None = None,
+    ) -> Iterator[str | Completion]:
+        """Text pieces as they are generated, then the Completion (finish reason, token counts).
+
+        prompt: a text to continue, or OpenAI-style messages [{"role", "content"}] to reply to (the chat
+        transcript fitted to the context, stopped where a next user turn begins, the reply's leading
+        whitespace left out). Bad messages raise GenerationError at the call, before anything runs; the
+        lock is held from the first piece until the stream ends or is closed.
+        """
+        chat = not isinstance(prompt, str)
+        text = self.chat_prompt(prompt, max_new_tokens) if chat else prompt
+        stops = [*CHAT_STOP, *_stops(stop)] if chat else _stops(stop)
+        return self._events(text, max_new_tokens, params, seed, stops, chat)
+
+    def _events(
+        self, prompt: str, max_new_tokens: int, params: SamplingParams, seed, stop: list[str], chat: bool
+    ) -> Iterator[str | Completion]:
         with self.lock:
-            yield from stream_text(
-                self.model, self.tokenizer, prompt, max_new_tokens, params, seed, _stops(stop)
-            )
+            lead = chat  # a reply starts after "Assistant:": drop the space the model writes first
+            for event in stream_texts(
+                self.model, self.tokenizer, [prompt], max_new_tokens, params, seed, stop
+            ):
+                if isinstance(event, list):  # the last event: the Completions of the batch of one
+                    done = event[0]
+                    break
+                piece = event[1].lstrip() if lead else event[1]
+                lead = lead and not piece
+                if piece:
+                    yield piece
+        # After the lock is released: a caller that stops at the Completion does not keep others waiting.
+        yield dataclasses.replace(done, text=done.text.strip()) if chat else done
 
     def batch_generate(
         self,
@@ -211,9 +257,7 @@ class LLM:
         self, max_new_tokens: int = 128, params: SamplingParams | None = None, seed: int | None = None
     ) -> ChatSession:
         """A ChatSession over this model (history within the context window, streaming replies)."""
-        return ChatSession(
-            self.model, self.tokenizer, params or SamplingParams(temperature=0.7), max_new_tokens, seed
-        )
+        return ChatSession(self, params or SamplingParams(temperature=0.7), max_new_tokens, seed)
 
 
 def _stops(stop: Sequence[str] | str | None) -> list[str]:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import closing
 from dataclasses import dataclass, field, replace
+from typing import Protocol
 
-from ..model import GPT
-from .engine import stream_text
+from .engine import Completion
 from .sampling import SamplingParams
 
 ROLES = {"system": "System", "user": "User", "assistant": "Assistant"}
@@ -37,12 +38,28 @@ def fit_turns(
     return system + rest
 
 
+class Replier(Protocol):
+    """What a ChatSession talks to: `lmforge.LLM`, the one door to a loaded model."""
+
+    def stream_events(
+        self,
+        prompt: str | Sequence[dict],
+        max_new_tokens: int,
+        params: SamplingParams,
+        seed: int | None = None,
+        stop: Sequence[str] | str | None = None,
+    ) -> Iterator[str | Completion]: ...
+
+
 @dataclass
 class ChatSession:
-    """A conversation with history kept within the context window: send() streams the reply."""
+    """A conversation with history kept within the context window: send() streams the reply.
 
-    model: GPT
-    tokenizer: object
+    Replies come from `llm.stream_events`, which fits the transcript to the context, stops at the next
+    user turn and holds the model's lock while it replies (a server may share the same LLM).
+    """
+
+    llm: Replier
     params: SamplingParams = field(default_factory=lambda: SamplingParams(temperature=0.7))
     max_new_tokens: int = 128
     seed: int | None = None
@@ -57,30 +74,23 @@ class ChatSession:
         """Change the sampling temperature (0 is greedy)."""
         self.params = replace(self.params, temperature=value)
 
-    def prompt(self, message: str) -> str:
-        """The transcript for the next reply: as many recent turns as fit with room for the reply."""
+    def messages(self, message: str) -> list[dict]:
+        """The conversation so far and the new message, as OpenAI-style messages."""
         turns = ([("system", self.system)] if self.system else []) + [*self.history, ("user", message)]
-        budget = self.model.cfg.context_len - min(self.max_new_tokens, self.model.cfg.context_len // 2)
-        return format_turns(fit_turns(turns, lambda t: len(self.tokenizer.encode(t)), budget))
+        return [{"role": role, "content": text} for role, text in turns]
 
     def send(self, message: str) -> Iterator[str]:
         """Stream the reply to message; the reply (what was produced, even if stopped early) joins history."""
         pieces: list[str] = []
         try:
-            for piece in stream_text(
-                self.model,
-                self.tokenizer,
-                self.prompt(message),
-                self.max_new_tokens,
-                self.params,
-                self.seed,
-                STOP,
-            ):
-                # The first piece usually starts with the space after "Assistant:".
-                piece = piece.lstrip() if not pieces else piece
-                if piece:
-                    pieces.append(piece)
-                    yield piece
+            # closing(): a reply stopped early (Ctrl-C) ends its stream now, which releases the lock.
+            with closing(
+                self.llm.stream_events(self.messages(message), self.max_new_tokens, self.params, self.seed)
+            ) as events:
+                for event in events:
+                    if isinstance(event, str):
+                        pieces.append(event)
+                        yield event
         finally:
             self.history += [("user", message), ("assistant", "".join(pieces).strip())]
 

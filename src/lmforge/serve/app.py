@@ -19,8 +19,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..api import LLM, GenerationError, sampling_params
-from ..generate.chat import STOP as CHAT_STOP
-from ..generate.engine import Completion, stream_texts
+from ..generate.engine import Completion
 from ..generate.sampling import SamplingParams
 
 
@@ -76,6 +75,12 @@ def _validation_message(err: ValidationError | RequestValidationError) -> str:
         loc = ".".join(str(x) for x in e.get("loc", ()) if x != "body")
         parts.append(f"{loc}: {e.get('msg')}" if loc else str(e.get("msg")))
     return "invalid request: " + "; ".join(parts)
+
+
+def _last(events: Iterator[str | Completion]) -> Completion:
+    """The Completion at the end of a stream of events (the pieces are already in it)."""
+    *_, done = events
+    return done
 
 
 def create_app(llm: LLM, max_tokens: int = 512, max_body: int = 1_000_000, model_name: str | None = None):
@@ -144,11 +149,12 @@ def create_app(llm: LLM, max_tokens: int = 512, max_body: int = 1_000_000, model
 
         return StreamingResponse(lines(), media_type="text/event-stream")
 
-    def stream_one(prompt: str, n: int, params: SamplingParams, seed, stop) -> Iterator[str | Completion]:
-        """Text pieces of one prompt, then its Completion; holds the lock while generating."""
-        with llm.lock:
-            for event in stream_texts(llm.model, llm.tokenizer, [prompt], n, params, seed, stop):
-                yield event[1] if isinstance(event, tuple) else event[0]
+    def events(prompt: str | list[dict], n: int, params: SamplingParams, seed, stop) -> Iterator:
+        """llm.stream_events (text pieces, then the Completion), with bad messages refused with 400."""
+        try:
+            return llm.stream_events(prompt, n, params, seed, stop)
+        except GenerationError as e:
+            raise RequestError(400, str(e)) from e
 
     @app.get("/health")
     def health():
@@ -174,8 +180,10 @@ def create_app(llm: LLM, max_tokens: int = 512, max_body: int = 1_000_000, model
             if len(prompts) != 1:
                 raise RequestError(400, "stream=true takes a single prompt")
 
+            stream = events(prompts[0], n, params, body.seed, stop)
+
             def chunks():
-                for ev in stream_one(prompts[0], n, params, body.seed, stop):
+                for ev in stream:
                     text, reason = (ev, None) if isinstance(ev, str) else ("", ev.finish_reason)
                     yield {
                         **head,
@@ -194,11 +202,7 @@ def create_app(llm: LLM, max_tokens: int = 512, max_body: int = 1_000_000, model
     async def chat_completions(request: Request):
         body = await read_json(request, ChatBody)
         n, params, stop = settings(body)
-        try:
-            prompt = llm.chat_prompt([m.model_dump() for m in body.messages], n)
-        except GenerationError as e:
-            raise RequestError(400, str(e)) from e
-        stop = [*CHAT_STOP, *stop]
+        stream = events([m.model_dump() for m in body.messages], n, params, body.seed, stop)
         rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": rid, "object": "chat.completion", "created": now, "model": name}
         if body.stream:
@@ -211,16 +215,12 @@ def create_app(llm: LLM, max_tokens: int = 512, max_body: int = 1_000_000, model
                         {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
                     ],
                 }
-                first = True
-                for ev in stream_one(prompt, n, params, body.seed, stop):
+                for ev in stream:
                     if isinstance(ev, str):
-                        text = ev.lstrip() if first else ev  # the space after "Assistant:"
-                        first = first and not text
-                        if text:
-                            yield {
-                                **head,
-                                "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": None}],
-                            }
+                        yield {
+                            **head,
+                            "choices": [{"index": 0, "delta": {"content": ev}, "finish_reason": None}],
+                        }
                     else:
                         yield {
                             **head,
@@ -228,13 +228,12 @@ def create_app(llm: LLM, max_tokens: int = 512, max_body: int = 1_000_000, model
                         }
 
             return sse(chunks())
-        done = await run_in_threadpool(llm.complete, [prompt], n, params, body.seed, stop)
-        c = done[0]
-        message = {"role": "assistant", "content": c.text.strip()}
+        c = await run_in_threadpool(_last, stream)
+        message = {"role": "assistant", "content": c.text}
         return {
             **head,
             "choices": [{"index": 0, "message": message, "finish_reason": c.finish_reason}],
-            "usage": usage(done),
+            "usage": usage([c]),
         }
 
     return app

@@ -1,8 +1,9 @@
 """Reading files nobody checked: regular files only, bounded memory, JSON that cannot crash the reader.
 
 Everything here either returns what it read or raises ``Unusable`` with the skip reason the
-caller counts; nothing blocks on a FIFO, grows without bound on a device, or lets a hostile
-JSON document end the process.
+caller counts (the folder walk returns the reasons with the paths); nothing blocks on a FIFO,
+grows without bound on a device, recurses with a folder tree, or lets a hostile JSON document
+end the process.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import os
 import re
 import stat
 from collections.abc import Iterator
+from pathlib import Path
 from typing import IO, Any, AnyStr
 
 # One document (a text file, a .jsonl line, a record's text) is at most this many bytes:
@@ -137,3 +139,44 @@ def utf8_size_over(text: str, cap: int) -> bool:
     if len(text) * 4 <= cap:  # at most four bytes per character
         return False
     return len(text.encode("utf-8", errors="surrogatepass")) > cap
+
+
+def walk_sorted(root: Path, skip_dirs: frozenset[str]) -> list[tuple[str, str, str | None]]:
+    """Everything under root as (relative posix path, path, skip reason or None), sorted by relative path.
+
+    A folder that cannot be listed comes back with the reason ``unreadable``, a symlink to a
+    folder (not followed: it could loop or leave the tree) with ``not_a_regular_file``.
+    """
+    found: list[tuple[str, str, str | None]] = []
+    # An explicit stack, not recursion: a tree nested a thousand folders deep is still a tree.
+    pending = [("", os.fspath(root))]
+    while pending:
+        rel_dir, folder = pending.pop()
+        try:
+            with os.scandir(folder) as listing:
+                entries = list(listing)
+        except OSError:
+            found.append((rel_dir.rstrip("/") or ".", folder, "unreadable"))
+            continue
+        for entry in entries:
+            # Hidden and excluded trees (.git, .venv, ...) are never entered.
+            if entry.name.startswith("."):
+                continue
+            rel = rel_dir + entry.name
+            try:
+                is_dir = entry.is_dir()
+                is_link = entry.is_symlink()
+            except OSError:
+                is_dir = is_link = False  # it will be counted as unreadable when opened
+            if not is_dir:
+                found.append((rel, entry.path, None))
+            elif entry.name in skip_dirs:
+                continue
+            elif is_link:
+                found.append((rel, entry.path, "not_a_regular_file"))
+            else:
+                pending.append((rel + "/", entry.path))
+    # Sorting the relative paths (not listing order, which depends on the file system) is
+    # what makes document order, and so the tokenizer sample, reproducible.
+    found.sort(key=lambda item: item[0])
+    return found

@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import gzip
 import io
-import os
 import re
 import zlib
 from collections.abc import Callable, Iterator
@@ -15,7 +14,15 @@ from typing import IO, Any
 
 from lmforge.data import safe_read
 from lmforge.data.errors import DataError
-from lmforge.data.safe_read import Unusable, capped_lines, display_name, load_json, open_regular, read_capped
+from lmforge.data.safe_read import (
+    Unusable,
+    capped_lines,
+    display_name,
+    load_json,
+    open_regular,
+    read_capped,
+    walk_sorted,
+)
 
 TEXT_EXTENSIONS = (".txt", ".md")
 JSON_EXTENSIONS = (".json", ".jsonl", ".jsonl.gz")
@@ -333,47 +340,6 @@ def _iter_file(
             doc = make_doc(name, text, skipped)
             if doc is not None:
                 yield doc
-
-
-def walk_sorted(root: Path, skip_dirs: frozenset[str]) -> list[tuple[str, str, str | None]]:
-    """Everything under root as (relative posix path, path, skip reason or None), sorted by relative path.
-
-    A folder that cannot be listed comes back with the reason ``unreadable``, a symlink to a
-    folder (not followed: it could loop or leave the tree) with ``not_a_regular_file``.
-    """
-    found: list[tuple[str, str, str | None]] = []
-    # An explicit stack, not recursion: a tree nested a thousand folders deep is still a tree.
-    pending = [("", os.fspath(root))]
-    while pending:
-        rel_dir, folder = pending.pop()
-        try:
-            with os.scandir(folder) as listing:
-                entries = list(listing)
-        except OSError:
-            found.append((rel_dir.rstrip("/") or ".", folder, "unreadable"))
-            continue
-        for entry in entries:
-            # Hidden and excluded trees (.git, .venv, ...) are never entered.
-            if entry.name.startswith("."):
-                continue
-            rel = rel_dir + entry.name
-            try:
-                is_dir = entry.is_dir()
-                is_link = entry.is_symlink()
-            except OSError:
-                is_dir = is_link = False  # it will be counted as unreadable when opened
-            if not is_dir:
-                found.append((rel, entry.path, None))
-            elif entry.name in skip_dirs:
-                continue
-            elif is_link:
-                found.append((rel, entry.path, "not_a_regular_file"))
-            else:
-                pending.append((rel + "/", entry.path))
-    # Sorting the relative paths (not listing order, which depends on the file system) is
-    # what makes document order, and so the tokenizer sample, reproducible.
-    found.sort(key=lambda item: item[0])
-    return found
 
 
 def iter_folder(

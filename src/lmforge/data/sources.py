@@ -312,8 +312,14 @@ def _suffix(path: Path) -> str:
     return ".jsonl.gz" if lower.endswith(".jsonl.gz") else path.suffix.lower()
 
 
-_READERS = {".jsonl": _iter_jsonl, ".jsonl.gz": _iter_jsonl, ".json": _iter_json}
-_READERS.update({".parquet": _iter_parquet, ".csv": _iter_csv})
+# The readers of files that hold records; any other supported file is one document.
+_READERS = {
+    ".jsonl": _iter_jsonl,
+    ".jsonl.gz": _iter_jsonl,
+    ".json": _iter_json,
+    ".parquet": _iter_parquet,
+    ".csv": _iter_csv,
+}
 
 
 def _iter_file(

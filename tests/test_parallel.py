@@ -304,7 +304,7 @@ def test_config_sections_round_trip():
 TIMEOUT_SCRIPT = """
 import sys, time, torch, torch.distributed as dist
 from lmforge.train.distributed import init_distributed
-from lmforge.train.parallel import all_agree, collective_errors, DistributedError
+from lmforge.train.distributed import all_agree, collective_errors, DistributedError
 env = init_distributed("cpu", timeout_s=2)
 # a stop / NaN / early-stop flag raised on one rank only is seen by both; none raised stays false
 one, none = all_agree(env.rank == 1, env, "cpu"), all_agree(False, env, "cpu")

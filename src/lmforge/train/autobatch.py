@@ -32,6 +32,7 @@ from ..estimate import (
     setting_from_config,
 )
 from ..model import GPT, param_breakdown
+from .distributed import all_min
 
 LIMIT_ENV = "LMFORGE_MEMORY_LIMIT"
 
@@ -142,7 +143,7 @@ def resolve_micro_batch(
             if device.type == "cuda":
                 torch.cuda.empty_cache()
         how = f"by trial ({'simulated limit ' if limit else ''}{capacity / GIB:.2f} GiB)"
-    b = _agree(b, device)
+    b = all_min(b, device)  # every rank uses the smallest micro-batch any rank found
     if b < 1:
         raise OutOfMemory(
             f"train.micro_batch_size=auto: even a micro-batch of 1 does not fit ({how}); "
@@ -153,17 +154,6 @@ def resolve_micro_batch(
         f"train.micro_batch_size=auto -> {b} {how}; global batch {gb or b * world_size}, accumulation {accum}"
     )
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, micro_batch_size=b))
-
-
-def _agree(b: int, device: torch.device) -> int:
-    """Every rank uses the smallest micro-batch any rank found."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return b
-    t = torch.tensor([b], device=device if device.type == "cuda" else "cpu")
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return int(t.item())
 
 
 def _device_memory(device: torch.device) -> int:

@@ -29,12 +29,11 @@ import warnings
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 
 from .. import checkpoint as ckpt_io
 from ..checkpoint import CheckpointError
-from .distributed import DistEnv
+from .distributed import DistEnv, all_ok
 from .resume import load_optimizer, optimizer_tensors
 
 SHARDED_TMP = ".tmp-{name}-sharded"  # one name every rank can compute (pids differ between ranks)
@@ -240,17 +239,6 @@ def _merge(tree: dict, others: dict) -> None:
 # --- the checkpointer the training loop uses ---------------------------------------------------------
 
 
-def _agree_ok(ok: bool) -> bool:
-    """Whether every rank succeeded (a failure on one rank is seen by all, so none waits forever)."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return ok
-    t = torch.tensor([0 if ok else 1], dtype=torch.int32)
-    if dist.get_backend() == "nccl":
-        t = t.cuda()
-    dist.all_reduce(t)
-    return int(t.item()) == 0
-
-
 class Checkpointer:
     """Saves and restores the model and optimizer of a run in the format of its parallel mode."""
 
@@ -295,7 +283,7 @@ class Checkpointer:
                 tmp.mkdir(parents=True)
             except OSError as e:
                 error = e
-        if _agree_ok(error is None):  # also the barrier: no rank writes before the directory exists
+        if all_ok(error is None):  # also the barrier: no rank writes before the directory exists
             model_sd, optim_sd, groups = self._state_dicts()
             meta["optimizer_state"] = optim_sd is not None
             state = {"model": model_sd, "rng": rng_tensors} | ({"optim": optim_sd} if optim_sd else {})
@@ -305,7 +293,7 @@ class Checkpointer:
                 dcp.save(state, checkpoint_id=str(tmp))
             except (OSError, TypeError, dcp.api.CheckpointException) as e:  # DCP's is raised on every rank
                 error = e
-        if not _agree_ok(error is None):
+        if not all_ok(error is None):
             if self.env.is_main:
                 shutil.rmtree(tmp, ignore_errors=True)
             raise CheckpointError(
@@ -320,7 +308,7 @@ class Checkpointer:
                 ckpt_io.publish_checkpoint(tmp, final, step, meta, keep_last, is_step=name is None)
             except CheckpointError as e:
                 error = e
-        if not _agree_ok(error is None):
+        if not all_ok(error is None):
             raise (
                 error
                 if isinstance(error, CheckpointError)

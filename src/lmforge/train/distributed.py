@@ -1,13 +1,22 @@
-"""Process-group setup and model wrapping. A single process is world size 1 and takes the same path."""
+"""Process groups and the scalar collectives the run agrees through. A single process is world size 1 and
+takes the same path (every collective returns its own value)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+from ..errors import LmforgeError
+
+
+class DistributedError(LmforgeError, RuntimeError):
+    """A collective failed or timed out; the message names this rank and what to check."""
 
 
 @dataclass(frozen=True)
@@ -61,3 +70,65 @@ def all_reduce_mean(value: float, env: DistEnv, device: torch.device) -> float:
     t = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return t.item() / env.world_size
+
+
+def ensure_process_group(device: torch.device, timeout_s: int) -> None:
+    """FSDP2 needs a process group even alone: a one-process group kept in memory (no network)."""
+    if dist.is_initialized():
+        return
+    backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(
+        backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timedelta(seconds=timeout_s)
+    )
+
+
+def all_agree(flag: bool, env: DistEnv, device: torch.device) -> bool:
+    """True on every rank if it is true on any rank, so all ranks stop (or skip) together."""
+    if env.world_size == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def all_ok(ok: bool) -> bool:
+    """Whether every rank succeeded (a failure on one rank is seen by all, so none waits forever)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return ok
+    t = torch.tensor([0 if ok else 1], dtype=torch.int32)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t)
+    return int(t.item()) == 0
+
+
+def all_min(value: int, device: torch.device) -> int:
+    """The smallest value any rank has (the value itself without a process group)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    t = torch.tensor([value], device=device if device.type == "cuda" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t.item())
+
+
+@contextlib.contextmanager
+def collective_errors(env: DistEnv, timeout_s: int) -> Iterator[None]:
+    """Turn a timed-out or broken collective into one line naming this rank and what to check."""
+    try:
+        yield
+    except (RuntimeError, dist.DistError) as e:
+        if env.world_size == 1 or isinstance(e, LmforgeError):
+            raise
+        text = str(e).lower()
+        if "timed out" in text or "timeout" in text:
+            raise DistributedError(
+                f"rank {env.rank} of {env.world_size}: a collective did not finish within "
+                f"train.dist_timeout_s={timeout_s}s: another rank crashed, hangs or is much slower; read the "
+                f"other ranks' logs (NCCL_DEBUG=INFO on GPUs) and raise train.dist_timeout_s if they are only slow"
+            ) from e
+        if "connection" in text or "peer" in text or "closed" in text:
+            raise DistributedError(
+                f"rank {env.rank} of {env.world_size}: lost contact with another rank during a collective "
+                f"(it exited or was killed); read the other ranks' logs for the first error"
+            ) from e
+        raise

@@ -1,26 +1,28 @@
 """train(cfg): the whole training run, top to bottom.
 
-setup -> data -> plan -> model and optimizer -> resume -> loop (forward/backward over micro-batches,
-clip, step, log, evaluate, checkpoint) -> final evaluation and checkpoint.
+set up (device, precision, processes, data, plan) -> open the run directory (lock, resume point) ->
+build (model, parallelism, optimizer, batch source, guards; restore a checkpoint) -> loop of named steps
+(`train_step`, `log_step`, `evaluate`, `save`) until a stop reason -> `finish` (last evaluation and
+checkpoint). Every event goes to one RunLog; batches come from the data folder's batch source, so a new
+kind of training data is a new source in `data/batches.py`, not a new loop.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import os
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 from rich.console import Console
 
 from .. import checkpoint as ckpt_io
 from ..config import Config, ConfigError, config_to_dict
-from ..data import TokenLoader, iter_eval_batches, load_meta
+from ..data import load_meta
+from ..data.batches import eval_batches, training_batches
 from ..device import autocast, peak_flops, pick_device, pick_precision
 from ..errors import LmforgeError
 from ..eval.metrics import evaluate_loss, loss_report
@@ -28,14 +30,25 @@ from ..model import GPT, flops_per_token
 from ..runlock import RunLock, RunLockedError
 from .autobatch import oom_guard, resolve_micro_batch
 from .dist_checkpoint import Checkpointer, loader_state_for
-from .distributed import DistEnv, all_reduce_mean, close_distributed, init_distributed
+from .distributed import (
+    DistEnv,
+    all_agree,
+    all_reduce_mean,
+    close_distributed,
+    collective_errors,
+    init_distributed,
+)
 from .guards import BadStepGuard, EarlyStopping
-from .hooks import RunHooks, prepare_run_dir
-from .logging import ConsoleReporter, MetricsWriter, truncate_metrics
+from .hooks import prepare_run_dir
+from .logging import truncate_metrics
 from .optim import apply_optimizer_settings, build_optimizer, lr_at
-from .parallel import all_agree, check_supported, clip_grad_norm, collective_errors, grad_sync, parallelize
+from .parallel import check_supported, clip_grad_norm, grad_sync, parallelize
+from .plan import Plan, count_params_from_config, make_plan, plan_warnings, print_dry_run, resolve_vocab
 from .resume import check_resume_compatible, find_resume_point, has_training_state, restore_rng, rng_state
-from .signals import StopFlag, signal_hook_for_tests
+from .runlog import RunLog
+from .signals import StopFlag
+
+__all__ = ["Plan", "TrainResult", "make_plan", "train"]
 
 
 @dataclass
@@ -53,66 +66,27 @@ class TrainResult:
 
 
 @dataclass
-class Plan:
-    """Batch arithmetic derived from the config and the world size."""
+class Setup:
+    """Where and how the run computes, decided before anything is written."""
 
-    micro_batch_size: int
-    grad_accum: int
-    global_batch_size: int
-    seq_len: int
-    tokens_per_step: int
-    max_steps: int
-
-
-def make_plan(cfg: Config, world_size: int) -> Plan:
-    """Global batch = micro-batch x accumulation x world size; the token budget decides max_steps if given."""
-    t = cfg.train
-    gb = t.global_batch_size or t.micro_batch_size * world_size
-    if gb % (t.micro_batch_size * world_size):
-        raise ConfigError(
-            f"train.global_batch_size={gb} is not a multiple of micro_batch_size x world size "
-            f"({t.micro_batch_size} x {world_size})"
-        )
-    seq_len = cfg.model.seq_len
-    tokens_per_step = gb * seq_len
-    max_steps = t.steps_for(tokens_per_step)
-    return Plan(
-        t.micro_batch_size, gb // (t.micro_batch_size * world_size), gb, seq_len, tokens_per_step, max_steps
-    )
+    cfg: Config
+    env: DistEnv
+    device: torch.device
+    precision: str
+    data_meta: dict
+    plan: Plan
+    say: Callable[[str], None]  # a line on rank 0's console
 
 
-def plan_warnings(cfg: Config, plan: Plan) -> list[str]:
-    """Settings that cannot do what they say in a run of plan.max_steps steps, one line each."""
-    steps, out = plan.max_steps, []
-    if cfg.train.warmup_steps >= steps:
-        out.append(
-            f"train.warmup_steps={cfg.train.warmup_steps} is not shorter than the run ({steps} steps): "
-            f"the learning rate never reaches train.lr"
-        )
-    for key, every, what in (
-        ("eval.every", cfg.eval.every, "evaluation happens only at the start and the end"),
-        ("checkpoint.every", cfg.checkpoint.every, "the only checkpoint is the final one"),
-    ):
-        if every >= steps:
-            out.append(f"{key}={every} is not shorter than the run ({steps} steps): {what}")
-    return out
+@dataclass
+class StepOutcome:
+    """What one optimizer step did."""
 
-
-def resolve_vocab(cfg: Config, meta: dict, console: Console | None) -> Config:
-    """The data's tokenizer defines the vocabulary; a different model.vocab_size is replaced with a note."""
-    data_vocab = int(meta["vocab_size"])
-    if cfg.model.vocab_size not in (None, data_vocab) and console is not None:
-        console.print(
-            f"note: model.vocab_size {cfg.model.vocab_size} -> {data_vocab} (from the data's tokenizer)"
-        )
-    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=data_vocab))
-
-
-def count_params_from_config(cfg: Config) -> int:
-    """Exact parameter count without building the model."""
-    from ..model import param_breakdown
-
-    return param_breakdown(cfg.model)["total"]
+    lr: float
+    loss_sum: torch.Tensor  # the mean loss over the step's micro-batches (a device scalar)
+    grad_norm: torch.Tensor
+    finite: bool  # False: the update was skipped (a non-finite loss or gradient norm)
+    epoch_ended: bool  # this step used the last windows of an epoch
 
 
 def train(
@@ -125,9 +99,19 @@ def train(
 
     init_tensors: starting weights for a new run (e.g. an imported HF model); a resume ignores them.
     """
+    if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
+        raise ConfigError(f"--out '{cfg.out}' is a file: give a folder for the run (new, or one to resume)")
+    console = console or Console()
     lock = RunLock(cfg.out)  # taken by rank 0 before the run directory is read, held until the end
     try:
-        return _train(cfg, dry_run, console, init_tensors, lock)
+        setup = set_up(cfg, console, dry_run)
+        if setup is None:  # a dry run: printed, nothing trained
+            close_distributed()
+            return None
+        resume_from, saved, init_tensors = open_run_dir(setup, lock, init_tensors)
+        result = Training(setup, resume_from, saved, init_tensors, console).run()
+        close_distributed()
+        return result
     except BaseException:
         # Leave the process group (FSDP makes one even for a single process) so that a caller in the
         # same Python process starts clean. No barrier: the other ranks may never get here.
@@ -137,19 +121,12 @@ def train(
         lock.release()
 
 
-def _train(
-    cfg: Config,
-    dry_run: bool,
-    console: Console | None,
-    init_tensors: dict[str, torch.Tensor] | None,
-    lock: RunLock,
-) -> TrainResult | None:
-    console = console or Console()
-    # --- setup -------------------------------------------------------------------------------
+def set_up(cfg: Config, console: Console, dry_run: bool) -> Setup | None:
+    """Device, precision and processes; the data's vocabulary and the batch plan. None after a dry run."""
     device = pick_device(cfg.train.device)
     precision = pick_precision(cfg.train.precision, device)
     check_supported(cfg, device, precision)  # parallel settings this device cannot run fail here
-    env: DistEnv = init_distributed(device.type, cfg.train.dist_timeout_s)
+    env = init_distributed(device.type, cfg.train.dist_timeout_s)
     if device.type == "cuda" and env.world_size > 1:
         device = torch.device("cuda", env.local_rank)
 
@@ -166,276 +143,300 @@ def _train(
     plan = make_plan(cfg, env.world_size)
     for warning in plan_warnings(cfg, plan):
         say(f"warning: {warning}")
-    n_params = count_params_from_config(cfg)
-    fpt = flops_per_token(cfg.model)
-
     if dry_run:
+        n_params, fpt = count_params_from_config(cfg), flops_per_token(cfg.model)
         print_dry_run(cfg, plan, precision, device, n_params, fpt, console)
-        close_distributed()
         return None
+    return Setup(cfg, env, device, precision, data_meta, plan, say)
 
-    # --- run directory and resume point -----------------------------------------------------
-    run_dir = Path(cfg.out)
+
+def open_run_dir(
+    s: Setup, lock: RunLock, init_tensors: dict | None
+) -> tuple[Path | None, dict | None, dict | None]:
+    """Lock the run directory, find the checkpoint to resume from, prepare the directory.
+
+    Returns (checkpoint, its verified meta, starting weights); a weights-only checkpoint (an import)
+    becomes the starting weights of a fresh run.
+    """
+    cfg, env, run_dir = s.cfg, s.env, Path(s.cfg.out)
     refused = None
     if env.is_main:  # one writer per run directory (runlock.py)
         try:
-            lock.acquire(say)
+            lock.acquire(s.say)
         except LmforgeError as e:
             refused = e
-    if all_agree(refused is not None, env, device):  # the other ranks stop too, rather than wait
+    if all_agree(refused is not None, env, s.device):  # the other ranks stop too, rather than wait
         raise refused or RunLockedError(f"rank 0 could not lock {run_dir}: see its error")
-    resume_from, saved = find_resume_point(cfg, run_dir, say)
+    resume_from, saved = find_resume_point(cfg, run_dir, s.say)
     if saved:
-        check_resume_compatible(saved, cfg, data_meta, say)
+        check_resume_compatible(saved, cfg, s.data_meta, s.say)
     if saved and not has_training_state(saved):  # e.g. `lmforge import`: its weights start this run
         init_tensors, resume_from, saved = ckpt_io.load_checkpoint(resume_from, verify=False)[0], None, None
     if env.is_main:
-        prepare_run_dir(run_dir, cfg, fresh=not saved, say=say)
+        prepare_run_dir(run_dir, cfg, fresh=not saved, say=s.say)
+    return resume_from, saved, init_tensors
 
-    # --- model, optimizer, data --------------------------------------------------------------
-    torch.manual_seed(cfg.train.seed)
-    random.seed(cfg.train.seed)
-    np.random.seed(cfg.train.seed)
-    model = GPT(cfg.model).to(device)
-    if init_tensors is not None and not saved:
-        ckpt_io.load_model_weights(model, init_tensors)
-        say("initialised the model from the given weights")
-    # activation checkpointing -> compile -> FSDP2 or DDP; `model` stays the module to save and evaluate
-    train_model = parallelize(model, cfg, env, device, precision)
-    optimizer = build_optimizer(model, cfg.train, device.type)
-    checkpointer = Checkpointer(model, optimizer, env, sharded=cfg.train.parallel == "fsdp")
-    loader = TokenLoader(
-        cfg.data,
-        "train",
-        plan.seq_len,
-        plan.micro_batch_size,
-        cfg.train.seed,
-        env.rank,
-        env.world_size,
-        order=cfg.train.data_order,
-    )
-    bad_steps = BadStepGuard(cfg.train.max_bad_steps)
-    early = EarlyStopping(cfg.train.early_stop_patience, cfg.train.early_stop_min_delta)
-    step, tokens = 0, 0
-    if saved:
-        state_tensors = checkpointer.load(resume_from, saved)
-        apply_optimizer_settings(optimizer, cfg.train)  # the saved groups hold the old betas, eps, decay
-        loader.load_state_dict(loader_state_for(saved["loader"], env.world_size))
+
+class Training:
+    """One run's model, optimizer, batches and guards, and the named steps of its loop."""
+
+    def __init__(
+        self, s: Setup, resume_from: Path | None, saved: dict | None, init: dict | None, console: Console
+    ) -> None:
+        cfg, plan, env, device = s.cfg, s.plan, s.env, s.device
+        self.s, self.cfg, self.plan, self.env, self.device = s, cfg, plan, env, device
+        self.run_dir = Path(cfg.out)
+        torch.manual_seed(cfg.train.seed)
+        random.seed(cfg.train.seed)
+        np.random.seed(cfg.train.seed)
+        self.model = GPT(cfg.model).to(device)
+        if init is not None and not saved:
+            ckpt_io.load_model_weights(self.model, init)
+            s.say("initialised the model from the given weights")
+        # activation checkpointing -> compile -> FSDP2 or DDP; `model` stays the module to save and evaluate
+        self.train_model = parallelize(self.model, cfg, env, device, s.precision)
+        self.optimizer = build_optimizer(self.model, cfg.train, device.type)
+        self.checkpointer = Checkpointer(
+            self.model, self.optimizer, env, sharded=cfg.train.parallel == "fsdp"
+        )
+        self.batches = training_batches(
+            cfg.data, s.data_meta, plan.seq_len, plan.micro_batch_size, cfg.train.seed, env.rank,
+            env.world_size, order=cfg.train.data_order,
+        )  # fmt: skip
+        self.bad_steps = BadStepGuard(cfg.train.max_bad_steps)
+        self.early = EarlyStopping(cfg.train.early_stop_patience, cfg.train.early_stop_min_delta)
+        self.step, self.tokens = 0, 0
+        if saved:
+            self.restore(resume_from, saved)
+        self.start_step = self.step
+        self.last_ckpt, self.ckpt_step = resume_from, (saved["step"] if saved else None)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=s.precision == "fp16")
+        self.peak, self.fpt = peak_flops(device), flops_per_token(cfg.model)
+        # Evaluation computes in fp32 whatever the training precision, as `lmforge eval` does, so a run's
+        # val_loss equals eval's loss and compares across machines (bf16 on one CPU, fp32 on another).
+        # FSDP2's mixed-precision policy casts the sharded weights to bf16 itself, so there it stays bf16.
+        self.eval_precision = "bf16" if cfg.train.parallel == "fsdp" and s.precision == "bf16" else "fp32"
+        s.say(
+            f"model {count_params_from_config(cfg) / 1e6:.2f}M params ({cfg.model.family}) | device {device} "
+            f"{s.precision} | batch {plan.global_batch_size}x{plan.seq_len} tokens (accum {plan.grad_accum}, "
+            f"world {env.world_size}) | {plan.max_steps} steps ({plan.max_steps * plan.tokens_per_step:,} tokens)"
+        )
+        self.log = RunLog(cfg, self.run_dir, console, plan.max_steps, self.step, env.is_main)
+        self.first_eval: dict | None = None
+        self.last_eval: dict | None = None
+
+    def restore(self, resume_from: Path, saved: dict) -> None:
+        """Weights, optimizer, data position, random state and guards from a checkpoint."""
+        env, s = self.env, self.s
+        state_tensors = self.checkpointer.load(resume_from, saved)
+        apply_optimizer_settings(
+            self.optimizer, self.cfg.train
+        )  # saved groups hold the old betas, eps, decay
+        self.batches.load_state_dict(loader_state_for(saved["loader"], env.world_size))
         restore_rng(state_tensors, saved["rng"])
         guards = saved.get("guards", {})
-        bad_steps.load_state_dict(guards.get("bad_steps", {"total": 0, "consecutive": 0}))
-        early.load_state_dict(guards.get("early_stop", {}))
-        step, tokens = saved["step"], saved["tokens"]
+        self.bad_steps.load_state_dict(guards.get("bad_steps", {"total": 0, "consecutive": 0}))
+        self.early.load_state_dict(guards.get("early_stop", {}))
+        self.step, self.tokens = saved["step"], saved["tokens"]
         if env.is_main:  # lines a crash wrote after this checkpoint would otherwise appear twice
-            truncate_metrics(run_dir / "metrics.jsonl", step)
-        say(f"resuming {run_dir} from {resume_from} (step {step}, {tokens:,} tokens)")
+            truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
+        s.say(f"resuming {self.run_dir} from {resume_from} (step {self.step}, {self.tokens:,} tokens)")
         if saved.get("world_size", env.world_size) != env.world_size:
-            say(
+            s.say(
                 f"note: the checkpoint was written by {saved['world_size']} processes and this run has "
                 f"{env.world_size}: weights and optimizer state are resharded; the data continues after the "
                 f"windows already consumed"
             )
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    peak = peak_flops(device)
 
-    say(
-        f"model {n_params / 1e6:.2f}M params ({cfg.model.family}) | device {device} {precision} | "
-        f"batch {plan.global_batch_size}x{plan.seq_len} tokens (accum {plan.grad_accum}, world {env.world_size}) | "
-        f"{plan.max_steps} steps"
-    )
-    metrics = MetricsWriter(run_dir / "metrics.jsonl", enabled=env.is_main)
-    hooks = RunHooks(cfg, run_dir, plan.max_steps, step, enabled=env.is_main)
-    reporter = ConsoleReporter(console, plan.max_steps, step, env.is_main, cfg.log.progress)
-    bytes_per_token = data_meta.get("val_bytes_per_token")
-    # Evaluation computes in fp32 whatever the training precision, as `lmforge eval` does, so a run's
-    # val_loss equals eval's loss and compares across machines (bf16 on one CPU, fp32 on another).
-    # FSDP2's mixed-precision policy casts the sharded weights to bf16 itself, so there it stays bf16.
-    eval_precision = "bf16" if cfg.train.parallel == "fsdp" and precision == "bf16" else "fp32"
-    test_signal = signal_hook_for_tests()  # test-only; None in real runs
+    # --- the loop --------------------------------------------------------------------------------
+    def run(self) -> TrainResult:
+        """Train until a stop reason (budget, signal, early stop, divergence); then finish."""
+        cfg, env = self.cfg, self.env
+        with (
+            StopFlag() as stop,
+            collective_errors(env, cfg.train.dist_timeout_s),
+            oom_guard(cfg, self.plan.micro_batch_size, self.s.precision, self.device, env.world_size),
+        ):
+            if cfg.eval.at_start and self.step == 0:
+                self.first_eval = self.last_eval = self.evaluate()
+            self.model.train()
+            self.t_log, self.tokens_at_log = time.time(), self.tokens
+            while (reason := self.stop_reason(stop)) is None:
+                outcome = self.train_step()
+                self.log_step(outcome)
+                if self.bad_steps.diverged:
+                    reason = ("diverged", self.diverged_message(f"{self.bad_steps.consecutive} consecutive"))
+                    break
+                self.periodic(outcome)
+            status, message = self.finish(*reason, stop)
+        self.log.end(status, self.step, self.tokens, message)
+        return TrainResult(
+            self.run_dir,
+            self.step,
+            self.tokens,
+            self.first_eval,
+            self.last_eval,
+            self.last_ckpt,
+            status,
+            message,
+        )
 
-    def save(name: str | None = None, extra: dict | None = None) -> Path:
-        rng_tensors, rng_meta = rng_state()
-        meta = {
-            "config": config_to_dict(cfg),
-            "tokens": tokens,
-            "tokenizer_sha256": data_meta.get("tokenizer_sha256"),
-            "tokenizer_id": data_meta.get("tokenizer_id"),
-            "data_fingerprint": data_meta.get("fingerprint"),
-            "loader": loader.state_dict(),
-            "rng": rng_meta,
-            "precision": precision,
-            "guards": {"bad_steps": bad_steps.state_dict(), "early_stop": early.state_dict()},
-            **(extra or {}),
+    def stop_reason(self, stop: StopFlag) -> tuple[str, str] | None:
+        """Why the loop stops before the next step, agreed by every rank; None to go on."""
+        env, device, early = self.env, self.device, self.early
+        # every rank must agree, or one would wait forever in a collective the others left
+        if all_agree(stop.requested, env, device):
+            return "preempted", ""
+        if all_agree(early.should_stop, env, device):  # also stops a resumed early-stopped run
+            return "early_stopped", (
+                f"early stop at step {self.step}: val loss has not improved by more than "
+                f"{self.cfg.train.early_stop_min_delta} for {early.bad_evals} evaluations "
+                f"(best {early.best:.4f} at step {early.best_step})"
+            )
+        if self.step >= self.plan.max_steps:
+            return "finished", ""
+        return None
+
+    def train_step(self) -> StepOutcome:
+        """Forward and backward over the micro-batches, clip, and one optimizer update (skipped when the
+        loss or gradient norm is not finite)."""
+        cfg, plan, device, optimizer, scaler = self.cfg, self.plan, self.device, self.optimizer, self.scaler
+        lr = lr_at(self.step, cfg.train, plan.max_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = torch.zeros((), device=device)
+        epoch_before = self.batches.epoch
+        for micro in range(plan.grad_accum):
+            x, y = self.batches.next_batch()
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            sync = micro == plan.grad_accum - 1
+            with grad_sync(self.train_model, sync=sync), autocast(device, self.s.precision):
+                loss = self.train_model(x, y) / plan.grad_accum
+            scaler.scale(loss).backward()
+            loss_sum += loss.detach()
+        scaler.unscale_(optimizer)
+        grad_norm = clip_grad_norm(
+            self.model, cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
+        )
+        # One host sync per step: a non-finite loss or grad norm skips the update, so the weights and
+        # AdamW moments stay as they were. With fp16 the GradScaler already skips such steps itself.
+        # All ranks decide together, so none steps while another skips.
+        finite = scaler.is_enabled() or not all_agree(
+            not torch.isfinite(grad_norm + loss_sum), self.env, device
+        )
+        if finite:
+            scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.tokens += plan.tokens_per_step
+        self.bad_steps.record(finite)
+        self.log.notify("step", self.step)
+        return StepOutcome(lr, loss_sum, grad_norm, finite, self.batches.epoch != epoch_before)
+
+    def log_step(self, out: StepOutcome) -> None:
+        """A skipped step always; a train line every log.every steps and at the last."""
+        step, bad = self.step, self.bad_steps
+        if not out.finite:
+            self.log.bad_step(
+                {
+                    "type": "bad_step",
+                    "step": step,
+                    "train_loss": out.loss_sum.item(),
+                    "grad_norm": float(out.grad_norm),
+                    "bad_steps": bad.total,
+                    "consecutive": bad.consecutive,
+                }
+            )
+        if step % self.cfg.log.every and step != self.plan.max_steps:
+            return
+        tok_per_s = (self.tokens - self.tokens_at_log) / max(time.time() - self.t_log, 1e-9)
+        record = {
+            "type": "train",
+            "step": step,
+            "tokens": self.tokens,
+            "train_loss": all_reduce_mean(out.loss_sum.item(), self.env, self.device),
+            "lr": out.lr,
+            "grad_norm": float(out.grad_norm),
+            "tok_per_s": tok_per_s,
         }
-        path = checkpointer.save(run_dir, step, meta, rng_tensors, cfg.checkpoint.keep_last, name=name)
-        reporter.print(f"saved checkpoint {path}")
-        hooks.checkpoint(path, step)
-        return path
+        if self.peak:
+            record["mfu"] = self.fpt * tok_per_s / (self.peak * self.env.world_size)
+        self.log.train(record)
+        self.t_log, self.tokens_at_log = time.time(), self.tokens
 
-    def run_eval() -> dict:
-        if test_signal and test_signal[1] == "eval" and test_signal[2] == step:
-            os.kill(os.getpid(), test_signal[0])  # test-only: a signal arriving during evaluation
-        batches = iter_eval_batches(cfg.data, "val", plan.seq_len, plan.micro_batch_size, cfg.eval.batches)
-        loss, _ = evaluate_loss(model, batches, device, "fp32")
-        report = {"step": step, **loss_report(all_reduce_mean(loss, env, device), bytes_per_token)}
-        metrics.write({"type": "eval", "tokens": tokens, **report, "precision": eval_precision})
-        hooks.evaluated(report, tokens, model)
-        bpb = f" | val bpb {report['val_bpb']:.3f}" if "val_bpb" in report else ""
-        reporter.print(f"step {step}: val loss {report['val_loss']:.4f} | ppl {report['val_ppl']:.1f}{bpb}")
-        if early.update(report["val_loss"], step):
-            save(name=ckpt_io.BEST, extra={"val_loss": report["val_loss"]})
+    def periodic(self, out: StepOutcome) -> None:
+        """Evaluate every eval.every steps; save every checkpoint.every steps and at each epoch's end."""
+        step, cfg, last = self.step, self.cfg, self.plan.max_steps
+        if cfg.eval.every and step % cfg.eval.every == 0 and step < last:
+            self.last_eval = self.evaluate()
+        periodic = cfg.checkpoint.every and step % cfg.checkpoint.every == 0
+        if (periodic or out.epoch_ended) and step < last:
+            self.save_once()
+
+    def evaluate(self) -> dict:
+        """Validation loss, perplexity and bits per byte; a new best val loss also saves `best`."""
+        cfg, plan, step = self.cfg, self.plan, self.step
+        self.log.notify("eval", step)
+        batches = eval_batches(
+            cfg.data, self.s.data_meta, plan.seq_len, plan.micro_batch_size, cfg.eval.batches
+        )
+        loss, _ = evaluate_loss(self.model, batches, self.device, "fp32")
+        bytes_per_token = self.s.data_meta.get("val_bytes_per_token")
+        report = {"step": step, **loss_report(all_reduce_mean(loss, self.env, self.device), bytes_per_token)}
+        self.log.evaluated(report, self.tokens, self.eval_precision, self.model)
+        if self.early.update(report["val_loss"], step):
+            self.save(name=ckpt_io.BEST, extra={"val_loss": report["val_loss"]})
         return report
 
-    # --- loop ----------------------------------------------------------------------------------
-    status, message = "running", ""
-    last_ckpt, ckpt_step = resume_from, (saved["step"] if saved else None)
+    def save(self, name: str | None = None, extra: dict | None = None) -> Path:
+        """A checkpoint of everything a resume needs (weights, optimizer, data position, RNG, guards)."""
+        meta_data = self.s.data_meta
+        rng_tensors, rng_meta = rng_state()
+        meta = {
+            "config": config_to_dict(self.cfg),
+            "tokens": self.tokens,
+            "tokenizer_sha256": meta_data.get("tokenizer_sha256"),
+            "tokenizer_id": meta_data.get("tokenizer_id"),
+            "data_fingerprint": meta_data.get("fingerprint"),
+            "loader": self.batches.state_dict(),
+            "rng": rng_meta,
+            "precision": self.s.precision,
+            "guards": {"bad_steps": self.bad_steps.state_dict(), "early_stop": self.early.state_dict()},
+            **(extra or {}),
+        }
+        keep = self.cfg.checkpoint.keep_last
+        path = self.checkpointer.save(self.run_dir, self.step, meta, rng_tensors, keep, name=name)
+        self.log.checkpoint(path, self.step)
+        return path
 
-    def save_once() -> Path | None:
-        nonlocal last_ckpt, ckpt_step
-        if ckpt_step != step:
-            last_ckpt, ckpt_step = save(), step
-        return last_ckpt
+    def save_once(self) -> None:
+        """Save this step unless it is saved already."""
+        if self.ckpt_step != self.step:
+            self.last_ckpt, self.ckpt_step = self.save(), self.step
 
-    with (
-        StopFlag() as stop,
-        collective_errors(env, cfg.train.dist_timeout_s),
-        oom_guard(cfg, plan.micro_batch_size, precision, device, env.world_size),
-    ):
-
-        def stop_requested() -> bool:
-            # every rank must agree, or one would wait forever in a collective the others left
-            return all_agree(stop.requested, env, device)
-
-        first_eval = run_eval() if (cfg.eval.at_start and step == 0) else None
-        last_eval = first_eval
-        model.train()
-        t_log, tokens_at_log = time.time(), tokens
-        while status == "running":
-            if stop_requested():
-                status = "preempted"
-                break
-            if all_agree(early.should_stop, env, device):  # also stops a resumed early-stopped run
-                status = "early_stopped"
-                message = (
-                    f"early stop at step {step}: val loss has not improved by more than "
-                    f"{cfg.train.early_stop_min_delta} for {early.bad_evals} evaluations "
-                    f"(best {early.best:.4f} at step {early.best_step})"
-                )
-                break
-            if step >= plan.max_steps:
-                status = "finished"
-                break
-            lr = lr_at(step, cfg.train, plan.max_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            loss_sum = torch.zeros((), device=device)
-            epoch_before = loader.epoch
-            for micro in range(plan.grad_accum):
-                x, y = loader.next_batch()
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                with grad_sync(train_model, sync=micro == plan.grad_accum - 1), autocast(device, precision):
-                    loss = train_model(x, y) / plan.grad_accum
-                scaler.scale(loss).backward()
-                loss_sum += loss.detach()
-            scaler.unscale_(optimizer)
-            grad_norm = clip_grad_norm(
-                model, cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
-            )
-            # One host sync per step: a non-finite loss or grad norm skips the update, so the weights and
-            # AdamW moments stay as they were. With fp16 the GradScaler already skips such steps itself.
-            # All ranks decide together, so none steps while another skips.
-            finite = scaler.is_enabled() or not all_agree(
-                not torch.isfinite(grad_norm + loss_sum), env, device
-            )
-            if finite:
-                scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            tokens += plan.tokens_per_step
-            bad_steps.record(finite)
-            if test_signal and test_signal[1] == "step" and test_signal[2] == step:
-                os.kill(os.getpid(), test_signal[0])  # test-only: a signal arriving during step `step`
-
-            if not finite:
-                metrics.write(
-                    {
-                        "type": "bad_step",
-                        "step": step,
-                        "train_loss": loss_sum.item(),
-                        "grad_norm": float(grad_norm),
-                        "bad_steps": bad_steps.total,
-                        "consecutive": bad_steps.consecutive,
-                    }
-                )
-                reporter.print(
-                    f"step {step}: non-finite loss or gradient norm, optimizer step skipped "
-                    f"({bad_steps.consecutive} in a row, {bad_steps.total} in all)"
-                )
-            log_now = step % cfg.log.every == 0 or step == plan.max_steps
-            if log_now:
-                dt = max(time.time() - t_log, 1e-9)
-                tok_per_s = (tokens - tokens_at_log) / dt
-                mfu = fpt * tok_per_s / (peak * env.world_size) if peak else None
-                train_loss = all_reduce_mean(loss_sum.item(), env, device)
-                record = {
-                    "type": "train",
-                    "step": step,
-                    "tokens": tokens,
-                    "train_loss": train_loss,
-                    "lr": lr,
-                    "grad_norm": float(grad_norm),
-                    "tok_per_s": tok_per_s,
-                }
-                if mfu is not None:
-                    record["mfu"] = mfu
-                metrics.write(record)
-                hooks.train_step(record)
-                reporter.step(step, train_loss, tok_per_s, mfu, log_line=True)
-                t_log, tokens_at_log = time.time(), tokens
-            if bad_steps.diverged:
-                status = "diverged"
-                where = (
-                    f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was written"
-                )
-                message = (
-                    f"training diverged: {bad_steps.consecutive} consecutive steps with a non-finite loss or "
-                    f"gradient norm (train.max_bad_steps={cfg.train.max_bad_steps}); {where}: lower train.lr "
-                    f"or raise train.warmup_steps, then run again"
-                )
-                break
-            if cfg.eval.every and step % cfg.eval.every == 0 and step < plan.max_steps:
-                last_eval = run_eval()
-            epoch_ended = loader.epoch != epoch_before  # this step used the last windows of an epoch
-            periodic = cfg.checkpoint.every and step % cfg.checkpoint.every == 0
-            if (periodic or epoch_ended) and step < plan.max_steps:
-                save_once()
-
-        # --- end -------------------------------------------------------------------------------
-        if status == "finished" and (last_eval is None or last_eval["step"] != step):
-            last_eval = run_eval()
+    def finish(self, status: str, message: str, stop: StopFlag) -> tuple[str, str]:
+        """The last evaluation and checkpoint; the final status and message."""
+        ran = self.step - self.start_step
+        if status == "finished" and ran and self.bad_steps.consecutive >= ran:
+            # shorter than train.max_bad_steps, but nothing of it trained: not a success
+            status, message = "diverged", self.diverged_message(f"all {ran}")
+        if status == "finished" and (self.last_eval is None or self.last_eval["step"] != self.step):
+            self.last_eval = self.evaluate()
         if status == "preempted":
             who = stop.name() or "a stop signal on another rank"
-            message = f"received {who}: saved step {step}; run the same command again to resume"
+            message = f"received {who}: saved step {self.step}; run the same command again to resume"
         if status != "diverged":  # a diverged run keeps its last good checkpoint as the newest
-            save_once()
-    if message:
-        reporter.print(message)
-    hooks.end(status, step, tokens, message)
-    reporter.close()
-    metrics.close()
-    close_distributed()
-    return TrainResult(run_dir, step, tokens, first_eval, last_eval, last_ckpt, status, message)
+            self.save_once()
+        return status, message
 
-
-def print_dry_run(
-    cfg: Config, plan: Plan, precision: str, device: torch.device, n_params: int, fpt: int, console: Console
-) -> None:
-    """The resolved config and the estimator's plan for this device; nothing is trained."""
-    from ..estimate import estimate, local_device, report_lines
-
-    console.print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False).rstrip(), highlight=False)
-    est = estimate(cfg, device=local_device(device), precision=precision)
-    console.print(f"memory estimate and plan on {device} ({precision}):", highlight=False)
-    for line in report_lines(est):
-        console.print(line, highlight=False, markup=False, soft_wrap=True)
+    def diverged_message(self, how_many: str) -> str:
+        """The one line a diverged run ends with."""
+        where = (
+            f"the last good checkpoint is {self.last_ckpt}" if self.last_ckpt else "no checkpoint was written"
+        )
+        return (
+            f"training diverged: {how_many} steps with a non-finite loss or gradient norm "
+            f"(train.max_bad_steps={self.cfg.train.max_bad_steps}); {where}: lower train.lr or raise "
+            f"train.warmup_steps, then run again"
+        )

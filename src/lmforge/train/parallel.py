@@ -16,20 +16,13 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections.abc import Iterator
-from datetime import timedelta
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from ..config import Config, ConfigError
-from ..errors import LmforgeError
-from .distributed import DistEnv
-
-
-class DistributedError(LmforgeError, RuntimeError):
-    """A collective failed or timed out; the message names this rank and what to check."""
+from .distributed import DistEnv, ensure_process_group
 
 
 def checkpointed_blocks(n_layer: int, mode: str, k: int) -> list[int]:
@@ -65,16 +58,6 @@ def apply_compile(model: nn.Module) -> None:
     """torch.compile each block's forward (same graph for every block, so it compiles once and is reused)."""
     for block in model.blocks:
         block.forward = torch.compile(block.forward)
-
-
-def ensure_process_group(device: torch.device, timeout_s: int) -> None:
-    """FSDP2 needs a process group even alone: a one-process group kept in memory (no network)."""
-    if dist.is_initialized():
-        return
-    backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(
-        backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timedelta(seconds=timeout_s)
-    )
 
 
 def apply_fsdp(model: nn.Module, cfg: Config, env: DistEnv, device: torch.device, precision: str) -> None:
@@ -161,35 +144,3 @@ def clip_grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:
         norm = norm.full_tensor()
     torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
     return norm
-
-
-def all_agree(flag: bool, env: DistEnv, device: torch.device) -> bool:
-    """True on every rank if it is true on any rank, so all ranks stop (or skip) together."""
-    if env.world_size == 1:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
-
-
-@contextlib.contextmanager
-def collective_errors(env: DistEnv, timeout_s: int) -> Iterator[None]:
-    """Turn a timed-out or broken collective into one line naming this rank and what to check."""
-    try:
-        yield
-    except (RuntimeError, dist.DistError) as e:
-        if env.world_size == 1 or isinstance(e, LmforgeError):
-            raise
-        text = str(e).lower()
-        if "timed out" in text or "timeout" in text:
-            raise DistributedError(
-                f"rank {env.rank} of {env.world_size}: a collective did not finish within "
-                f"train.dist_timeout_s={timeout_s}s: another rank crashed, hangs or is much slower; read the "
-                f"other ranks' logs (NCCL_DEBUG=INFO on GPUs) and raise train.dist_timeout_s if they are only slow"
-            ) from e
-        if "connection" in text or "peer" in text or "closed" in text:
-            raise DistributedError(
-                f"rank {env.rank} of {env.world_size}: lost contact with another rank during a collective "
-                f"(it exited or was killed); read the other ranks' logs for the first error"
-            ) from e
-        raise

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+from collections.abc import Callable
 from types import FrameType
 
 PREEMPT_SIGNALS = tuple(
@@ -68,3 +69,18 @@ def signal_hook_for_tests() -> tuple[int, str, int] | None:
     name, _, where = spec.partition("@")
     phase, _, step = where.rpartition(":")
     return int(signal.Signals[name]), phase or "step", int(step)
+
+
+def test_signal_listener() -> Callable[[str, int], None] | None:
+    """For tests: a run-log listener that sends this process the signal LMFORGE_TEST_SIGNAL_AT names
+    (SIGNAL@STEP after that step, SIGNAL@eval:STEP as that evaluation starts); None when unset."""
+    spec = signal_hook_for_tests()
+    if spec is None:
+        return None
+    signum, phase, at = spec
+
+    def listen(event: str, step: int) -> None:
+        if event == phase and step == at:
+            os.kill(os.getpid(), signum)
+
+    return listen

@@ -1,5 +1,6 @@
 """The training loop's seam and its stop reasons: any batch source (y = -1 outside the loss) trains with
-every guarantee; a run that trains nothing, or a file where the run folder should be, is one line."""
+every guarantee; a run that trains nothing, a file where the run folder should be, or a full disk while
+consolidating is one line."""
 
 from __future__ import annotations
 
@@ -82,3 +83,26 @@ def test_out_naming_a_file_is_one_line(tiny_data, tmp_path, capsys):
         err == f"lmforge: error: --out '{afile}' is a file: give a folder for the run (new, or one to resume)"
     )
     assert afile.read_text() == "mine"
+
+
+def test_consolidate_on_a_full_disk_is_one_line_and_leaves_nothing(tiny_data, tmp_path, monkeypatch, capsys):
+    import errno
+
+    import safetensors.torch
+
+    run = tmp_path / "sharded"
+    assert _train(tiny_data, run, "--train.parallel=fsdp", "--train.max_steps=2") == 0
+    out = tmp_path / "merged"
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    capsys.readouterr()
+    assert main(["consolidate", "--run", str(run), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "could not write the consolidated checkpoint" in err and "No space left on device" in err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert not out.exists() and not list(tmp_path.glob(".tmp-*"))  # nothing half-written stays
+    monkeypatch.undo()
+    assert main(["consolidate", "--run", str(run), "--out", str(out)]) == 0  # and it works with room

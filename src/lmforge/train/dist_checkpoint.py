@@ -33,6 +33,7 @@ import torch.nn as nn
 
 from .. import checkpoint as ckpt_io
 from ..checkpoint import CheckpointError
+from ..safewrite import failing_cleanly
 from .distributed import DistEnv, all_ok
 from .resume import load_optimizer, optimizer_tensors
 
@@ -420,14 +421,22 @@ def consolidate(run: str | Path, out: str | Path | None = None) -> Path:
 
     tmp = out.with_name(f".tmp-{out.name}")
     shutil.rmtree(tmp, ignore_errors=True)
+    tensors = ckpt_io.model_state(model)
+    needed = sum(t.numel() * t.element_size() for t in tensors.values())
+    # a full disk is one line, and what was half-written goes (the sharded checkpoint is only read)
+    with failing_cleanly("the consolidated checkpoint", out, needed, then="", remove=[tmp]):
+        return _write_consolidated(tmp, out, tensors, ckpt, meta, run_dir)
+
+
+def _write_consolidated(tmp: Path, out: Path, tensors: dict, ckpt: Path, meta: dict, run_dir: Path) -> Path:
     tmp.mkdir(parents=True)
     try:
         from safetensors.torch import save_file
 
-        save_file(ckpt_io.model_state(model), str(tmp / ckpt_io.MODEL_FILE))
+        save_file(tensors, str(tmp / ckpt_io.MODEL_FILE))
         with contextlib.suppress(CheckpointError):  # a checkpoint copied without its run: weights still load
             shutil.copyfile(ckpt_io.tokenizer_path(run_dir), tmp / "tokenizer.json")
-        keep = ("config", "tokens", "tokenizer_sha256", "data_fingerprint", "precision")
+        keep = ("config", "tokens", "tokenizer_sha256", "tokenizer_id", "data_fingerprint", "precision")
         info = {k: meta[k] for k in keep if k in meta} | {"consolidated_from": str(ckpt)}
         if out.exists():
             out.rmdir()

@@ -1,0 +1,31 @@
+"""Inputs a careless user gives `lmforge train` that used to be tracebacks: one line each, exit 2."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lmforge.cli import main
+
+from .conftest import FAST, TINY_MODEL
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")
+def test_cuda_on_a_machine_without_a_gpu(tiny_data, tmp_path, capsys):
+    args = ["train", "--data", str(tiny_data), "--out", str(tmp_path / "r"), "--train.device=cuda"]
+    assert main([*args, *TINY_MODEL, *FAST]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        "lmforge: error: train.device='cuda': no CUDA GPU is visible; use --train.device=cpu or auto"
+    )
+    assert not (tmp_path / "r").exists()  # refused before the run folder is made
+
+
+def test_data_naming_a_file(tiny_data, tmp_path, capsys):
+    meta = tiny_data / "meta.json"
+    assert main(["train", "--data", str(meta), "--out", str(tmp_path / "r"), *TINY_MODEL, *FAST]) == 2
+    err = capsys.readouterr().err.strip()
+    assert (
+        err
+        == f"lmforge: error: data folder '{meta}' is a file: pass the folder that `lmforge prepare --out` wrote"
+    )

@@ -17,6 +17,7 @@ from lmforge.eval.metrics import evaluate_loss, score_tokens, score_windows, sum
 from lmforge.eval.quality import distinct_n, generation_quality, repetition_rate
 from lmforge.eval.run import EvalOptions, evaluate_run
 from lmforge.eval.tasks import TaskError, ending_logprobs, evaluate_multiple_choice, read_multiple_choice
+from lmforge.generate.params import SamplingParams
 from lmforge.model import GPT, ModelConfig
 
 # The numbers here follow precision=auto, which differs between CPUs: CI also runs this file with
@@ -115,7 +116,10 @@ def test_text_bits_per_byte_count_the_text_bytes(run, tmp_path):
     path = tmp_path / "t.txt"
     path.write_text(text, encoding="utf-8")
     report = evaluate_run(
-        run, EvalOptions(text=str(path), stride=8, speed=False, prompts=None, max_new_tokens=4)
+        run,
+        EvalOptions(
+            text=str(path), stride=8, speed=False, prompts=None, sampling=SamplingParams(max_new_tokens=4)
+        ),
     )
     lm = report["lm"]
     tok = Tokenizer.load(tokenizer_path(run))

@@ -28,17 +28,15 @@ class GenerationError(LmforgeError, ValueError):
     """Sampling settings or inputs that cannot be used."""
 
 
-def sampling_params(
-    temperature: float = 0.8,
-    top_k: int | None = 50,
-    top_p: float | None = None,
-    min_p: float | None = None,
-    repetition_penalty: float = 1.0,
-) -> SamplingParams:
-    """SamplingParams, with a bad value reported as a GenerationError (one line for people)."""
+# The one set of sampling defaults (generate/params.py): every method below takes its defaults from it.
+DEFAULT = SamplingParams()
+
+
+def sampling_params(**settings) -> SamplingParams:
+    """SamplingParams of the given settings (the rest default), a bad value raised as a GenerationError."""
     try:
-        return SamplingParams(temperature, top_k, top_p, repetition_penalty, min_p)
-    except ValueError as e:
+        return SamplingParams(**settings)
+    except (TypeError, ValueError) as e:
         raise GenerationError(str(e)) from e
 
 
@@ -85,17 +83,26 @@ class LLM:
     def generate(
         self,
         prompt: str | Sequence[str],
-        max_new_tokens: int = 100,
-        temperature: float = 0.8,
-        top_k: int | None = 50,
-        top_p: float | None = None,
-        min_p: float | None = None,
-        repetition_penalty: float = 1.0,
+        max_new_tokens: int = DEFAULT.max_new_tokens,
+        temperature: float = DEFAULT.temperature,
+        top_k: int | None = DEFAULT.top_k,
+        top_p: float | None = DEFAULT.top_p,
+        min_p: float | None = DEFAULT.min_p,
+        repetition_penalty: float = DEFAULT.repetition_penalty,
         stop: Sequence[str] | str | None = None,
         seed: int | None = None,
     ) -> str | list[str]:
         """The continuation of a prompt (a str), or of each prompt of a list (a list, decoded as a batch)."""
-        params = sampling_params(temperature, top_k, top_p, min_p, repetition_penalty)
+        params = sampling_params(
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            min_p=min_p,
+            repetition_penalty=repetition_penalty,
+            max_new_tokens=max_new_tokens,
+            stop=_stops(stop),
+            seed=seed,
+        )
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         done = self.complete(prompts, max_new_tokens, params, seed, stop)
         texts = [c.text for c in done]
@@ -109,7 +116,8 @@ class LLM:
         seed: int | None = None,
         stop: Sequence[str] | str | None = None,
     ) -> list[Completion]:
-        """Completions (text, tokens, finish reason) of a batch of prompts."""
+        """Completions (text, tokens, finish reason) of a batch of prompts; seed and stop: params' if None."""
+        seed, stop = _given_or(params, seed, stop)
         with self.lock:
             return generate_texts(
                 self.model, self.tokenizer, prompts, max_new_tokens, params, seed, _stops(stop)
@@ -118,17 +126,26 @@ class LLM:
     def stream(
         self,
         prompt: str,
-        max_new_tokens: int = 100,
-        temperature: float = 0.8,
-        top_k: int | None = 50,
-        top_p: float | None = None,
-        min_p: float | None = None,
-        repetition_penalty: float = 1.0,
+        max_new_tokens: int = DEFAULT.max_new_tokens,
+        temperature: float = DEFAULT.temperature,
+        top_k: int | None = DEFAULT.top_k,
+        top_p: float | None = DEFAULT.top_p,
+        min_p: float | None = DEFAULT.min_p,
+        repetition_penalty: float = DEFAULT.repetition_penalty,
         stop: Sequence[str] | str | None = None,
         seed: int | None = None,
     ) -> Iterator[str]:
         """Yield the continuation of prompt as text pieces, as they are generated."""
-        params = sampling_params(temperature, top_k, top_p, min_p, repetition_penalty)
+        params = sampling_params(
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            min_p=min_p,
+            repetition_penalty=repetition_penalty,
+            max_new_tokens=max_new_tokens,
+            stop=_stops(stop),
+            seed=seed,
+        )
         return self.stream_params(prompt, max_new_tokens, params, seed, stop)
 
     def stream_params(
@@ -161,8 +178,9 @@ class LLM:
         prompt: a text to continue, or OpenAI-style messages [{"role", "content"}] to reply to (the chat
         transcript fitted to the context, stopped where a next user turn begins, the reply's leading
         whitespace left out). Bad messages raise GenerationError at the call, before anything runs; the
-        lock is held from the first piece until the stream ends or is closed.
+        lock is held from the first piece until the stream ends or is closed. seed and stop: params' if None.
         """
+        seed, stop = _given_or(params, seed, stop)
         chat = not isinstance(prompt, str)
         text = self.chat_prompt(prompt, max_new_tokens) if chat else prompt
         stops = [*CHAT_STOP, *_stops(stop)] if chat else _stops(stop)
@@ -190,12 +208,12 @@ class LLM:
         self,
         prompts: Sequence[str],
         output_file: str | Path | None = None,
-        max_new_tokens: int = 100,
-        temperature: float = 0.8,
-        top_k: int | None = 50,
-        top_p: float | None = None,
-        min_p: float | None = None,
-        repetition_penalty: float = 1.0,
+        max_new_tokens: int = DEFAULT.max_new_tokens,
+        temperature: float = DEFAULT.temperature,
+        top_k: int | None = DEFAULT.top_k,
+        top_p: float | None = DEFAULT.top_p,
+        min_p: float | None = DEFAULT.min_p,
+        repetition_penalty: float = DEFAULT.repetition_penalty,
         stop: Sequence[str] | str | None = None,
         seed: int | None = None,
         batch_size: int = 8,
@@ -203,7 +221,16 @@ class LLM:
     ) -> list[dict]:
         """Generate for many prompts, batch_size at a time; rows of prompt, completion, finish_reason and
         token counts, also written to output_file (.json, .jsonl, .csv or .txt) when given."""
-        params = sampling_params(temperature, top_k, top_p, min_p, repetition_penalty)
+        params = sampling_params(
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            min_p=min_p,
+            repetition_penalty=repetition_penalty,
+            max_new_tokens=max_new_tokens,
+            stop=_stops(stop),
+            seed=seed,
+        )
         if output_file is not None:
             check_output_path(output_file)  # fail before the work, not after
         with self.lock:
@@ -239,14 +266,16 @@ class LLM:
     def chat(
         self,
         messages: Sequence[dict] | None = None,
-        max_new_tokens: int = 128,
-        temperature: float = 0.7,
-        top_k: int | None = 50,
-        top_p: float | None = None,
+        max_new_tokens: int = DEFAULT.max_new_tokens,
+        temperature: float = DEFAULT.temperature,
+        top_k: int | None = DEFAULT.top_k,
+        top_p: float | None = DEFAULT.top_p,
         seed: int | None = None,
     ) -> str | None:
         """With messages (OpenAI style), return the assistant's reply; without, run the interactive chat."""
-        params = sampling_params(temperature, top_k, top_p)
+        params = sampling_params(
+            temperature=temperature, top_k=top_k, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed
+        )
         if messages is None:
             repl(self.session(max_new_tokens, params, seed))
             return None
@@ -254,13 +283,21 @@ class LLM:
         return self.complete([prompt], max_new_tokens, params, seed, list(CHAT_STOP))[0].text.strip()
 
     def session(
-        self, max_new_tokens: int = 128, params: SamplingParams | None = None, seed: int | None = None
+        self,
+        max_new_tokens: int = DEFAULT.max_new_tokens,
+        params: SamplingParams | None = None,
+        seed: int | None = None,
     ) -> ChatSession:
         """A ChatSession over this model (history within the context window, streaming replies)."""
-        return ChatSession(self, params or SamplingParams(temperature=0.7), max_new_tokens, seed)
+        return ChatSession(self, params or DEFAULT, max_new_tokens, seed)
 
 
 def _stops(stop: Sequence[str] | str | None) -> list[str]:
     if stop is None:
         return []
     return [stop] if isinstance(stop, str) else list(stop)
+
+
+def _given_or(params: SamplingParams, seed: int | None, stop: Sequence[str] | str | None) -> tuple:
+    """(seed, stop) as given, or the params' own where not given."""
+    return (params.seed if seed is None else seed), (params.stop if stop is None else stop)

@@ -1,7 +1,15 @@
-"""One function per `lmforge` subcommand: each takes the parsed namespace and does the work.
+"""The `lmforge` subcommands, one typed function each: the signature is the command line.
 
-cli.py builds the parsers and dispatches here; heavy modules are imported inside each function, so
-`lmforge --help` stays fast.
+cli.py turns each function into its parser with jsonargparse. Plain parameters before `*` without a
+default are positional arguments; the others are flags, underscores written as dashes (batch_size is
+--batch-size); a `bool` defaulting to False is a switch (--stream); a `list[str]` flag is repeated
+(--stop A --stop B). A parameter typed with a group of options.py (Run, Device, SamplingParams ...) adds
+that group's fields as flags, the same on every command; `RunConfig` adds --config and every
+--section.key of the Config; a `Console` parameter is given by cli.py. The docstring's first line is the
+command's line in `lmforge --help`, the docstring its description, its Args: section the flags' help.
+
+Adding a subcommand: write one such function here and add one line to COMMANDS at the bottom.
+Heavy modules are imported inside the functions, so `lmforge --help` stays fast.
 """
 
 from __future__ import annotations
@@ -10,18 +18,27 @@ import dataclasses
 import os
 import re
 from pathlib import Path
+from typing import Annotated
 
 import yaml
 from jsonargparse import ArgumentParser, Namespace
 from rich.console import Console
 
 from .config import DEFAULT_MAX_STEPS, Config, ConfigError
-from .export import ExportError
+from .errors import LmforgeError
 from .model import ModelConfig
+from .options import Device, InferenceDevice, Run, RunConfig, SamplingParams, Without
+from .presets import BENCH_MODEL
 
 EXIT_USAGE = 2  # bad input: a config value, missing data, an unusable checkpoint, a failed checkpoint write
 EXIT_DIVERGED = 3  # train.max_bad_steps consecutive non-finite steps; the last good checkpoint is kept
 EXIT_PREEMPTED = 75  # SIGINT/SIGTERM/SIGUSR1: checkpoint saved, run the same command to resume (EX_TEMPFAIL)
+
+
+class RunDiverged(LmforgeError):
+    """Training stopped on non-finite steps; the message names the last good checkpoint."""
+
+    exit_code = EXIT_DIVERGED
 
 
 BUDGET_KEYS = ("max_steps", "max_tokens")
@@ -80,300 +97,490 @@ def parse_config(ns: Namespace, parser: ArgumentParser, argv: list[str] | None =
     return parse_config_with_budget(ns, parser, argv or [])[0]
 
 
-def cmd_train(ns: Namespace, parser: ArgumentParser, console: Console, err: Console, argv: list[str]) -> int:
-    """`lmforge train`: build the config (preset < YAML < flags), train, and map the outcome to an exit code."""
-    cfg, budget = parse_config_with_budget(ns, parser, argv)
-    console.print(f"budget: {budget}", highlight=False, soft_wrap=True)
-    from .train.loop import train
+def prepare(
+    *,
+    source: list[str],
+    out: str,
+    tokenizer: str = "bpe",
+    vocab_size: int = 8192,
+    special_tokens: str = "",
+    text_field: str = "text",
+    val_fraction: float = 0.01,
+    max_docs: int | None = None,
+    max_tokens: int | None = None,
+    workers: int | None = None,
+    seq_len: int | None = None,
+    stride: int | None = None,
+    console: Console,
+) -> None:
+    """Tokenize raw text into shards.
 
-    init = None
-    if ns.init_from:
+    Trains a tokenizer (or loads one) and writes the token shards, meta.json and manifest.json.
+
+    Args:
+        source: a file or folder (.txt .md .json .jsonl .jsonl.gz .parquet .csv), builtin:stdlib,
+            hf:NAME[:CONFIG][@SPLIT], fineweb, fineweb-edu, dolma, pile, c4, or kaggle:OWNER/DATASET;
+            repeatable, SRC:WEIGHT mixes sources in proportion
+        out: DATA_DIR to write
+        tokenizer: bpe | wordpiece | unigram | word | char (trained here), gpt2, tiktoken:NAME, or a
+            tokenizer.json
+        vocab_size: vocabulary size of a trained tokenizer
+        special_tokens: extra special tokens, comma-separated
+        text_field: record field holding the text (text falls back to content)
+        val_fraction: share of documents held out for validation
+        max_docs: stop after this many documents
+        max_tokens: stop once this many tokens are written
+        workers: tokenizer processes (default: all cores)
+        seq_len: validation window length recorded for eval
+        stride: step between validation windows (< seq-len overlaps)
+    """
+    from .data import prepare as prepare_data
+
+    prepare_data(  # its progress callback prints the summary
+        source,
+        out,
+        tokenizer=tokenizer,
+        vocab_size=vocab_size,
+        val_fraction=val_fraction,
+        max_docs=max_docs,
+        progress=lambda msg: console.print(msg, highlight=False),
+        text_field=text_field,
+        special_tokens=[t.strip() for t in special_tokens.split(",") if t.strip()],
+        workers=workers,
+        max_tokens=max_tokens,
+        seq_len=seq_len,
+        stride=stride,
+        console=console,
+    )
+
+
+def train(config: RunConfig, *, dry_run: bool = False, init_from: str | None = None, console: Console) -> int:
+    """Train or resume a model.
+
+    Settings come from a preset < --config YAML files < --section.key=value flags.
+
+    Args:
+        dry_run: print the resolved config and costs; train nothing
+        init_from: hf:DIR: start from a local HF GPT-2/Llama model (its architecture replaces model.*)
+    """
+    console.print(f"budget: {config.budget}", highlight=False, soft_wrap=True)
+    from .train.loop import train as train_loop
+
+    cfg, init = config.config, None
+    if init_from:
         from .export.hf import init_from_hf
 
-        cfg, init = init_from_hf(ns.init_from, cfg)
+        cfg, init = init_from_hf(init_from, cfg)
     else:  # resuming: the model settings this command leaves at their defaults are the checkpoint's
         from .train.resume import model_from_checkpoint
 
-        cfg = model_from_checkpoint(cfg, ns.model.as_dict())
-    result = train(cfg, dry_run=ns.dry_run, console=console, init_tensors=init)
+        cfg = model_from_checkpoint(cfg, config.model_given)
+    result = train_loop(cfg, dry_run=dry_run, console=console, init_tensors=init)
     if result is not None and result.status == "preempted":
         return EXIT_PREEMPTED
     if result is not None and result.status == "diverged":
-        err.print(f"lmforge: error: {result.message}", highlight=False, soft_wrap=True)
-        return EXIT_DIVERGED
+        raise RunDiverged(result.message)
     return 0
 
 
-def cmd_quickstart(ns: Namespace, console: Console) -> None:
-    """`lmforge quickstart`: the whole pipeline on the built-in corpus."""
-    from .quickstart import quickstart
+def generate(
+    run: Run,
+    device: InferenceDevice,
+    sampling: SamplingParams,
+    *,
+    prompt: str = "",
+    stream: bool = False,
+    input: str | None = None,
+    output: str | None = None,
+    batch_size: int = 8,
+    console: Console,
+) -> None:
+    """Generate text from a run.
 
-    quickstart(data_dir=ns.data, run_dir=ns.out, max_tokens=ns.max_tokens, device=ns.device, console=console)
+    Continues --prompt, or every prompt of --input into --output.
 
-
-def cmd_prepare(ns: Namespace, console: Console) -> dict:
-    """`lmforge prepare`: tokenizer + shards + meta.json."""
-    from .data import prepare
-
-    meta = prepare(
-        ns.source,
-        ns.out,
-        tokenizer=ns.tokenizer,
-        vocab_size=ns.vocab_size,
-        val_fraction=ns.val_fraction,
-        max_docs=ns.max_docs,
-        progress=lambda msg: console.print(msg, highlight=False),
-        text_field=ns.text_field,
-        special_tokens=[t.strip() for t in ns.special_tokens.split(",") if t.strip()],
-        workers=ns.workers,
-        max_tokens=ns.max_tokens,
-        seq_len=ns.seq_len,
-        stride=ns.stride,
-        console=console,
-    )
-    return meta  # prepare's progress callback has printed the summary
-
-
-def cmd_export(ns: Namespace, console: Console) -> Path:
-    """`lmforge export`: write a run in another format."""
-    from .export import export_run
-
-    out = export_run(ns.run, ns.format, ns.out, ns.dtype)
-    console.print(f"exported {ns.run} as {ns.format} to {out}", highlight=False)
-    return out
-
-
-def cmd_import(ns: Namespace, console: Console) -> Path:
-    """`lmforge import hf:DIR`: make a run directory from a local Hugging Face model."""
-    from .export.hf import import_hf
-
-    kind, sep, path = ns.source.partition(":")
-    if not sep or kind != "hf" or not path:
-        raise ExportError(f"source {ns.source!r}: write it as hf:DIR (a local Hugging Face model folder)")
-    out = import_hf(path, ns.out)
-    console.print(f"imported {path} into {out}; try: lmforge generate --run {out}", highlight=False)
-    return out
-
-
-def cmd_generate(ns: Namespace, console: Console) -> str | list:
-    """`lmforge generate`: continue a prompt with a trained run, or every prompt of a file."""
-    from .generate.sampling import SamplingParams
-
-    try:
-        params = SamplingParams(ns.temperature, ns.top_k, ns.top_p, ns.repetition_penalty, ns.min_p)
-    except ValueError as e:
-        raise ConfigError(str(e)) from e
-    if ns.input is not None or ns.output is not None:
-        return _generate_file(ns, console)
+    Args:
+        prompt: text to continue (empty: start from <|endoftext|>)
+        stream: print tokens as they are generated
+        input: prompts.txt (one per line) or prompts.jsonl ({"prompt": ...}), with --output
+        output: results .json | .jsonl | .csv | .txt (with --input)
+        batch_size: prompts decoded together (with --input)
+    """
     from .api import LLM
 
-    llm = LLM.load(ns.run, device=ns.device, quantize=ns.quantize)
-    console.print(ns.prompt, end="", style="bold", highlight=False, markup=False)
+    if input is not None or output is not None:
+        _generate_file(run, device, sampling, input, output, batch_size, console)
+        return
+    llm = LLM.load(run.run, device=device.device, quantize=device.quantize)
+    console.print(prompt, end="", style="bold", highlight=False, markup=False)
     pieces = []
-    for piece in llm.stream_params(ns.prompt, ns.max_new_tokens, params, ns.seed, ns.stop):
+    for piece in llm.stream_params(prompt, sampling.max_new_tokens, sampling, sampling.seed, sampling.stop):
         pieces.append(piece)
-        if ns.stream:
+        if stream:
             console.print(piece, end="", highlight=False, markup=False)
             console.file.flush()
-    text = "".join(pieces)
-    if not ns.stream:
-        console.print(text, end="", highlight=False, markup=False)
+    if not stream:
+        console.print("".join(pieces), end="", highlight=False, markup=False)
     console.print()
-    return text
 
 
-def _generate_file(ns: Namespace, console: Console) -> list:
+def _generate_file(
+    run: Run, device: InferenceDevice, sampling: SamplingParams, input, output, batch_size, console
+):
     """`lmforge generate --input FILE --output FILE`: batches of prompts, with a progress bar."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from .api import LLM
     from .generate.batch import check_output_path, read_prompts
 
-    if ns.input is None or ns.output is None:
+    if input is None or output is None:
         raise ConfigError("--input and --output go together: give both (e.g. --input p.txt --output r.jsonl)")
-    check_output_path(ns.output)
-    prompts = read_prompts(ns.input)
-    llm = LLM.load(ns.run, device=ns.device, quantize=ns.quantize)
+    check_output_path(output)
+    prompts = read_prompts(input)
+    llm = LLM.load(run.run, device=device.device, quantize=device.quantize)
     columns = (TextColumn("generating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
         task = bar.add_task("generate", total=len(prompts))
         rows = llm.batch_generate(
             prompts,
-            output_file=ns.output,
-            max_new_tokens=ns.max_new_tokens,
-            temperature=ns.temperature,
-            top_k=ns.top_k,
-            top_p=ns.top_p,
-            min_p=ns.min_p,
-            repetition_penalty=ns.repetition_penalty,
-            stop=ns.stop,
-            seed=ns.seed,
-            batch_size=ns.batch_size,
+            output_file=output,
+            batch_size=batch_size,
             on_batch=lambda n: bar.advance(task, n),
+            **dataclasses.asdict(sampling),
         )
-    console.print(f"wrote {len(rows)} completions to {ns.output}", highlight=False, soft_wrap=True)
-    return rows
+    console.print(f"wrote {len(rows)} completions to {output}", highlight=False, soft_wrap=True)
 
 
-def cmd_chat(ns: Namespace, console: Console) -> None:
-    """`lmforge chat`: an interactive conversation with a run."""
-    from .api import LLM, sampling_params
+def chat(
+    run: Run,
+    device: InferenceDevice,
+    sampling: SamplingParams,
+    *,
+    system: str | None = None,
+    console: Console,
+) -> None:
+    """Chat with a run in the terminal.
+
+    Commands: /reset, /temperature X, /quit; Ctrl-C stops a reply.
+
+    Args:
+        system: a system line kept at the start of the conversation
+    """
+    from .api import LLM
     from .generate.chat import repl
 
-    params = sampling_params(ns.temperature, ns.top_k, ns.top_p)
-    llm = LLM.load(ns.run, device=ns.device, quantize=ns.quantize)
-    session = llm.session(ns.max_new_tokens, params, ns.seed)
-    session.system = ns.system
+    llm = LLM.load(run.run, device=device.device, quantize=device.quantize)
+    session = llm.session(sampling.max_new_tokens, sampling, sampling.seed)
+    session.system = system
     repl(session)
 
 
-def cmd_serve(ns: Namespace, console: Console) -> None:
-    """`lmforge serve`: the OpenAI-compatible HTTP server."""
-    from .serve import serve
+def serve(
+    run: Run,
+    device: InferenceDevice,
+    sampling: SamplingParams,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    max_tokens: int = 512,
+    max_body: int = 1_000_000,
+    model_name: str | None = None,
+    console: Console,
+) -> None:
+    """OpenAI-compatible HTTP server for a run.
 
-    serve(
-        ns.run,
-        host=ns.host,
-        port=ns.port,
-        max_tokens=ns.max_tokens,
-        max_body=ns.max_body,
-        model_name=ns.model_name,
-        device=ns.device,
-        quantize=ns.quantize,
+    Serves /v1/completions and /v1/chat/completions; the sampling flags are what a request gets for the
+    fields it leaves out.
+
+    Args:
+        host: address to bind (0.0.0.0 exposes it to the network)
+        port: port to listen on
+        max_tokens: cap on the max_tokens a request may ask for
+        max_body: largest request body in bytes (413 above)
+        model_name: the model id clients see (default: the run's name)
+    """
+    from .serve import serve as serve_run
+
+    serve_run(
+        run.run,
+        host=host,
+        port=port,
+        max_tokens=max_tokens,
+        max_body=max_body,
+        model_name=model_name,
+        device=device.device,
+        quantize=device.quantize,
+        sampling=sampling,
         console=console,
     )
 
 
-def cmd_bench(ns: Namespace, console: Console) -> list:
-    """`lmforge bench`: tokens/s, MFU and peak memory of lmforge and HF on the same model and batches."""
+def export(run: Run, *, format: str, out: str, dtype: str = "f32", console: Console) -> None:
+    """Export a run (hf, safetensors, onnx, gguf).
+
+    Args:
+        format: hf | safetensors | onnx | gguf
+        out: folder to write (must not exist, or be empty)
+        dtype: f32 | f16 | bf16 (hf, safetensors, gguf) | q8_0 (gguf)
+    """
+    from .export import export_run
+
+    written = export_run(run.run, format, out, dtype)
+    console.print(f"exported {run.run} as {format} to {written}", highlight=False)
+
+
+def import_hf(source: str, *, out: str, console: Console) -> None:
+    """Import a Hugging Face model as a run.
+
+    Reads a local GPT-2 or Llama model folder.
+
+    Args:
+        source: hf:DIR, a folder with config.json, *.safetensors and tokenizer.json
+        out: RUN_DIR to create
+    """
+    from .export import ExportError
+    from .export.hf import import_hf as import_folder
+
+    kind, sep, path = source.partition(":")
+    if not sep or kind != "hf" or not path:
+        raise ExportError(f"source {source!r}: write it as hf:DIR (a local Hugging Face model folder)")
+    written = import_folder(path, out)
+    console.print(f"imported {path} into {written}; try: lmforge generate --run {written}", highlight=False)
+
+
+def quickstart(
+    device: Device,
+    *,
+    data: str = "data/stdlib",
+    out: str = "runs/quickstart",
+    max_tokens: int | None = None,
+    console: Console,
+) -> None:
+    """The whole pipeline in a few minutes on a CPU.
+
+    Prepares the built-in corpus, trains the tiny preset briefly and prints a sample.
+
+    Args:
+        data: where the prepared corpus goes (reused if present)
+        out: RUN_DIR
+        max_tokens: training token budget (default: sized for CPU)
+    """
+    from .quickstart import quickstart as run_quickstart
+
+    run_quickstart(data_dir=data, run_dir=out, max_tokens=max_tokens, device=device.device, console=console)
+
+
+BENCH_CONFIG = ModelConfig(**BENCH_MODEL)
+
+
+def bench(
+    device: Device,
+    *,
+    preset: str | None = None,
+    model: ModelConfig = BENCH_CONFIG,
+    batch: int = 12,
+    steps: int = 20,
+    warmup: int = 3,
+    compare: str = "hf",
+    precision: str = "auto",
+    compile: bool = False,
+    data: str | None = None,
+    seed: int = 0,
+    console: Console,
+) -> None:
+    """Training throughput next to HF transformers.
+
+    Tokens/s, MFU and peak memory of lmforge and HF on the same model and batches.
+
+    Args:
+        preset: a model preset: its model.* become the defaults (default: 6 layers x 384 wide, vocab 4096)
+        batch: sequences per step
+        steps: timed optimizer steps
+        warmup: untimed steps first
+        compare: hf, or none to time lmforge alone
+        precision: auto | bf16 | fp16 | fp32 (same on both sides)
+        compile: torch.compile both models
+        data: DATA_DIR: train on its tokens instead of random ones
+        seed: seed of the weights and the random batches
+    """
     from .bench import bench_training, report
 
+    del preset  # cli.py has made it the model.* defaults before parsing
     try:
-        model_cfg = ModelConfig(**ns.model.as_dict()).resolved()
+        model_cfg = model.resolved()
     except (ValueError, TypeError) as e:
         raise ConfigError(str(e)) from e
-    compare = () if ns.compare == "none" else tuple(ns.compare.split(","))
-    console.print(f"timing {ns.steps} steps after {ns.warmup} warmup steps ...", highlight=False)
+    others = () if compare == "none" else tuple(compare.split(","))
+    console.print(f"timing {steps} steps after {warmup} warmup steps ...", highlight=False)
     results = bench_training(
         model_cfg,
-        batch=ns.batch,
-        steps=ns.steps,
-        warmup=ns.warmup,
-        device=ns.device,
-        precision=ns.precision,
-        compile=ns.compile,
-        compare=compare,
-        data=ns.data,
-        seed=ns.seed,
+        batch=batch,
+        steps=steps,
+        warmup=warmup,
+        device=device.device,
+        precision=precision,
+        compile=compile,
+        compare=others,
+        data=data,
+        seed=seed,
     )
-    report(results, model_cfg, ns.batch, console)
-    return results
+    report(results, model_cfg, batch, console)
 
 
-def cmd_eval(ns: Namespace, console: Console) -> dict:
-    """`lmforge eval`: measure a run, print a table and write eval.json."""
+def evaluate(
+    run: Run,
+    device: InferenceDevice,
+    sampling: Annotated[SamplingParams, Without("top_p", "min_p", "repetition_penalty", "stop")],
+    *,
+    data: str | None = None,
+    text: str | None = None,
+    stride: int | None = None,
+    batches: int = 16,
+    batch_size: int = 8,
+    tasks: list[str] | None = None,
+    prompts: str | None = None,
+    no_speed: bool = False,
+    out: str | None = None,
+    console: Console,
+) -> None:
+    """Measure a run: loss, ppl, bpb, accuracy, tasks, generation, speed.
+
+    The generation check samples with the sampling flags below (an unset seed is 0, so reports repeat).
+
+    Args:
+        data: DATA_DIR whose val split is scored (default: the run's data)
+        text: a UTF-8 text file to score instead of --data
+        stride: sliding-window stride (default: half the window)
+        batches: val batches to score (--data)
+        batch_size: windows per forward pass
+        tasks: NAME=FILE.jsonl in HellaSwag's format (repeatable)
+        prompts: prompt set: .txt (one per line) or .jsonl (default: built in)
+        no_speed: skip the speed measurement
+        out: where to write the JSON report (default: RUN_DIR/eval.json)
+    """
     from .eval.run import EvalError, EvalOptions, evaluate_run, report_table, write_report
 
-    tasks = {}
-    for spec in ns.tasks:
+    named = {}
+    for spec in tasks or []:
         name, sep, path = spec.partition("=")
         if not sep or not name or not path:
             raise EvalError(
                 f"--tasks {spec}: write it as NAME=FILE.jsonl, e.g. hellaswag=hellaswag_val.jsonl"
             )
-        tasks[name] = path
+        named[name] = path
     opts = EvalOptions(
-        data=ns.data,
-        text=ns.text,
-        stride=ns.stride,
-        batches=ns.batches,
-        batch_size=ns.batch_size,
-        tasks=tasks,
-        prompts=ns.prompts,
-        max_new_tokens=ns.max_new_tokens,
-        temperature=ns.temperature,
-        seed=ns.seed,
-        speed=not ns.no_speed,
-        quantize=ns.quantize,
-        device=ns.device,
+        data=data,
+        text=text,
+        stride=stride,
+        batches=batches,
+        batch_size=batch_size,
+        tasks=named,
+        prompts=prompts,
+        sampling=sampling,
+        speed=not no_speed,
+        quantize=device.quantize,
+        device=device.device,
     )
-    report = evaluate_run(ns.run, opts, console)
-    out = write_report(report, ns.out or Path(ns.run) / "eval.json")
+    report = evaluate_run(run.run, opts, console)
+    written = write_report(report, out or Path(run.run) / "eval.json")
     console.print(report_table(report))
-    console.print(f"wrote {out}", highlight=False)
-    return report
+    console.print(f"wrote {written}", highlight=False)
 
 
-def cmd_estimate(ns: Namespace, parser: ArgumentParser, console: Console, argv: list[str]):
-    """`lmforge estimate`: the plan for a config (no model is built, nothing is run)."""
-    from .estimate import estimate, report_lines
+def estimate(
+    config: RunConfig, *, gpu: str | None = None, gpus: int = 1, mfu: float = 0.4, console: Console
+) -> None:
+    """Memory, time and device fit of a config, before training.
 
-    cfg = parse_config(ns, parser, argv)
-    est = estimate(cfg, gpu=ns.gpu, gpus=ns.gpus, mfu=ns.mfu)
-    for line in report_lines(est):
+    Parameters, FLOPs, memory per GPU, time, and which devices it fits; nothing is run.
+
+    Args:
+        gpu: device of the summary, e.g. 4090, a100-80, h100 (default: RTX 4090)
+        gpus: number of GPUs (data parallel or FSDP)
+        mfu: assumed model FLOPs utilisation for the time estimate
+    """
+    from .estimate import estimate as plan
+    from .estimate import report_lines
+
+    for line in report_lines(plan(config.config, gpu=gpu, gpus=gpus, mfu=mfu)):
         console.print(line, highlight=False, markup=False, soft_wrap=True)
-    return est
 
 
-def cmd_plot(ns: Namespace, console: Console) -> Path:
-    """`lmforge plot`: curves of one or more runs into a PNG or HTML file."""
+def plot(runs: list[str], *, out: str | None = None, console: Console) -> None:
+    """Plot the curves of one or more runs.
+
+    Loss, learning rate, gradient norm and tokens/s; several runs share one chart.
+
+    Args:
+        runs: RUN_DIRs (several: one chart, one line per run)
+        out: FILE.png or FILE.html (default: RUN_DIR/curves.png)
+    """
     from .plot import plot_runs
 
-    out = Path(ns.out) if ns.out else Path(ns.runs[0]) / "curves.png"
-    plot_runs(ns.runs, out)
-    console.print(f"wrote {out}", highlight=False)
-    return out
+    path = Path(out) if out else Path(runs[0]) / "curves.png"
+    plot_runs(runs, path)
+    console.print(f"wrote {path}", highlight=False)
 
 
-def cmd_status(ns: Namespace, console: Console) -> dict:
-    """`lmforge status`: one screen on where a run stands."""
+def status(run: str, *, console: Console) -> None:
+    """Step, loss, ETA and liveness of a run.
+
+    Where a run stands: step, tokens, loss, best val, ETA, last checkpoint, alive or not.
+
+    Args:
+        run: RUN_DIR
+    """
     from .watch import format_status, run_status
 
-    status = run_status(ns.run)
-    for line in format_status(status):
+    for line in format_status(run_status(run)):
         console.print(line, highlight=False, markup=False, soft_wrap=True)
-    return status
 
 
-def cmd_doctor(ns: Namespace, console: Console) -> list:
-    """`lmforge doctor`: what this machine can do for training, and what to fix."""
-    from .doctor import doctor_report
+def doctor(*, run_dir: str = ".", console: Console) -> None:
+    """Check torch, GPU, precision and optional packages.
 
-    checks = doctor_report(ns.run_dir)
-    for line in format_checks(checks):
+    What this machine can do for training (bf16, flash attention, compile, disk) and what to fix.
+
+    Args:
+        run_dir: where runs will be written (for the free-disk check)
+    """
+    from .doctor import doctor_report, format_report
+
+    for line in format_report(doctor_report(run_dir)):
         console.print(line, highlight=False, soft_wrap=True)
-    return checks
 
 
-def format_checks(checks: list) -> list[str]:
-    """Doctor checks as aligned lines, then the fixes."""
-    from .doctor import format_report
+def consolidate(run: Run, *, out: str | None = None, console: Console) -> None:
+    """Gather a sharded (FSDP) checkpoint into one file.
 
-    return format_report(checks)
+    Writes one model.safetensors that generate and export read.
+
+    Args:
+        out: checkpoint directory to write (default: RUN_DIR/consolidated)
+    """
+    from .train.dist_checkpoint import consolidate as gather
+
+    written = gather(run.run, out)
+    console.print(
+        f"wrote {written} (use it as --run for generate and export)", highlight=False, soft_wrap=True
+    )
 
 
-def cmd_consolidate(ns: Namespace, console: Console) -> Path:
-    """`lmforge consolidate`: a sharded checkpoint -> a single-file checkpoint directory."""
-    from .train.dist_checkpoint import consolidate
-
-    out = consolidate(ns.run, ns.out)
-    console.print(f"wrote {out} (use it as --run for generate and export)", highlight=False, soft_wrap=True)
-    return out
-
-
-# Every subcommand but `train` (which needs its parser to build the config): name -> function(ns, console).
+# name -> function: the order of `lmforge --help`.
 COMMANDS = {
-    "prepare": cmd_prepare,
-    "generate": cmd_generate,
-    "chat": cmd_chat,
-    "serve": cmd_serve,
-    "export": cmd_export,
-    "import": cmd_import,
-    "quickstart": cmd_quickstart,
-    "bench": cmd_bench,
-    "eval": cmd_eval,
-    "plot": cmd_plot,
-    "status": cmd_status,
-    "doctor": cmd_doctor,
-    "consolidate": cmd_consolidate,
+    "prepare": prepare,
+    "train": train,
+    "generate": generate,
+    "chat": chat,
+    "serve": serve,
+    "export": export,
+    "import": import_hf,
+    "quickstart": quickstart,
+    "bench": bench,
+    "eval": evaluate,
+    "estimate": estimate,
+    "plot": plot,
+    "status": status,
+    "doctor": doctor,
+    "consolidate": consolidate,
 }

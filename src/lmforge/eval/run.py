@@ -23,6 +23,7 @@ from ..data import Tokenizer, TokenShards, load_meta
 from ..device import pick_device
 from ..errors import LmforgeError
 from ..generate.batch import read_prompts as read_prompt_file
+from ..generate.params import SamplingParams
 from .metrics import score_tokens, summarize_scores
 from .quality import DEFAULT_PROMPTS, generation_quality
 from .speed import compare_speed, decode, measure_speed
@@ -33,9 +34,17 @@ class EvalError(LmforgeError, ValueError):
     """Bad arguments or inputs to `lmforge eval`; the message says what and how to fix it."""
 
 
+# Sampling settings the generation check does not apply (it decodes with temperature and top-k).
+UNUSED_SAMPLING = ("top_p", "min_p", "repetition_penalty", "stop")
+
+
 @dataclass
 class EvalOptions:
-    """What `lmforge eval` measures and on what (the CLI flags, one to one)."""
+    """What `lmforge eval` measures and on what (the CLI flags, one to one).
+
+    sampling: how the generation check draws, with the defaults of every other command; an unset seed is
+    0 there, so a report repeats. Of the sampling settings, UNUSED_SAMPLING must stay at their defaults.
+    """
 
     data: str | None = None
     text: str | None = None
@@ -44,12 +53,19 @@ class EvalOptions:
     batch_size: int = 8
     tasks: dict[str, str] = field(default_factory=dict)
     prompts: str | None = None
-    max_new_tokens: int = 48
-    temperature: float = 0.8
-    seed: int = 0
+    sampling: SamplingParams = field(default_factory=SamplingParams)
     speed: bool = True
     quantize: str | None = None
     device: str = "auto"
+
+    def __post_init__(self) -> None:
+        default = SamplingParams()
+        unused = [k for k in UNUSED_SAMPLING if getattr(self.sampling, k) != getattr(default, k)]
+        if unused:
+            raise EvalError(
+                f"{', '.join(unused)}: eval's generation check samples with temperature and top_k only; "
+                f"leave {'it' if len(unused) == 1 else 'them'} unset"
+            )
 
 
 def read_prompts(path: str | Path) -> list[str]:
@@ -112,14 +128,17 @@ def language_modelling(model, ids: torch.Tensor, n_bytes: float, window: int, st
 def generation(model, tokenizer: Tokenizer, prompts: list[str], opts: EvalOptions) -> dict:
     """Sample one continuation per prompt and measure its quality."""
     texts, counts = [], []
+    s = opts.sampling
+    seed = 0 if s.seed is None else s.seed
     for i, prompt in enumerate(prompts):
         ids = tokenizer.encode(prompt) if prompt else []
         out, _ = decode(
             model,
             [tokenizer.eos_id, *ids],
-            opts.max_new_tokens,
-            temperature=opts.temperature,
-            seed=opts.seed + i,
+            s.max_new_tokens,
+            temperature=s.temperature,
+            top_k=s.top_k,
+            seed=seed + i,
             eos_id=tokenizer.eos_id,
         )
         if out and out[-1] == tokenizer.eos_id:

@@ -60,7 +60,7 @@ class ChatSession:
     """
 
     llm: Replier
-    params: SamplingParams = field(default_factory=lambda: SamplingParams(temperature=0.7))
+    params: SamplingParams = field(default_factory=SamplingParams)
     max_new_tokens: int = 128
     seed: int | None = None
     system: str | None = None

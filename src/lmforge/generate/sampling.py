@@ -1,43 +1,23 @@
-"""Sampling as pure functions over a logits vector: penalties, filters, then a draw."""
+"""Sampling as pure functions over a logits vector: penalties, filters, then a draw.
+
+The settings, `SamplingParams`, live in params.py (no torch) and are re-exported here.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
+from .params import SamplingParams
 
-@dataclass(frozen=True)
-class SamplingParams:
-    """How the next token is chosen. temperature 0 means greedy (argmax)."""
-
-    temperature: float = 0.8
-    top_k: int | None = 50
-    top_p: float | None = None
-    repetition_penalty: float = 1.0
-    min_p: float | None = None
-
-    def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise ValueError(f"temperature={self.temperature}: must be >= 0 (0 is greedy)")
-        if self.top_k is not None and self.top_k < 1:
-            raise ValueError(f"top_k={self.top_k}: must be >= 1")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p={self.top_p}: must be in (0, 1]")
-        if self.repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty={self.repetition_penalty}: must be > 0 (1 disables it)")
-        if self.min_p is not None and not 0 <= self.min_p < 1:
-            raise ValueError(f"min_p={self.min_p}: must be in [0, 1)")
-
-
-def apply_repetition_penalty(logits: torch.Tensor, previous: torch.Tensor, penalty: float) -> torch.Tensor:
-    """CTRL's penalty (Keskar et al., 2019): divide positive, multiply negative logits of seen tokens."""
-    if penalty == 1.0 or previous.numel() == 0:
-        return logits
-    logits = logits.clone()
-    seen = logits[..., previous.unique()]
-    logits[..., previous.unique()] = torch.where(seen > 0, seen / penalty, seen * penalty)
-    return logits
+__all__ = [
+    "SamplingParams",
+    "filter_logits",
+    "min_p_filter",
+    "penalize_seen",
+    "sample_rows",
+    "top_k_filter",
+    "top_p_filter",
+]
 
 
 def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
@@ -106,20 +86,3 @@ def sample_rows(
     if generators is None:
         return torch.multinomial(probs, 1).squeeze(1)
     return torch.cat([torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(generators)])
-
-
-def sample_next(
-    logits: torch.Tensor,
-    params: SamplingParams,
-    previous: torch.Tensor | None = None,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """Choose the next token id(s) from logits (..., vocab)."""
-    logits = logits.float()
-    if previous is not None:
-        logits = apply_repetition_penalty(logits, previous, params.repetition_penalty)
-    if params.temperature == 0:
-        return logits.argmax(-1)
-    probs = filter_logits(logits, params).softmax(-1)
-    flat = probs.reshape(-1, probs.size(-1))
-    return torch.multinomial(flat, 1, generator=generator).reshape(probs.shape[:-1])

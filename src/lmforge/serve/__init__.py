@@ -6,6 +6,7 @@ import socket
 from pathlib import Path
 
 from ..errors import LmforgeError
+from ..generate.params import SamplingParams
 
 
 class ServeError(LmforgeError, RuntimeError):
@@ -22,8 +23,9 @@ def serve(
     device: str = "auto",
     console=None,
     quantize: str | None = None,
+    sampling: SamplingParams | None = None,
 ) -> None:
-    """Load the run and serve it until stopped (Ctrl-C)."""
+    """Load the run and serve it until stopped (Ctrl-C); sampling: a request's defaults (SamplingParams)."""
     try:
         import uvicorn
 
@@ -40,7 +42,7 @@ def serve(
     from ..api import LLM
 
     llm = LLM.load(run, device=device, quantize=quantize)
-    app = create_app(llm, max_tokens=max_tokens, max_body=max_body, model_name=model_name)
+    app = create_app(llm, max_tokens, max_body, model_name, sampling or SamplingParams())
     if console is not None:
         console.print(
             f"serving {llm.name} on http://{host}:{port}/v1 (OpenAI-compatible; Ctrl-C stops)",

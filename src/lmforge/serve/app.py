@@ -6,6 +6,7 @@ a worker thread, so /health and /v1/models answer while a generation runs.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 import uuid
@@ -18,22 +19,30 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..api import LLM, GenerationError, sampling_params
+from ..api import LLM, GenerationError
 from ..generate.engine import Completion
-from ..generate.sampling import SamplingParams
+from ..generate.params import SamplingParams
+
+DEFAULT = SamplingParams()  # the one set of sampling defaults; `lmforge serve`'s flags may change them
+# Request fields that are sampling settings of the same name; max_tokens is max_new_tokens.
+SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "stop", "seed")
 
 
 class _Sampling(BaseModel):
-    """Fields shared by both endpoints; unknown OpenAI fields (user, logprobs, ...) are ignored."""
+    """Fields shared by both endpoints; unknown OpenAI fields (user, logprobs, ...) are ignored.
+
+    A sampling field the request leaves out takes the server's default (create_app's `sampling`), not
+    the default written here, which only documents the schema.
+    """
 
     model_config = ConfigDict(extra="ignore")
     model: str | None = None
     max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float = Field(default=1.0, ge=0.0)
-    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    top_k: int | None = Field(default=None, ge=1)  # not in OpenAI's API; vLLM and others accept it
-    min_p: float | None = Field(default=None, ge=0.0, lt=1.0)
-    repetition_penalty: float = Field(default=1.0, gt=0.0)
+    temperature: float = Field(default=DEFAULT.temperature, ge=0.0)
+    top_p: float | None = Field(default=DEFAULT.top_p, gt=0.0, le=1.0)
+    top_k: int | None = Field(default=DEFAULT.top_k, ge=1)  # not in OpenAI's API; vLLM and others accept it
+    min_p: float | None = Field(default=DEFAULT.min_p, ge=0.0, lt=1.0)
+    repetition_penalty: float = Field(default=DEFAULT.repetition_penalty, gt=0.0)
     stop: str | list[str] | None = None
     stream: bool = False
     seed: int | None = None
@@ -83,11 +92,18 @@ def _last(events: Iterator[str | Completion]) -> Completion:
     return done
 
 
-def create_app(llm: LLM, max_tokens: int = 512, max_body: int = 1_000_000, model_name: str | None = None):
-    """The FastAPI application serving llm; max_tokens caps a request's max_tokens, max_body its size."""
+def create_app(
+    llm: LLM,
+    max_tokens: int = 512,
+    max_body: int = 1_000_000,
+    model_name: str | None = None,
+    sampling: SamplingParams = DEFAULT,
+):
+    """The FastAPI application serving llm; max_tokens caps a request's max_tokens, max_body its size,
+    sampling gives what a request leaves out (its max_new_tokens up to max_tokens)."""
     name = model_name or llm.name
     created = int(time.time())
-    default_tokens = min(128, max_tokens)
+    defaults = dataclasses.replace(sampling, max_new_tokens=min(sampling.max_new_tokens, max_tokens))
     app = FastAPI(title="lmforge", version="0.1.0")
 
     @app.exception_handler(RequestError)
@@ -123,18 +139,21 @@ def create_app(llm: LLM, max_tokens: int = 512, max_body: int = 1_000_000, model
         except ValidationError as e:
             raise RequestError(400, _validation_message(e)) from e
 
-    def settings(body: _Sampling) -> tuple[int, SamplingParams, list[str]]:
-        n = body.max_tokens if body.max_tokens is not None else default_tokens
-        if n > max_tokens:
-            raise RequestError(400, f"max_tokens={n} is over this server's cap of {max_tokens}")
+    def settings(body: _Sampling) -> SamplingParams:
+        """The request's sampling: the fields it gives, the server's defaults for the others."""
+        given = {k: getattr(body, k) for k in SAMPLING_FIELDS if k in body.model_fields_set}
+        if isinstance(given.get("stop"), str):
+            given["stop"] = [given["stop"]]
+        if body.max_tokens is not None:
+            if body.max_tokens > max_tokens:
+                raise RequestError(
+                    400, f"max_tokens={body.max_tokens} is over this server's cap of {max_tokens}"
+                )
+            given["max_new_tokens"] = body.max_tokens
         try:
-            params = sampling_params(
-                body.temperature, body.top_k, body.top_p, body.min_p, body.repetition_penalty
-            )
-        except GenerationError as e:
+            return dataclasses.replace(defaults, **given)
+        except ValueError as e:
             raise RequestError(400, str(e)) from e
-        stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-        return n, params, stop
 
     def usage(done: list[Completion]) -> dict:
         p = sum(c.prompt_tokens for c in done)
@@ -149,10 +168,10 @@ def create_app(llm: LLM, max_tokens: int = 512, max_body: int = 1_000_000, model
 
         return StreamingResponse(lines(), media_type="text/event-stream")
 
-    def events(prompt: str | list[dict], n: int, params: SamplingParams, seed, stop) -> Iterator:
+    def events(prompt: str | list[dict], params: SamplingParams) -> Iterator:
         """llm.stream_events (text pieces, then the Completion), with bad messages refused with 400."""
         try:
-            return llm.stream_events(prompt, n, params, seed, stop)
+            return llm.stream_events(prompt, params.max_new_tokens, params, params.seed, params.stop)
         except GenerationError as e:
             raise RequestError(400, str(e)) from e
 
@@ -170,7 +189,7 @@ def create_app(llm: LLM, max_tokens: int = 512, max_body: int = 1_000_000, model
     @app.post("/v1/completions")
     async def completions(request: Request):
         body = await read_json(request, CompletionBody)
-        n, params, stop = settings(body)
+        params = settings(body)
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if not prompts:
             raise RequestError(400, "prompt: give a string or a non-empty list of strings")
@@ -180,7 +199,7 @@ def create_app(llm: LLM, max_tokens: int = 512, max_body: int = 1_000_000, model
             if len(prompts) != 1:
                 raise RequestError(400, "stream=true takes a single prompt")
 
-            stream = events(prompts[0], n, params, body.seed, stop)
+            stream = events(prompts[0], params)
 
             def chunks():
                 for ev in stream:
@@ -191,7 +210,7 @@ def create_app(llm: LLM, max_tokens: int = 512, max_body: int = 1_000_000, model
                     }
 
             return sse(chunks())
-        done = await run_in_threadpool(llm.complete, prompts, n, params, body.seed, stop)
+        done = await run_in_threadpool(llm.complete, prompts, params.max_new_tokens, params)
         choices = [
             {"text": c.text, "index": i, "logprobs": None, "finish_reason": c.finish_reason}
             for i, c in enumerate(done)
@@ -201,8 +220,7 @@ def create_app(llm: LLM, max_tokens: int = 512, max_body: int = 1_000_000, model
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         body = await read_json(request, ChatBody)
-        n, params, stop = settings(body)
-        stream = events([m.model_dump() for m in body.messages], n, params, body.seed, stop)
+        stream = events([m.model_dump() for m in body.messages], settings(body))
         rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": rid, "object": "chat.completion", "created": now, "model": name}
         if body.stream:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lmforge.data import Tokenizer
-from lmforge.generate.engine import BatchDecoder, TextStream, generate_ids, generate_texts, stream_text
+from lmforge.generate.engine import BatchDecoder, TextStream, generate_texts, stream_text
 from lmforge.generate.sampling import SamplingParams, min_p_filter, sample_rows
 from lmforge.model import GPT, ModelConfig
 
@@ -35,7 +35,7 @@ def test_greedy_tokens_are_the_same_alone_and_inside_a_padded_batch(family):
     model = tiny(**FAMILIES[family])
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, 100, (n,), generator=g).tolist() for n in (3, 11, 7, 1)]
-    alone = [list(generate_ids(model, p, 20, GREEDY)) for p in prompts]
+    alone = [run_rows(model, [p], 20)[0] for p in prompts]
     batched = run_rows(model, prompts, 20)
     assert batched == alone
     # the reference path (no cache, whole padded sequence each step) agrees too
@@ -52,8 +52,8 @@ def test_greedy_tokens_are_the_same_alone_and_inside_a_padded_batch(family):
 
 def test_padding_rows_stay_finite_and_rows_stop_on_their_own():
     model = tiny()
-    eos = list(generate_ids(model, [5], 1, GREEDY))[0]  # row 0's first greedy token plays end-of-text
-    other = list(generate_ids(model, [1, 2, 3, 4, 5, 6], 10, GREEDY))
+    eos = run_rows(model, [[5]], 1)[0][0]  # row 0's first greedy token plays end-of-text
+    other = run_rows(model, [[1, 2, 3, 4, 5, 6]], 10)[0]
     expect = other[: other.index(eos) + 1] if eos in other else other
     dec = BatchDecoder(model, [[5], [1, 2, 3, 4, 5, 6]], 10, GREEDY, eos_id=eos)
     while not dec.finished:

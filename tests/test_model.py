@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lmforge.generate.engine import generate_ids
+from lmforge.generate.engine import BatchDecoder
 from lmforge.generate.layout import use_inference_layout
 from lmforge.generate.sampling import SamplingParams, top_k_filter, top_p_filter
 from lmforge.model import (
@@ -102,14 +102,22 @@ def test_tiny_model_overfits_one_batch(name):
     assert first > 4.0 and loss.item() < 0.1
 
 
+def decode(model, prompt, max_new_tokens, params, seed=None, use_cache=True) -> list[int]:
+    """New token ids of one prompt, from the engine's BatchDecoder (what generate and LLM decode with)."""
+    dec = BatchDecoder(model, [prompt], max_new_tokens, params, seed, use_cache=use_cache)
+    while not dec.finished:
+        dec.step()
+    return dec.generated[0]
+
+
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_greedy_generation_same_with_and_without_kv_cache(name):
     torch.manual_seed(1)
     model = GPT(tiny(**FAMILIES[name])).eval()
     prompt = torch.randint(0, 100, (7,)).tolist()
     greedy = SamplingParams(temperature=0.0)
-    with_cache = list(generate_ids(model, prompt, 40, greedy, use_cache=True))
-    without = list(generate_ids(model, prompt, 40, greedy, use_cache=False))
+    with_cache = decode(model, prompt, 40, greedy, use_cache=True)
+    without = decode(model, prompt, 40, greedy, use_cache=False)
     assert len(with_cache) == 40
     assert with_cache == without
 
@@ -131,7 +139,7 @@ def test_inference_layout_changes_memory_order_only(name):
         torch.testing.assert_close(model(idx), reference(idx), atol=1e-5, rtol=1e-5)
     prompt = idx[0].tolist()
     greedy = SamplingParams(temperature=0.0)
-    assert list(generate_ids(model, prompt, 30, greedy)) == list(generate_ids(reference, prompt, 30, greedy))
+    assert decode(model, prompt, 30, greedy) == decode(reference, prompt, 30, greedy)
     use_inference_layout(model)  # idempotent
     assert all(m.weight.t().is_contiguous() for m in linears)
 
@@ -147,9 +155,9 @@ def test_sampling_is_seeded_and_filters_work():
     torch.manual_seed(2)
     model = GPT(tiny()).eval()
     p = SamplingParams(temperature=1.0, top_k=20, top_p=0.9, repetition_penalty=1.3)
-    a = list(generate_ids(model, [1, 2, 3], 30, p, seed=5))
-    b = list(generate_ids(model, [1, 2, 3], 30, p, seed=5))
-    c = list(generate_ids(model, [1, 2, 3], 30, p, seed=6))
+    a = decode(model, [1, 2, 3], 30, p, seed=5)
+    b = decode(model, [1, 2, 3], 30, p, seed=5)
+    c = decode(model, [1, 2, 3], 30, p, seed=6)
     assert a == b and a != c
     logits = torch.tensor([[1.0, 5.0, 3.0, 2.0]])
     assert torch.isinf(top_k_filter(logits, 2)).tolist() == [[True, False, False, True]]
@@ -162,7 +170,7 @@ def test_sampling_is_seeded_and_filters_work():
 def test_prompt_longer_than_context_is_cut_from_the_left_with_a_warning():
     model = GPT(tiny()).eval()
     with pytest.warns(UserWarning, match="cut"):
-        out = list(generate_ids(model, list(range(1, 80)), 5, SamplingParams(temperature=0)))
+        out = decode(model, list(range(1, 80)), 5, SamplingParams(temperature=0))
     assert len(out) == 5
 
 

@@ -194,29 +194,6 @@ class BatchDecoder:
         return out
 
 
-def generate_ids(
-    model: GPT,
-    prompt: list[int],
-    max_new_tokens: int,
-    params: SamplingParams | None = None,
-    seed: int | None = None,
-    eos_id: int | None = None,
-    use_cache: bool = True,
-) -> Iterator[int]:
-    """Yield new token ids of one prompt one by one (a stream). Same seed, same output.
-
-    A prompt that leaves no room in the context is cut from the left, with a warning; generation stops
-    at eos_id (which is yielded), after max_new_tokens, or when the context is full.
-    """
-    if not prompt:
-        raise ValueError("the prompt is empty: give at least one token")
-    dec = BatchDecoder(model, [prompt], max_new_tokens, params, seed, eos_id, use_cache)
-    while not dec.finished:
-        token = dec.step()[0]
-        if token is not None:
-            yield token
-
-
 class TextStream:
     """Turns a stream of token ids into text pieces, holding back bytes that do not yet form a character.
 

@@ -1,18 +1,11 @@
-"""The run directory and its checkpoints: save (atomically), find, verify, load.
+"""Checkpoints: save (atomically), find, verify, load. Where they live in a run is `run_dir.py`'s.
 
-    RUN_DIR/
-      config.yaml            resolved config of the run
-      tokenizer.json         copy of the data's tokenizer, so the run is self-contained
-      metrics.jsonl          one JSON object per line
-      checkpoints/
-        step_0000500/
-          model.safetensors  weights (a tied output head is stored once, as wte.weight)
-          train_state.safetensors  optimizer moments and RNG states (tensors only)
-          meta.json          config, step, tokens, loader state, optimizer hyper-parameters, SHA-256 of each
-                             file, and the SHA-256 of meta.json's own content (format 2)
-        best/                the checkpoint with the lowest validation loss (same layout, never rotated)
-        latest               name of the newest complete checkpoint
-      .lock                  held by the `lmforge train` writing the run (see runlock.py)
+    RUN_DIR/checkpoints/step_0000500/
+      model.safetensors        weights (a tied output head is stored once, as wte.weight)
+      train_state.safetensors  optimizer moments and RNG states (tensors only)
+      meta.json                what `checkpoint_meta` gathers (config, tokens, tokenizer, data, loader
+                               state, RNG, precision, guards), the optimizer's hyper-parameters, the step,
+                               the SHA-256 of each file, and the SHA-256 of meta.json's own content
 
 Tensors live in safetensors and everything else in JSON, so loading a checkpoint never unpickles anything.
 Eval, generation, export and serving read runs through this module and never import `train/`.
@@ -34,31 +27,27 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .config import Config, config_from_dict
+from .config import Config, config_from_dict, config_to_dict
 from .errors import LmforgeError
 from .model import GPT
+from .run_dir import BEST as BEST  # re-exported: callers know checkpoints by this module
+from .run_dir import CHECKPOINT_META, LATEST, RunDir
+from .run_dir import step_dir_name as step_dir_name
 from .safewrite import io_errno, remove_quietly, write_failure
 
 # 2: meta.json carries META_DIGEST, the SHA-256 of its other content. Checkpoints of format 1 (written
 # before it existed) still load, unverified metadata and all; from format 2 on a missing digest is damage.
 FORMAT_VERSION = 2
 META_DIGEST = "meta_sha256"
-CKPT_DIR = "checkpoints"
-LATEST = "latest"
-BEST = "best"
+CKPT_DIR = RunDir.checkpoints
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "train_state.safetensors"
-META_FILE = "meta.json"
+META_FILE = CHECKPOINT_META
 SHARDED_INDEX = ".metadata"  # torch.distributed.checkpoint's index of a sharded checkpoint (FSDP runs)
 
 
 class CheckpointError(LmforgeError, RuntimeError):
     """A checkpoint is missing, incomplete or does not match; the message says which file and what to do."""
-
-
-def step_dir_name(step: int) -> str:
-    """Directory name of the checkpoint taken after `step` optimizer steps."""
-    return f"step_{step:07d}"
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -115,8 +104,8 @@ def save_checkpoint(
     A failed write (a full disk) raises CheckpointError in one line, with the room it needed and the room
     free; the previous checkpoints stay as they were and the temporary directory is removed.
     """
-    ckpt_root = Path(run_dir) / CKPT_DIR
-    final = ckpt_root / (name or step_dir_name(step))
+    final = RunDir(run_dir).checkpoint(step, name)
+    ckpt_root = final.parent
     tmp = ckpt_root / f".tmp-{final.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     needed = sum(t.numel() * t.element_size() for t in (*model_tensors.values(), *state_tensors.values()))
@@ -136,7 +125,7 @@ def _discard_on_failure(tmp: Path, final: Path, needed: int | None = None) -> It
         yield
     except BaseException as e:
         remove_quietly(tmp)
-        remove_quietly(final.parent / f".{LATEST}.tmp")
+        remove_quietly(_latest_tmp(final.parent))
         if io_errno(e) is None or isinstance(e, CheckpointError):
             raise
         raise CheckpointError(write_failure("checkpoint", final, e, needed, _resume_hint(final))) from e
@@ -169,9 +158,7 @@ def publish_checkpoint(
             with open(path, "rb") as f:
                 os.fsync(f.fileno())
             files[path.relative_to(tmp).as_posix()] = sha256_file(path)
-        body = {**meta, "format_version": FORMAT_VERSION, "step": step, "files": files}
-        body = json.loads(json.dumps(body))  # the digest is over what a reader will parse back
-        _write_json(tmp / META_FILE, {**body, META_DIGEST: meta_digest(body)})
+        _write_json(tmp / META_FILE, sealed_meta(meta, step, files))
         _fsync_dir(tmp)
         old = None
         if final.exists():  # a re-save of the same step: keep the old copy until the new one is in place
@@ -187,21 +174,63 @@ def publish_checkpoint(
             shutil.rmtree(old, ignore_errors=True)
         _fsync_dir(ckpt_root)
         if is_step:
-            latest_tmp = ckpt_root / f".{LATEST}.tmp"
+            latest_tmp = _latest_tmp(ckpt_root)
             latest_tmp.write_text(final.name + "\n")
-            os.replace(latest_tmp, ckpt_root / LATEST)
+            os.replace(latest_tmp, RunDir(ckpt_root.parent).latest_marker)
             _fsync_dir(ckpt_root)
     if keep_last and is_step:
         _rotate(ckpt_root, keep_last)
     return final
 
 
+def _latest_tmp(ckpt_root: Path) -> Path:
+    # the `latest` marker is written here first, then renamed over the old one
+    return ckpt_root / f".{LATEST}.tmp"
+
+
+def checkpoint_meta(
+    cfg: Config,
+    tokens: int,
+    data_meta: dict,
+    loader: dict,
+    rng: dict,
+    precision: str,
+    guards: dict,
+    **extra: Any,
+) -> dict:
+    """What every training checkpoint records of the run besides its tensors: the config, tokens seen,
+    which tokenizer and data (a resume refuses others), the loader's position, the RNG states kept in JSON,
+    the precision and the guards' state; `extra` adds keys (val_loss for `best`).
+
+    The checkpointer (train/dist_checkpoint.py) adds how it wrote the tensors (world size, sharded, the
+    optimizer's groups), and `sealed_meta` the format version, step, checksums and digest."""
+    return {
+        "config": config_to_dict(cfg),
+        "tokens": tokens,
+        "tokenizer_sha256": data_meta.get("tokenizer_sha256"),
+        "tokenizer_id": data_meta.get("tokenizer_id"),
+        "data_fingerprint": data_meta.get("fingerprint"),
+        "loader": loader,
+        "rng": rng,
+        "precision": precision,
+        "guards": guards,
+        **extra,
+    }
+
+
+def sealed_meta(meta: dict, step: int, files: dict[str, str]) -> dict:
+    """meta.json's content: `meta` with the format version, the step, each file's SHA-256 and, over all of
+    that, the metadata's own digest. Every checkpoint is written through this (by publish_checkpoint)."""
+    body = {**meta, "format_version": FORMAT_VERSION, "step": step, "files": files}
+    body = json.loads(json.dumps(body))  # the digest is over what a reader will parse back
+    return {**body, META_DIGEST: meta_digest(body)}
+
+
 def _rotate(ckpt_root: Path, keep_last: int) -> None:
     # Keep the newest `keep_last` complete checkpoints, and never let a failed delete stop training.
     # meta.json goes first: a kill halfway leaves a directory without it, which is never a resume point
     # and which clean_leftovers removes on the next start.
-    steps = sorted(p for p in ckpt_root.glob("step_*") if (p / META_FILE).is_file())
-    for old in steps[:-keep_last]:
+    for old in RunDir(ckpt_root.parent).complete_checkpoints()[:-keep_last]:
         try:
             (old / META_FILE).unlink()
             shutil.rmtree(old)
@@ -216,11 +245,12 @@ def clean_leftovers(run_dir: str | Path) -> list[Path]:
     are older than the newest complete checkpoint (a rotation killed halfway). A newer incomplete one is
     kept: find_valid_checkpoint reports it, and the run writes that step again when it gets there.
     """
-    root = Path(run_dir) / CKPT_DIR
-    found = [p for pattern in (".tmp-*", ".old-*", f".{LATEST}.tmp") for p in root.glob(pattern)]
-    complete = list_checkpoints(run_dir)
+    run = RunDir(run_dir)
+    found = [p for pattern in (".tmp-*", ".old-*") for p in run.checkpoints.glob(pattern)]
+    found += [p for p in (_latest_tmp(run.checkpoints),) if p.exists()]
+    complete = run.complete_checkpoints()
     if complete:
-        found += [p for p in step_checkpoints(run_dir) if p.name < complete[-1].name and p not in complete]
+        found += [p for p in run.step_checkpoints() if p.name < complete[-1].name and p not in complete]
     for p in found:
         remove_quietly(p)
     return found
@@ -228,20 +258,12 @@ def clean_leftovers(run_dir: str | Path) -> list[Path]:
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
     """Complete checkpoint directories of a run, oldest first."""
-    root = Path(run_dir) / CKPT_DIR
-    return sorted(p for p in root.glob("step_*") if (p / META_FILE).is_file())
+    return RunDir(run_dir).complete_checkpoints()
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
     """The newest complete checkpoint of a run (the `latest` marker, else the highest step), or None."""
-    root = Path(run_dir) / CKPT_DIR
-    marker = root / LATEST
-    if marker.is_file():
-        candidate = root / marker.read_text().strip()
-        if (candidate / META_FILE).is_file():
-            return candidate
-    found = list_checkpoints(run_dir)
-    return found[-1] if found else None
+    return RunDir(run_dir).latest_checkpoint()
 
 
 def meta_digest(meta: dict) -> str:
@@ -299,9 +321,8 @@ def _verify_meta_digest(path: Path, meta: dict) -> None:
 
 
 def step_checkpoints(run_dir: str | Path) -> list[Path]:
-    """Every step_* directory of a run, complete or not, oldest first."""
-    root = Path(run_dir) / CKPT_DIR
-    return sorted(p for p in root.glob("step_*") if p.is_dir())
+    """Every step checkpoint directory of a run, complete or not, oldest first."""
+    return RunDir(run_dir).step_checkpoints()
 
 
 def find_valid_checkpoint(run_dir: str | Path, warn: Callable[[str], None]) -> tuple[Path, dict] | None:
@@ -311,9 +332,9 @@ def find_valid_checkpoint(run_dir: str | Path, warn: Callable[[str], None]) -> t
     or missing) is reported through `warn`, naming the file, and the next older one is tried. None when
     the run has no checkpoint directories at all; CheckpointError when it has some but none is valid.
     """
-    candidates = step_checkpoints(run_dir)[::-1]
-    marker = Path(run_dir) / CKPT_DIR / LATEST
-    marked = marker.parent / marker.read_text().strip() if marker.is_file() else None
+    run = RunDir(run_dir)
+    candidates = run.step_checkpoints()[::-1]
+    marked = run.marked_checkpoint()
     if marked in candidates:  # the marker wins over the highest name; if incomplete, it is reported
         candidates.remove(marked)
         candidates.insert(0, marked)
@@ -323,9 +344,9 @@ def find_valid_checkpoint(run_dir: str | Path, warn: Callable[[str], None]) -> t
         except CheckpointError as e:
             nxt = f"falling back to {candidates[i + 1].name}" if i + 1 < len(candidates) else "no older one"
             warn(f"warning: checkpoint {ckpt.name} is unusable: {e}; {nxt}")
-    if candidates or (Path(run_dir) / CKPT_DIR / LATEST).is_file():  # `latest` alone: they were deleted
+    if candidates or run.latest_marker.is_file():  # `latest` alone: they were deleted
         raise CheckpointError(
-            f"no valid checkpoint in {Path(run_dir) / CKPT_DIR} ({len(candidates)} found, none usable): "
+            f"no valid checkpoint in {run.checkpoints} ({len(candidates)} found, none usable): "
             f"start a new run with another --out, or pass --resume=PATH_TO_A_GOOD_CHECKPOINT"
         )
     return None
@@ -399,23 +420,15 @@ def load_model(
 
 
 def tokenizer_path(run: str | Path) -> Path:
-    """The tokenizer.json that belongs to a run (or to the run holding a checkpoint directory)."""
+    """The tokenizer of a run, of the run holding a checkpoint directory, or the one a consolidated
+    checkpoint carries under the run's file name."""
     path = Path(run)
-    for candidate in (path / "tokenizer.json", path.parent.parent / "tokenizer.json"):
+    for candidate in (RunDir(path).tokenizer, RunDir(path.parent.parent).tokenizer):
         if candidate.is_file():
             return candidate
-    raise CheckpointError(f"no tokenizer.json in run '{path}': the run directory is incomplete")
+    raise CheckpointError(f"no {RunDir.tokenizer} in run '{path}': the run directory is incomplete")
 
 
 def read_metrics(run: str | Path) -> list[dict]:
-    """All records of RUN_DIR/metrics.jsonl (a torn last line, from a crash mid-write, is skipped)."""
-    path = Path(run) / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            records.append(json.loads(line))
-        except ValueError:
-            continue
-    return records
+    """All records of a run's metrics (a torn last line, from a crash mid-write, is skipped)."""
+    return RunDir(run).read_metrics()

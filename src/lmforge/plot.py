@@ -11,8 +11,8 @@ import html
 import io
 from pathlib import Path
 
-from .checkpoint import read_metrics
 from .errors import LmforgeError
+from .run_dir import RunDir
 
 
 class PlotError(LmforgeError):
@@ -29,9 +29,9 @@ PANELS = [  # (title, metrics.jsonl key, record type)
 
 def series(run: str | Path) -> dict[str, tuple[list[float], list[float]]]:
     """(tokens, values) per metric of a run: train_loss, val_loss, lr, grad_norm, tok_per_s."""
-    records = read_metrics(run)
+    records = RunDir(run).read_metrics()
     if not records:
-        raise PlotError(f"{run}: no metrics.jsonl records yet (is it a RUN_DIR of `lmforge train`?)")
+        raise PlotError(f"{run}: no {RunDir.metrics} records yet (is it a RUN_DIR of `lmforge train`?)")
     out: dict[str, tuple[list[float], list[float]]] = {}
     for kind, keys in (("train", ("train_loss", "lr", "grad_norm", "tok_per_s")), ("eval", ("val_loss",))):
         rows = [r for r in records if r.get("type") == kind]

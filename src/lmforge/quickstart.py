@@ -9,7 +9,7 @@ from .checkpoint import read_metrics
 from .config import CheckpointConfig, Config, EvalConfig, LogConfig, ModelConfig, TrainConfig
 from .data import prepare
 from .data.errors import DataError
-from .data.prepare import load_meta
+from .data.folder import load_meta
 from .presets import get_preset
 
 # Sized to train in about 5 minutes on a 2-core CPU: the tiny preset runs at ~2.4k tokens/s there in fp32

@@ -24,9 +24,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .errors import LmforgeError
+from .run_dir import RunDir
 from .safewrite import failing_cleanly
 
-LOCK_FILE = ".lock"
+LOCK_FILE = RunDir.lock
 _ATTEMPTS = 5  # a holder may delete the file between our open and our lock: then open the new one
 _BUSY = (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)
 _UNSUPPORTED = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
@@ -41,7 +42,7 @@ class RunLock:
 
     def __init__(self, run_dir: str | Path) -> None:
         self.run_dir = Path(run_dir)
-        self.path = self.run_dir / LOCK_FILE
+        self.path = RunDir(run_dir).lock
         self._fd: int | None = None
         self._created_dir = False
 

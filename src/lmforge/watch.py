@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import time
 from pathlib import Path
 
-import yaml
-
-from .checkpoint import latest_checkpoint, read_metrics
 from .errors import LmforgeError
+from .run_dir import RunDir
 
-STATUS_FILE = "status.json"  # written by the training loop's hooks (train/hooks.py)
 STALE_AFTER = 600.0  # seconds without a heartbeat after which a run on another host counts as gone
 
 
@@ -39,15 +35,13 @@ def pid_alive(pid: int) -> bool:
 def run_status(run: str | Path) -> dict:
     """Step, tokens, last loss, best val, ETA, last checkpoint and liveness of a run, as a dict."""
     run = Path(run)
-    if not (run / "config.yaml").is_file() and not (run / "metrics.jsonl").is_file():
-        raise WatchError(f"{run}: not a run directory (no config.yaml or metrics.jsonl); give a RUN_DIR")
-    beat = {}
-    if (run / STATUS_FILE).is_file():
-        try:
-            beat = json.loads((run / STATUS_FILE).read_text(encoding="utf-8"))
-        except ValueError:
-            beat = {}
-    records = read_metrics(run)
+    files = RunDir(run)
+    if not files.looks_like_run():
+        raise WatchError(
+            f"{run}: not a run directory (no {RunDir.config} or {RunDir.metrics}); give a RUN_DIR"
+        )
+    beat = files.read_status()
+    records = files.read_metrics()
     train = [r for r in records if r.get("type") == "train"]
     evals = [r for r in records if r.get("type") == "eval" and r.get("val_loss") is not None]
     last = train[-1] if train else {}
@@ -56,7 +50,7 @@ def run_status(run: str | Path) -> dict:
         "run": str(run),
         "state": beat.get("state", "unknown"),
         "step": max(beat.get("step") or 0, last.get("step") or 0),
-        "max_steps": beat.get("max_steps") or _config_max_steps(run),
+        "max_steps": beat.get("max_steps") or _config_max_steps(files),
         "tokens": max(beat.get("tokens") or 0, last.get("tokens") or 0),
         "last_loss": last.get("train_loss"),
         "tok_per_s": last.get("tok_per_s"),
@@ -65,7 +59,7 @@ def run_status(run: str | Path) -> dict:
     if evals:
         best = min(evals, key=lambda r: r["val_loss"])
         out["best_val_loss"], out["best_val_step"] = best["val_loss"], best["step"]
-    ckpt = latest_checkpoint(run)
+    ckpt = files.latest_checkpoint()
     if ckpt is not None:
         out["last_checkpoint"] = str(ckpt)
         out["checkpoint_age"] = now - ckpt.stat().st_mtime
@@ -83,11 +77,9 @@ def run_status(run: str | Path) -> dict:
     return out
 
 
-def _config_max_steps(run: Path) -> int | None:
-    try:
-        return yaml.safe_load((run / "config.yaml").read_text())["train"]["max_steps"]
-    except (OSError, KeyError, TypeError, ValueError):
-        return None
+def _config_max_steps(run: RunDir) -> int | None:
+    train = run.read_config().get("train")
+    return train.get("max_steps") if isinstance(train, dict) else None
 
 
 def _ago(seconds: float | None) -> str:
@@ -109,7 +101,7 @@ def format_status(s: dict) -> list[str]:
         "early_stopped": "early-stopped",
         "diverged": "diverged (non-finite steps)",
         "dead": "not running: the process ended without finishing (killed or crashed); run it again to resume",
-        "unknown": "unknown (no status.json: written by runs of this version)",
+        "unknown": f"unknown (no {RunDir.status}: written by runs of this version)",
     }.get(s["state"], s["state"])
     total = f"/{s['max_steps']}" if s.get("max_steps") else ""
     loss = f"{s['last_loss']:.4f}" if s.get("last_loss") is not None else "-"

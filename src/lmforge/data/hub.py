@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lmforge.data.errors import DataError
-from lmforge.data.sources import TEXT_FIELDS, Document, Log, iter_folder, make_doc, record_text
+from lmforge.data.files import TEXT_FIELDS, Document, Log, iter_folder, make_doc, record_text
 
 HF_PREFIX = "hf:"
 KAGGLE_PREFIX = "kaggle:"

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from lmforge.data.errors import DataError
-from lmforge.data.prepare import load_meta
+from lmforge.data.folder import load_meta
 from lmforge.data.shards import TokenShards
 
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lmforge.data.errors import DataError
-from lmforge.data.sources import Document
+from lmforge.data.files import Document
 
 _WEIGHT_RE = re.compile(r"^(?P<source>.+):(?P<weight>\d+(?:\.\d*)?|\.\d+)$")
 

@@ -9,10 +9,7 @@ import shutil
 from pathlib import Path
 
 from lmforge.data.errors import DataError
-from lmforge.data.shards import MANIFEST_FILE, META_FILE
-from lmforge.data.tokenizer import TOKENIZER_FILE
-
-_SHARD_RE = re.compile(r"^[a-z]+_\d{6}\.bin$")
+from lmforge.data.folder import MANIFEST_FILE, META_FILE, TOKENIZER_FILE, is_shard_name
 
 
 def temp_dir_for(out_dir: Path) -> Path:
@@ -29,7 +26,7 @@ def is_data_dir(path: Path) -> bool:
     if not isinstance(meta, dict) or "format_version" not in meta:
         return False
     known = {META_FILE, MANIFEST_FILE, TOKENIZER_FILE}
-    return all(p.name in known or _SHARD_RE.match(p.name) for p in path.iterdir())
+    return all(p.name in known or is_shard_name(p.name) for p in path.iterdir())
 
 
 def check_out_dir(out_dir: Path) -> None:

@@ -1,4 +1,7 @@
-"""`prepare`: sources -> tokenizer -> train/val token shards + meta.json + manifest.json, written atomically."""
+"""`prepare`: sources -> tokenizer -> train/val token shards + meta.json + manifest.json, written atomically.
+
+The folder's format (names, version, fingerprint, reading it back) is folder.py's.
+"""
 
 from __future__ import annotations
 
@@ -20,24 +23,22 @@ from lmforge.data.encode import (
     serial_tokenizers,
 )
 from lmforge.data.errors import DataError
-from lmforge.data.mixture import SourceSpec, mix, parse_sources
-from lmforge.data.outdir import check_out_dir, install, remove_stale_temps, temp_dir_for, write_json
-from lmforge.data.shards import (
-    DEFAULT_SHARD_TOKENS,
+from lmforge.data.files import DEFAULT_TEXT_FIELD, Document, Skips
+from lmforge.data.folder import (
+    FORMAT_VERSION,
     MANIFEST_FILE,
     META_FILE,
-    ShardWriter,
-    dtype_for_vocab,
-    read_meta_file,
+    SPLITS,
+    TOKENIZER_FILE,
+    fingerprint,
 )
-from lmforge.data.sources import DEFAULT_TEXT_FIELD, Document, Skips, iter_documents
-from lmforge.data.tokenizer import TOKENIZER_FILE, Tokenizer, file_sha256, tokenizer_id, train_tokenizer
+from lmforge.data.mixture import SourceSpec, mix, parse_sources
+from lmforge.data.outdir import check_out_dir, install, remove_stale_temps, temp_dir_for, write_json
+from lmforge.data.shards import DEFAULT_SHARD_TOKENS, ShardWriter, dtype_for_vocab
+from lmforge.data.sources import iter_documents
+from lmforge.data.tokenizer import Tokenizer, file_sha256, tokenizer_id, train_tokenizer
 from lmforge.data.tokenizer_cache import cached_tokenizer
 from lmforge.data.tokenizer_kinds import gpt2_files, is_tokenizer_file, is_trained, load_pretrained
-
-FORMAT_VERSION = 1
-SPLITS = ("train", "val")
-_REQUIRED_META = ("format_version", "vocab_size", "dtype", "eos_id", "splits", "fingerprint")
 
 Progress = Callable[[str], None]
 
@@ -227,14 +228,6 @@ class _Writer:
                 self.full = True
         docs = sum(s["documents"] for s in self.stats.values())
         self.bar.update(docs, sum(s["bytes"] for s in self.stats.values()), self.tokens)
-
-
-def _fingerprint(tokenizer_sha: str, shard_sha: dict[str, str]) -> str:
-    """Dataset identity: sha256 over the tokenizer digest and every shard's name and digest."""
-    digest = hashlib.sha256(f"lmforge-data-v{FORMAT_VERSION}\ntokenizer {tokenizer_sha}\n".encode())
-    for name in sorted(shard_sha):
-        digest.update(f"{name} {shard_sha[name]}\n".encode())
-    return digest.hexdigest()
 
 
 # Skip reasons that are by design rather than a problem with the input: no warning for them.
@@ -454,10 +447,10 @@ def prepare(
             log(f"note: the mixture stopped when '{stream.exhausted}' ran out (to keep the proportions)")
         truncated = "max_tokens" if out.full else ("max_docs" if max_docs is not None else None)
         val_tokens = splits["val"]["tokens"]
-        fingerprint = _fingerprint(tokenizer_sha, shard_sha)
+        identity = fingerprint(tokenizer_sha, shard_sha)
         manifest = {
             "format_version": FORMAT_VERSION,
-            "fingerprint": fingerprint,
+            "fingerprint": identity,
             "sources": [
                 {
                     "source": spec.source,
@@ -501,7 +494,7 @@ def prepare(
             "val_bytes_per_token": splits["val"]["bytes"] / val_tokens if val_tokens else None,
             "skipped": dict(sorted(skipped.items())),
             "shard_sha256": shard_sha,
-            "fingerprint": fingerprint,
+            "fingerprint": identity,
         }
         # meta.json is written last: a folder with meta.json always has complete shards.
         write_json(tmp / META_FILE, meta)
@@ -523,28 +516,4 @@ def prepare(
         f"val {val_tokens:,} tokens ({splits['val']['documents']:,} docs), vocab {vocab:,}, "
         f"{meta['val_bytes_per_token']:.2f} bytes/token"
     )
-    return meta
-
-
-def load_meta(data_dir: str | Path) -> dict:
-    """Read and check ``DATA_DIR/meta.json``; DataError if the folder is not a prepared data folder."""
-    path = Path(data_dir)
-    if path.exists() and not path.is_dir():
-        raise DataError(
-            f"data folder '{data_dir}' is a file: pass the folder that `lmforge prepare --out` wrote"
-        )
-    if not path.is_dir():
-        raise DataError(
-            f"data folder '{data_dir}' does not exist: run `lmforge prepare --source ... --out {data_dir}` first"
-        )
-    meta = read_meta_file(path)
-    if not isinstance(meta, dict) or any(key not in meta for key in _REQUIRED_META):
-        raise DataError(
-            f"'{path / META_FILE}' is incomplete: re-run `lmforge prepare --source ... --out {data_dir}`"
-        )
-    if meta["format_version"] != FORMAT_VERSION:
-        raise DataError(
-            f"'{data_dir}' has data format {meta['format_version']}, this lmforge reads format "
-            f"{FORMAT_VERSION}: re-run `lmforge prepare --source ... --out {data_dir}`"
-        )
     return meta

@@ -1,19 +1,20 @@
-"""Token shards: raw little-endian token arrays on disk, written in order and read by offset."""
+"""Token shards: raw little-endian token arrays on disk, written in order and read by offset.
+
+Their names and meta.json are the data folder's format (folder.py).
+"""
 
 from __future__ import annotations
 
 import bisect
 import hashlib
-import json
 import os
 from pathlib import Path
 
 import numpy as np
 
 from lmforge.data.errors import DataError
+from lmforge.data.folder import META_FILE, read_meta_file, shard_glob, shard_name
 
-META_FILE = "meta.json"
-MANIFEST_FILE = "manifest.json"
 DEFAULT_SHARD_TOKENS = 2**27
 # Explicit little-endian dtypes: shards are raw bytes with no header, so the byte order
 # must not depend on the machine that wrote them.
@@ -31,11 +32,6 @@ def numpy_dtype(name: str) -> np.dtype:
         return _DTYPES[name]
     except KeyError:
         raise DataError(f"unknown shard dtype '{name}': expected one of {', '.join(_DTYPES)}") from None
-
-
-def shard_name(split: str, index: int) -> str:
-    """File name of shard ``index`` of ``split``."""
-    return f"{split}_{index:06d}.bin"
 
 
 class ShardWriter:
@@ -129,22 +125,6 @@ class ShardWriter:
         self._closed = True
 
 
-def read_meta_file(data_dir: str | Path) -> dict:
-    """Parse ``meta.json`` of a data folder, with a one-line DataError if it is absent or broken."""
-    path = Path(data_dir) / META_FILE
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise DataError(
-            f"'{data_dir}' is not a prepared data folder (no {META_FILE}): "
-            f"run `lmforge prepare --source ... --out {data_dir}` first"
-        ) from None
-    except (OSError, ValueError) as exc:
-        raise DataError(
-            f"cannot read '{path}' ({exc}): re-run `lmforge prepare --source ... --out {data_dir}`"
-        ) from None
-
-
 class TokenShards:
     """Read-only view of all tokens of one split, concatenated across its shard files."""
 
@@ -153,7 +133,7 @@ class TokenShards:
         self.split = split
         meta = read_meta_file(data_dir) if meta is None else meta
         self.dtype = numpy_dtype(meta.get("dtype", ""))
-        names = sorted(p.name for p in self.data_dir.glob(f"{split}_*.bin"))
+        names = sorted(p.name for p in self.data_dir.glob(shard_glob(split)))
         splits = meta.get("splits", {})
         if split not in splits:
             raise DataError(

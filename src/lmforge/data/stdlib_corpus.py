@@ -8,8 +8,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from lmforge.data.errors import DataError
+from lmforge.data.files import Document, count_skip, make_doc, read_text_file
 from lmforge.data.safe_read import display_name, walk_sorted
-from lmforge.data.sources import Document, count_skip, make_doc, read_text_file
 
 # Directory names that hold the stdlib's own test suites (test/, tests/, idlelib/idle_test,
 # lib2to3/tests, ctypes/test, ...) or installed third-party code; the built-in corpus

@@ -10,9 +10,9 @@ from pathlib import Path
 from tokenizers import Tokenizer as HFTokenizer
 
 from lmforge.data.errors import DataError
+from lmforge.data.folder import TOKENIZER_FILE
 from lmforge.data.tokenizer_kinds import EOS_TOKEN, MIN_BYTE_VOCAB, TRAINED_KINDS, train_hf
 
-TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_KINDS = TRAINED_KINDS
 MIN_VOCAB_SIZE = MIN_BYTE_VOCAB
 

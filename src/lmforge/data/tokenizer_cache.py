@@ -21,8 +21,8 @@ from pathlib import Path
 import tokenizers
 
 from lmforge.data import tokenizer, tokenizer_kinds
+from lmforge.data.folder import TOKENIZER_FILE
 from lmforge.data.hub import cache_root
-from lmforge.data.tokenizer import TOKENIZER_FILE
 
 _RECORD = "record.json"
 

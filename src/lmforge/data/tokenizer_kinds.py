@@ -17,6 +17,7 @@ from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, trai
 from tokenizers import Tokenizer as HFTokenizer
 
 from lmforge.data.errors import DataError
+from lmforge.data.folder import TOKENIZER_FILE
 
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<pad>"
@@ -260,8 +261,8 @@ def load_pretrained(spec: str) -> HFTokenizer:
     if spec.startswith(TIKTOKEN_PREFIX):
         return tiktoken_hf(spec[len(TIKTOKEN_PREFIX) :])
     path = Path(spec).expanduser()
-    if path.is_dir() and (path / "tokenizer.json").is_file():
-        path = path / "tokenizer.json"
+    if path.is_dir() and (path / TOKENIZER_FILE).is_file():
+        path = path / TOKENIZER_FILE
     if not path.is_file():
         raise DataError(
             f"tokenizer '{spec}' is none of {', '.join(TRAINED_KINDS + PRETRAINED_KINDS)}, tiktoken:NAME, "

@@ -20,8 +20,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ..data.folder import data_tokenizer
 from ..data.tokenizer import EOS_TOKEN, tokenizer_id
 from ..model.config import ModelConfig
+from ..run_dir import RunDir
 from .common import ExportError, staged_dir, standard_architecture, torch_dtype, trimmed_state
 
 if TYPE_CHECKING:
@@ -372,7 +374,7 @@ def init_from_hf(source: str, cfg: Config) -> tuple[Config, dict[str, torch.Tens
     if not sep or kind != "hf" or not path:
         raise ExportError(f"--init-from {source!r}: write it as hf:DIR (a local Hugging Face model folder)")
     mcfg, sd, tok_file = _read_hf(path)
-    if cfg.data is not None and not _same_tokenizer(Path(cfg.data) / "tokenizer.json", tok_file):
+    if cfg.data is not None and not _same_tokenizer(data_tokenizer(cfg.data), tok_file):
         raise ExportError(
             f"--data {cfg.data} was not tokenized with {tok_file}: "
             f"run lmforge prepare --tokenizer {tok_file} first"
@@ -384,8 +386,6 @@ def init_from_hf(source: str, cfg: Config) -> tuple[Config, dict[str, torch.Tens
 
 def import_hf(src: str | Path, run_dir: str | Path) -> Path:
     """Turn a local HF GPT-2/Llama folder into an lmforge RUN_DIR (config.yaml, tokenizer.json, a checkpoint)."""
-    import yaml
-
     from ..checkpoint import save_checkpoint
     from ..config import Config, config_to_dict
     from ..data import Tokenizer
@@ -408,8 +408,9 @@ def import_hf(src: str | Path, run_dir: str | Path) -> Path:
         )
     cfg = Config(model=mcfg, out=str(run_dir))
     with staged_dir(run_dir) as tmp:
-        (tmp / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-        shutil.copyfile(src / "tokenizer.json", tmp / "tokenizer.json")
+        run = RunDir(tmp)
+        run.write_config(config_to_dict(cfg))
+        shutil.copyfile(tok_file, run.tokenizer)
         meta = {
             "config": config_to_dict(cfg),
             "tokens": 0,

@@ -33,6 +33,7 @@ import torch.nn as nn
 
 from .. import checkpoint as ckpt_io
 from ..checkpoint import CheckpointError
+from ..run_dir import RunDir
 from ..safewrite import failing_cleanly
 from .distributed import DistEnv, all_ok
 from .resume import load_optimizer, optimizer_tensors
@@ -257,10 +258,12 @@ class Checkpointer:
         keep_last: int | None,
         name: str | None = None,
     ) -> Path:
-        """Write a checkpoint (collective under FSDP: every rank must call it); returns its directory."""
+        """Write a checkpoint (collective under FSDP: every rank must call it); returns its directory.
+
+        `meta` is `checkpoint_meta`'s; this adds how the tensors were written (the readers dispatch on it)."""
         meta = {**meta, "world_size": self.env.world_size, "sharded": self.sharded}
         if not self.sharded:
-            final = Path(run_dir) / ckpt_io.CKPT_DIR / (name or ckpt_io.step_dir_name(step))
+            final = RunDir(run_dir).checkpoint(step, name)
             if self.env.is_main:
                 opt_tensors, groups = optimizer_tensors(self.optimizer)
                 model_tensors = ckpt_io.model_state(self.model)
@@ -274,9 +277,8 @@ class Checkpointer:
     def _save_sharded(self, run_dir, step, meta, rng_tensors, keep_last, name) -> Path:
         import torch.distributed.checkpoint as dcp
 
-        root = run_dir / ckpt_io.CKPT_DIR
-        final = root / (name or ckpt_io.step_dir_name(step))
-        tmp = root / SHARDED_TMP.format(name=final.name)
+        final = RunDir(run_dir).checkpoint(step, name)
+        tmp = final.parent / SHARDED_TMP.format(name=final.name)
         error: BaseException | None = None
         if self.env.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -410,7 +412,7 @@ def consolidate(run: str | Path, out: str | Path | None = None) -> Path:
     if not meta.get("sharded"):
         raise CheckpointError(f"{ckpt} is already a single-file checkpoint: use it directly")
     run_dir = ckpt.parent.parent
-    out = Path(out) if out is not None else run_dir / "consolidated"
+    out = Path(out) if out is not None else RunDir(run_dir).consolidated
     if out.exists() and any(out.iterdir()):
         raise CheckpointError(f"{out} exists and is not empty: pass another --out or remove it")
     cfg = config_from_dict(meta["config"])
@@ -435,7 +437,7 @@ def _write_consolidated(tmp: Path, out: Path, tensors: dict, ckpt: Path, meta: d
 
         save_file(tensors, str(tmp / ckpt_io.MODEL_FILE))
         with contextlib.suppress(CheckpointError):  # a checkpoint copied without its run: weights still load
-            shutil.copyfile(ckpt_io.tokenizer_path(run_dir), tmp / "tokenizer.json")
+            shutil.copyfile(ckpt_io.tokenizer_path(run_dir), RunDir(tmp).tokenizer)  # tokenizer_path finds it
         keep = ("config", "tokens", "tokenizer_sha256", "tokenizer_id", "data_fingerprint", "precision")
         info = {k: meta[k] for k in keep if k in meta} | {"consolidated_from": str(ckpt)}
         if out.exists():

@@ -1,4 +1,5 @@
-"""What a run writes beside metrics.jsonl, behind a few named hooks the loop calls.
+"""What a run writes beside metrics.jsonl, behind a few named hooks the loop calls (the files' names are
+`RunDir`'s, run_dir.py).
 
 - RUN_DIR/config.yaml and RUN_DIR/tokenizer.json: written by `prepare_run_dir` before training.
 
@@ -23,18 +24,13 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import yaml
-
 from .. import checkpoint as ckpt_io
 from ..config import Config, config_to_dict
+from ..data.folder import data_tokenizer
 from ..errors import LmforgeError
-from ..safewrite import LineFile, copy_atomic, write_atomic
+from ..run_dir import RunDir
+from ..safewrite import LineFile, copy_atomic
 from .logging import discard_metrics
-
-STATUS_FILE = "status.json"
-LOG_FILE = "train.log"
-SAMPLES_FILE = "samples.jsonl"
-TB_DIR = "tb"
 
 # metrics.jsonl key -> TensorBoard / W&B name
 METRIC_NAMES = {
@@ -57,14 +53,14 @@ def prepare_run_dir(run_dir: Path, cfg: Config, fresh: bool, say: Callable[[str]
     """Before training (rank 0, holding the run's lock): remove what an interrupted save or rotation left,
     drop the metrics of an earlier start that never checkpointed (`fresh`), write config.yaml and copy the
     tokenizer, each file whole or not at all."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    for left in ckpt_io.clean_leftovers(run_dir):
+    run = RunDir(run_dir)
+    run.path.mkdir(parents=True, exist_ok=True)
+    for left in ckpt_io.clean_leftovers(run.path):
         say(f"removed {left.name} (left by an interrupted save or rotation)")
-    if fresh and (n := discard_metrics(run_dir / "metrics.jsonl")):  # else its steps would appear twice
-        say(f"note: removed metrics.jsonl ({n} lines) of a start that ended before its first checkpoint")
-    config_text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
-    write_atomic(run_dir / "config.yaml", config_text, "the config")
-    copy_atomic(Path(cfg.data) / "tokenizer.json", run_dir / "tokenizer.json", "the tokenizer")
+    if fresh and (n := discard_metrics(run.metrics)):  # else its steps would appear twice
+        say(f"note: removed {run.metrics.name} ({n} lines) of a start that ended before its first checkpoint")
+    run.write_config(config_to_dict(cfg))
+    copy_atomic(data_tokenizer(cfg.data), run.tokenizer, "the tokenizer")
 
 
 class RunHooks:
@@ -73,7 +69,7 @@ class RunHooks:
     def __init__(self, cfg: Config, run_dir: Path, max_steps: int, step: int, enabled: bool = True) -> None:
         self.enabled = enabled
         self.cfg = cfg
-        self.run_dir = Path(run_dir)
+        self.run = RunDir(run_dir)
         self.max_steps = max_steps
         self.evals = 0
         self.tb = None
@@ -81,7 +77,7 @@ class RunHooks:
         self.status: dict = {}
         if not enabled:
             return
-        self._log = LineFile(self.run_dir / LOG_FILE, "the run log")
+        self._log = LineFile(self.run.log, "the run log")
         if cfg.log.tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -89,10 +85,10 @@ class RunHooks:
                 raise BackendError(
                     "log.tensorboard=true needs the tensorboard package: pip install 'lmforge[logging]'"
                 ) from e
-            self.tb = SummaryWriter(log_dir=str(self.run_dir / TB_DIR))
-        previous = _read_status(self.run_dir)
+            self.tb = SummaryWriter(log_dir=str(self.run.tensorboard))
+        previous = self.run.read_status()
         if cfg.log.wandb:  # a resumed run continues the same W&B run
-            self.wandb = _start_wandb(cfg, self.run_dir, previous.get("wandb_id"))
+            self.wandb = _start_wandb(cfg, self.run.path, previous.get("wandb_id"))
         now = time.time()
         self.status = {
             "pid": os.getpid(),
@@ -178,7 +174,7 @@ class RunHooks:
         from ..generate.engine import stream_text
         from ..generate.sampling import SamplingParams
 
-        tok = Tokenizer.load(self.run_dir / "tokenizer.json")
+        tok = Tokenizer.load(self.run.tokenizer)
         was_training = model.training
         model.eval()
         out = []
@@ -192,7 +188,7 @@ class RunHooks:
                 out.append({"step": step, "tokens": tokens, "prompt": prompt, "text": text})
         finally:
             model.train(was_training)
-        samples_file = LineFile(self.run_dir / SAMPLES_FILE, "samples")
+        samples_file = LineFile(self.run.samples, "samples")
         try:
             samples_file.append("".join(json.dumps(rec) + "\n" for rec in out))
         finally:
@@ -208,7 +204,7 @@ class RunHooks:
                 columns=["step", "prompt", "text"], data=[[step, r["prompt"], r["text"]] for r in out]
             )
             self.wandb.log({"samples": table}, step=step)
-        self.line(f"step {step} | {len(out)} samples written to {SAMPLES_FILE}")
+        self.line(f"step {step} | {len(out)} samples written to {self.run.samples.name}")
         return out
 
     def _scalars(self, record: dict) -> None:
@@ -222,15 +218,7 @@ class RunHooks:
             self.wandb.log(values, step=step)
 
     def _beat(self) -> None:
-        # a heartbeat: rewritten at every logged step, so no fsync (a crash may leave it one beat old)
-        write_atomic(self.run_dir / STATUS_FILE, json.dumps(self.status), "the run status", durable=False)
-
-
-def _read_status(run_dir: Path) -> dict:
-    try:
-        return json.loads((run_dir / STATUS_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
+        self.run.write_status(self.status)
 
 
 def _start_wandb(cfg: Config, run_dir: Path, run_id: str | None):

@@ -20,13 +20,14 @@ import torch
 from rich.console import Console
 
 from .. import checkpoint as ckpt_io
-from ..config import Config, ConfigError, config_to_dict
+from ..config import Config, ConfigError
 from ..data import load_meta
 from ..data.batches import eval_batches, training_batches
 from ..device import autocast, peak_flops, pick_device, pick_precision
 from ..errors import LmforgeError
 from ..eval.metrics import evaluate_loss, loss_report
 from ..model import GPT, flops_per_token
+from ..run_dir import RunDir
 from ..runlock import RunLock, RunLockedError
 from .autobatch import oom_guard, resolve_micro_batch
 from .dist_checkpoint import Checkpointer, loader_state_for
@@ -239,7 +240,7 @@ class Training:
         self.early.load_state_dict(guards.get("early_stop", {}))
         self.step, self.tokens = saved["step"], saved["tokens"]
         if env.is_main:  # lines a crash wrote after this checkpoint would otherwise appear twice
-            truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
+            truncate_metrics(RunDir(self.run_dir).metrics, self.step)
         s.say(f"resuming {self.run_dir} from {resume_from} (step {self.step}, {self.tokens:,} tokens)")
         if saved.get("world_size", env.world_size) != env.world_size:
             s.say(
@@ -391,20 +392,12 @@ class Training:
 
     def save(self, name: str | None = None, extra: dict | None = None) -> Path:
         """A checkpoint of everything a resume needs (weights, optimizer, data position, RNG, guards)."""
-        meta_data = self.s.data_meta
         rng_tensors, rng_meta = rng_state()
-        meta = {
-            "config": config_to_dict(self.cfg),
-            "tokens": self.tokens,
-            "tokenizer_sha256": meta_data.get("tokenizer_sha256"),
-            "tokenizer_id": meta_data.get("tokenizer_id"),
-            "data_fingerprint": meta_data.get("fingerprint"),
-            "loader": self.batches.state_dict(),
-            "rng": rng_meta,
-            "precision": self.s.precision,
-            "guards": {"bad_steps": self.bad_steps.state_dict(), "early_stop": self.early.state_dict()},
-            **(extra or {}),
-        }
+        guards = {"bad_steps": self.bad_steps.state_dict(), "early_stop": self.early.state_dict()}
+        meta = ckpt_io.checkpoint_meta(
+            self.cfg, self.tokens, self.s.data_meta, self.batches.state_dict(), rng_meta, self.s.precision,
+            guards, **(extra or {}),
+        )  # fmt: skip
         keep = self.cfg.checkpoint.keep_last
         path = self.checkpointer.save(self.run_dir, self.step, meta, rng_tensors, keep, name=name)
         self.log.checkpoint(path, self.step)

@@ -16,8 +16,10 @@ import torch
 from .. import checkpoint as ckpt_io
 from ..checkpoint import CheckpointError
 from ..config import Config, ConfigError, config_to_dict
-from ..data.tokenizer import TOKENIZER_FILE, Tokenizer, file_sha256, tokenizer_id
+from ..data.folder import data_tokenizer
+from ..data.tokenizer import Tokenizer, file_sha256, tokenizer_id
 from ..model.config import ModelConfig
+from ..run_dir import RunDir
 
 
 def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
@@ -102,8 +104,8 @@ def _same_tokenizer(saved: dict, cfg: Config, data_meta: dict) -> tuple[bool, st
     old_sha, new_sha = saved.get("tokenizer_sha256"), data_meta.get("tokenizer_sha256")
     if (not old_sha and not saved.get("tokenizer_id")) or (old_sha and old_sha == new_sha):
         return True, "", ""  # the checkpoint does not say which tokenizer it had, or the very same file
-    new_id = _recorded_tokenizer_id(data_meta, Path(cfg.data or "") / TOKENIZER_FILE)
-    old_id = _recorded_tokenizer_id(saved, Path(cfg.out) / TOKENIZER_FILE) if new_id else None
+    new_id = _recorded_tokenizer_id(data_meta, data_tokenizer(cfg.data or ""))
+    old_id = _recorded_tokenizer_id(saved, RunDir(cfg.out).tokenizer) if new_id else None
     if new_id and old_id:
         return new_id == old_id, f"tokenizer_id {new_id[:12]}", old_id[:12]
     return old_sha == new_sha, f"tokenizer_sha256 {str(new_sha)[:12]}", str(old_sha)[:12]

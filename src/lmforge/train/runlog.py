@@ -13,6 +13,7 @@ from pathlib import Path
 from rich.console import Console
 
 from ..config import Config
+from ..run_dir import RunDir
 from .hooks import RunHooks
 from .logging import ConsoleReporter, MetricsWriter
 from .signals import test_signal_listener
@@ -26,7 +27,7 @@ class RunLog:
     def __init__(
         self, cfg: Config, run_dir: Path, console: Console, max_steps: int, step: int, is_main: bool
     ) -> None:
-        self.metrics = MetricsWriter(Path(run_dir) / "metrics.jsonl", enabled=is_main)
+        self.metrics = MetricsWriter(RunDir(run_dir).metrics, enabled=is_main)
         self.hooks = RunHooks(cfg, run_dir, max_steps, step, enabled=is_main)
         self.console = ConsoleReporter(console, max_steps, step, is_main, cfg.log.progress)
         self.listeners: list[Listener] = [f for f in (test_signal_listener(),) if f is not None]

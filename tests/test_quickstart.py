@@ -14,8 +14,8 @@ def test_quickstart_trains_reports_bits_per_byte_and_prints_a_sample_per_prompt(
     assert main([*args, "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert "reusing prepared data" in out
-    for prompt in QUICKSTART_PROMPTS:
-        assert f"sample: {prompt!r}" in out
+    for i, prompt in enumerate(QUICKSTART_PROMPTS, 1):
+        assert f"sample {i} of {len(QUICKSTART_PROMPTS)}" in out and prompt in out
     evals = [r for r in read_metrics(run) if r["type"] == "eval"]
     assert evals[0]["step"] == 0 and evals[-1]["step"] == 2  # 4096 tokens = 2 steps of 8 x 256
     assert all("val_bpb" in r for r in evals)

@@ -19,7 +19,13 @@ QUICKSTART_BATCH = 8
 QUICKSTART_TOKENS = 700_000
 QUICKSTART_VAL_FRACTION = 0.03  # ~20 stdlib modules, enough for a steady validation number
 # Openings of Python the corpus is full of: the samples show what the model learned of the language.
-QUICKSTART_PROMPTS = ("def ", "class ", "import ")
+# None ends in a space: byte-level BPE attaches a word's leading space to the word, so a prompt ending in
+# " " leaves the model a token it rarely saw there ("def " gave "def  # If the ..." after 700k tokens).
+QUICKSTART_PROMPTS = (
+    "def __init__(self",
+    "class Error(Exception):\n    def __init__(self",
+    "    for i in range(",
+)
 SAMPLE_TOKENS = 64
 
 
@@ -78,9 +84,9 @@ def quickstart(
 
     console.rule("[bold]3/3 generate")
     samples = generate_samples(run_dir)
-    for prompt, text in samples.items():
-        console.rule(f"sample: {prompt!r}", style="dim", align="left")
-        console.print(prompt + text, highlight=False, markup=False)
+    for i, (prompt, text) in enumerate(samples.items(), 1):
+        console.rule(f"sample {i} of {len(samples)}", style="dim", align="left")
+        console.print(prompt + text, highlight=False, markup=False, soft_wrap=True)
 
     # From metrics.jsonl, so a re-run of a finished quickstart still reports the whole run.
     evals = [r for r in read_metrics(run_dir) if r.get("type") == "eval"]

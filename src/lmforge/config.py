@@ -11,6 +11,7 @@ import difflib
 import math
 import re
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import UnionType
@@ -82,90 +83,63 @@ class TrainConfig:
     dist_timeout_s: int = 600  # a collective waiting longer than this ends the run with an error
 
     def __post_init__(self) -> None:
-        _require(self.parallel in ("ddp", "fsdp"), "train.parallel", self.parallel, "must be ddp or fsdp")
-        _require(
-            self.activation_checkpointing in ("none", "full", "every_k"),
-            "train.activation_checkpointing",
-            self.activation_checkpointing,
-            "must be none, full or every_k",
-        )
-        _require(
-            self.activation_checkpointing_k >= 1,
-            "train.activation_checkpointing_k",
-            self.activation_checkpointing_k,
-            "must be >= 1 (1 checkpoints every block)",
-        )
-        _require(
-            self.optimizer in ("adamw", "adamw8bit"),
-            "train.optimizer",
-            self.optimizer,
-            "must be adamw or adamw8bit",
-        )
-        _require(self.dist_timeout_s >= 1, "train.dist_timeout_s", self.dist_timeout_s, "must be >= 1 second")
-        _require(self.max_bad_steps >= 1, "train.max_bad_steps", self.max_bad_steps, "must be >= 1")
-        _require(
-            self.early_stop_patience >= 0,
-            "train.early_stop_patience",
-            self.early_stop_patience,
-            "must be >= 0",
-        )
-        _require(
-            self.early_stop_min_delta >= 0,
-            "train.early_stop_min_delta",
-            self.early_stop_min_delta,
-            "must be >= 0",
-        )
-        _require(
-            self.max_steps is None or self.max_steps >= 1, "train.max_steps", self.max_steps, "must be >= 1"
-        )
+        for key, ok, allowed in _TRAIN_CHECKS:
+            _require(ok(getattr(self, key)), f"train.{key}", getattr(self, key), allowed)
         if self.max_steps is not None and self.max_tokens is not None:
             raise ConfigError(
                 f"train.max_steps={self.max_steps} and train.max_tokens={self.max_tokens} are both set: they "
                 f"are two ways to give one budget; keep one"
             )
-        _require(
-            self.max_tokens is None or self.max_tokens >= 1,
-            "train.max_tokens",
-            self.max_tokens,
-            "must be >= 1",
-        )
-        _require(
-            self.micro_batch_size == "auto"
-            or (isinstance(self.micro_batch_size, int) and self.micro_batch_size >= 1),
-            "train.micro_batch_size",
-            self.micro_batch_size,
-            "must be >= 1, or auto (the largest that fits in memory)",
-        )
-        _require(
-            self.global_batch_size is None or self.global_batch_size >= 1,
-            "train.global_batch_size",
-            self.global_batch_size,
-            "must be >= 1",
-        )
-        _require(0 < self.lr <= 1, "train.lr", self.lr, "must be in (0, 1] (typical: 1e-4 to 1e-3)")
-        # numpy's and Python's generators take seeds in [0, 2^32) and [0, 2^63): the common range.
-        _require(0 <= self.seed < 2**32, "train.seed", self.seed, "must be in [0, 2^32)")
-        _require(0 <= self.min_lr_ratio <= 1, "train.min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
-        _require(self.warmup_steps >= 0, "train.warmup_steps", self.warmup_steps, "must be >= 0")
-        _require(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, "must be >= 0")
-        _require(0 <= self.beta1 < 1, "train.beta1", self.beta1, "must be in [0, 1)")
-        _require(0 <= self.beta2 < 1, "train.beta2", self.beta2, "must be in [0, 1)")
-        _require(
-            math.isfinite(self.eps) and self.eps > 0, "train.eps", self.eps, "must be > 0 (typical: 1e-8)"
-        )
-        _require(self.grad_clip >= 0, "train.grad_clip", self.grad_clip, "must be >= 0 (0 disables clipping)")
-        _require(
-            re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device) is not None,
-            "train.device",
-            self.device,
-            "must be auto, cpu, cuda, cuda:N or mps",
-        )
 
     def steps_for(self, tokens_per_step: int) -> int:
         """The run's length in optimizer steps, from whichever budget is set."""
         if self.max_tokens is not None:
             return math.ceil(self.max_tokens / tokens_per_step)
         return self.max_steps if self.max_steps is not None else DEFAULT_MAX_STEPS
+
+
+def _optional(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda v: v is None or check(v)
+
+
+def _positive_int_or_auto(v: Any) -> bool:
+    return v == "auto" or (isinstance(v, int) and v >= 1)
+
+
+# train.KEY -> (is the value allowed?, what is allowed), checked in this order when a TrainConfig is made.
+_TRAIN_CHECKS: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
+    ("parallel", lambda v: v in ("ddp", "fsdp"), "must be ddp or fsdp"),
+    (
+        "activation_checkpointing",
+        lambda v: v in ("none", "full", "every_k"),
+        "must be none, full or every_k",
+    ),
+    ("activation_checkpointing_k", lambda v: v >= 1, "must be >= 1 (1 checkpoints every block)"),
+    ("optimizer", lambda v: v in ("adamw", "adamw8bit"), "must be adamw or adamw8bit"),
+    ("dist_timeout_s", lambda v: v >= 1, "must be >= 1 second"),
+    ("max_bad_steps", lambda v: v >= 1, "must be >= 1"),
+    ("early_stop_patience", lambda v: v >= 0, "must be >= 0"),
+    ("early_stop_min_delta", lambda v: v >= 0, "must be >= 0"),
+    ("max_steps", _optional(lambda v: v >= 1), "must be >= 1"),
+    ("max_tokens", _optional(lambda v: v >= 1), "must be >= 1"),
+    ("micro_batch_size", _positive_int_or_auto, "must be >= 1, or auto (the largest that fits in memory)"),
+    ("global_batch_size", _optional(lambda v: v >= 1), "must be >= 1"),
+    ("lr", lambda v: 0 < v <= 1, "must be in (0, 1] (typical: 1e-4 to 1e-3)"),
+    # numpy's and Python's generators take seeds in [0, 2^32) and [0, 2^63): the common range.
+    ("seed", lambda v: 0 <= v < 2**32, "must be in [0, 2^32)"),
+    ("min_lr_ratio", lambda v: 0 <= v <= 1, "must be in [0, 1]"),
+    ("warmup_steps", lambda v: v >= 0, "must be >= 0"),
+    ("weight_decay", lambda v: v >= 0, "must be >= 0"),
+    ("beta1", lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    ("beta2", lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    ("eps", lambda v: math.isfinite(v) and v > 0, "must be > 0 (typical: 1e-8)"),
+    ("grad_clip", lambda v: v >= 0, "must be >= 0 (0 disables clipping)"),
+    (
+        "device",
+        lambda v: re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v) is not None,
+        "must be auto, cpu, cuda, cuda:N or mps",
+    ),
+)
 
 
 @dataclass

@@ -29,3 +29,25 @@ def test_data_naming_a_file(tiny_data, tmp_path, capsys):
         err
         == f"lmforge: error: data folder '{meta}' is a file: pass the folder that `lmforge prepare --out` wrote"
     )
+
+
+def test_prepare_on_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, monkeypatch, capsys):
+    import errno
+
+    from lmforge.data.shards import ShardWriter
+
+    from .conftest import make_corpus
+
+    make_corpus(tmp_path / "text", n_docs=5, words=50)
+    out = tmp_path / "data"
+
+    def full(self, ids):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ShardWriter, "write", full)
+    args = ["prepare", "--source", str(tmp_path / "text"), "--out", str(out), "--vocab-size", "300"]
+    assert main([*args, "--workers", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("lmforge: error: could not write the prepared data") and "No space left" in err
+    assert err.endswith(f"free space; {out} is unchanged") and len(err.splitlines()) == 1
+    assert not out.exists() and not list(tmp_path.glob(".data.tmp-*"))  # nothing half-written stays

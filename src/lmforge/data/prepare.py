@@ -39,6 +39,8 @@ from lmforge.data.sources import iter_documents
 from lmforge.data.tokenizer import Tokenizer, file_sha256, tokenizer_id, train_tokenizer
 from lmforge.data.tokenizer_cache import cached_tokenizer
 from lmforge.data.tokenizer_kinds import gpt2_files, is_tokenizer_file, is_trained, load_pretrained
+from lmforge.errors import LmforgeError
+from lmforge.safewrite import DiskWriteError, io_errno, write_failure
 
 Progress = Callable[[str], None]
 
@@ -499,7 +501,7 @@ def prepare(
         # meta.json is written last: a folder with meta.json always has complete shards.
         write_json(tmp / META_FILE, meta)
         install(tmp, out_dir)
-    except BaseException:
+    except BaseException as e:
         # BaseException too: Ctrl-C during a long run must not leave a half-written temp folder.
         bar.close()
         if pool is not None:
@@ -507,6 +509,10 @@ def prepare(
         for writer in writers.values():
             writer.abort()
         shutil.rmtree(tmp, ignore_errors=True)
+        if io_errno(e) is not None and not isinstance(e, LmforgeError):  # a full disk, say: one line
+            raise DiskWriteError(
+                write_failure("the prepared data", tmp, e, then=f"; {out_dir} is unchanged")
+            ) from e
         raise
     finally:
         if pool is not None:

@@ -6,6 +6,7 @@ Their names and meta.json are the data folder's format (folder.py).
 from __future__ import annotations
 
 import bisect
+import contextlib
 import hashlib
 import os
 from pathlib import Path
@@ -120,7 +121,8 @@ class ShardWriter:
     def abort(self) -> None:
         """Close the open file without finishing it (for error paths)."""
         if self._file is not None:
-            self._file.close()
+            with contextlib.suppress(OSError):  # closing flushes, which fails again on a full disk
+                self._file.close()
             self._file = None
         self._closed = True
 

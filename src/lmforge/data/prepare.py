@@ -233,7 +233,7 @@ class _Writer:
 
 
 # Skip reasons that are by design rather than a problem with the input: no warning for them.
-_EXPECTED_SKIPS = ("duplicate", "mostly_data")
+_EXPECTED_SKIPS = ("duplicate", "mostly_data", "empty_module")
 
 
 def _problem_summary(skips: Skips) -> str:

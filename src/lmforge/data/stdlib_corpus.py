@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import sysconfig
 from collections.abc import Iterator
@@ -87,6 +88,9 @@ def iter_stdlib(skipped: dict[str, int] | None) -> Iterator[Document]:
             count_skip(skipped, reason, name)
             continue
         if not rel.endswith(".py"):
+            continue
+        if os.path.getsize(path) == 0:  # a package's empty __init__.py: nothing to learn, nothing wrong
+            count_skip(skipped, "empty_module", name)
             continue
         text = read_text_file(path, name, skipped)
         if text is not None and mostly_data(text):

@@ -20,6 +20,7 @@ from rich.table import Table
 
 from ..checkpoint import load_model, tokenizer_path
 from ..data import Tokenizer, TokenShards, load_meta
+from ..data.folder import val_windows
 from ..device import pick_device
 from ..errors import LmforgeError
 from ..generate.batch import read_prompts as read_prompt_file
@@ -48,7 +49,7 @@ class EvalOptions:
 
     data: str | None = None
     text: str | None = None
-    stride: int | None = None  # sliding-window stride; default half the context
+    stride: int | None = None  # sliding-window stride; default: see sliding_stride
     batches: int = 16  # validation batches of batch_size x seq_len tokens (--data)
     batch_size: int = 8
     tasks: dict[str, str] = field(default_factory=dict)
@@ -111,6 +112,21 @@ def model_seq_len(cfg) -> int:
     return cfg.model.resolved().seq_len
 
 
+def sliding_stride(opts: EvalOptions, cfg, window: int) -> tuple[int, str]:
+    """The stride of the sliding windows, and where it comes from: --stride; else, for a data folder's
+    val split, the stride of the val_windows `prepare --seq-len/--stride` recorded, when they are windows
+    of this model's length; else half the window."""
+    if opts.stride:
+        return opts.stride, "--stride"
+    data = None if opts.text else opts.data or cfg.data
+    windows = val_windows(load_meta(data)) if data else None
+    if windows is None:
+        return max(1, window // 2), "half the window"
+    if windows[0] != window:  # a stride chosen for other windows says nothing about these
+        return max(1, window // 2), f"half the window: {data}'s val_windows are of {windows[0]} tokens"
+    return windows[1], f"the val_windows of {data}"
+
+
 def language_modelling(model, ids: torch.Tensor, n_bytes: float, window: int, stride: int, batch) -> dict:
     """Metrics over disjoint windows (as training's eval), and over windows sliding by `stride`.
 
@@ -167,7 +183,8 @@ def evaluate_run(run: str | Path, opts: EvalOptions, console: Console | None = N
     tokenizer = Tokenizer.load(tokenizer_path(Path(run)))
     ids, n_bytes, source = lm_tokens(opts, cfg, tokenizer)
     window = model_seq_len(cfg)
-    stride = opts.stride or max(1, window // 2)
+    stride, why = sliding_stride(opts, cfg, window)
+    say(f"sliding windows of {window} tokens every {stride} ({why})")
     if not 1 <= stride <= window:
         raise EvalError(f"--stride {stride}: must be between 1 and the model's window ({window} tokens)")
     report: dict = {"run": str(run), "checkpoint": str(ckpt), "device": str(device), "source": source}

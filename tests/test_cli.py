@@ -190,3 +190,24 @@ def test_every_command_has_a_one_line_summary_and_help(command, capsys):
         main([command, "--help"])
     assert exit_.value.code == 0
     assert cli.COMMANDS[command].__doc__.splitlines()[0].strip() in " ".join(capsys.readouterr().out.split())
+
+
+def test_every_import_inside_a_command_resolves():
+    # A command imports its heavy modules when it runs: a wrong name there would only fail at that moment.
+    import ast
+    import importlib.util
+    from pathlib import Path
+
+    import lmforge.commands
+
+    checked = 0
+    for path in Path(lmforge.commands.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                module = importlib.import_module("." * node.level + (node.module or ""), "lmforge.commands")
+                for alias in node.names:
+                    assert hasattr(module, alias.name) or importlib.util.find_spec(
+                        f"{module.__name__}.{alias.name}"
+                    ), f"{path.name}: from {'.' * node.level}{node.module} import {alias.name}"
+                    checked += 1
+    assert checked > 30

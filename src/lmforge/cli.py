@@ -1,5 +1,5 @@
-"""The one `lmforge` command: each subcommand is a typed function in commands.py (its signature is the
-command line; the rules are in commands.py's docstring). jsonargparse builds each parser from the
+"""The one `lmforge` command: each subcommand is a typed function in commands/ (its signature is the
+command line; the rules are in commands/__init__.py). jsonargparse builds each parser from the
 signature and docstring, argv is parsed once, and main() calls the function with what was parsed.
 
 lmforge prepare  --source SRC[:WEIGHT] ... --out DATA_DIR [--tokenizer bpe|wordpiece|unigram|word|char|gpt2|tiktoken:NAME|FILE]
@@ -36,20 +36,15 @@ import yaml
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 from rich.console import Console
 
-from .commands import (
-    COMMANDS,
-    EXIT_DIVERGED,
-    EXIT_PREEMPTED,
-    EXIT_USAGE,
-    parse_config,
-    parse_config_with_budget,
-)
+from .commands import COMMANDS, EXIT_DIVERGED, EXIT_PREEMPTED
 from .config import Config, ConfigError, all_keys, unknown_key_message
 from .errors import LmforgeError
-from .options import GROUPS, RunConfig, Without
+from .options import GROUPS, RunConfig, Without, parse_config, run_config
 from .presets import get_preset
 
 __all__ = ["EXIT_DIVERGED", "EXIT_PREEMPTED", "EXIT_USAGE", "build_parser", "main", "parse", "parse_config"]
+
+EXIT_USAGE = 2  # bad input: a config value, missing data, an unusable checkpoint, a failed checkpoint write
 
 
 def _unwrap(hint) -> tuple[typing.Any, frozenset[str]]:
@@ -230,8 +225,7 @@ def run(command: str, ns: Namespace, parser: ArgumentParser, argv: list[str], co
         if kind is Console:
             kwargs[name] = console
         elif kind is RunConfig:
-            config, budget = parse_config_with_budget(ns, parser, argv)
-            kwargs[name] = RunConfig(config, budget, ns.model.as_dict())
+            kwargs[name] = run_config(ns, parser, argv)
         elif dataclasses.is_dataclass(kind):
             kwargs[name] = _group(kind, ns if kind in GROUPS else ns[name], without)
         else:

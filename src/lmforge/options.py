@@ -8,12 +8,31 @@ help and defaults written here, so every command that takes a group shows the sa
 
 from __future__ import annotations
 
+import dataclasses
+import os
+import re
 from dataclasses import dataclass
+from pathlib import Path
 
-from .config import Config
+import yaml
+from jsonargparse import ArgumentParser, Namespace
+
+from .config import DEFAULT_MAX_STEPS, Config, ConfigError
 from .generate.params import SamplingParams
 
-__all__ = ["GROUPS", "Device", "InferenceDevice", "Run", "RunConfig", "SamplingParams", "Without"]
+__all__ = [
+    "GROUPS",
+    "Device",
+    "InferenceDevice",
+    "Run",
+    "RunConfig",
+    "SamplingParams",
+    "Without",
+    "parse_config",
+    "parse_config_with_budget",
+    "resolve_budget",
+    "run_config",
+]
 
 
 @dataclass(frozen=True)
@@ -63,7 +82,8 @@ class Without:
 
 @dataclass(frozen=True)
 class RunConfig:
-    """A training config from --config files and --section.key=value flags (preset < YAML < flags).
+    """A training config from --config files and --section.key=value flags (preset < YAML < flags); cli.py
+    builds it with run_config below.
 
     budget says where the step budget came from (train prints it first); model_given holds the model.*
     values as given, before family defaults resolve (a resume keeps the checkpoint's for the others).
@@ -72,3 +92,65 @@ class RunConfig:
     config: Config
     budget: str
     model_given: dict
+
+
+BUDGET_KEYS = ("max_steps", "max_tokens")
+
+
+def _budget_flags(argv: list[str]) -> set[str]:
+    """Budget keys given as --train.KEY flags on the command line."""
+    found = (re.match(r"--train\.(max_steps|max_tokens)(=|$)", arg) for arg in argv)
+    return {m.group(1) for m in found if m}
+
+
+def _budget_in_yaml(paths: list) -> set[str]:
+    """Budget keys that the --config files set (to something other than null)."""
+    keys: set[str] = set()
+    for path in paths:
+        data = yaml.safe_load(Path(os.fspath(path)).read_text(encoding="utf-8")) or {}
+        train = data.get("train") if isinstance(data, dict) else None
+        keys |= {k for k in BUDGET_KEYS if isinstance(train, dict) and train.get(k) is not None}
+    return keys
+
+
+def resolve_budget(ns: Namespace, argv: list[str]) -> str:
+    """Keep the one budget key given at the highest level (YAML < command line); clear the other in ns.
+
+    Returns where the budget came from, for the run's first lines. Both keys at one level is an error.
+    """
+    for where, keys in (
+        ("the command line", _budget_flags(argv)),
+        ("--config", _budget_in_yaml(ns.get("config") or [])),
+    ):
+        if len(keys) > 1:
+            raise ConfigError(
+                f"train.max_steps and train.max_tokens are both given by {where}: they are two ways to set "
+                f"one budget; keep one"
+            )
+        if keys:
+            (key,) = keys
+            other = BUDGET_KEYS[1 - BUDGET_KEYS.index(key)]
+            ns[f"train.{other}"] = None
+            return f"train.{key}={ns[f'train.{key}']}, from {where}"
+    return f"train.max_steps={DEFAULT_MAX_STEPS}, the default"
+
+
+def parse_config_with_budget(ns: Namespace, parser: ArgumentParser, argv: list[str]) -> tuple[Config, str]:
+    """The validated Config of a train/estimate namespace, and where its budget came from."""
+    try:
+        budget = resolve_budget(ns, argv)
+        init = parser.instantiate(ns)
+        return Config(**{f.name: init[f.name] for f in dataclasses.fields(Config)}), budget
+    except (ValueError, TypeError) as e:
+        raise ConfigError(str(e)) from e
+
+
+def parse_config(ns: Namespace, parser: ArgumentParser, argv: list[str] | None = None) -> Config:
+    """Build the validated Config from the train subcommand's namespace (argv: to tell flags from YAML)."""
+    return parse_config_with_budget(ns, parser, argv or [])[0]
+
+
+def run_config(ns: Namespace, parser: ArgumentParser, argv: list[str]) -> RunConfig:
+    """The RunConfig of a train/estimate namespace (argv: to tell the command line's budget from YAML's)."""
+    config, budget = parse_config_with_budget(ns, parser, argv)
+    return RunConfig(config, budget, ns.model.as_dict())

@@ -1,0 +1,239 @@
+"""The subcommands that use a run: generate, chat, serve, eval, export, import.
+The rules that turn these functions into commands: __init__.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Annotated
+
+from rich.console import Console
+
+from ..config import ConfigError
+from ..options import InferenceDevice, Run, SamplingParams, Without
+
+
+def generate(
+    run: Run,
+    device: InferenceDevice,
+    sampling: SamplingParams,
+    *,
+    prompt: str = "",
+    stream: bool = False,
+    input: str | None = None,
+    output: str | None = None,
+    batch_size: int = 8,
+    console: Console,
+) -> None:
+    """Generate text from a run.
+
+    Continues --prompt, or every prompt of --input into --output.
+
+    Args:
+        prompt: text to continue (empty: start from <|endoftext|>)
+        stream: print tokens as they are generated
+        input: prompts.txt (one per line) or prompts.jsonl ({"prompt": ...}), with --output
+        output: results .json | .jsonl | .csv | .txt (with --input)
+        batch_size: prompts decoded together (with --input)
+    """
+    from ..api import LLM
+
+    if input is not None or output is not None:
+        _generate_file(run, device, sampling, input, output, batch_size, console)
+        return
+    llm = LLM.load(run.run, device=device.device, quantize=device.quantize)
+    console.print(prompt, end="", style="bold", highlight=False, markup=False)
+    pieces = []
+    for piece in llm.stream_params(prompt, sampling.max_new_tokens, sampling, sampling.seed, sampling.stop):
+        pieces.append(piece)
+        if stream:
+            console.print(piece, end="", highlight=False, markup=False)
+            console.file.flush()
+    if not stream:
+        console.print("".join(pieces), end="", highlight=False, markup=False)
+    console.print()
+
+
+def _generate_file(
+    run: Run, device: InferenceDevice, sampling: SamplingParams, input, output, batch_size, console
+):
+    """`lmforge generate --input FILE --output FILE`: batches of prompts, with a progress bar."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from ..api import LLM
+    from ..generate.batch import check_output_path, read_prompts
+
+    if input is None or output is None:
+        raise ConfigError("--input and --output go together: give both (e.g. --input p.txt --output r.jsonl)")
+    check_output_path(output)
+    prompts = read_prompts(input)
+    llm = LLM.load(run.run, device=device.device, quantize=device.quantize)
+    columns = (TextColumn("generating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task("generate", total=len(prompts))
+        rows = llm.batch_generate(
+            prompts,
+            output_file=output,
+            batch_size=batch_size,
+            on_batch=lambda n: bar.advance(task, n),
+            **dataclasses.asdict(sampling),
+        )
+    console.print(f"wrote {len(rows)} completions to {output}", highlight=False, soft_wrap=True)
+
+
+def chat(
+    run: Run,
+    device: InferenceDevice,
+    sampling: SamplingParams,
+    *,
+    system: str | None = None,
+    console: Console,
+) -> None:
+    """Chat with a run in the terminal.
+
+    Commands: /reset, /temperature X, /quit; Ctrl-C stops a reply.
+
+    Args:
+        system: a system line kept at the start of the conversation
+    """
+    from ..api import LLM
+    from ..generate.chat import repl
+
+    llm = LLM.load(run.run, device=device.device, quantize=device.quantize)
+    session = llm.session(sampling.max_new_tokens, sampling, sampling.seed)
+    session.system = system
+    repl(session)
+
+
+def serve(
+    run: Run,
+    device: InferenceDevice,
+    sampling: SamplingParams,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    max_tokens: int = 512,
+    max_body: int = 1_000_000,
+    model_name: str | None = None,
+    console: Console,
+) -> None:
+    """OpenAI-compatible HTTP server for a run.
+
+    Serves /v1/completions and /v1/chat/completions; the sampling flags are what a request gets for the
+    fields it leaves out.
+
+    Args:
+        host: address to bind (0.0.0.0 exposes it to the network)
+        port: port to listen on
+        max_tokens: cap on the max_tokens a request may ask for
+        max_body: largest request body in bytes (413 above)
+        model_name: the model id clients see (default: the run's name)
+    """
+    from ..serve import serve as serve_run
+
+    serve_run(
+        run.run,
+        host=host,
+        port=port,
+        max_tokens=max_tokens,
+        max_body=max_body,
+        model_name=model_name,
+        device=device.device,
+        quantize=device.quantize,
+        sampling=sampling,
+        console=console,
+    )
+
+
+def evaluate(
+    run: Run,
+    device: InferenceDevice,
+    sampling: Annotated[SamplingParams, Without("top_p", "min_p", "repetition_penalty", "stop")],
+    *,
+    data: str | None = None,
+    text: str | None = None,
+    stride: int | None = None,
+    batches: int = 16,
+    batch_size: int = 8,
+    tasks: list[str] | None = None,
+    prompts: str | None = None,
+    no_speed: bool = False,
+    out: str | None = None,
+    console: Console,
+) -> None:
+    """Measure a run: loss, ppl, bpb, accuracy, tasks, generation, speed.
+
+    The generation check samples with the sampling flags below (an unset seed is 0, so reports repeat).
+
+    Args:
+        data: DATA_DIR whose val split is scored (default: the run's data)
+        text: a UTF-8 text file to score instead of --data
+        stride: sliding-window stride (default: half the window)
+        batches: val batches to score (--data)
+        batch_size: windows per forward pass
+        tasks: NAME=FILE.jsonl in HellaSwag's format (repeatable)
+        prompts: prompt set: .txt (one per line) or .jsonl (default: built in)
+        no_speed: skip the speed measurement
+        out: where to write the JSON report (default: RUN_DIR/eval.json)
+    """
+    from ..eval.run import EvalError, EvalOptions, evaluate_run, report_table, write_report
+
+    named = {}
+    for spec in tasks or []:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise EvalError(
+                f"--tasks {spec}: write it as NAME=FILE.jsonl, e.g. hellaswag=hellaswag_val.jsonl"
+            )
+        named[name] = path
+    opts = EvalOptions(
+        data=data,
+        text=text,
+        stride=stride,
+        batches=batches,
+        batch_size=batch_size,
+        tasks=named,
+        prompts=prompts,
+        sampling=sampling,
+        speed=not no_speed,
+        quantize=device.quantize,
+        device=device.device,
+    )
+    report = evaluate_run(run.run, opts, console)
+    written = write_report(report, out or Path(run.run) / "eval.json")
+    console.print(report_table(report))
+    console.print(f"wrote {written}", highlight=False)
+
+
+def export(run: Run, *, format: str, out: str, dtype: str = "f32", console: Console) -> None:
+    """Export a run (hf, safetensors, onnx, gguf).
+
+    Args:
+        format: hf | safetensors | onnx | gguf
+        out: folder to write (must not exist, or be empty)
+        dtype: f32 | f16 | bf16 (hf, safetensors, gguf) | q8_0 (gguf)
+    """
+    from ..export import export_run
+
+    written = export_run(run.run, format, out, dtype)
+    console.print(f"exported {run.run} as {format} to {written}", highlight=False)
+
+
+def import_hf(source: str, *, out: str, console: Console) -> None:
+    """Import a Hugging Face model as a run.
+
+    Reads a local GPT-2 or Llama model folder.
+
+    Args:
+        source: hf:DIR, a folder with config.json, *.safetensors and tokenizer.json
+        out: RUN_DIR to create
+    """
+    from ..export import ExportError
+    from ..export.hf import import_hf as import_folder
+
+    kind, sep, path = source.partition(":")
+    if not sep or kind != "hf" or not path:
+        raise ExportError(f"source {source!r}: write it as hf:DIR (a local Hugging Face model folder)")
+    written = import_folder(path, out)
+    console.print(f"imported {path} into {written}; try: lmforge generate --run {written}", highlight=False)

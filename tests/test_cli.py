@@ -211,3 +211,27 @@ def test_every_import_inside_a_command_resolves():
                     ), f"{path.name}: from {'.' * node.level}{node.module} import {alias.name}"
                     checked += 1
     assert checked > 30
+
+
+def a_stop_inside(text: str) -> str:
+    """Two characters that first appear after the start of text (so stopping there cuts it short)."""
+    return next(text[k : k + 2] for k in range(1, len(text) - 1) if text.index(text[k : k + 2]) == k)
+
+
+def test_stop_and_seed_of_the_sampling_settings_apply_where_the_call_gives_none(tiny_data, tmp_path):
+    # `lmforge chat --stop/--seed` reach the model this way: ChatSession passes its params, no stop.
+    from tests.gen_helpers import make_run
+
+    llm = LLM.load(make_run(tiny_data, tmp_path / "run"), device="cpu")
+    seeded = SamplingParams(temperature=1.0, top_k=None, max_new_tokens=24, seed=3)
+    full = llm.complete(["the"], 24, seeded)[0].text
+    assert llm.complete(["the"], 24, seeded)[0].text == full  # the params' seed was used
+    cut = a_stop_inside(full)
+    stopped = llm.complete(["the"], 24, dataclasses.replace(seeded, stop=[cut]))[0].text
+    assert stopped == full[: full.index(cut)]
+    assert llm.complete(["the"], 24, dataclasses.replace(seeded, stop=[cut]), stop=[])[0].text == full
+    reply = "".join(llm.session(24, seeded).send("hi"))
+    assert "".join(llm.session(24, seeded).send("hi")) == reply
+    cut = a_stop_inside(reply)
+    session = llm.session(24, dataclasses.replace(seeded, stop=[cut]))
+    assert "".join(session.send("hi")) == reply[: reply.index(cut)].strip()

@@ -26,6 +26,7 @@ from lmforge.data import (
     prepare,
     train_tokenizer,
 )
+from lmforge.safewrite import DiskWriteError
 
 # `lmforge.data.prepare` is shadowed by the re-exported function, so fetch the module itself.
 prepare_module = importlib.import_module("lmforge.data.prepare")
@@ -466,7 +467,8 @@ def test_prepare_swap_failure_keeps_previous_data(tmp_path: Path, monkeypatch) -
         real_replace(src, dst)
 
     monkeypatch.setattr(os, "replace", failing_replace)
-    with pytest.raises(OSError, match="simulated"):
+    # one line for a person: what failed, why, and that the previous data is unchanged
+    with pytest.raises(DiskWriteError, match=f"simulated crash during the swap.*; {out} is unchanged"):
         prepare([str(corpus)], out, vocab_size=320)
     monkeypatch.undo()
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before

@@ -102,7 +102,7 @@ def test_same_output_for_one_and_two_workers(tmp_path: Path, monkeypatch) -> Non
     corpus = _corpus(tmp_path / "c", docs=60)
     # Small chunks: many chunks in flight across the two workers, finishing in any order.
     monkeypatch.setattr(encode_module, "CHUNK_DOCS", 3)
-    monkeypatch.setattr(importlib.import_module("lmforge.data.prepare"), "CHUNK_DOCS", 3)
+    monkeypatch.setattr(importlib.import_module("lmforge.data.passes"), "CHUNK_DOCS", 3)  # the feeder's copy
     outs = {}
     for workers in (1, 2):
         prepare([str(corpus)], tmp_path / f"w{workers}", vocab_size=300, val_fraction=0.2, workers=workers)

@@ -101,25 +101,88 @@ def create_app(
 ):
     """The FastAPI application serving llm; max_tokens caps a request's max_tokens, max_body its size,
     sampling gives what a request leaves out (its max_new_tokens up to max_tokens)."""
-    name = model_name or llm.name
-    created = int(time.time())
-    defaults = dataclasses.replace(sampling, max_new_tokens=min(sampling.max_new_tokens, max_tokens))
+    server = _Server(llm, max_tokens, max_body, model_name or llm.name, sampling)
     app = FastAPI(title="lmforge", version="0.1.0")
+    app.add_exception_handler(RequestError, _request_error)
+    app.add_exception_handler(RequestValidationError, _invalid)
+    app.add_exception_handler(StarletteHTTPException, _http)
+    app.get("/health")(server.health)
+    app.get("/v1/models")(server.models)
+    app.post("/v1/completions")(server.completions)
+    app.post("/v1/chat/completions")(server.chat_completions)
+    return app
 
-    @app.exception_handler(RequestError)
-    async def _request_error(request: Request, exc: RequestError):
-        return _error(exc.status, exc.message)
 
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(request: Request, exc: RequestValidationError):
-        return _error(400, _validation_message(exc))
+async def _request_error(request: Request, exc: RequestError):
+    return _error(exc.status, exc.message)
 
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(request: Request, exc: StarletteHTTPException):
-        return _error(exc.status_code, str(exc.detail))
 
-    async def read_json(request: Request, model: type[BaseModel]):
+async def _invalid(request: Request, exc: RequestValidationError):
+    return _error(400, _validation_message(exc))
+
+
+async def _http(request: Request, exc: StarletteHTTPException):
+    return _error(exc.status_code, str(exc.detail))
+
+
+class _Server:
+    """The state the routes share (the LLM, the limits, the sampling defaults) and the routes themselves.
+
+    health and models are plain functions, so FastAPI runs them in a worker thread and they answer while
+    a generation holds the LLM's lock.
+    """
+
+    def __init__(self, llm: LLM, max_tokens: int, max_body: int, name: str, sampling: SamplingParams):
+        self.llm, self.max_tokens, self.max_body, self.name = llm, max_tokens, max_body, name
+        self.created = int(time.time())
+        self.defaults = dataclasses.replace(sampling, max_new_tokens=min(sampling.max_new_tokens, max_tokens))
+
+    def health(self):
+        return {"status": "ok", "model": self.name}
+
+    def models(self):
+        return {
+            "object": "list",
+            "data": [{"id": self.name, "object": "model", "created": self.created, "owned_by": "lmforge"}],
+        }
+
+    async def completions(self, request: Request):
+        body = await self.read_json(request, CompletionBody)
+        params = self.settings(body)
+        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        if not prompts:
+            raise RequestError(400, "prompt: give a string or a non-empty list of strings")
+        rid, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        head = {"id": rid, "object": "text_completion", "created": now, "model": self.name}
+        if body.stream:
+            if len(prompts) != 1:
+                raise RequestError(400, "stream=true takes a single prompt")
+            return _sse(_completion_chunks(head, self.events(prompts[0], params)))
+        done = await run_in_threadpool(self.llm.complete, prompts, params.max_new_tokens, params)
+        choices = [
+            {"text": c.text, "index": i, "logprobs": None, "finish_reason": c.finish_reason}
+            for i, c in enumerate(done)
+        ]
+        return {**head, "choices": choices, "usage": _usage(done)}
+
+    async def chat_completions(self, request: Request):
+        body = await self.read_json(request, ChatBody)
+        stream = self.events([m.model_dump() for m in body.messages], self.settings(body))
+        rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        head = {"id": rid, "object": "chat.completion", "created": now, "model": self.name}
+        if body.stream:
+            return _sse(_chat_chunks({**head, "object": "chat.completion.chunk"}, stream))
+        c = await run_in_threadpool(_last, stream)
+        message = {"role": "assistant", "content": c.text}
+        return {
+            **head,
+            "choices": [{"index": 0, "message": message, "finish_reason": c.finish_reason}],
+            "usage": _usage([c]),
+        }
+
+    async def read_json(self, request: Request, model: type[BaseModel]):
         """The body, refused with 413 past max_body (checked before and while reading) and 400 if invalid."""
+        max_body = self.max_body
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > max_body:
             raise RequestError(413, f"request body of {declared} bytes is over this server's {max_body}")
@@ -139,119 +202,60 @@ def create_app(
         except ValidationError as e:
             raise RequestError(400, _validation_message(e)) from e
 
-    def settings(body: _Sampling) -> SamplingParams:
+    def settings(self, body: _Sampling) -> SamplingParams:
         """The request's sampling: the fields it gives, the server's defaults for the others."""
         given = {k: getattr(body, k) for k in SAMPLING_FIELDS if k in body.model_fields_set}
         if isinstance(given.get("stop"), str):
             given["stop"] = [given["stop"]]
         if body.max_tokens is not None:
-            if body.max_tokens > max_tokens:
+            if body.max_tokens > self.max_tokens:
                 raise RequestError(
-                    400, f"max_tokens={body.max_tokens} is over this server's cap of {max_tokens}"
+                    400, f"max_tokens={body.max_tokens} is over this server's cap of {self.max_tokens}"
                 )
             given["max_new_tokens"] = body.max_tokens
         try:
-            return dataclasses.replace(defaults, **given)
+            return dataclasses.replace(self.defaults, **given)
         except ValueError as e:
             raise RequestError(400, str(e)) from e
 
-    def usage(done: list[Completion]) -> dict:
-        p = sum(c.prompt_tokens for c in done)
-        c = sum(len(x.token_ids) for x in done)
-        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
-
-    def sse(chunks: Iterator[dict]) -> StreamingResponse:
-        def lines():
-            for chunk in chunks:
-                yield f"data: {json.dumps(chunk)}\n\n"
-            yield "data: [DONE]\n\n"
-
-        return StreamingResponse(lines(), media_type="text/event-stream")
-
-    def events(prompt: str | list[dict], params: SamplingParams) -> Iterator:
+    def events(self, prompt: str | list[dict], params: SamplingParams) -> Iterator:
         """llm.stream_events (text pieces, then the Completion), with bad messages refused with 400."""
         try:
-            return llm.stream_events(prompt, params.max_new_tokens, params, params.seed, params.stop)
+            return self.llm.stream_events(prompt, params.max_new_tokens, params, params.seed, params.stop)
         except GenerationError as e:
             raise RequestError(400, str(e)) from e
 
-    @app.get("/health")
-    def health():
-        return {"status": "ok", "model": name}
 
-    @app.get("/v1/models")
-    def models():
-        return {
-            "object": "list",
-            "data": [{"id": name, "object": "model", "created": created, "owned_by": "lmforge"}],
-        }
+def _usage(done: list[Completion]) -> dict:
+    p = sum(c.prompt_tokens for c in done)
+    c = sum(len(x.token_ids) for x in done)
+    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
-    @app.post("/v1/completions")
-    async def completions(request: Request):
-        body = await read_json(request, CompletionBody)
-        params = settings(body)
-        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-        if not prompts:
-            raise RequestError(400, "prompt: give a string or a non-empty list of strings")
-        rid, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-        head = {"id": rid, "object": "text_completion", "created": now, "model": name}
-        if body.stream:
-            if len(prompts) != 1:
-                raise RequestError(400, "stream=true takes a single prompt")
 
-            stream = events(prompts[0], params)
+def _sse(chunks: Iterator[dict]) -> StreamingResponse:
+    def lines():
+        for chunk in chunks:
+            yield f"data: {json.dumps(chunk)}\n\n"
+        yield "data: [DONE]\n\n"
 
-            def chunks():
-                for ev in stream:
-                    text, reason = (ev, None) if isinstance(ev, str) else ("", ev.finish_reason)
-                    yield {
-                        **head,
-                        "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": reason}],
-                    }
+    return StreamingResponse(lines(), media_type="text/event-stream")
 
-            return sse(chunks())
-        done = await run_in_threadpool(llm.complete, prompts, params.max_new_tokens, params)
-        choices = [
-            {"text": c.text, "index": i, "logprobs": None, "finish_reason": c.finish_reason}
-            for i, c in enumerate(done)
-        ]
-        return {**head, "choices": choices, "usage": usage(done)}
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
-        body = await read_json(request, ChatBody)
-        stream = events([m.model_dump() for m in body.messages], settings(body))
-        rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        head = {"id": rid, "object": "chat.completion", "created": now, "model": name}
-        if body.stream:
-            head = {**head, "object": "chat.completion.chunk"}
+def _completion_chunks(head: dict, stream: Iterator) -> Iterator[dict]:
+    """/v1/completions' stream: one chunk per text piece, the last one with the finish reason."""
+    for ev in stream:
+        text, reason = (ev, None) if isinstance(ev, str) else ("", ev.finish_reason)
+        yield {**head, "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": reason}]}
 
-            def chunks():
-                yield {
-                    **head,
-                    "choices": [
-                        {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
-                    ],
-                }
-                for ev in stream:
-                    if isinstance(ev, str):
-                        yield {
-                            **head,
-                            "choices": [{"index": 0, "delta": {"content": ev}, "finish_reason": None}],
-                        }
-                    else:
-                        yield {
-                            **head,
-                            "choices": [{"index": 0, "delta": {}, "finish_reason": ev.finish_reason}],
-                        }
 
-            return sse(chunks())
-        c = await run_in_threadpool(_last, stream)
-        message = {"role": "assistant", "content": c.text}
-        return {
-            **head,
-            "choices": [{"index": 0, "message": message, "finish_reason": c.finish_reason}],
-            "usage": usage([c]),
-        }
-
-    return app
+def _chat_chunks(head: dict, stream: Iterator) -> Iterator[dict]:
+    """/v1/chat/completions' stream: the assistant role, one delta per text piece, then the finish reason."""
+    yield {
+        **head,
+        "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}],
+    }
+    for ev in stream:
+        if isinstance(ev, str):
+            yield {**head, "choices": [{"index": 0, "delta": {"content": ev}, "finish_reason": None}]}
+        else:
+            yield {**head, "choices": [{"index": 0, "delta": {}, "finish_reason": ev.finish_reason}]}

@@ -202,7 +202,7 @@ def estimate(
         mfu: assumed model FLOPs utilisation for the time estimate
     """
     from ..estimate import estimate as plan
-    from ..estimate import report_lines
+    from ..estimate_report import report_lines
 
     for line in report_lines(plan(config.config, gpu=gpu, gpus=gpus, mfu=mfu)):
         console.print(line, highlight=False, markup=False, soft_wrap=True)

@@ -80,7 +80,8 @@ def print_dry_run(
     cfg: Config, plan: Plan, precision: str, device: torch.device, n_params: int, fpt: int, console: Console
 ) -> None:
     """The resolved config and the estimator's plan for this device; nothing is trained."""
-    from ..estimate import estimate, local_device, report_lines
+    from ..estimate import estimate, local_device
+    from ..estimate_report import report_lines
 
     console.print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False).rstrip(), highlight=False)
     est = estimate(cfg, device=local_device(device), precision=precision)

@@ -169,16 +169,7 @@ def generation(model, tokenizer: Tokenizer, prompts: list[str], opts: EvalOption
 def evaluate_run(run: str | Path, opts: EvalOptions, console: Console | None = None) -> dict:
     """Load the run, measure everything `opts` asks for, and return the report (a JSON-able dict)."""
     say = (lambda m: console.print(m, highlight=False)) if console else (lambda m: None)
-    if opts.data and opts.text:
-        raise EvalError("give --data or --text, not both")
-    if opts.quantize not in (None, "none", "int8"):
-        raise EvalError(f"--quantize {opts.quantize}: the supported value is int8")
-    tasks = {name: read_multiple_choice(path) for name, path in opts.tasks.items()}  # fail early
-    prompts = read_prompts(opts.prompts) if opts.prompts else list(DEFAULT_PROMPTS)
-    try:
-        device = pick_device(opts.device)
-    except ValueError as e:
-        raise EvalError(str(e).replace("train.device", "--device")) from None
+    tasks, prompts, device = _check_inputs(opts)
     model, cfg, ckpt = load_model(run, device=device)
     tokenizer = Tokenizer.load(tokenizer_path(Path(run)))
     ids, n_bytes, source = lm_tokens(opts, cfg, tokenizer)
@@ -191,21 +182,7 @@ def evaluate_run(run: str | Path, opts: EvalOptions, console: Console | None = N
 
     base_model, base_bpb = None, None
     if opts.quantize == "int8":
-        from ..generate.layout import use_inference_layout
-        from ..model.quant import quantize_int8, weight_bytes
-
-        say("scoring the unquantized model first ...")
-        base_scores = score_tokens(model, ids, window, window, opts.batch_size)
-        base_bpb = summarize_scores(base_scores, n_bytes)["bpb"]
-        base_model = copy.deepcopy(model) if opts.speed else None
-        fp_bytes = weight_bytes(model)
-        use_inference_layout(model)  # int8 of the decoding layout, as `LLM.load(quantize="int8")` makes it
-        quantize_int8(model)
-        report["quantization"] = {
-            **model.quant_info,
-            "weight_mb_fp": fp_bytes / 2**20,
-            "weight_mb_int8": weight_bytes(model) / 2**20,
-        }
+        base_model, base_bpb = _quantize(model, ids, n_bytes, window, opts, report, say)
 
     say(f"scoring {ids.numel() - 1:,} tokens of {source} ...")
     report["lm"] = language_modelling(model, ids, n_bytes, window, stride, opts.batch_size)
@@ -216,19 +193,60 @@ def evaluate_run(run: str | Path, opts: EvalOptions, console: Console | None = N
     report["generation"] = generation(model, tokenizer, prompts, opts)
     if opts.speed:
         say("timing prefill and decode ...")
-        if base_model is None:
-            report["speed"] = measure_speed(model)
-        else:
-            both = compare_speed({"int8": model, "fp": base_model})
-            report["speed"] = both["int8"]
-            for key in ("prefill_tok_s", "decode_tok_s"):
-                speedup = both["int8"][key] / both["fp"][key]
-                report["quantization"][f"{key}_fp"] = both["fp"][key]
-                report["quantization"][f"{key.removesuffix('_tok_s')}_speedup"] = speedup
+        _speed(model, base_model, report)
     if base_bpb is not None:
         q = report["quantization"]
         q.update(bpb_fp=base_bpb, bpb_int8=report["lm"]["bpb"], bpb_change=report["lm"]["bpb"] - base_bpb)
     return report
+
+
+def _check_inputs(opts: EvalOptions) -> tuple[dict, list[str], torch.device]:
+    """The tasks, the prompts and the device, read before the model loads so a bad input fails early."""
+    if opts.data and opts.text:
+        raise EvalError("give --data or --text, not both")
+    if opts.quantize not in (None, "none", "int8"):
+        raise EvalError(f"--quantize {opts.quantize}: the supported value is int8")
+    tasks = {name: read_multiple_choice(path) for name, path in opts.tasks.items()}
+    prompts = read_prompts(opts.prompts) if opts.prompts else list(DEFAULT_PROMPTS)
+    try:
+        device = pick_device(opts.device)
+    except ValueError as e:
+        raise EvalError(str(e).replace("train.device", "--device")) from None
+    return tasks, prompts, device
+
+
+def _quantize(model, ids, n_bytes: float, window: int, opts: EvalOptions, report: dict, say):
+    """Score the model as it is, then make it int8 in place; (a copy of the unquantized model when speed
+    is compared, else None; its bits per byte). Adds the weight sizes to report["quantization"]."""
+    from ..generate.layout import use_inference_layout
+    from ..model.quant import quantize_int8, weight_bytes
+
+    say("scoring the unquantized model first ...")
+    base_scores = score_tokens(model, ids, window, window, opts.batch_size)
+    base_bpb = summarize_scores(base_scores, n_bytes)["bpb"]
+    base_model = copy.deepcopy(model) if opts.speed else None
+    fp_bytes = weight_bytes(model)
+    use_inference_layout(model)  # int8 of the decoding layout, as `LLM.load(quantize="int8")` makes it
+    quantize_int8(model)
+    report["quantization"] = {
+        **model.quant_info,
+        "weight_mb_fp": fp_bytes / 2**20,
+        "weight_mb_int8": weight_bytes(model) / 2**20,
+    }
+    return base_model, base_bpb
+
+
+def _speed(model, base_model, report: dict) -> None:
+    """report["speed"]; with an unquantized copy, also both speeds and the speed-ups in report["quantization"]."""
+    if base_model is None:
+        report["speed"] = measure_speed(model)
+        return
+    both = compare_speed({"int8": model, "fp": base_model})
+    report["speed"] = both["int8"]
+    for key in ("prefill_tok_s", "decode_tok_s"):
+        speedup = both["int8"][key] / both["fp"][key]
+        report["quantization"][f"{key}_fp"] = both["fp"][key]
+        report["quantization"][f"{key.removesuffix('_tok_s')}_speedup"] = speedup
 
 
 def write_report(report: dict, path: str | Path) -> Path:

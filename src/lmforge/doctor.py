@@ -57,57 +57,68 @@ def doctor_report(run_dir: str | Path = ".") -> list[Check]:
     """All checks, in the order they are shown."""
     import torch
 
-    from .device import cpu_has_native_bf16
-
     checks = [
         Check("python", f"{platform.python_version()} ({platform.platform(terse=True)})"),
         Check("torch", torch.__version__),
     ]
     cuda = torch.cuda.is_available()
     mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
-    if cuda:
-        checks.append(Check("CUDA", f"{torch.version.cuda}, {torch.cuda.device_count()} GPU(s)"))
-        for i in range(torch.cuda.device_count()):
-            p = torch.cuda.get_device_properties(i)
-            checks.append(
-                Check(f"  cuda:{i}", f"{p.name}, {p.total_memory / GIB:.1f} GiB, compute {p.major}.{p.minor}")
-            )
-        bf16 = torch.cuda.is_bf16_supported()
-        checks.append(
-            Check(
-                "bf16", "yes" if bf16 else "no", "" if bf16 else "fp16 with a gradient scaler is used", bf16
-            )
-        )
-        flash = torch.backends.cuda.is_flash_attention_available() and torch.backends.cuda.flash_sdp_enabled()
-        major = torch.cuda.get_device_properties(0).major
-        flash = flash and major >= 8
-        checks.append(
-            Check(
-                "flash attention",
-                "yes (SDPA flash kernel)"
-                if flash
-                else "no (SDPA falls back to memory-efficient/math kernels)",
-                ""
-                if flash
-                else "needs an Ampere (sm80) or newer GPU and a CUDA build of torch with flash kernels",
-                flash,
-            )
-        )
-    else:
-        fix = "no GPU visible: training runs on the CPU (fine for tiny models); install a CUDA build of torch"
-        checks.append(Check("CUDA", "not available", fix if not mps else "", mps))
-        checks.append(Check("MPS (Apple GPU)", "available" if mps else "not available"))
-        native = cpu_has_native_bf16()
-        checks.append(
-            Check(
-                "bf16",
-                "native on this CPU" if native else "no native bf16 on this CPU (precision auto -> fp32)",
-            )
-        )
-        checks.append(Check("flash attention", "CUDA only (the CPU uses its own fused SDPA kernel)"))
+    checks += _cuda_checks() if cuda else _no_cuda_checks(mps)
     checks.append(_compile_check(cuda))
     checks.append(_disk_check(Path(run_dir)))
-    checks.append(Check("optional packages", ""))
+    checks += _package_checks()
+    return checks
+
+
+def _cuda_checks() -> list[Check]:
+    """The CUDA version, each GPU, bf16 and flash attention."""
+    import torch
+
+    checks = [Check("CUDA", f"{torch.version.cuda}, {torch.cuda.device_count()} GPU(s)")]
+    for i in range(torch.cuda.device_count()):
+        p = torch.cuda.get_device_properties(i)
+        checks.append(
+            Check(f"  cuda:{i}", f"{p.name}, {p.total_memory / GIB:.1f} GiB, compute {p.major}.{p.minor}")
+        )
+    bf16 = torch.cuda.is_bf16_supported()
+    checks.append(
+        Check("bf16", "yes" if bf16 else "no", "" if bf16 else "fp16 with a gradient scaler is used", bf16)
+    )
+    flash = torch.backends.cuda.is_flash_attention_available() and torch.backends.cuda.flash_sdp_enabled()
+    major = torch.cuda.get_device_properties(0).major
+    flash = flash and major >= 8
+    checks.append(
+        Check(
+            "flash attention",
+            "yes (SDPA flash kernel)" if flash else "no (SDPA falls back to memory-efficient/math kernels)",
+            ""
+            if flash
+            else "needs an Ampere (sm80) or newer GPU and a CUDA build of torch with flash kernels",
+            flash,
+        )
+    )
+    return checks
+
+
+def _no_cuda_checks(mps: bool) -> list[Check]:
+    """Without CUDA: what to install for it, the Apple GPU, and the CPU's bf16."""
+    from .device import cpu_has_native_bf16
+
+    fix = "no GPU visible: training runs on the CPU (fine for tiny models); install a CUDA build of torch"
+    native = cpu_has_native_bf16()
+    return [
+        Check("CUDA", "not available", fix if not mps else "", mps),
+        Check("MPS (Apple GPU)", "available" if mps else "not available"),
+        Check(
+            "bf16", "native on this CPU" if native else "no native bf16 on this CPU (precision auto -> fp32)"
+        ),
+        Check("flash attention", "CUDA only (the CPU uses its own fused SDPA kernel)"),
+    ]
+
+
+def _package_checks() -> list[Check]:
+    """The optional packages: a heading, then each one's version or how to install it."""
+    checks = [Check("optional packages", "")]
     for pkg, what in OPTIONAL.items():
         v = _version(pkg)
         fix = ""

@@ -169,7 +169,8 @@ def evaluate(
     Args:
         data: DATA_DIR whose val split is scored (default: the run's data)
         text: a UTF-8 text file to score instead of --data
-        stride: sliding-window stride (default: half the window)
+        stride: sliding-window stride (default: the data folder's val_windows stride when its windows
+            are this model's length, else half the window)
         batches: val batches to score (--data)
         batch_size: windows per forward pass
         tasks: NAME=FILE.jsonl in HellaSwag's format (repeatable)

@@ -24,20 +24,7 @@ from lmforge.eval.run import EvalOptions, evaluate_run
 from lmforge.run_dir import RunDir
 
 SRC = Path(__file__).resolve().parents[1] / "src"
-RUN_NAMES = [
-    "config",
-    "tokenizer",
-    "metrics",
-    "log",
-    "status",
-    "samples",
-    "eval_report",
-    "curves",
-    "tensorboard",
-    "checkpoints",
-    "consolidated",
-    "lock",
-]
+RUN_NAMES = list(RunDir.names())  # a new entry of RunDir is seen here with no other change
 
 
 def unnamed_files(run: Path) -> list[str]:

@@ -67,6 +67,11 @@ class RunDir:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
 
+    @classmethod
+    def names(cls) -> dict[str, str]:
+        """Every entry of a run: attribute -> file or folder name."""
+        return {key: value.name for key, value in vars(cls).items() if isinstance(value, _Entry)}
+
     def __repr__(self) -> str:
         return f"RunDir({str(self.path)!r})"
 

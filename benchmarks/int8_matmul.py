@@ -18,8 +18,8 @@ import time
 import torch
 import torch.nn as nn
 
+from lmforge.generate.quant import Int8Linear, quantize_int8, weight_bytes
 from lmforge.model import GPT, ModelConfig
-from lmforge.model.quant import Int8Linear, quantize_int8, weight_bytes
 from lmforge.presets import BENCH_MODEL
 
 

@@ -11,10 +11,10 @@ import torch.nn.functional as F
 import lmforge.generate.layout as layout
 from lmforge.generate.engine import GRAPH_MIN_TOKENS, BatchDecoder, graphs_by_default
 from lmforge.generate.layout import InferenceLinear, pack_for_batches, use_inference_layout
+from lmforge.generate.quant import Int8Linear, quantize_int8
 from lmforge.generate.sampling import SamplingParams
 from lmforge.generate.step import StaticDecoder, decode_step
 from lmforge.model import GPT, ModelConfig
-from lmforge.model.quant import Int8Linear, quantize_int8
 from tests.test_model import FAMILIES  # the four architecture variants the model tests use
 
 GREEDY = SamplingParams(temperature=0.0)

@@ -12,8 +12,8 @@ import torch.nn as nn
 from lmforge.checkpoint import load_model
 from lmforge.cli import main
 from lmforge.eval.metrics import score_tokens, summarize_scores
+from lmforge.generate.quant import Int8Linear, pick_kernel, quantize_int8, quantize_weight, weight_bytes
 from lmforge.model import GPT, ModelConfig
-from lmforge.model.quant import Int8Linear, pick_kernel, quantize_int8, quantize_weight, weight_bytes
 
 
 @pytest.fixture

@@ -52,7 +52,7 @@ class LLM:
     def load(cls, run: str | Path, device: str = "auto", quantize: str | None = None) -> LLM:
         """Load RUN_DIR (its latest checkpoint) or a checkpoint directory.
 
-        quantize="int8" swaps linear layers for int8 weight-only ones (needs lmforge.model.quant).
+        quantize="int8" swaps linear layers for int8 weight-only ones (needs lmforge.generate.quant).
         """
         try:
             dev = pick_device(device)
@@ -69,7 +69,7 @@ class LLM:
             if quantize != "int8":
                 raise GenerationError(f"quantize={quantize!r}: the only choice is int8")
             try:
-                from .model.quant import quantize_int8
+                from .generate.quant import quantize_int8
             except ImportError as e:
                 raise GenerationError("int8 quantization is not available in this build") from e
             model = quantize_int8(model)

@@ -219,7 +219,7 @@ def _quantize(model, ids, n_bytes: float, window: int, opts: EvalOptions, report
     """Score the model as it is, then make it int8 in place; (a copy of the unquantized model when speed
     is compared, else None; its bits per byte). Adds the weight sizes to report["quantization"]."""
     from ..generate.layout import use_inference_layout
-    from ..model.quant import quantize_int8, weight_bytes
+    from ..generate.quant import quantize_int8, weight_bytes
 
     say("scoring the unquantized model first ...")
     base_scores = score_tokens(model, ids, window, window, opts.batch_size)

@@ -202,15 +202,25 @@ def test_multiple_choice_matches_a_hand_computation(run, tmp_path):
     assert negative["acc"] == 0.0 and negative["acc_norm"] == 0.0 and negative["items"] == 3
 
 
-def test_hellaswag_markup_is_removed(tmp_path):
+def test_hellaswag_markup_is_removed_from_hellaswag_items_only(tmp_path):
     path = tmp_path / "hs.jsonl"
     row = {
         "ctx": "[header] How to fold a shirt [title] Lay it flat.  [step] Fold",
         "endings": ["a [sub] b", "c"],
     }
-    write_jsonl(path, [{**row, "label": 1}])
-    (item,) = read_multiple_choice(path)
+    hellaswag = {"activity_label": "Clothing", "source_id": "wikihow~1"}  # HellaSwag's own fields
+    write_jsonl(path, [{**row, **hellaswag, "label": 1}, {**row, "label": 1}])
+    item, plain = read_multiple_choice(path)
     assert item.context == "How to fold a shirt. Lay it flat. Fold" and item.endings == ("a b", "c")
+    assert plain.context == row["ctx"] and plain.endings == tuple(row["endings"])  # as written
+
+
+def test_code_items_are_scored_as_written(tmp_path):
+    """Brackets and indentation are content outside HellaSwag (lm-evaluation-harness does the same)."""
+    path = tmp_path / "code.jsonl"
+    write_jsonl(path, [{"ctx": "x = a", "endings": ["[0]", "(0)", "banana"], "label": 0}])
+    (item,) = read_multiple_choice(path)
+    assert item.context == "x = a" and item.endings == ("[0]", "(0)", "banana")
 
 
 @pytest.mark.parametrize(

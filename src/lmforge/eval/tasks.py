@@ -5,8 +5,10 @@ Each line: {"ctx": "...", "endings": ["...", ...], "label": 2}, or "ctx_a"/"ctx_
 its tokens after the context (" " + ending, as the sentence continues). acc picks the ending with the
 highest sum; acc_norm divides each sum by the ending's length in UTF-8 bytes first, so long endings are
 not penalised for having more tokens (the byte normalisation of Gao et al.'s lm-evaluation-harness).
-HellaSwag's WikiHow items carry markup such as "[header]" and "[title]"; it is removed before scoring,
-as that harness does, so a user's numbers are comparable with published ones.
+HellaSwag's WikiHow items carry markup such as "[header]" and "[title]"; in items of HellaSwag's own
+layout (with its `ctx_a`, `activity_label` or `source_id` fields) it is removed before scoring, as that
+harness does, so a user's numbers are comparable with published ones. Any other item is scored exactly
+as written: brackets, indentation and runs of spaces are content in code or math items.
 """
 
 from __future__ import annotations
@@ -63,6 +65,10 @@ def read_multiple_choice(path: str | Path) -> list[Choice]:
     return items
 
 
+# Fields only HellaSwag's own files have: their items get its WikiHow clean-up, no other item does.
+HELLASWAG_FIELDS = frozenset({"ctx_a", "activity_label", "source_id"})
+
+
 def clean(text: str) -> str:
     """Text without HellaSwag's WikiHow markup: " [title]" ends a sentence, other [tags] go, spaces collapse."""
     text = text.strip().replace(" [title]", ". ")
@@ -86,6 +92,8 @@ def _choice(row: dict, where: str) -> Choice:
         raise TaskError(f"{where}: 'label' must be an integer index into 'endings'") from None
     if not 0 <= label < len(endings):
         raise TaskError(f"{where}: label {label} is outside 0..{len(endings) - 1}")
+    if not HELLASWAG_FIELDS.intersection(row):
+        return Choice(context, tuple(endings), label)
     return Choice(clean(context), tuple(clean(e) for e in endings), label)
 
 

@@ -51,3 +51,20 @@ def test_prepare_on_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, monkeyp
     assert err.startswith("lmforge: error: could not write the prepared data") and "No space left" in err
     assert err.endswith(f"free space; {out} is unchanged") and len(err.splitlines()) == 1
     assert not out.exists() and not list(tmp_path.glob(".data.tmp-*"))  # nothing half-written stays
+
+
+def test_a_run_trained_with_a_relative_data_path_is_evaluated_from_elsewhere(
+    tiny_data, tmp_path, monkeypatch
+):
+    import os
+
+    monkeypatch.chdir(tiny_data.parent)
+    run = tmp_path / "run"
+    args = ["train", "--data", tiny_data.name, "--out", str(run), *TINY_MODEL, *FAST, "--train.max_steps=2"]
+    assert main(args) == 0
+    monkeypatch.chdir(tmp_path)  # another folder: "data" relative to it does not exist
+    assert not os.path.exists(tiny_data.name)
+    out = tmp_path / "eval.json"
+    eval_args = ["eval", "--run", str(run), "--batches", "1", "--no-speed", "--max-new-tokens", "2"]
+    assert main([*eval_args, "--out", str(out), "--device", "cpu"]) == 0
+    assert out.is_file()

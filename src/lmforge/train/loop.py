@@ -9,6 +9,8 @@ kind of training data is a new source in `data/batches.py`, not a new loop.
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import random
 import time
 from collections.abc import Callable
@@ -138,6 +140,9 @@ def set_up(cfg: Config, console: Console, dry_run: bool) -> Setup | None:
     if cfg.data is None:
         raise ConfigError("data is not set: pass --data DATA_DIR (made by `lmforge prepare`)")
     data_meta = load_meta(cfg.data)
+    # The run records where its data is as an absolute path: eval, reports and resumes started from
+    # another folder find it (a path relative to where `train` ran means nothing there).
+    cfg = dataclasses.replace(cfg, data=os.path.abspath(cfg.data))
     cfg = resolve_vocab(cfg, data_meta, console if env.is_main else None)
     if cfg.train.micro_batch_size == "auto":
         cfg = resolve_micro_batch(cfg, device, precision, env.world_size, say, estimate_only=dry_run)

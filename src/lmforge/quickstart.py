@@ -100,7 +100,7 @@ def quickstart(
         )
     console.print(
         f"data: {data_dir}   run: {run_dir} (config.yaml, metrics.jsonl, checkpoints/)\n"
-        f'next: lmforge generate --run {run_dir} --prompt "def " --stream',
+        f'next: lmforge generate --run {run_dir} --prompt "def __init__(self" --stream',
         highlight=False,
     )
     return {"first_eval": first, "last_eval": last, "samples": samples, "result": result}

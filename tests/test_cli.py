@@ -141,7 +141,7 @@ def test_signature_rules_dashes_switches_repeats_positional_lists_and_groups(mon
     for wrong, said in [
         (["--batch_size", "3"], "unknown option --batch_size (did you mean --batch-size?)"),
         (["--stop", "x"], "unknown option --stop"),  # Without("stop"): not a flag of this command
-        (["--temperature", "-1"], "temperature=-1.0: must be >= 0"),
+        (["--temperature", "-1"], "temperature=-1.0: must be a number >= 0"),
     ]:
         assert main(["toy", "a", "--run", "r", *wrong]) == 2
         err = capsys.readouterr().err.strip()

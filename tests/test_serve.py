@@ -126,6 +126,27 @@ def test_raw_http_sse_health_and_errors(server):
         assert h.get("/health").status_code == 200  # still serving
 
 
+def test_inputs_that_were_500s_are_400s_or_answered(server):
+    url, _ = server
+    with httpx.Client(base_url=url, timeout=30) as h:
+        surrogate = b'{"prompt": "a\\ud800b", "max_tokens": 2}'  # JSON text with a lone surrogate
+        r = h.post("/v1/completions", content=surrogate, headers={"content-type": "application/json"})
+        assert r.status_code == 400 and "surrogate" in r.json()["error"]["message"]
+        deep = b'{"prompt": ' + b"[" * 1900 + b"]" * 1900 + b"}"  # under the 4096-byte cap, too deep to parse
+        r = h.post("/v1/completions", content=deep, headers={"content-type": "application/json"})
+        assert r.status_code == 400 and "nested too deeply" in r.json()["error"]["message"]
+        r = h.post("/v1/completions", json={"prompt": "the", "max_tokens": 3, "seed": 2**70})
+        assert r.status_code == 400 and "seed=" in r.json()["error"]["message"]
+        # a temperature that overflows the logits when divided by decodes greedily, as 0 does
+        tiny = h.post("/v1/completions", json={"prompt": "the", "max_tokens": 4, "temperature": 1e-300})
+        greedy = h.post("/v1/completions", json={"prompt": "the", "max_tokens": 4, "temperature": 0})
+        assert (
+            tiny.status_code == 200
+            and tiny.json()["choices"][0]["text"] == greedy.json()["choices"][0]["text"]
+        )
+        assert h.get("/health").status_code == 200
+
+
 def test_concurrent_requests_are_all_answered(server):
     url, llm = server
     prompts = [f"the {w}" for w in ("cat", "dog", "park", "mat", "birds", "trees")]

@@ -7,7 +7,12 @@ changes everywhere. Plain Python, so the command line can show it without import
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+
+# Below this temperature, logits a typical 1e-4 apart are 10+ apart after the division: the draw is the
+# argmax, and greedy decoding gives it without dividing by a number that can overflow fp32.
+GREEDY_BELOW = 1e-5
 
 
 @dataclass(frozen=True)
@@ -38,9 +43,17 @@ class SamplingParams:
     stop: list[str] | None = None
     seed: int | None = None
 
+    @property
+    def greedy(self) -> bool:
+        """Argmax decoding: temperature 0, or one so small that dividing fp32 logits by it overflows
+        (1e-300 did) while the draw it stands for is the argmax anyway."""
+        return self.temperature < GREEDY_BELOW
+
     def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise ValueError(f"temperature={self.temperature}: must be >= 0 (0 is greedy)")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ValueError(f"temperature={self.temperature}: must be a number >= 0 (0 is greedy)")
+        if self.seed is not None and not 0 <= self.seed < 2**63:
+            raise ValueError(f"seed={self.seed}: must be in [0, 2^63)")  # what torch's generators take
         if self.top_k is not None and self.top_k < 1:
             raise ValueError(f"top_k={self.top_k}: must be >= 1")
         if self.top_p is not None and not 0 < self.top_p <= 1:

@@ -80,7 +80,7 @@ def sample_rows(
     logits = logits.float()
     if seen is not None:
         logits = penalize_seen(logits, seen, params.repetition_penalty)
-    if params.temperature == 0:
+    if params.greedy:
         return logits.argmax(-1)
     probs = filter_logits(logits, params).softmax(-1)  # (B, vocab)
     if generators is None:

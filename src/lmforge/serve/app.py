@@ -195,6 +195,10 @@ class _Server:
             data = json.loads(body)
         except ValueError as e:
             raise RequestError(400, f"the body is not valid JSON: {e}") from e
+        except RecursionError:
+            raise RequestError(400, "the body is nested too deeply to be a request") from None
+        if _has_lone_surrogate(data):
+            raise RequestError(400, "the body holds text with an unpaired UTF-16 surrogate (\\ud800-\\udfff)")
         if not isinstance(data, dict):
             raise RequestError(400, "the body must be a JSON object")
         try:
@@ -224,6 +228,24 @@ class _Server:
             return self.llm.stream_events(prompt, params.max_new_tokens, params, params.seed, params.stop)
         except GenerationError as e:
             raise RequestError(400, str(e)) from e
+
+
+def _has_lone_surrogate(value) -> bool:
+    """Whether JSON text decoded into `value` holds an unpaired surrogate (no text can be encoded from it)."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
 
 
 def _usage(done: list[Completion]) -> dict:

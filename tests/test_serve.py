@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import socket
 import subprocess
@@ -145,6 +146,34 @@ def test_inputs_that_were_500s_are_400s_or_answered(server):
             and tiny.json()["choices"][0]["text"] == greedy.json()["choices"][0]["text"]
         )
         assert h.get("/health").status_code == 200
+
+
+def test_more_concurrent_streams_than_worker_threads_are_all_answered(server):
+    """anyio runs sync work in 40 threads; 41 streams waiting for the model inside threads hung the server."""
+    url, _ = server
+    body = {"prompt": "the", "max_tokens": 3, "temperature": 0, "stream": True}
+
+    def one_stream(_):
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as r:
+            return r.status_code, [line for line in r.iter_lines() if line][-1]
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=60) as pool:
+        results = list(pool.map(one_stream, range(60)))
+        health = httpx.get(f"{url}/health", timeout=10)  # answered while the streams run
+    assert results == [(200, "data: [DONE]")] * 60 and health.status_code == 200
+
+
+def test_a_client_that_leaves_mid_stream_frees_the_model_at_once(server):
+    url, llm = server
+    body = {"prompt": "the", "max_tokens": 64, "temperature": 0.8, "stream": True}
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as r:
+        next(line for line in r.iter_lines() if line)  # one piece, then hang up
+    deadline = time.time() + 10
+    while llm.lock.locked():  # the generation stops at its next piece and lets go of the model
+        assert time.time() < deadline, "the model stayed locked after the client left"
+        time.sleep(0.01)
+    quick = httpx.post(f"{url}/v1/completions", json={"prompt": "a", "max_tokens": 2}, timeout=10)
+    assert quick.status_code == 200
 
 
 def test_concurrent_requests_are_all_answered(server):

@@ -6,11 +6,13 @@ a worker thread, so /health and /v1/models answer while a generation runs.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import json
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -134,6 +136,10 @@ class _Server:
 
     def __init__(self, llm: LLM, max_tokens: int, max_body: int, name: str, sampling: SamplingParams):
         self.llm, self.max_tokens, self.max_body, self.name = llm, max_tokens, max_body, name
+        # Generation takes turns here, on the event loop, before it takes a worker thread: a request that
+        # waited on the LLM's lock inside a thread held that thread, and with anyio's 40 threads all
+        # waiting, the stream holding the lock found none for its next piece and the server hung.
+        self.turn = asyncio.Lock()
         self.created = int(time.time())
         self.defaults = dataclasses.replace(sampling, max_new_tokens=min(sampling.max_new_tokens, max_tokens))
 
@@ -157,8 +163,9 @@ class _Server:
         if body.stream:
             if len(prompts) != 1:
                 raise RequestError(400, "stream=true takes a single prompt")
-            return _sse(_completion_chunks(head, self.events(prompts[0], params)))
-        done = await run_in_threadpool(self.llm.complete, prompts, params.max_new_tokens, params)
+            return self.sse(_completion_chunks(head, self.events(prompts[0], params)))
+        async with self.turn:
+            done = await run_in_threadpool(self.llm.complete, prompts, params.max_new_tokens, params)
         choices = [
             {"text": c.text, "index": i, "logprobs": None, "finish_reason": c.finish_reason}
             for i, c in enumerate(done)
@@ -171,8 +178,9 @@ class _Server:
         rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": rid, "object": "chat.completion", "created": now, "model": self.name}
         if body.stream:
-            return _sse(_chat_chunks({**head, "object": "chat.completion.chunk"}, stream))
-        c = await run_in_threadpool(_last, stream)
+            return self.sse(_chat_chunks({**head, "object": "chat.completion.chunk"}, stream))
+        async with self.turn:
+            c = await run_in_threadpool(_last, stream)
         message = {"role": "assistant", "content": c.text}
         return {
             **head,
@@ -222,6 +230,21 @@ class _Server:
         except ValueError as e:
             raise RequestError(400, str(e)) from e
 
+    def sse(self, chunks: Generator[dict, None, None]) -> StreamingResponse:
+        """Server-sent events of the chunks, generated in this request's turn; a client that leaves ends
+        the generation at the next piece (the stream is closed, which releases the LLM's lock)."""
+
+        async def lines():
+            async with self.turn:
+                try:
+                    while (chunk := await run_in_threadpool(next, chunks, None)) is not None:
+                        yield f"data: {json.dumps(chunk)}\n\n"
+                    yield "data: [DONE]\n\n"
+                finally:
+                    chunks.close()
+
+        return StreamingResponse(lines(), media_type="text/event-stream")
+
     def events(self, prompt: str | list[dict], params: SamplingParams) -> Iterator:
         """llm.stream_events (text pieces, then the Completion), with bad messages refused with 400."""
         try:
@@ -254,30 +277,23 @@ def _usage(done: list[Completion]) -> dict:
     return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
 
-def _sse(chunks: Iterator[dict]) -> StreamingResponse:
-    def lines():
-        for chunk in chunks:
-            yield f"data: {json.dumps(chunk)}\n\n"
-        yield "data: [DONE]\n\n"
-
-    return StreamingResponse(lines(), media_type="text/event-stream")
-
-
-def _completion_chunks(head: dict, stream: Iterator) -> Iterator[dict]:
+def _completion_chunks(head: dict, stream: Iterator) -> Generator[dict, None, None]:
     """/v1/completions' stream: one chunk per text piece, the last one with the finish reason."""
-    for ev in stream:
-        text, reason = (ev, None) if isinstance(ev, str) else ("", ev.finish_reason)
-        yield {**head, "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": reason}]}
+    with contextlib.closing(stream):  # closed early too, when the client leaves
+        for ev in stream:
+            text, reason = (ev, None) if isinstance(ev, str) else ("", ev.finish_reason)
+            yield {**head, "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": reason}]}
 
 
-def _chat_chunks(head: dict, stream: Iterator) -> Iterator[dict]:
+def _chat_chunks(head: dict, stream: Iterator) -> Generator[dict, None, None]:
     """/v1/chat/completions' stream: the assistant role, one delta per text piece, then the finish reason."""
-    yield {
-        **head,
-        "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}],
-    }
-    for ev in stream:
-        if isinstance(ev, str):
-            yield {**head, "choices": [{"index": 0, "delta": {"content": ev}, "finish_reason": None}]}
-        else:
-            yield {**head, "choices": [{"index": 0, "delta": {}, "finish_reason": ev.finish_reason}]}
+    with contextlib.closing(stream):  # closed early too, when the client leaves
+        yield {
+            **head,
+            "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}],
+        }
+        for ev in stream:
+            if isinstance(ev, str):
+                yield {**head, "choices": [{"index": 0, "delta": {"content": ev}, "finish_reason": None}]}
+            else:
+                yield {**head, "choices": [{"index": 0, "delta": {}, "finish_reason": ev.finish_reason}]}

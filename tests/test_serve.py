@@ -18,6 +18,7 @@ import pytest
 import uvicorn
 
 from lmforge.api import LLM
+from lmforge.cli import main
 from lmforge.serve.app import create_app
 from tests.gen_helpers import make_run
 
@@ -236,3 +237,45 @@ def test_serve_refuses_a_busy_port_in_one_line(run, capsys):
         assert main(["serve", "--run", str(run), "--port", str(port)]) == 2
     err = capsys.readouterr().err
     assert f"cannot listen on 127.0.0.1:{port}" in err and err.count("\n") == 1
+
+
+def test_an_api_key_guards_v1_and_the_official_client_sends_it(run):
+    llm = LLM.load(run, device="cpu")
+    app = create_app(llm, max_tokens=16, max_body=4096, model_name="tiny", api_key="s3cret")
+    port = free_port()
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.time() + 20
+        while not srv.started:
+            assert time.time() < deadline, "server did not start"
+            time.sleep(0.05)
+        url = f"http://127.0.0.1:{port}"
+        body = {"prompt": "the", "max_tokens": 2}
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+            r = httpx.post(f"{url}/v1/completions", json=body, headers=headers, timeout=10)
+            assert r.status_code == 401 and "API key" in r.json()["error"]["message"]
+        assert httpx.get(f"{url}/v1/models", timeout=10).status_code == 401
+        assert httpx.get(f"{url}/health", timeout=10).status_code == 200  # open, for load balancers
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="s3cret", max_retries=0)
+        assert client.completions.create(model="tiny", prompt="the", max_tokens=2).choices[0].text is not None
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=f"{url}/v1", api_key="nope", max_retries=0).models.list()
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=10)
+
+
+def test_serving_beyond_this_machine_needs_a_key_or_insecure(run, monkeypatch, capsys):
+    from lmforge.serve import check_exposure
+
+    monkeypatch.delenv("LMFORGE_API_KEY", raising=False)
+    assert main(["serve", "--run", str(run), "--host", "0.0.0.0", "--port", str(free_port())]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--host 0.0.0.0 lets other machines reach the server, and no API key is set" in err
+    assert len(err.splitlines()) == 1
+    check_exposure("0.0.0.0", "key", insecure=False)  # a key, or --insecure, or loopback: allowed
+    check_exposure("0.0.0.0", None, insecure=True)
+    for host in ("127.0.0.1", "localhost", "::1"):
+        check_exposure(host, None, insecure=False)

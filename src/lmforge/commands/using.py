@@ -116,6 +116,8 @@ def serve(
     max_tokens: int = 512,
     max_body: int = 1_000_000,
     model_name: str | None = None,
+    api_key: str | None = None,
+    insecure: bool = False,
     console: Console,
 ) -> None:
     """OpenAI-compatible HTTP server for a run.
@@ -129,6 +131,8 @@ def serve(
         max_tokens: cap on the max_tokens a request may ask for
         max_body: largest request body in bytes (413 above)
         model_name: the model id clients see (default: the run's name)
+        api_key: require 'Authorization: Bearer KEY' on /v1 (default: $LMFORGE_API_KEY; none: open)
+        insecure: serve on a non-loopback --host without an API key
     """
     from ..serve import serve as serve_run
 
@@ -142,6 +146,8 @@ def serve(
         device=device.device,
         quantize=device.quantize,
         sampling=sampling,
+        api_key=api_key,
+        insecure=insecure,
         console=console,
     )
 

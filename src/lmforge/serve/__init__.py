@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import ipaddress
+import os
 import socket
 from pathlib import Path
 
 from ..errors import LmforgeError
 from ..generate.params import SamplingParams
+
+API_KEY_ENV = "LMFORGE_API_KEY"
 
 
 class ServeError(LmforgeError, RuntimeError):
@@ -24,8 +28,15 @@ def serve(
     console=None,
     quantize: str | None = None,
     sampling: SamplingParams | None = None,
+    api_key: str | None = None,
+    insecure: bool = False,
 ) -> None:
-    """Load the run and serve it until stopped (Ctrl-C); sampling: a request's defaults (SamplingParams)."""
+    """Load the run and serve it until stopped (Ctrl-C); sampling: a request's defaults (SamplingParams).
+
+    api_key (else $LMFORGE_API_KEY): required as `Authorization: Bearer KEY` on /v1. A host other than
+    loopback needs a key, or insecure=True.
+    """
+    api_key = api_key or os.environ.get(API_KEY_ENV) or None
     try:
         import uvicorn
 
@@ -39,13 +50,15 @@ def serve(
     if not 0 <= port <= 65535:
         raise ServeError(f"--port={port}: must be in 0..65535")
     _check_address(host, port)
+    check_exposure(host, api_key, insecure)
     from ..api import LLM
 
     llm = LLM.load(run, device=device, quantize=quantize)
-    app = create_app(llm, max_tokens, max_body, model_name, sampling or SamplingParams())
+    app = create_app(llm, max_tokens, max_body, model_name, sampling or SamplingParams(), api_key)
     if console is not None:
         console.print(
-            f"serving {llm.name} on http://{host}:{port}/v1 (OpenAI-compatible; Ctrl-C stops)",
+            f"serving {llm.name} on http://{host}:{port}/v1 (OpenAI-compatible"
+            f"{'; API key required' if api_key else ''}; Ctrl-C stops)",
             highlight=False,
         )
     uvicorn.run(app, host=host, port=port, log_level="warning")
@@ -62,3 +75,22 @@ def _check_address(host: str, port: int) -> None:
         raise ServeError(
             f"cannot listen on {host}:{port} ({e.strerror or e}): choose another --port or --host"
         ) from e
+
+
+def check_exposure(host: str, api_key: str | None, insecure: bool) -> None:
+    """Refuse, in one line, to serve beyond this machine without a key (unless insecure is asked for)."""
+    if api_key or insecure or _loopback_only(host):
+        return
+    raise ServeError(
+        f"--host {host} lets other machines reach the server, and no API key is set: pass --api-key KEY "
+        f"(or set {API_KEY_ENV}), or --insecure to serve without one"
+    )
+
+
+def _loopback_only(host: str) -> bool:
+    """Whether every address `host` names is a loopback address (127.0.0.0/8, ::1)."""
+    try:
+        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+        return all(ipaddress.ip_address(info[4][0].split("%")[0]).is_loopback for info in infos)
+    except (OSError, ValueError):
+        return False

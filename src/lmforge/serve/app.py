@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hmac
 import json
 import time
 import uuid
@@ -100,11 +101,15 @@ def create_app(
     max_body: int = 1_000_000,
     model_name: str | None = None,
     sampling: SamplingParams = DEFAULT,
+    api_key: str | None = None,
 ):
     """The FastAPI application serving llm; max_tokens caps a request's max_tokens, max_body its size,
-    sampling gives what a request leaves out (its max_new_tokens up to max_tokens)."""
+    sampling gives what a request leaves out (its max_new_tokens up to max_tokens); with api_key, every
+    /v1 request must carry `Authorization: Bearer API_KEY` (/health stays open)."""
     server = _Server(llm, max_tokens, max_body, model_name or llm.name, sampling)
     app = FastAPI(title="lmforge", version="0.1.0")
+    if api_key:
+        app.middleware("http")(_key_check(api_key))
     app.add_exception_handler(RequestError, _request_error)
     app.add_exception_handler(RequestValidationError, _invalid)
     app.add_exception_handler(StarletteHTTPException, _http)
@@ -113,6 +118,20 @@ def create_app(
     app.post("/v1/completions")(server.completions)
     app.post("/v1/chat/completions")(server.chat_completions)
     return app
+
+
+def _key_check(api_key: str):
+    """Middleware: /v1 answers 401 (OpenAI's error shape) unless the request carries the key."""
+    expected = f"Bearer {api_key}".encode()
+
+    async def check(request: Request, call_next):
+        if request.url.path.startswith("/v1"):
+            given = request.headers.get("authorization", "").encode()
+            if not hmac.compare_digest(given, expected):  # constant time: the key does not leak by timing
+                return _error(401, "a valid API key is required: send 'Authorization: Bearer API_KEY'")
+        return await call_next(request)
+
+    return check
 
 
 async def _request_error(request: Request, exc: RequestError):

@@ -279,3 +279,23 @@ def test_serving_beyond_this_machine_needs_a_key_or_insecure(run, monkeypatch, c
     check_exposure("0.0.0.0", None, insecure=True)
     for host in ("127.0.0.1", "localhost", "::1"):
         check_exposure(host, None, insecure=False)
+
+
+def test_openai_fields_max_completion_tokens_include_usage_and_unknown_model(server):
+    url, _ = server
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+    msgs = [{"role": "user", "content": "the cat"}]
+    chat = client.chat.completions.create(model="tiny", messages=msgs, max_completion_tokens=3, temperature=0)
+    assert chat.usage.completion_tokens <= 3  # was ignored: up to the server's default length
+    chunks = list(
+        client.chat.completions.create(
+            model="tiny", messages=msgs, max_tokens=4, temperature=0, stream=True,
+            stream_options={"include_usage": True},
+        )
+    )  # fmt: skip
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens >= 1
+    assert all(c.usage is None for c in chunks[:-1])
+    plain = list(client.completions.create(model="tiny", prompt="the", max_tokens=3, stream=True))
+    assert all(c.usage is None for c in plain)  # no usage chunk unless asked for
+    with pytest.raises(openai.NotFoundError, match="model 'gpt-4' does not exist"):
+        client.completions.create(model="gpt-4", prompt="the", max_tokens=2)

@@ -50,6 +50,7 @@ class _Sampling(BaseModel):
     stream: bool = False
     seed: int | None = None
     n: int = Field(default=1, ge=1, le=1)  # one choice per request
+    stream_options: dict | None = None  # {"include_usage": true}: a last chunk with the token counts
 
 
 class CompletionBody(_Sampling):
@@ -64,6 +65,7 @@ class Message(BaseModel):
 
 class ChatBody(_Sampling):
     messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)  # OpenAI's newer name for max_tokens
 
 
 class RequestError(Exception):
@@ -182,7 +184,8 @@ class _Server:
         if body.stream:
             if len(prompts) != 1:
                 raise RequestError(400, "stream=true takes a single prompt")
-            return self.sse(_completion_chunks(head, self.events(prompts[0], params)))
+            usage = _wants_usage(body)
+            return self.sse(_completion_chunks(head, self.events(prompts[0], params), usage))
         async with self.turn:
             done = await run_in_threadpool(self.llm.complete, prompts, params.max_new_tokens, params)
         choices = [
@@ -197,7 +200,9 @@ class _Server:
         rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": rid, "object": "chat.completion", "created": now, "model": self.name}
         if body.stream:
-            return self.sse(_chat_chunks({**head, "object": "chat.completion.chunk"}, stream))
+            return self.sse(
+                _chat_chunks({**head, "object": "chat.completion.chunk"}, stream, _wants_usage(body))
+            )
         async with self.turn:
             c = await run_in_threadpool(_last, stream)
         message = {"role": "assistant", "content": c.text}
@@ -235,6 +240,10 @@ class _Server:
 
     def settings(self, body: _Sampling) -> SamplingParams:
         """The request's sampling: the fields it gives, the server's defaults for the others."""
+        if body.model is not None and body.model != self.name:
+            raise RequestError(404, f"model '{body.model}' does not exist: this server serves '{self.name}'")
+        if getattr(body, "max_completion_tokens", None) is not None:
+            body.max_tokens = body.max_completion_tokens
         given = {k: getattr(body, k) for k in SAMPLING_FIELDS if k in body.model_fields_set}
         if isinstance(given.get("stop"), str):
             given["stop"] = [given["stop"]]
@@ -296,16 +305,24 @@ def _usage(done: list[Completion]) -> dict:
     return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
 
-def _completion_chunks(head: dict, stream: Iterator) -> Generator[dict, None, None]:
-    """/v1/completions' stream: one chunk per text piece, the last one with the finish reason."""
+def _wants_usage(body: _Sampling) -> bool:
+    return bool((body.stream_options or {}).get("include_usage"))
+
+
+def _completion_chunks(head: dict, stream: Iterator, usage: bool = False) -> Generator[dict, None, None]:
+    """/v1/completions' stream: one chunk per text piece, the last one with the finish reason; with
+    `usage`, then a chunk with no choices and the token counts (stream_options.include_usage)."""
     with contextlib.closing(stream):  # closed early too, when the client leaves
         for ev in stream:
             text, reason = (ev, None) if isinstance(ev, str) else ("", ev.finish_reason)
             yield {**head, "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": reason}]}
+            if usage and not isinstance(ev, str):
+                yield {**head, "choices": [], "usage": _usage([ev])}
 
 
-def _chat_chunks(head: dict, stream: Iterator) -> Generator[dict, None, None]:
-    """/v1/chat/completions' stream: the assistant role, one delta per text piece, then the finish reason."""
+def _chat_chunks(head: dict, stream: Iterator, usage: bool = False) -> Generator[dict, None, None]:
+    """/v1/chat/completions' stream: the assistant role, one delta per text piece, then the finish reason
+    (and, with `usage`, a chunk with no choices and the token counts)."""
     with contextlib.closing(stream):  # closed early too, when the client leaves
         yield {
             **head,
@@ -316,3 +333,5 @@ def _chat_chunks(head: dict, stream: Iterator) -> Generator[dict, None, None]:
                 yield {**head, "choices": [{"index": 0, "delta": {"content": ev}, "finish_reason": None}]}
             else:
                 yield {**head, "choices": [{"index": 0, "delta": {}, "finish_reason": ev.finish_reason}]}
+                if usage:
+                    yield {**head, "choices": [], "usage": _usage([ev])}

@@ -252,6 +252,7 @@ class Completion:
     token_ids: list[int]
     finish_reason: str
     prompt_tokens: int
+    logprobs: list[dict] | None = None  # per new token, when asked for: OpenAI's logprobs entries
 
 
 def stream_texts(

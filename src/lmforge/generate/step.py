@@ -214,3 +214,34 @@ class StaticDecoder:
             logits = self._step()
         self.cache.advance(1)
         return logits
+
+
+@torch.no_grad()
+def decode_rows(
+    model: GPT,
+    idx: torch.Tensor,
+    positions: torch.Tensor,
+    k_layers: tuple[torch.Tensor, ...],
+    v_layers: tuple[torch.Tensor, ...],
+) -> torch.Tensor:
+    """Logits (B, vocab) after one new token per row, for rows that each keep their own sequence in their
+    own row of the cache: row i's token idx (B,) is at position positions[i] (B,) and is stored in cache
+    slot positions[i]; it attends to slots 0..positions[i] of its row. k_layers/v_layers: one
+    (B, n_kv_head, L, head_dim) view per layer, L > max(positions). Continuous batching decodes through
+    this, since its rows join and leave at any step and share no slot timeline."""
+    B = idx.size(0)
+    x = model.wte.forward(idx)  # (B, C)
+    if model.wpe is not None:
+        x = x + model.wpe.forward(positions)
+    rope, fast_rope = _rope_rows(model, positions.view(B, 1, 1), x.dtype)
+    length = k_layers[0].size(2)
+    rows = torch.arange(B, device=idx.device)
+    mask = torch.arange(length, device=idx.device)[None, :] <= positions[:, None]  # (B, L)
+
+    def store(layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        k_all, v_all = k_layers[layer], v_layers[layer]
+        k_all[rows, :, positions] = k[:, :, 0]  # (B, n_kv_head, head_dim) into each row's own slot
+        v_all[rows, :, positions] = v[:, :, 0]
+        return k_all, v_all
+
+    return _blocks_one_token(model, x, rope, fast_rope, mask[:, None, None, :], store)

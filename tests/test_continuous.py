@@ -1,0 +1,164 @@
+"""Continuous batching: requests join and leave a running batch; each gets what it would get alone."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from lmforge.data import Tokenizer
+from lmforge.generate.continuous import QueueFull, Request, Scheduler
+from lmforge.generate.engine import BatchDecoder, Completion
+from lmforge.generate.sampling import SamplingParams
+from lmforge.model import GPT, ModelConfig
+
+FAMILIES = {"gpt2": dict(family="gpt2"), "llama-gqa": dict(family="llama", n_kv_head=2)}
+GREEDY = SamplingParams(temperature=0.0)
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    from lmforge.data.tokenizer import train_tokenizer
+
+    return train_tokenizer(["the cat sat on the mat and the dog ran to the park"] * 30, "bpe", 300)
+
+
+def tiny(vocab: int, **kw) -> GPT:
+    torch.manual_seed(0)
+    base = dict(n_layer=2, n_head=4, n_embd=32, context_len=64, vocab_size=vocab)
+    return GPT(ModelConfig(**{**base, **kw})).eval()
+
+
+def alone(model, prompt, n, params=GREEDY, seed=None):
+    dec = BatchDecoder(model, [prompt], n, params, seed)
+    while not dec.finished:
+        dec.step()
+    return dec.generated[0]
+
+
+def collect(sched: Scheduler, prompt, n, params=GREEDY, seed=None, **kw) -> Completion:
+    *_, done = sched.run_sync(dict(prompt_ids=prompt, max_new_tokens=n, params=params, seed=seed, **kw))
+    return done
+
+
+def prompts_of(vocab: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(1)
+    return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in (3, 11, 7, 1, 20, 5)]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_requests_joining_a_running_batch_get_what_they_get_alone(tok, family):
+    model = tiny(tok.vocab_size, **FAMILIES[family])
+    prompts = prompts_of(tok.vocab_size)
+    lengths = [20, 5, 30, 12, 9, 25]  # rows leave at different steps, others join while they run
+    expected = [alone(model, p, n) for p, n in zip(prompts, lengths, strict=True)]
+    sched = Scheduler(model, tok, max_rows=4, max_queue=8)
+    results: list[Completion | None] = [None] * len(prompts)
+
+    def client(i):
+        time.sleep(0.002 * i)  # staggered arrivals
+        results[i] = collect(sched, prompts[i], lengths[i])
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    sched.close()
+    assert [r.token_ids for r in results] == expected
+    assert all(r.finish_reason == "length" for r in results)
+    # the batch really was shared: fewer decode steps than the requests' tokens one after another
+    assert sched.steps < sum(lengths) - len(lengths)
+
+
+def test_each_request_keeps_its_own_sampling_and_seed(tok):
+    model = tiny(tok.vocab_size, family="llama", n_kv_head=2)
+    p = SamplingParams(temperature=1.0, top_k=40, top_p=0.95, repetition_penalty=1.2)
+    prompt = [1, 2, 3]
+    want = alone(model, prompt, 15, p, seed=5)
+    sched = Scheduler(model, tok, max_rows=3)
+    out = {}
+
+    def run(name, prompt, params, seed):
+        out[name] = collect(sched, prompt, 15, params, seed).token_ids
+
+    jobs = [("sampled", prompt, p, 5), ("greedy", [9, 8, 7], GREEDY, None), ("other", prompt, p, 6)]
+    threads = [threading.Thread(target=run, args=job) for job in jobs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    sched.close()
+    assert out["sampled"] == want and out["other"] != want
+    assert out["greedy"] == alone(model, [9, 8, 7], 15)
+
+
+def test_stops_text_banned_tokens_and_logprobs(tok):
+    model = tiny(tok.vocab_size)
+    prompt = tok.encode("the cat")
+    free = alone(model, prompt, 12)
+    sched = Scheduler(model, tok, max_rows=2)
+    # a stop token ends the generation and is not part of it
+    done = collect(sched, prompt, 12, stop_ids=[free[3]])
+    assert done.finish_reason == "stop" and done.token_ids == free[: free.index(free[3])]
+    # a banned token is never drawn: greedy takes the runner-up instead
+    banned = collect(sched, prompt, 12, banned_ids=[free[0]])
+    assert banned.token_ids[0] != free[0] and free[0] not in banned.token_ids
+    # logprobs are the model's own log-softmax at each step
+    done = collect(sched, prompt, 4, logprobs=3)
+    sched.close()
+    ids = torch.tensor([prompt + done.token_ids])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(ids)[0].float(), -1)
+    for k, entry in enumerate(done.logprobs):
+        row = logp[len(prompt) - 1 + k]
+        assert entry["logprob"] == pytest.approx(float(row[done.token_ids[k]]), abs=1e-5)
+        assert len(entry["top_logprobs"]) == 3
+        assert entry["top_logprobs"][0]["logprob"] == pytest.approx(float(row.max()), abs=1e-5)
+    assert done.text == tok.decode(done.token_ids)
+
+
+def test_cancel_frees_the_row_and_a_full_queue_refuses(tok):
+    model = tiny(tok.vocab_size)
+    sched = Scheduler(model, tok, max_rows=1, max_queue=1)
+    got = []
+    long = Request([1, 2, 3], 60, GREEDY, deliver=lambda e: (got.append(e), time.sleep(0.005)))
+    sched.submit(long)
+    while not got:  # generating
+        time.sleep(0.001)
+    sched.submit(Request([4, 5], 3, GREEDY, deliver=lambda e: None))  # waits: the one row is busy
+    with pytest.raises(QueueFull):
+        sched.submit(Request([6], 3, GREEDY, deliver=lambda e: None))
+    long.cancel()
+    steps = sched.steps
+    deadline = time.monotonic() + 10
+    while sched.load != (0, 0) and time.monotonic() < deadline:
+        time.sleep(0.001)
+    sched.close()
+    assert sched.load == (0, 0)
+    # the cancelled row left within a step or two (the waiting request's 3 tokens took 2 more)
+    assert sched.steps - steps <= 4
+    assert not any(isinstance(e, Completion) for e in got)  # nobody was waiting for its completion
+
+
+def test_prompt_that_fills_the_context_is_refused_and_the_context_ends_a_row(tok):
+    model = tiny(tok.vocab_size)
+    sched = Scheduler(model, tok, max_rows=2)
+    with pytest.raises(ValueError, match="context"):
+        sched.submit(Request(list(range(1, 65)), 5, GREEDY, deliver=lambda e: None))
+    done = collect(sched, list(range(1, 60)), 50)
+    sched.close()
+    assert done.finish_reason == "length" and 59 + len(done.token_ids) == 64
+    assert done.token_ids == alone(model, list(range(1, 60)), 5)
+
+
+def test_a_tokenizer_from_a_run_decodes(tiny_data):
+    tok = Tokenizer.load(tiny_data / "tokenizer.json")
+    model = tiny(tok.vocab_size)
+    sched = Scheduler(model, tok, max_rows=2)
+    pieces = list(sched.run_sync(dict(prompt_ids=tok.encode("the cat"), max_new_tokens=8, params=GREEDY)))
+    sched.close()
+    *text, done = pieces
+    assert "".join(text) == done.text and len(done.token_ids) == 8

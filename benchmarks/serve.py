@@ -1,0 +1,231 @@
+"""`lmforge serve` under load: throughput of concurrent streams, time to first token, a soak with
+disconnects, and a burst far past the server's rows — all bounded, all on 127.0.0.1.
+
+    PYTHONPATH=src python benchmarks/serve.py                 # a random-weight bench model, all phases
+    PYTHONPATH=src python benchmarks/serve.py --run runs/quickstart --soak 60 --burst 200
+
+Phases (each prints one line):
+  alone     one streaming client, `--requests` requests one after another: tokens/s, median TTFT
+  together  `--clients` streaming clients at once, `--requests` each: aggregate tokens/s (and its ratio to
+            alone), median TTFT under load (and its ratio to idle)
+  soak      `--soak` seconds of clients that leave mid-stream at random: the server's resident memory
+            after vs idle, and /health
+  burst     `--burst` streaming requests at once: how many streamed, how many got 429, the longest
+            /health answer during the burst; then SIGTERM and the seconds until the server exited
+Tokens are counted by the server (stream_options.include_usage), so an early end-of-text counts right.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import random
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import torch
+import yaml
+
+from lmforge.checkpoint import model_state, save_checkpoint
+from lmforge.config import Config, config_to_dict
+from lmforge.data.stdlib_corpus import iter_stdlib
+from lmforge.data.tokenizer import train_tokenizer
+from lmforge.model import GPT, ModelConfig
+from lmforge.presets import BENCH_MODEL
+
+PROMPT = "def main(args):\n    "
+
+
+def bench_run(root: Path) -> Path:
+    """A run directory holding the bench model with random weights and a BPE tokenizer of its vocabulary."""
+    texts = [doc.text for _, doc in zip(range(200), iter_stdlib(None), strict=False)]
+    tok = train_tokenizer(texts, "bpe", BENCH_MODEL["vocab_size"])
+    cfg = Config(model=ModelConfig(**{**BENCH_MODEL, "vocab_size": tok.vocab_size}), out=str(root / "run"))
+    torch.manual_seed(0)
+    model = GPT(cfg.model)
+    out = root / "run"
+    out.mkdir(parents=True)
+    (out / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    tok.save(out / "tokenizer.json")
+    save_checkpoint(out, 0, model_state(model), {}, {"config": config_to_dict(cfg), "tokens": 0})
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory of a process in MiB (Linux /proc)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+async def stream_once(client: httpx.AsyncClient, url: str, max_tokens: int, leave_after: int | None = None):
+    """One streaming chat request: (seconds to the first piece, completion tokens, status)."""
+    body = {
+        "messages": [{"role": "user", "content": PROMPT}],
+        "max_tokens": max_tokens,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    start, first, tokens, pieces = time.perf_counter(), None, 0, 0
+    async with client.stream("POST", url + "/v1/chat/completions", json=body) as resp:
+        if resp.status_code != 200:
+            await resp.aread()
+            return None, 0, resp.status_code
+        async for line in resp.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+            for choice in chunk.get("choices", []):
+                if choice.get("delta", {}).get("content"):
+                    pieces += 1
+                    if first is None:
+                        first = time.perf_counter() - start
+            if leave_after is not None and pieces >= leave_after:
+                return first, 0, "left"
+    return first, tokens, 200
+
+
+async def clients_phase(url: str, clients: int, requests: int, max_tokens: int) -> tuple[float, float]:
+    """`clients` concurrent clients doing `requests` streams each: (aggregate tokens/s, median TTFT)."""
+    ttfts, total = [], 0
+    async with httpx.AsyncClient(timeout=600) as client:
+
+        async def one_client():
+            nonlocal total
+            for _ in range(requests):
+                first, tokens, _ = await stream_once(client, url, max_tokens)
+                total += tokens
+                if first is not None:
+                    ttfts.append(first)
+
+        start = time.perf_counter()
+        await asyncio.gather(*(one_client() for _ in range(clients)))
+        elapsed = time.perf_counter() - start
+    return total / elapsed, statistics.median(ttfts)
+
+
+async def soak(url: str, seconds: float, clients: int, max_tokens: int, seed: int = 0) -> int:
+    """Clients that stream and leave at random for `seconds`; the number of requests made."""
+    rng, made = random.Random(seed), 0
+    deadline = time.monotonic() + seconds
+    async with httpx.AsyncClient(timeout=120) as client:
+
+        async def one_client():
+            nonlocal made
+            while time.monotonic() < deadline:
+                leave = rng.choice([None, 1, 3, 10])
+                await stream_once(client, url, max_tokens, leave_after=leave)
+                made += 1
+
+        await asyncio.gather(*(one_client() for _ in range(clients)))
+    return made
+
+
+async def burst(url: str, n: int, max_tokens: int) -> tuple[dict, float]:
+    """n concurrent streams, a third of them leaving early, and /health polled throughout: (outcome
+    counts, the slowest /health answer in seconds)."""
+    outcomes: dict = {}
+    slowest = 0.0
+    done = asyncio.Event()
+    limits = httpx.Limits(max_connections=n + 10)
+    async with httpx.AsyncClient(timeout=300, limits=limits) as client:
+
+        async def one(i):
+            _, _, status = await stream_once(client, url, max_tokens, leave_after=2 if i % 3 == 0 else None)
+            outcomes[status] = outcomes.get(status, 0) + 1
+
+        async def watch():
+            nonlocal slowest
+            while not done.is_set():
+                t = time.perf_counter()
+                (await client.get(url + "/health", timeout=30)).raise_for_status()
+                slowest = max(slowest, time.perf_counter() - t)
+                await asyncio.sleep(0.2)
+
+        watcher = asyncio.create_task(watch())
+        await asyncio.gather(*(one(i) for i in range(n)))
+        done.set()
+        await watcher
+    return outcomes, slowest
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run", help="RUN_DIR to serve (default: the bench model with random weights)")
+    ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--requests", type=int, default=3, help="streams per client in alone/together")
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--soak", type=float, default=60.0, help="seconds of the soak (0: skip)")
+    ap.add_argument("--burst", type=int, default=200, help="requests in the burst (0: skip)")
+    ap.add_argument("--serve-args", default="", help="extra flags for lmforge serve")
+    args = ap.parse_args()
+    tmp = tempfile.TemporaryDirectory()
+    run = Path(args.run) if args.run else bench_run(Path(tmp.name))
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "lmforge", "serve", "--run", str(run), "--port", str(port)]
+    server = subprocess.Popen(cmd + args.serve_args.split(), stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(600):
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        print(
+            f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
+        )
+        asyncio.run(clients_phase(url, 1, 1, 8))  # warm-up
+        idle_rss = rss_mb(server.pid)
+        alone_tps, alone_ttft = asyncio.run(clients_phase(url, 1, args.requests, args.max_tokens))
+        print(f"alone     {alone_tps:7.1f} tok/s   TTFT median {alone_ttft * 1e3:6.0f} ms")
+        tps, ttft = asyncio.run(clients_phase(url, args.clients, args.requests, args.max_tokens))
+        print(
+            f"together  {tps:7.1f} tok/s ({tps / alone_tps:.2f}x alone, {args.clients} clients)   "
+            f"TTFT median {ttft * 1e3:6.0f} ms ({ttft / alone_ttft:.2f}x idle)"
+        )
+        if args.soak:
+            made = asyncio.run(soak(url, args.soak, args.clients, args.max_tokens))
+            time.sleep(2)
+            health = httpx.get(url + "/health", timeout=10).status_code
+            after = rss_mb(server.pid)
+            print(
+                f"soak      {made} requests in {args.soak:.0f} s with random disconnects; RSS idle "
+                f"{idle_rss:.0f} MiB, after {after:.0f} MiB ({after / idle_rss - 1:+.1%}); /health {health}"
+            )
+        if args.burst:
+            outcomes, slowest = asyncio.run(burst(url, args.burst, 16))
+            print(f"burst     {args.burst} streams: {outcomes}; slowest /health {slowest:.2f} s")
+    finally:
+        start = time.perf_counter()
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(timeout=30)
+            print(f"SIGTERM   exited in {time.perf_counter() - start:.2f} s")
+        except subprocess.TimeoutExpired:
+            server.kill()
+            print("SIGTERM   did not stop the server within 30 s (killed)")
+        tmp.cleanup()
+
+
+if __name__ == "__main__":
+    main()

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..errors import LmforgeError
 from ..model import GPT
-from .engine import Completion, generate_texts
+from .engine import NO_CONTROL, Completion, ControlIds, Prompt, generate_texts
 from .sampling import SamplingParams
 
 INPUT_FORMATS = (".txt", ".jsonl")
@@ -115,15 +115,16 @@ def write_results(path: str | Path, rows: list[dict]) -> Path:
 def generate_batches(
     model: GPT,
     tokenizer,
-    prompts: Sequence[str],
+    prompts: Sequence[Prompt],
     max_new_tokens: int,
     params: SamplingParams | None = None,
     seed: int | None = None,
     stop: Sequence[str] = (),
     batch_size: int = 8,
     on_batch: Callable[[int], None] | None = None,
+    control: ControlIds = NO_CONTROL,
 ) -> list[Completion]:
-    """Completions of many prompts, batch_size at a time, in the order given.
+    """Completions of many prompts (text or token ids), batch_size at a time, in the order given.
 
     Prompts are grouped by length (less padding); each row has its own seeded generator, so the grouping
     does not change what a prompt gets. on_batch(n) is called after each batch of n prompts.
@@ -134,7 +135,8 @@ def generate_batches(
     out: list[Completion | None] = [None] * len(prompts)
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
-        done = generate_texts(model, tokenizer, [prompts[i] for i in idx], max_new_tokens, params, seed, stop)
+        batch = [prompts[i] for i in idx]
+        done = generate_texts(model, tokenizer, batch, max_new_tokens, params, seed, stop, control)
         for i, c in zip(idx, done, strict=True):
             out[i] = c
         if on_batch is not None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 import os
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -55,6 +55,24 @@ def graphs_by_default(device: torch.device, max_new_tokens: int) -> bool:
     )
 
 
+@dataclass(frozen=True)
+class ControlIds:
+    """Token ids with a meaning of their own during a generation, besides end-of-text (which always ends a
+    row): `stop` ends a row where one is sampled (a chat template's end of turn), and is never text;
+    `banned` are never sampled (a chat template's role tokens, which may not appear inside a reply)."""
+
+    stop: frozenset[int] = frozenset()
+    banned: frozenset[int] = frozenset()
+
+    @classmethod
+    def of(cls, stop: Collection[int] = (), banned: Collection[int] = ()) -> ControlIds:
+        """ControlIds from any collections of ids."""
+        return cls(frozenset(int(i) for i in stop), frozenset(int(i) for i in banned))
+
+
+NO_CONTROL = ControlIds()
+
+
 @functools.cache
 def _packing_budget() -> int | None:
     """The most memory a packed copy of the weights may add: a quarter of the machine's (None: unknown)."""
@@ -68,7 +86,8 @@ class BatchDecoder:
     """Decodes a batch of token prompts together, one step at a time, with one preallocated KV cache.
 
     step() returns each row's new token (None for rows already finished); finish(i) stops row i early
-    (a stop string). A row finishes by itself at eos_id or after max_new_tokens.
+    (a stop string). A row finishes by itself at eos_id or one of control.stop, or after max_new_tokens;
+    control.banned ids get no probability at any step.
 
     cuda_graph: decode through `StaticDecoder`, whose step is recorded once as a CUDA graph on a GPU and
     replayed for every token. None (default): `graphs_by_default`; True forces its fixed-shape step
@@ -85,6 +104,7 @@ class BatchDecoder:
         eos_id: int | None = None,
         use_cache: bool = True,
         cuda_graph: bool | None = None,
+        control: ControlIds = NO_CONTROL,
     ) -> None:
         if not prompts:
             raise ValueError("no prompts: give at least one")
@@ -93,6 +113,7 @@ class BatchDecoder:
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={max_new_tokens}: must be >= 1")
         self.model, self.params, self.eos_id = model, params or SamplingParams(), eos_id
+        self.stop_ids = control.stop | ({eos_id} if eos_id is not None else set())
         context = model.cfg.context_len
         self.prompts = [fit_prompt(list(p), max_new_tokens, context) for p in prompts]
         self.max_new_tokens = max_new_tokens
@@ -117,6 +138,9 @@ class BatchDecoder:
         if self.params.repetition_penalty != 1.0:
             self.seen = torch.zeros((B, vocab), dtype=torch.bool, device=device)
             self.seen.scatter_(1, ids, self.key_mask[:, :P])
+        self.banned = None  # (n,) ids whose logits are -inf before every draw
+        if control.banned:
+            self.banned = torch.tensor(sorted(control.banned), dtype=torch.long, device=device)
         self.done = [False] * B
         self.generated: list[list[int]] = [[] for _ in range(B)]
         self.finish_reasons: list[str | None] = [None] * B
@@ -161,7 +185,10 @@ class BatchDecoder:
         """Sample one token for every unfinished row and feed it back; None marks finished rows."""
         if self.finished:
             return [None] * len(self.done)
-        nxt = sample_rows(self._logits, self.params, self.seen, self.generators)  # (B,)
+        logits = self._logits  # (B, vocab)
+        if self.banned is not None:  # a copy: the static decoder's logits tensor is its own
+            logits = logits.index_fill(1, self.banned, float("-inf"))
+        nxt = sample_rows(logits, self.params, self.seen, self.generators)  # (B,)
         out: list[int | None] = []
         for i, token in enumerate(nxt.tolist()):
             if self.done[i]:
@@ -169,7 +196,7 @@ class BatchDecoder:
                 continue
             out.append(token)
             self.generated[i].append(token)
-            if token == self.eos_id:
+            if token in self.stop_ids:
                 self.finish(i, "stop")
             elif len(self.generated[i]) >= self.max_new_tokens:
                 self.finish(i, "length")
@@ -255,25 +282,38 @@ class Completion:
     logprobs: list[dict] | None = None  # per new token, when asked for: OpenAI's logprobs entries
 
 
+Prompt = str | Sequence[int]  # text to continue, or the token ids of a prompt (a chat template's)
+
+
+def prompt_ids(tokenizer, prompt: Prompt) -> list[int]:
+    """The token ids of a prompt: ids as given, text encoded; an empty text starts a new document
+    (<|endoftext|>)."""
+    if not isinstance(prompt, str):
+        return [int(i) for i in prompt]
+    return tokenizer.encode(prompt) if prompt else [tokenizer.eos_id]
+
+
 def stream_texts(
     model: GPT,
     tokenizer,
-    prompts: Sequence[str],
+    prompts: Sequence[Prompt],
     max_new_tokens: int,
     params: SamplingParams | None = None,
     seed: int | None = None,
     stop: Sequence[str] = (),
+    control: ControlIds = NO_CONTROL,
 ) -> Iterator[tuple[int, str] | list[Completion]]:
     """Yield (row, text piece) as a batch is decoded, then the list of Completions last.
 
-    An empty prompt starts a new document (<|endoftext|>); the end-of-text token itself is never text.
+    A prompt is text or token ids (`prompt_ids`). A row ends at end-of-text, at one of control.stop, at a
+    stop string or after max_new_tokens; the token that ends it is never text, nor in the token ids.
     """
-    ids = [tokenizer.encode(p) if p else [tokenizer.eos_id] for p in prompts]
-    dec = BatchDecoder(model, ids, max_new_tokens, params, seed, tokenizer.eos_id)
+    ids = [prompt_ids(tokenizer, p) for p in prompts]
+    dec = BatchDecoder(model, ids, max_new_tokens, params, seed, tokenizer.eos_id, control=control)
     streams = [TextStream(tokenizer.decode, stop) for _ in prompts]
     while not dec.finished:
         for i, token in enumerate(dec.step()):
-            if token is None or token == tokenizer.eos_id:
+            if token is None or token in dec.stop_ids:
                 continue
             piece = streams[i].push(token)
             if piece:
@@ -286,7 +326,7 @@ def stream_texts(
             tail = s.flush()
             if tail:
                 yield i, tail
-        tokens = [t for t in dec.generated[i] if t != tokenizer.eos_id]
+        tokens = [t for t in dec.generated[i] if t not in dec.stop_ids]
         reason = dec.finish_reasons[i] or "length"
         completions.append(Completion(s.text, tokens, reason, len(dec.prompts[i])))
     yield completions
@@ -295,15 +335,16 @@ def stream_texts(
 def generate_texts(
     model: GPT,
     tokenizer,
-    prompts: Sequence[str],
+    prompts: Sequence[Prompt],
     max_new_tokens: int,
     params: SamplingParams | None = None,
     seed: int | None = None,
     stop: Sequence[str] = (),
+    control: ControlIds = NO_CONTROL,
 ) -> list[Completion]:
-    """Continue every prompt of a batch; returns one Completion per prompt, in order."""
+    """Continue every prompt of a batch (text or ids); returns one Completion per prompt, in order."""
     result: list[Completion] = []
-    for event in stream_texts(model, tokenizer, prompts, max_new_tokens, params, seed, stop):
+    for event in stream_texts(model, tokenizer, prompts, max_new_tokens, params, seed, stop, control):
         if isinstance(event, list):
             result = event
     return result

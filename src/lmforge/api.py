@@ -1,7 +1,9 @@
 """The Python API: `from lmforge import LLM; llm = LLM.load("runs/quickstart"); llm.generate("def ")`.
 
 `LLM` is the one door to a loaded model: `lmforge generate` and `chat`, the HTTP server and Python code
-all go through its methods, which hold its lock while they generate.
+all go through its methods, which hold its lock while they generate. A run whose tokenizer holds the chat
+template's tokens (a fine-tuned run) chats through the template; a base run through a plain transcript
+(generate/chat.py).
 """
 
 from __future__ import annotations
@@ -13,12 +15,12 @@ from pathlib import Path
 
 from .checkpoint import load_model, tokenizer_path
 from .data import Tokenizer
+from .data.chat_template import ChatTemplate
 from .device import pick_device
 from .errors import LmforgeError
 from .generate.batch import check_output_path, generate_batches, records, write_results
-from .generate.chat import STOP as CHAT_STOP
-from .generate.chat import ChatSession, fit_turns, format_turns, repl
-from .generate.engine import Completion, generate_texts, stream_texts
+from .generate.chat import ChatPrompt, ChatSession, TrimmedReply, chat_prompt, repl
+from .generate.engine import NO_CONTROL, Completion, ControlIds, Prompt, generate_texts, stream_texts
 from .generate.layout import use_inference_layout
 from .generate.sampling import SamplingParams
 from .model import GPT
@@ -41,10 +43,12 @@ def sampling_params(**settings) -> SamplingParams:
 
 
 class LLM:
-    """A trained run ready to generate: a model in eval mode, its tokenizer, and a lock for threads."""
+    """A trained run ready to generate: a model in eval mode, its tokenizer, its chat template (None for a
+    base run), and a lock for threads."""
 
     def __init__(self, model: GPT, tokenizer: Tokenizer, name: str = "lmforge") -> None:
         self.model, self.tokenizer, self.name = model, tokenizer, name
+        self.template = ChatTemplate.of(tokenizer)
         # One generation at a time: the server's worker threads share this object.
         self.lock = threading.Lock()
 
@@ -173,36 +177,48 @@ class LLM:
         seed: int | None = None,
         stop: Sequence[str] | str | None = None,
     ) -> Iterator[str | Completion]:
-        """Text pieces as they are generated, then the Completion (finish reason, token counts).
+        """Text pieces as they are generated, then the Completion (finish reason, token counts); its text is
+        the pieces joined.
 
-        prompt: a text to continue, or OpenAI-style messages [{"role", "content"}] to reply to (the chat
-        transcript fitted to the context, stopped where a next user turn begins, the reply's leading
-        whitespace left out). Bad messages raise GenerationError at the call, before anything runs; the
-        lock is held from the first piece until the stream ends or is closed. seed and stop: params' if None.
+        prompt: a text to continue, or OpenAI-style messages [{"role", "content"}] to reply to, fitted to
+        the context (`chat_prompt`): with the run's chat template, the reply ends at the end-of-turn token;
+        without one, at the transcript's next user turn, the whitespace around it left out. Bad messages
+        raise GenerationError at the call, before anything runs; the lock is held from the first piece
+        until the stream ends or is closed. seed and stop: params' if None.
         """
         seed, stop = _given_or(params, seed, stop)
-        chat = not isinstance(prompt, str)
-        text = self.chat_prompt(prompt, max_new_tokens) if chat else prompt
-        stops = [*CHAT_STOP, *_stops(stop)] if chat else _stops(stop)
-        return self._events(text, max_new_tokens, params, seed, stops, chat)
+        if isinstance(prompt, str):
+            return self._events(prompt, max_new_tokens, params, seed, _stops(stop), NO_CONTROL, False)
+        chat = self.chat_prompt(prompt, max_new_tokens)
+        stops = [*chat.stop, *_stops(stop)]
+        return self._events(chat.prompt, max_new_tokens, params, seed, stops, chat.control, chat.trim)
 
     def _events(
-        self, prompt: str, max_new_tokens: int, params: SamplingParams, seed, stop: list[str], chat: bool
+        self,
+        prompt: Prompt,
+        max_new_tokens: int,
+        params: SamplingParams,
+        seed: int | None,
+        stop: list[str],
+        control: ControlIds,
+        trim: bool,
     ) -> Iterator[str | Completion]:
+        pieces: list[str] = []
+        reply = TrimmedReply() if trim else None
         with self.lock:
-            lead = chat  # a reply starts after "Assistant:": drop the space the model writes first
             for event in stream_texts(
-                self.model, self.tokenizer, [prompt], max_new_tokens, params, seed, stop
+                self.model, self.tokenizer, [prompt], max_new_tokens, params, seed, stop, control
             ):
                 if isinstance(event, list):  # the last event: the Completions of the batch of one
                     done = event[0]
                     break
-                piece = event[1].lstrip() if lead else event[1]
-                lead = lead and not piece
+                piece = reply.push(event[1]) if reply is not None else event[1]
                 if piece:
+                    pieces.append(piece)
                     yield piece
         # After the lock is released: a caller that stops at the Completion does not keep others waiting.
-        yield dataclasses.replace(done, text=done.text.strip()) if chat else done
+        # Its text is what was streamed, so streaming or not gives one text.
+        yield dataclasses.replace(done, text="".join(pieces))
 
     def batch_generate(
         self,
@@ -218,9 +234,11 @@ class LLM:
         seed: int | None = None,
         batch_size: int = 8,
         on_batch: Callable[[int], None] | None = None,
+        chat: bool = False,
     ) -> list[dict]:
         """Generate for many prompts, batch_size at a time; rows of prompt, completion, finish_reason and
-        token counts, also written to output_file (.json, .jsonl, .csv or .txt) when given."""
+        token counts, also written to output_file (.json, .jsonl, .csv or .txt) when given. chat: each
+        prompt is a user message, and its completion the reply (as `chat` gives it)."""
         params = sampling_params(
             temperature=temperature,
             top_k=top_k,
@@ -233,25 +251,35 @@ class LLM:
         )
         if output_file is not None:
             check_output_path(output_file)  # fail before the work, not after
+        user = [[{"role": "user", "content": p}] for p in prompts] if chat else []
+        chats = [self.chat_prompt(messages, max_new_tokens) for messages in user]
+        # Every chat prompt of one run ends its reply alike: one set of stops and controls for the batch.
+        how = chats[0] if chats else ChatPrompt("")
+        inputs = [c.prompt for c in chats] if chat else list(prompts)
         with self.lock:
             done = generate_batches(
                 self.model,
                 self.tokenizer,
-                list(prompts),
+                inputs,
                 max_new_tokens,
                 params,
                 seed,
-                _stops(stop),
+                [*how.stop, *_stops(stop)],
                 batch_size,
                 on_batch,
+                how.control,
             )
+        if how.trim:
+            done = [dataclasses.replace(c, text=c.text.strip()) for c in done]
         rows = records(prompts, done)
         if output_file is not None:
             write_results(output_file, rows)
         return rows
 
-    def chat_prompt(self, messages: Sequence[dict], max_new_tokens: int) -> str:
-        """The transcript for OpenAI-style messages [{"role", "content"}], fitted to the context."""
+    def chat_prompt(self, messages: Sequence[dict], max_new_tokens: int) -> ChatPrompt:
+        """The prompt for a reply to OpenAI-style messages [{"role", "content"}], fitted to the context
+        with room for max_new_tokens (at most half the context): the chat template's ids (a fine-tuned
+        run), or a base run's "User:/Assistant:" transcript."""
         turns = []
         for m in messages:
             role, content = m.get("role"), m.get("content")
@@ -261,7 +289,7 @@ class LLM:
                 )
             turns.append((role, content))
         budget = self.context_len - min(max_new_tokens, self.context_len // 2)
-        return format_turns(fit_turns(turns, lambda t: len(self.tokenizer.encode(t)), budget))
+        return chat_prompt(self.tokenizer, self.template, turns, budget)
 
     def chat(
         self,
@@ -279,8 +307,8 @@ class LLM:
         if messages is None:
             repl(self.session(max_new_tokens, params, seed))
             return None
-        prompt = self.chat_prompt(messages, max_new_tokens)
-        return self.complete([prompt], max_new_tokens, params, seed, list(CHAT_STOP))[0].text.strip()
+        *_, done = self.stream_events(messages, max_new_tokens, params, seed)
+        return done.text
 
     def session(
         self,

@@ -21,6 +21,7 @@ def generate(
     *,
     prompt: str = "",
     stream: bool = False,
+    chat: bool = False,
     input: str | None = None,
     output: str | None = None,
     batch_size: int = 8,
@@ -28,11 +29,13 @@ def generate(
 ) -> None:
     """Generate text from a run.
 
-    Continues --prompt, or every prompt of --input into --output.
+    Continues --prompt, or every prompt of --input into --output; with --chat, replies to them instead.
 
     Args:
         prompt: text to continue (empty: start from <|endoftext|>)
         stream: print tokens as they are generated
+        chat: each prompt is a user message: print the assistant's reply (the run's chat template; a
+            base run: a User:/Assistant: transcript)
         input: prompts.txt (one per line) or prompts.jsonl ({"prompt": ...}), with --output
         output: results .json | .jsonl | .csv | .txt (with --input)
         batch_size: prompts decoded together (with --input)
@@ -40,12 +43,19 @@ def generate(
     from ..api import LLM
 
     if input is not None or output is not None:
-        _generate_file(run, device, sampling, input, output, batch_size, console)
+        _generate_file(run, device, sampling, input, output, batch_size, chat, console)
         return
+    if chat and not prompt.strip():
+        raise ConfigError("--chat replies to --prompt: give the message, e.g. --chat --prompt 'hello'")
     llm = LLM.load(run.run, device=device.device, quantize=device.quantize)
-    console.print(prompt, end="", style="bold", highlight=False, markup=False)
+    source = [{"role": "user", "content": prompt}] if chat else prompt
+    if not chat:  # a continuation is shown after its prompt; a reply stands alone
+        console.print(prompt, end="", style="bold", highlight=False, markup=False)
     pieces = []
-    for piece in llm.stream_params(prompt, sampling.max_new_tokens, sampling, sampling.seed, sampling.stop):
+    events = llm.stream_events(source, sampling.max_new_tokens, sampling, sampling.seed, sampling.stop)
+    for piece in events:
+        if not isinstance(piece, str):  # the Completion, last
+            continue
         pieces.append(piece)
         if stream:
             console.print(piece, end="", highlight=False, markup=False)
@@ -56,7 +66,7 @@ def generate(
 
 
 def _generate_file(
-    run: Run, device: InferenceDevice, sampling: SamplingParams, input, output, batch_size, console
+    run: Run, device: InferenceDevice, sampling: SamplingParams, input, output, batch_size, chat, console
 ):
     """`lmforge generate --input FILE --output FILE`: batches of prompts, with a progress bar."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -77,6 +87,7 @@ def _generate_file(
             output_file=output,
             batch_size=batch_size,
             on_batch=lambda n: bar.advance(task, n),
+            chat=chat,
             **dataclasses.asdict(sampling),
         )
     console.print(f"wrote {len(rows)} completions to {output}", highlight=False, soft_wrap=True)
@@ -101,6 +112,10 @@ def chat(
     from ..generate.chat import repl
 
     llm = LLM.load(run.run, device=device.device, quantize=device.quantize)
+    how = (
+        f"chat template {llm.template.name}" if llm.template else "a base run: a User:/Assistant: transcript"
+    )
+    console.print(f"{llm.name}: {how}", highlight=False, markup=False)
     session = llm.session(sampling.max_new_tokens, sampling, sampling.seed)
     session.system = system
     repl(session)

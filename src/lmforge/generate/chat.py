@@ -1,13 +1,20 @@
-"""Chat on a base model: turns become a plain "User:/Assistant:" transcript that fits the context."""
+"""Chat: a conversation becomes the prompt a reply is generated from, fitted to the context.
+
+A run whose tokenizer holds the chat template's tokens (a fine-tuned run) gets the template's ids
+(`lmforge.data.chat_template`): the reply is written after the assistant's role token and ends at the
+end-of-turn token, and role tokens are never sampled inside it. A base run gets a plain "User:/Assistant:"
+transcript, and its reply ends where the model starts a new "User:" line.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import closing
 from dataclasses import dataclass, field, replace
-from typing import Protocol
+from typing import Any, Protocol
 
-from .engine import Completion
+from ..data.chat_template import ChatTemplate
+from .engine import NO_CONTROL, Completion, ControlIds
 from .sampling import SamplingParams
 
 ROLES = {"system": "System", "user": "User", "assistant": "Assistant"}
@@ -22,20 +29,74 @@ def format_turns(turns: Sequence[tuple[str, str]]) -> str:
 
 
 def fit_turns(
-    turns: Sequence[tuple[str, str]], count: Callable[[str], int], budget: int
+    turns: Sequence[tuple[str, str]],
+    count: Callable[[Any], int],
+    budget: int,
+    render: Callable[[list[tuple[str, str]]], Any] = format_turns,
 ) -> list[tuple[str, str]]:
-    """Drop the oldest turns (a system turn first is kept) until the transcript takes <= budget tokens.
+    """Drop the oldest turns (a system turn first is kept) until count(render(turns)) <= budget: the
+    transcript's tokens by default, or a template's ids (render) counted with len.
 
     The newest turn is always kept; if it alone is too long the engine cuts it from the left.
     """
     turns = list(turns)
     system = turns[:1] if turns and turns[0][0] == "system" else []
     rest = turns[len(system) :]
-    while len(rest) > 1 and count(format_turns(system + rest)) > budget:
+    while len(rest) > 1 and count(render(system + rest)) > budget:
         rest = rest[1:]
-    if system and count(format_turns(system + rest)) > budget:
+    if system and count(render(system + rest)) > budget:
         system = []
     return system + rest
+
+
+@dataclass(frozen=True)
+class ChatPrompt:
+    """What a reply to a conversation is generated from, and how the reply ends.
+
+    prompt: the template's ids, or a base run's transcript text; stop: stop strings (the transcript's
+    next "User:" line); control: the template's end of turn (ends the reply) and role tokens (never
+    sampled); trim: leave out the whitespace around the reply (the space after the transcript's
+    "Assistant:"), streamed or not (`TrimmedReply`).
+    """
+
+    prompt: str | list[int]
+    stop: tuple[str, ...] = ()
+    control: ControlIds = NO_CONTROL
+    trim: bool = False
+
+
+def chat_prompt(
+    tokenizer, template: ChatTemplate | None, turns: Sequence[tuple[str, str]], budget: int
+) -> ChatPrompt:
+    """The prompt for a reply to turns [(role, text)], keeping at most `budget` tokens of it (the oldest
+    turns dropped first, the system turn kept): the template's ids, or without one the transcript."""
+    if template is None:
+        kept = fit_turns(turns, lambda text: len(tokenizer.encode(text)), budget)
+        return ChatPrompt(format_turns(kept), STOP, trim=True)
+
+    def ids(kept: list[tuple[str, str]]) -> list[int]:
+        return template.prompt_ids([{"role": role, "content": text} for role, text in kept])
+
+    control = ControlIds.of(stop=[template.end_id], banned=template.role_ids.values())
+    return ChatPrompt(ids(fit_turns(turns, len, budget, ids)), control=control)
+
+
+class TrimmedReply:
+    """A transcript reply's pieces without the whitespace around the reply: leading whitespace is dropped
+    and trailing whitespace is held back until text follows it, so the pieces streamed join to exactly
+    the text a caller that does not stream gets (the two differed by trailing whitespace)."""
+
+    def __init__(self) -> None:
+        self.held = ""
+        self.started = False
+
+    def push(self, piece: str) -> str:
+        """The part of the next piece that is sure to be inside the reply (possibly empty)."""
+        text = self.held + (piece if self.started else piece.lstrip())
+        self.started = self.started or bool(text)
+        body = text.rstrip()
+        self.held = text[len(body) :]
+        return body
 
 
 class Replier(Protocol):
@@ -55,8 +116,8 @@ class Replier(Protocol):
 class ChatSession:
     """A conversation with history kept within the context window: send() streams the reply.
 
-    Replies come from `llm.stream_events`, which fits the transcript to the context, stops at the next
-    user turn and holds the model's lock while it replies (a server may share the same LLM).
+    Replies come from `llm.stream_events`, which fits the conversation to the context, stops at the end
+    of the reply and holds the model's lock while it replies (a server may share the same LLM).
     """
 
     llm: Replier
@@ -92,7 +153,8 @@ class ChatSession:
                         pieces.append(event)
                         yield event
         finally:
-            self.history += [("user", message), ("assistant", "".join(pieces).strip())]
+            # The pieces are the reply as the model wrote it (a transcript reply already trimmed).
+            self.history += [("user", message), ("assistant", "".join(pieces))]
 
 
 HELP = "commands: /reset (forget the conversation), /temperature X, /quit (or Ctrl-D); Ctrl-C stops a reply"

@@ -128,16 +128,19 @@ def _encode(name: str, t: torch.Tensor, dtype: str):
 def export_gguf(
     model: torch.nn.Module, tokenizer_file: str | Path, out: str | Path, dtype: str = "f32"
 ) -> Path:
-    """Write `out`/model.gguf: weights in `dtype` (f32, f16, bf16, q8_0), hyper-parameters and tokenizer."""
+    """Write `out`/model.gguf: weights in `dtype` (f32, f16, bf16, q8_0), hyper-parameters and tokenizer
+    (with a run's chat template as tokenizer.chat_template, and its end of turn as eos and eot)."""
     try:
         import gguf
     except ImportError as e:
         raise ExportError("--format gguf needs the gguf package: pip install 'lmforge[gguf]'") from e
     from ..data import Tokenizer
+    from ..data.chat_template import JINJA, ChatTemplate
 
     cfg = model.cfg
     arch, tensors = gguf_tensors(model)
-    eos_id = Tokenizer.load(tokenizer_file).eos_id
+    tok = Tokenizer.load(tokenizer_file)
+    eos_id, template = tok.eos_id, ChatTemplate.of(tok)
     tokens, types, merges = _vocab(Path(tokenizer_file), cfg.vocab_size)
     with staged_dir(out) as tmp:
         w = gguf.GGUFWriter(str(tmp / "model.gguf"), arch)
@@ -163,7 +166,12 @@ def export_gguf(
         w.add_token_types(types)
         w.add_token_merges(merges)
         w.add_bos_token_id(eos_id)
-        w.add_eos_token_id(eos_id)
+        if template is None:
+            w.add_eos_token_id(eos_id)
+        else:  # llama.cpp ends a reply at eos and eot: the end of turn, where the template says it ends
+            w.add_eos_token_id(template.end_id)
+            w.add_eot_token_id(template.end_id)
+            w.add_chat_template(JINJA)
         w.add_add_bos_token(False)
         for name, t in tensors.items():
             data, raw = _encode(name, t, dtype)

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ..data.chat_template import END_TOKEN, JINJA, SPECIAL_TOKENS, ChatTemplate
 from ..data.folder import data_tokenizer
 from ..data.tokenizer import EOS_TOKEN, tokenizer_id
 from ..model.config import ModelConfig
@@ -139,9 +140,10 @@ def _llama_config(cfg: ModelConfig) -> dict:
 def export_hf(
     model: torch.nn.Module, tokenizer_file: str | Path, out: str | Path, dtype: str = "f32"
 ) -> Path:
-    """Write config.json, generation_config.json, model.safetensors and the tokenizer files into `out`."""
+    """Write config.json, generation_config.json, model.safetensors and the tokenizer files into `out`; a
+    run with a chat template also gets it as the tokenizer's chat_template, and stops at end of turn."""
     try:
-        from transformers import AutoConfig, GenerationConfig, PreTrainedTokenizerFast
+        from transformers import AutoConfig, GenerationConfig
     except ImportError as e:
         raise ExportError("--format hf needs transformers: pip install 'lmforge[hf]'") from e
     from safetensors.torch import save_file
@@ -152,33 +154,51 @@ def export_hf(
         raise ExportError(f"--dtype {dtype} is not available for --format hf: use f32, f16 or bf16")
     tensors, kwargs = to_hf(model)
     tensors = {k: v.to(torch_dtype(dtype)).contiguous() for k, v in tensors.items()}
-    eos_id = Tokenizer.load(tokenizer_file).eos_id
+    tok = Tokenizer.load(tokenizer_file)
+    eos_id, template = tok.eos_id, ChatTemplate.of(tok)
+    # A chat run's reply ends at the end-of-turn token: `generate` stops there (or at end-of-text).
+    eos = [template.end_id, eos_id] if template else eos_id
     model_type = kwargs.pop("model_type")
-    hf_cfg = AutoConfig.for_model(model_type, bos_token_id=eos_id, eos_token_id=eos_id, **kwargs)
+    hf_cfg = AutoConfig.for_model(model_type, bos_token_id=eos_id, eos_token_id=eos, **kwargs)
     # transformers 5 renamed torch_dtype to dtype; 4.x reads only torch_dtype.
     setattr(hf_cfg, "dtype" if "dtype" in hf_cfg.to_dict() else "torch_dtype", HF_DTYPE_NAMES[dtype])
     with staged_dir(out) as tmp:
         hf_cfg.save_pretrained(tmp)
         if model_type == "llama":
             _write_rope_theta(tmp / "config.json", model.cfg.rope_theta)
-        GenerationConfig(bos_token_id=eos_id, eos_token_id=eos_id).save_pretrained(tmp)
+        GenerationConfig(bos_token_id=eos_id, eos_token_id=eos).save_pretrained(tmp)
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        hf_tok = PreTrainedTokenizerFast(
-            tokenizer_file=str(tokenizer_file),
-            bos_token=EOS_TOKEN,
-            eos_token=EOS_TOKEN,
-            unk_token=None,
-            clean_up_tokenization_spaces=False,
-            model_max_length=model.cfg.context_len,
-        )
-        hf_tok.save_pretrained(tmp)
-        # transformers 5 names its class "TokenizersBackend", which 4.x cannot load; the old name loads in both.
-        tok_cfg_path = tmp / "tokenizer_config.json"
-        tok_cfg = json.loads(tok_cfg_path.read_text(encoding="utf-8"))
-        tok_cfg.pop("backend", None)
-        tok_cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
-        tok_cfg_path.write_text(json.dumps(tok_cfg, indent=2) + "\n", encoding="utf-8")
+        _write_tokenizer(tmp, tokenizer_file, template, model.cfg.context_len)
     return Path(out)
+
+
+def _write_tokenizer(tmp: Path, tokenizer_file: str | Path, template: ChatTemplate | None, context: int):
+    """tokenizer.json and tokenizer_config.json; with a chat template, its Jinja twin, the special tokens
+    declared and end of turn as eos (what instruction-tuned models on the Hub do)."""
+    from transformers import PreTrainedTokenizerFast
+
+    chat = {}
+    if template is not None:
+        chat = dict(eos_token=END_TOKEN, additional_special_tokens=list(SPECIAL_TOKENS), chat_template=JINJA)
+    hf_tok = PreTrainedTokenizerFast(
+        tokenizer_file=str(tokenizer_file),
+        unk_token=None,
+        clean_up_tokenization_spaces=False,
+        model_max_length=context,
+        **{"bos_token": EOS_TOKEN, "eos_token": EOS_TOKEN, **chat},
+    )
+    hf_tok.save_pretrained(tmp)  # transformers 5 puts the template in chat_template.jinja
+    # transformers 5 names its class "TokenizersBackend", which 4.x cannot load; the old name loads in both.
+    tok_cfg_path = tmp / "tokenizer_config.json"
+    tok_cfg = json.loads(tok_cfg_path.read_text(encoding="utf-8"))
+    tok_cfg.pop("backend", None)
+    tok_cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    if template is not None:
+        # 4.x reads the template and the special tokens from here only, under these names (5.x reads the
+        # .jinja file first, and takes additional_special_tokens as its extra_special_tokens).
+        tok_cfg["chat_template"] = JINJA
+        tok_cfg["additional_special_tokens"] = tok_cfg.pop("extra_special_tokens", list(SPECIAL_TOKENS))
+    tok_cfg_path.write_text(json.dumps(tok_cfg, indent=2) + "\n", encoding="utf-8")
 
 
 def _write_rope_theta(path: Path, theta: float) -> None:

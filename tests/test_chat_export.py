@@ -30,15 +30,20 @@ def chat_run(tiny_data, tmp_path_factory):
     return make_run(tiny_data, out, chat=True, edit=follow_chain(chain), tie_embeddings=False), template
 
 
+@pytest.fixture(scope="module")
+def hf_export(chat_run, tmp_path_factory):
+    pytest.importorskip("transformers")
+    return export_run(chat_run[0], "hf", tmp_path_factory.mktemp("hf") / "out")
+
+
 def ids_of(encoded) -> list[int]:
     """apply_chat_template's ids: a list (transformers 4) or a BatchEncoding (5)."""
     return list(encoded if isinstance(encoded, list) else encoded["input_ids"])
 
 
-def test_hf_export_gives_apply_chat_template_the_same_ids(chat_run, tmp_path):
+def test_hf_export_gives_apply_chat_template_the_same_ids(chat_run, hf_export, tmp_path):
     transformers = pytest.importorskip("transformers")
-    run, template = chat_run
-    out = export_run(run, "hf", tmp_path / "hf")
+    template, out = chat_run[1], hf_export
     tok = transformers.AutoTokenizer.from_pretrained(out)
     assert tok.chat_template == JINJA
     # transformers 4 reads the template from tokenizer_config.json only: the same template is there.
@@ -63,10 +68,9 @@ def test_hf_export_gives_apply_chat_template_the_same_ids(chat_run, tmp_path):
     assert tok.decode(prompt, skip_special_tokens=True) == "".join(m["content"] for m in messages)
 
 
-def test_hf_generate_stops_at_end_of_turn(chat_run, tmp_path):
+def test_hf_generate_stops_at_end_of_turn(chat_run, hf_export):
     transformers = pytest.importorskip("transformers")
-    run, template = chat_run
-    out = export_run(run, "hf", tmp_path / "hf")
+    template, out = chat_run[1], hf_export
     gen = json.loads((out / "generation_config.json").read_text())
     assert gen["eos_token_id"] == [template.end_id, template.tokenizer.eos_id]
     model = transformers.AutoModelForCausalLM.from_pretrained(out).eval()

@@ -16,7 +16,6 @@ from lmforge.api import LLM
 from lmforge.cli import command_parser, main
 from lmforge.eval.run import EvalError, EvalOptions
 from lmforge.generate.chat import ChatSession
-from lmforge.generate.engine import Completion
 from lmforge.options import Run, SamplingParams, Without
 from lmforge.serve.app import create_app
 
@@ -74,35 +73,42 @@ def test_the_python_api_eval_and_chat_sessions_default_to_the_same_sampling():
     assert ChatSession(llm=None).params == expected
 
 
-class Recorder:
-    """A stand-in for LLM that keeps the sampling settings each request was served with."""
-
-    name = "stub"
+class Recorder(LLM):
+    """An LLM (a tiny random model) that keeps the sampling settings each request was served with."""
 
     def __init__(self) -> None:
+        from lmforge.data.tokenizer import train_tokenizer
+        from lmforge.model import GPT, ModelConfig
+
+        tok = train_tokenizer(["x y z"] * 10, "bpe", 300)
+        cfg = ModelConfig(n_layer=1, n_head=2, n_embd=16, context_len=64, vocab_size=tok.vocab_size)
+        super().__init__(GPT(cfg).eval(), tok, name="stub")
         self.params: list[SamplingParams] = []
 
-    def complete(self, prompts, max_new_tokens, params, seed=None, stop=None):
+    def request_fields(self, prompt, max_new_tokens, params, seed=None, stop=None):
         assert max_new_tokens == params.max_new_tokens
         self.params.append(params)
-        return [Completion("", [], "length", 1) for _ in prompts]
+        return super().request_fields(prompt, max_new_tokens, params, seed, stop)
 
 
 def served_with(body: dict, **app_kwargs) -> SamplingParams:
     llm = Recorder()
     with TestClient(create_app(llm, **app_kwargs)) as client:
-        response = client.post("/v1/completions", json={"prompt": "x", **body})
+        response = client.post("/v1/completions", json={"prompt": "x", "max_tokens": 1, **body})
     assert response.status_code == 200, response.text
     return llm.params[0]
 
 
 def test_a_request_gets_the_servers_sampling_for_what_it_leaves_out():
-    assert served_with({}) == SamplingParams()  # the same defaults as generate and chat
+    # the same defaults as generate and chat (max_tokens=1 keeps the tiny generations short)
+    assert served_with({}) == dataclasses.replace(SamplingParams(), max_new_tokens=1)
     server = SamplingParams(temperature=0.3, top_k=7, max_new_tokens=20, stop=["\n"])
-    assert served_with({}, sampling=server) == server
+    assert served_with({"max_tokens": None}, sampling=server) == server
     given = served_with({"temperature": 0, "top_k": None, "max_tokens": 5, "stop": "#"}, sampling=server)
     assert given == dataclasses.replace(server, temperature=0, top_k=None, max_new_tokens=5, stop=["#"])
-    capped = served_with({}, max_tokens=16, sampling=server)  # --max-tokens caps the default length too
+    capped = served_with(
+        {"max_tokens": None}, max_tokens=16, sampling=server
+    )  # --max-tokens caps the default length too
     assert capped.max_new_tokens == 16
 
 

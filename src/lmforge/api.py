@@ -20,7 +20,16 @@ from .device import pick_device
 from .errors import LmforgeError
 from .generate.batch import check_output_path, generate_batches, records, write_results
 from .generate.chat import ChatPrompt, ChatSession, TrimmedReply, chat_prompt, repl
-from .generate.engine import NO_CONTROL, Completion, ControlIds, Prompt, generate_texts, stream_texts
+from .generate.continuous import Scheduler
+from .generate.engine import (
+    NO_CONTROL,
+    Completion,
+    ControlIds,
+    Prompt,
+    generate_texts,
+    prompt_ids,
+    stream_texts,
+)
 from .generate.layout import use_inference_layout
 from .generate.sampling import SamplingParams
 from .model import GPT
@@ -51,6 +60,7 @@ class LLM:
         self.template = ChatTemplate.of(tokenizer)
         # One generation at a time: the server's worker threads share this object.
         self.lock = threading.Lock()
+        self._scheduler: Scheduler | None = None
 
     @classmethod
     def load(cls, run: str | Path, device: str = "auto", quantize: str | None = None) -> LLM:
@@ -219,6 +229,44 @@ class LLM:
         # After the lock is released: a caller that stops at the Completion does not keep others waiting.
         # Its text is what was streamed, so streaming or not gives one text.
         yield dataclasses.replace(done, text="".join(pieces))
+
+    def request_fields(
+        self,
+        prompt: str | Sequence[int] | Sequence[dict],
+        max_new_tokens: int,
+        params: SamplingParams,
+        seed: int | None = None,
+        stop: Sequence[str] | str | None = None,
+    ) -> tuple[dict, bool]:
+        """One generation as the continuous batcher (`scheduler()`) takes it: the fields of its
+        `Request` (prompt ids, stops, end and banned ids), and whether the reply is a transcript reply
+        whose surrounding whitespace is trimmed (`TrimmedReply`). prompt: a text, token ids, or
+        messages, as `stream_events` takes them."""
+        seed, stop = _given_or(params, seed, stop)
+        if isinstance(prompt, str) or (prompt and not isinstance(prompt[0], dict)):
+            ids, stops, control, trim = prompt_ids(self.tokenizer, prompt), _stops(stop), NO_CONTROL, False
+        else:
+            chat = self.chat_prompt(prompt, max_new_tokens)
+            ids = prompt_ids(self.tokenizer, chat.prompt)
+            stops, control, trim = [*chat.stop, *_stops(stop)], chat.control, chat.trim
+        fields = dict(
+            prompt_ids=ids,
+            max_new_tokens=max_new_tokens,
+            params=params,
+            seed=seed,
+            stop=stops,
+            stop_ids=sorted(control.stop | {self.tokenizer.eos_id}),
+            banned_ids=sorted(control.banned),
+        )
+        return fields, trim
+
+    def scheduler(self, max_rows: int = 8, max_queue: int = 64) -> Scheduler:
+        """The continuous batcher over this model (made on first call, and again after it was closed;
+        other calls return it as it is): requests submitted to it decode together, sharing the model's
+        lock with this object's other methods."""
+        if self._scheduler is None or self._scheduler.closed:
+            self._scheduler = Scheduler(self.model, self.tokenizer, max_rows, max_queue, lock=self.lock)
+        return self._scheduler
 
     def batch_generate(
         self,

@@ -133,12 +133,15 @@ def serve(
     model_name: str | None = None,
     api_key: str | None = None,
     insecure: bool = False,
+    max_rows: int = 8,
+    max_queue: int = 64,
+    timeout: float = 600.0,
     console: Console,
 ) -> None:
     """OpenAI-compatible HTTP server for a run.
 
     Serves /v1/completions and /v1/chat/completions; the sampling flags are what a request gets for the
-    fields it leaves out.
+    fields it leaves out. Concurrent requests decode together (continuous batching).
 
     Args:
         host: address to bind (0.0.0.0 exposes it to the network)
@@ -148,6 +151,9 @@ def serve(
         model_name: the model id clients see (default: the run's name)
         api_key: require 'Authorization: Bearer KEY' on /v1 (default: $LMFORGE_API_KEY; none: open)
         insecure: serve on a non-loopback --host without an API key
+        max_rows: generations decoded together; more wait in the queue
+        max_queue: generations that may wait for a row; past it a request gets 429 with Retry-After
+        timeout: seconds a generation may run; then it ends with finish_reason "length"
     """
     from ..serve import serve as serve_run
 
@@ -163,6 +169,9 @@ def serve(
         sampling=sampling,
         api_key=api_key,
         insecure=insecure,
+        max_rows=max_rows,
+        max_queue=max_queue,
+        timeout=timeout,
         console=console,
     )
 

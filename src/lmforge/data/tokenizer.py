@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders
 
 from lmforge.data.errors import DataError
 from lmforge.data.folder import TOKENIZER_FILE
-from lmforge.data.tokenizer_kinds import EOS_TOKEN, MIN_BYTE_VOCAB, TRAINED_KINDS, train_hf
+from lmforge.data.tokenizer_kinds import EOS_TOKEN, MIN_BYTE_VOCAB, TRAINED_KINDS, byte_symbols, train_hf
 
 TOKENIZER_KINDS = TRAINED_KINDS
 MIN_VOCAB_SIZE = MIN_BYTE_VOCAB
@@ -77,6 +79,17 @@ class Tokenizer:
         """The text of ``ids``; special tokens are kept so decode(encode(s)) == s."""
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
 
+    def token_bytes(self, token: int) -> bytes:
+        """The bytes one token stands for: a byte-level token's own bytes (which may be part of a
+        character, where decode() gives U+FFFD), else the UTF-8 of its decoded text."""
+        symbol = self._tok.id_to_token(int(token))
+        table = _symbol_bytes()
+        special = symbol is not None and self._tok.get_added_tokens_decoder().get(int(token)) is not None
+        byte_level = isinstance(self._tok.decoder, decoders.ByteLevel)
+        if symbol is not None and not special and byte_level and all(ch in table for ch in symbol):
+            return bytes(table[ch] for ch in symbol)
+        return self.decode([token]).encode("utf-8")
+
     def to_json(self) -> str:
         """The tokenizer serialised as canonical JSON (sorted keys, no whitespace)."""
         return _canonical(json.loads(self._tok.to_str()))
@@ -112,6 +125,12 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         return f"Tokenizer(vocab_size={self.vocab_size}, eos_id={self.eos_id})"
+
+
+@functools.cache
+def _symbol_bytes() -> dict[str, int]:
+    """The ByteLevel alphabet's printable character -> the byte it stands for."""
+    return {symbol: byte for byte, symbol in byte_symbols().items()}
 
 
 def train_tokenizer(

@@ -96,7 +96,7 @@ def train_hf(
     return hf
 
 
-def _byte_symbols() -> dict[int, str]:
+def byte_symbols() -> dict[int, str]:
     """GPT-2's reversible byte -> printable character table (the ByteLevel alphabet)."""
     printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
     printable += list(range(ord("®"), ord("ÿ") + 1))
@@ -153,7 +153,7 @@ def gpt2_hf() -> HFTokenizer:
 
 def from_tiktoken(encoding) -> HFTokenizer:
     """Convert a ``tiktoken.Encoding`` into an equivalent byte-level BPE ``tokenizers.Tokenizer``."""
-    symbols = _byte_symbols()
+    symbols = byte_symbols()
     ranks: dict[bytes, int] = encoding._mergeable_ranks
     vocab = {"".join(symbols[b] for b in token): rank for token, rank in ranks.items()}
     # tiktoken merges the adjacent pair whose *merged* token has the lowest rank; BPE merges
@@ -194,7 +194,7 @@ def gpt2_tiktoken():
     # are encoder.json read back into bytes: 10x faster than replaying vocab.bpe's 50k merges.
     # Each ByteLevel symbol stands for one byte: translating symbols to the characters U+0000-U+00FF
     # and encoding as Latin-1 gives the bytes, in C rather than a Python loop per character.
-    to_byte = {ord(sym): b for b, sym in _byte_symbols().items()}
+    to_byte = {ord(sym): b for b, sym in byte_symbols().items()}
     encoder = json.loads(encoder_file.read_text(encoding="utf-8"))
     ranks = {
         token.translate(to_byte).encode("latin-1"): i for token, i in encoder.items() if token != EOS_TOKEN

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -48,6 +49,7 @@ class Request:
     stop_ids: Sequence[int] = ()  # tokens that end the generation and are not part of its text
     banned_ids: Sequence[int] = ()  # tokens never sampled (a chat template's role tokens)
     logprobs: int | None = None  # None: none; k >= 0: each token's log-probability and the top k
+    deadline: float | None = None  # time.monotonic() past which the generation ends ("length")
     _cancelled: bool = field(default=False, repr=False)
 
     def cancel(self) -> None:
@@ -229,11 +231,15 @@ class Scheduler:
     def _emit(self, logits: torch.Tensor) -> None:
         """Sample each row's next token, hand out its text, and retire finished rows."""
         finished = []
+        now = time.monotonic()
         for i, row in enumerate(self.rows):
             if row.req._cancelled:
                 finished.append((i, "cancelled"))
                 continue
-            reason = self._sample(row, logits[i : i + 1])
+            deadline = row.req.deadline
+            reason = (
+                "length" if deadline is not None and now > deadline else self._sample(row, logits[i : i + 1])
+            )
             if reason:
                 finished.append((i, reason))
         for i, reason in reversed(finished):
@@ -245,13 +251,13 @@ class Scheduler:
         if row.banned.numel():
             logits = logits.index_fill(1, row.banned, float("-inf"))
         token = int(sample_rows(logits, req.params, row.seen, [row.generator])[0])
-        if req.logprobs is not None:
-            row.logprobs.append(token_logprobs(logits[0], token, req.logprobs, self.tokenizer.decode))
         row.generated.append(token)
         if row.seen is not None:
             row.seen[0, token] = True
         if token in row.stop_ids:
             return "stop"
+        if req.logprobs is not None:  # the reply's tokens only: an end token is not part of it
+            row.logprobs.append(token_logprobs(logits[0], token, req.logprobs, self.tokenizer))
         piece = row.stream.push(token)
         if piece:
             req.deliver(piece)
@@ -281,14 +287,14 @@ class Scheduler:
         row.req.deliver(Completion(row.stream.text, tokens, reason, len(row.req.prompt_ids), logprobs))
 
 
-def token_logprobs(logits: torch.Tensor, token: int, top: int, decode: Callable[[list[int]], str]) -> dict:
+def token_logprobs(logits: torch.Tensor, token: int, top: int, tokenizer) -> dict:
     """The chosen token's log-probability under the model (log-softmax of its logits, before any sampling
-    setting) and the `top` most likely tokens', as OpenAI's logprobs entries hold them."""
+    setting) and the `top` most likely tokens', as OpenAI's logprobs entries hold them: the token's text
+    (U+FFFD where it holds part of a character) and its exact bytes."""
     logp = torch.log_softmax(logits.float(), dim=-1)
 
     def entry(t: int, lp: float) -> dict:
-        text = decode([t])
-        return {"token": text, "logprob": lp, "bytes": list(text.encode("utf-8"))}
+        return {"token": tokenizer.decode([t]), "logprob": lp, "bytes": list(tokenizer.token_bytes(t))}
 
     out = entry(token, float(logp[token]))
     values, ids = torch.topk(logp, min(top, logp.numel())) if top else (torch.empty(0), torch.empty(0))

@@ -30,6 +30,9 @@ def serve(
     sampling: SamplingParams | None = None,
     api_key: str | None = None,
     insecure: bool = False,
+    max_rows: int = 8,
+    max_queue: int = 64,
+    timeout: float = 600.0,
 ) -> None:
     """Load the run and serve it until stopped (Ctrl-C); sampling: a request's defaults (SamplingParams).
 
@@ -47,6 +50,10 @@ def serve(
         ) from e
     if max_tokens < 1 or max_body < 1:
         raise ServeError(f"--max-tokens={max_tokens} and --max-body={max_body} must both be >= 1")
+    if max_rows < 1 or max_queue < 0 or not timeout > 0:
+        raise ServeError(
+            f"--max-rows={max_rows} must be >= 1, --max-queue={max_queue} >= 0 and --timeout={timeout} > 0"
+        )
     if not 0 <= port <= 65535:
         raise ServeError(f"--port={port}: must be in 0..65535")
     _check_address(host, port)
@@ -54,14 +61,18 @@ def serve(
     from ..api import LLM
 
     llm = LLM.load(run, device=device, quantize=quantize)
-    app = create_app(llm, max_tokens, max_body, model_name, sampling or SamplingParams(), api_key)
+    app = create_app(
+        llm, max_tokens, max_body, model_name, sampling or SamplingParams(), api_key, max_rows, max_queue, timeout
+    )
     if console is not None:
         console.print(
             f"serving {llm.name} on http://{host}:{port}/v1 (OpenAI-compatible"
             f"{'; API key required' if api_key else ''}; Ctrl-C stops)",
             highlight=False,
         )
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    # On SIGTERM uvicorn waits for open connections; streams still running are cut after 3 s, and the
+    # batcher's shutdown then ends them at once, so the server is gone within about 5 s.
+    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=3)
 
 
 def _check_address(host: str, port: int) -> None:

@@ -1,100 +1,47 @@
 """An OpenAI-compatible HTTP API over one LLM: completions, chat completions (SSE streaming), models, health.
 
-Requests are served one generation at a time (the LLM's lock is the queue); FastAPI runs each request in
-a worker thread, so /health and /v1/models answer while a generation runs.
+Generations decode together: every request's generations go to the LLM's continuous batcher
+(`generate/continuous.py`) through `generation.Generations`, and the event loop waits for their pieces
+without holding a worker thread, so /health and new requests answer while any number of streams run. A
+request beyond the batch's rows waits in a bounded queue; past it the answer is 429 with Retry-After.
+The wire format, and which OpenAI fields are honoured: protocol.py.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import dataclasses
 import hmac
 import json
 import time
 import uuid
-from collections.abc import Generator, Iterator
+from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from starlette.concurrency import run_in_threadpool
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..api import LLM, GenerationError
 from ..generate.engine import Completion
 from ..generate.params import SamplingParams
-
-DEFAULT = SamplingParams()  # the one set of sampling defaults; `lmforge serve`'s flags may change them
-# Request fields that are sampling settings of the same name; max_tokens is max_new_tokens.
-SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "stop", "seed")
-
-
-class _Sampling(BaseModel):
-    """Fields shared by both endpoints; unknown OpenAI fields (user, logprobs, ...) are ignored.
-
-    A sampling field the request leaves out takes the server's default (create_app's `sampling`), not
-    the default written here, which only documents the schema.
-    """
-
-    model_config = ConfigDict(extra="ignore")
-    model: str | None = None
-    max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float = Field(default=DEFAULT.temperature, ge=0.0)
-    top_p: float | None = Field(default=DEFAULT.top_p, gt=0.0, le=1.0)
-    top_k: int | None = Field(default=DEFAULT.top_k, ge=1)  # not in OpenAI's API; vLLM and others accept it
-    min_p: float | None = Field(default=DEFAULT.min_p, ge=0.0, lt=1.0)
-    repetition_penalty: float = Field(default=DEFAULT.repetition_penalty, gt=0.0)
-    stop: str | list[str] | None = None
-    stream: bool = False
-    seed: int | None = None
-    n: int = Field(default=1, ge=1, le=1)  # one choice per request
-    stream_options: dict | None = None  # {"include_usage": true}: a last chunk with the token counts
-
-
-class CompletionBody(_Sampling):
-    prompt: str | list[str]
-
-
-class Message(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    role: str = Field(pattern="^(system|user|assistant)$")
-    content: str
-
-
-class ChatBody(_Sampling):
-    messages: list[Message] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)  # OpenAI's newer name for max_tokens
-
-
-class RequestError(Exception):
-    """A request the server refuses: HTTP status and a message for the client."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status, self.message = status, message
-
-
-def _error(status: int, message: str) -> JSONResponse:
-    kind = "invalid_request_error" if status < 500 else "server_error"
-    return JSONResponse(
-        {"error": {"message": message, "type": kind, "param": None, "code": None}}, status_code=status
-    )
-
-
-def _validation_message(err: ValidationError | RequestValidationError) -> str:
-    parts = []
-    for e in err.errors():
-        loc = ".".join(str(x) for x in e.get("loc", ()) if x != "body")
-        parts.append(f"{loc}: {e.get('msg')}" if loc else str(e.get("msg")))
-    return "invalid request: " + "; ".join(parts)
-
-
-def _last(events: Iterator[str | Completion]) -> Completion:
-    """The Completion at the end of a stream of events (the pieces are already in it)."""
-    *_, done = events
-    return done
+from .generation import Generations
+from .protocol import (
+    DEFAULT,
+    MAX_CHOICES,
+    SAMPLING_FIELDS,
+    ChatBody,
+    CompletionBody,
+    RequestError,
+    Sampling,
+    chat_logprobs,
+    completion_logprobs,
+    error,
+    prompts_of,
+    usage,
+    validation_message,
+)
 
 
 def create_app(
@@ -104,12 +51,24 @@ def create_app(
     model_name: str | None = None,
     sampling: SamplingParams = DEFAULT,
     api_key: str | None = None,
+    max_rows: int = 8,
+    max_queue: int = 64,
+    timeout: float | None = 600.0,
 ):
-    """The FastAPI application serving llm; max_tokens caps a request's max_tokens, max_body its size,
-    sampling gives what a request leaves out (its max_new_tokens up to max_tokens); with api_key, every
-    /v1 request must carry `Authorization: Bearer API_KEY` (/health stays open)."""
+    """The FastAPI application serving llm; max_tokens caps a request's max_tokens (and the context caps
+    it), max_body its size, sampling gives what a request leaves out (its max_new_tokens up to the cap);
+    max_rows generations decode together, max_queue more may wait (then 429), and a generation runs at
+    most timeout seconds (then ends with finish_reason "length"); with api_key, every /v1 request must
+    carry `Authorization: Bearer API_KEY` (/health stays open)."""
     server = _Server(llm, max_tokens, max_body, model_name or llm.name, sampling)
-    app = FastAPI(title="lmforge", version="0.1.0")
+    server.generations = Generations(llm, max_rows, max_queue, timeout)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        server.generations.scheduler.close()  # streams still open end now, not after their last token
+
+    app = FastAPI(title="lmforge", version="0.1.0", lifespan=lifespan)
     if api_key:
         app.middleware("http")(_key_check(api_key))
     app.add_exception_handler(RequestError, _request_error)
@@ -130,42 +89,41 @@ def _key_check(api_key: str):
         if request.url.path.startswith("/v1"):
             given = request.headers.get("authorization", "").encode()
             if not hmac.compare_digest(given, expected):  # constant time: the key does not leak by timing
-                return _error(401, "a valid API key is required: send 'Authorization: Bearer API_KEY'")
+                return error(401, "a valid API key is required: send 'Authorization: Bearer API_KEY'")
         return await call_next(request)
 
     return check
 
 
 async def _request_error(request: Request, exc: RequestError):
-    return _error(exc.status, exc.message)
+    return error(exc.status, exc.message, exc.headers)
 
 
 async def _invalid(request: Request, exc: RequestValidationError):
-    return _error(400, _validation_message(exc))
+    return error(400, validation_message(exc))
 
 
 async def _http(request: Request, exc: StarletteHTTPException):
-    return _error(exc.status_code, str(exc.detail))
+    return error(exc.status_code, str(exc.detail))
 
 
 class _Server:
-    """The state the routes share (the LLM, the limits, the sampling defaults) and the routes themselves.
+    """The state the routes share (the LLM, the limits, the sampling defaults) and the routes themselves."""
 
-    health and models are plain functions, so FastAPI runs them in a worker thread and they answer while
-    a generation holds the LLM's lock.
-    """
+    generations: Generations
 
     def __init__(self, llm: LLM, max_tokens: int, max_body: int, name: str, sampling: SamplingParams):
-        self.llm, self.max_tokens, self.max_body, self.name = llm, max_tokens, max_body, name
-        # Generation takes turns here, on the event loop, before it takes a worker thread: a request that
-        # waited on the LLM's lock inside a thread held that thread, and with anyio's 40 threads all
-        # waiting, the stream holding the lock found none for its next piece and the server hung.
-        self.turn = asyncio.Lock()
+        self.llm, self.max_body, self.name = llm, max_body, name
+        self.context = llm.context_len
+        self.max_tokens = min(max_tokens, self.context - 1)  # a reply longer than the context cannot be
         self.created = int(time.time())
-        self.defaults = dataclasses.replace(sampling, max_new_tokens=min(sampling.max_new_tokens, max_tokens))
+        self.defaults = dataclasses.replace(
+            sampling, max_new_tokens=min(sampling.max_new_tokens, self.max_tokens)
+        )
 
     def health(self):
-        return {"status": "ok", "model": self.name}
+        generating, waiting = self.generations.scheduler.load
+        return {"status": "ok", "model": self.name, "generating": generating, "waiting": waiting}
 
     def models(self):
         return {
@@ -176,41 +134,78 @@ class _Server:
     async def completions(self, request: Request):
         body = await self.read_json(request, CompletionBody)
         params = self.settings(body)
-        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-        if not prompts:
-            raise RequestError(400, "prompt: give a string or a non-empty list of strings")
-        rid, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-        head = {"id": rid, "object": "text_completion", "created": now, "model": self.name}
+        prompts = prompts_of(body)
+        jobs = [job for p in prompts for job in self.jobs(p, params, body, body.logprobs)]
+        head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time())}
+        head["model"] = self.name
+        events = await self.generations.run(jobs)
         if body.stream:
-            if len(prompts) != 1:
-                raise RequestError(400, "stream=true takes a single prompt")
-            usage = _wants_usage(body)
-            return self.sse(_completion_chunks(head, self.events(prompts[0], params), usage))
-        async with self.turn:
-            done = await run_in_threadpool(self.llm.complete, prompts, params.max_new_tokens, params)
+            return _sse(_completion_chunks(head, events, _wants_usage(body)))
+        done = await _finished(events, len(jobs))
         choices = [
-            {"text": c.text, "index": i, "logprobs": None, "finish_reason": c.finish_reason}
+            {"text": c.text, "index": i, "logprobs": completion_logprobs(c), "finish_reason": c.finish_reason}
             for i, c in enumerate(done)
         ]
-        return {**head, "choices": choices, "usage": _usage(done)}
+        return {**head, "choices": choices, "usage": usage(done)}
 
     async def chat_completions(self, request: Request):
         body = await self.read_json(request, ChatBody)
-        stream = self.events([m.model_dump() for m in body.messages], self.settings(body))
-        rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        head = {"id": rid, "object": "chat.completion", "created": now, "model": self.name}
-        if body.stream:
-            return self.sse(
-                _chat_chunks({**head, "object": "chat.completion.chunk"}, stream, _wants_usage(body))
-            )
-        async with self.turn:
-            c = await run_in_threadpool(_last, stream)
-        message = {"role": "assistant", "content": c.text}
-        return {
-            **head,
-            "choices": [{"index": 0, "message": message, "finish_reason": c.finish_reason}],
-            "usage": _usage([c]),
+        params = self.settings(body)
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        top = (body.top_logprobs or 0) if body.logprobs else None
+        jobs = self.jobs(messages, params, body, top)
+        head = {
+            "id": f"chatcmpl-{uuid.uuid4().hex}",
+            "object": "chat.completion",
+            "created": int(time.time()),
         }
+        head["model"] = self.name
+        events = await self.generations.run(jobs)
+        if body.stream:
+            chunk_head = {**head, "object": "chat.completion.chunk"}
+            return _sse(_chat_chunks(chunk_head, events, len(jobs), _wants_usage(body)))
+        done = await _finished(events, len(jobs))
+        choices = [
+            {
+                "index": i,
+                "message": {"role": "assistant", "content": c.text},
+                "logprobs": chat_logprobs(c),
+                "finish_reason": c.finish_reason,
+            }
+            for i, c in enumerate(done)
+        ]
+        return {**head, "choices": choices, "usage": usage(done)}
+
+    def jobs(self, prompt, params: SamplingParams, body: Sampling, logprobs: int | None) -> list[tuple]:
+        """The request's n generations of one prompt, checked against the context (400 past it)."""
+        if (
+            body.n * (len(body.prompt) if isinstance(getattr(body, "prompt", None), list) else 1)
+            > MAX_CHOICES
+        ):
+            raise RequestError(
+                400, f"n x prompts is over this server's {MAX_CHOICES} generations per request"
+            )
+        try:
+            fields, trim = self.llm.request_fields(prompt, params.max_new_tokens, params)
+        except GenerationError as e:
+            raise RequestError(400, str(e)) from e
+        n_prompt = len(fields["prompt_ids"])
+        vocab = self.llm.model.cfg.vocab_size
+        if any(not 0 <= i < vocab for i in fields["prompt_ids"]):
+            raise RequestError(400, f"prompt: token ids must be in [0, {vocab})")
+        room = self.context - n_prompt
+        if room < 1 or (body.max_tokens is not None and body.max_tokens > room):
+            asked = f" and max_tokens asks for {body.max_tokens}" if body.max_tokens is not None else ""
+            raise RequestError(
+                400,
+                f"this model's context is {self.context} tokens; the prompt takes {n_prompt}{asked}: "
+                "shorten the prompt or lower max_tokens",
+            )
+        fields["max_new_tokens"] = min(fields["max_new_tokens"], room)
+        fields["logprobs"] = logprobs
+        seed = fields["seed"]
+        # n choices of one request differ: each draws from its own seed (seed + i when one is given).
+        return [({**fields, "seed": None if seed is None else seed + i}, trim) for i in range(body.n)]
 
     async def read_json(self, request: Request, model: type[BaseModel]):
         """The body, refused with 413 past max_body (checked before and while reading) and 400 if invalid."""
@@ -236,9 +231,9 @@ class _Server:
         try:
             return model.model_validate(data)
         except ValidationError as e:
-            raise RequestError(400, _validation_message(e)) from e
+            raise RequestError(400, validation_message(e)) from e
 
-    def settings(self, body: _Sampling) -> SamplingParams:
+    def settings(self, body: Sampling) -> SamplingParams:
         """The request's sampling: the fields it gives, the server's defaults for the others."""
         if body.model is not None and body.model != self.name:
             raise RequestError(404, f"model '{body.model}' does not exist: this server serves '{self.name}'")
@@ -258,27 +253,30 @@ class _Server:
         except ValueError as e:
             raise RequestError(400, str(e)) from e
 
-    def sse(self, chunks: Generator[dict, None, None]) -> StreamingResponse:
-        """Server-sent events of the chunks, generated in this request's turn; a client that leaves ends
-        the generation at the next piece (the stream is closed, which releases the LLM's lock)."""
 
-        async def lines():
-            async with self.turn:
-                try:
-                    while (chunk := await run_in_threadpool(next, chunks, None)) is not None:
-                        yield f"data: {json.dumps(chunk)}\n\n"
-                    yield "data: [DONE]\n\n"
-                finally:
-                    chunks.close()
+async def _finished(events: AsyncIterator, n: int) -> list[Completion]:
+    """The Completions of every choice, in order (the pieces are already in them)."""
+    done: list[Completion | None] = [None] * n
+    async with contextlib.aclosing(events):
+        async for i, event in events:
+            if isinstance(event, Completion):
+                done[i] = event
+    return done  # type: ignore[return-value]
 
-        return StreamingResponse(lines(), media_type="text/event-stream")
 
-    def events(self, prompt: str | list[dict], params: SamplingParams) -> Iterator:
-        """llm.stream_events (text pieces, then the Completion), with bad messages refused with 400."""
-        try:
-            return self.llm.stream_events(prompt, params.max_new_tokens, params, params.seed, params.stop)
-        except GenerationError as e:
-            raise RequestError(400, str(e)) from e
+def _sse(chunks: AsyncIterator[dict]) -> StreamingResponse:
+    """Server-sent events of the chunks; a client that leaves closes them, which cancels its generations."""
+
+    async def lines():
+        async with contextlib.aclosing(chunks):
+            try:
+                async for chunk in chunks:
+                    yield f"data: {json.dumps(chunk)}\n\n"
+            except RequestError as e:  # the generation failed after the stream began: say so in-stream
+                yield f"data: {json.dumps({'error': {'message': e.message, 'type': 'server_error'}})}\n\n"
+            yield "data: [DONE]\n\n"
+
+    return StreamingResponse(lines(), media_type="text/event-stream")
 
 
 def _has_lone_surrogate(value) -> bool:
@@ -299,39 +297,52 @@ def _has_lone_surrogate(value) -> bool:
     return False
 
 
-def _usage(done: list[Completion]) -> dict:
-    p = sum(c.prompt_tokens for c in done)
-    c = sum(len(x.token_ids) for x in done)
-    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
-
-
-def _wants_usage(body: _Sampling) -> bool:
+def _wants_usage(body: Sampling) -> bool:
     return bool((body.stream_options or {}).get("include_usage"))
 
 
-def _completion_chunks(head: dict, stream: Iterator, usage: bool = False) -> Generator[dict, None, None]:
-    """/v1/completions' stream: one chunk per text piece, the last one with the finish reason; with
-    `usage`, then a chunk with no choices and the token counts (stream_options.include_usage)."""
-    with contextlib.closing(stream):  # closed early too, when the client leaves
-        for ev in stream:
-            text, reason = (ev, None) if isinstance(ev, str) else ("", ev.finish_reason)
-            yield {**head, "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": reason}]}
-            if usage and not isinstance(ev, str):
-                yield {**head, "choices": [], "usage": _usage([ev])}
-
-
-def _chat_chunks(head: dict, stream: Iterator, usage: bool = False) -> Generator[dict, None, None]:
-    """/v1/chat/completions' stream: the assistant role, one delta per text piece, then the finish reason
-    (and, with `usage`, a chunk with no choices and the token counts)."""
-    with contextlib.closing(stream):  # closed early too, when the client leaves
-        yield {
-            **head,
-            "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}],
-        }
-        for ev in stream:
+async def _completion_chunks(head: dict, events: AsyncIterator, usage_chunk: bool) -> AsyncIterator[dict]:
+    """/v1/completions' stream: one chunk per text piece of each choice, the last of a choice with its
+    finish reason (and its logprobs, when asked for); with `usage_chunk`, then a chunk with no choices
+    and the token counts (stream_options.include_usage)."""
+    done = []
+    async with contextlib.aclosing(events):
+        async for i, ev in events:
             if isinstance(ev, str):
-                yield {**head, "choices": [{"index": 0, "delta": {"content": ev}, "finish_reason": None}]}
+                choice = {"text": ev, "index": i, "logprobs": None, "finish_reason": None}
             else:
-                yield {**head, "choices": [{"index": 0, "delta": {}, "finish_reason": ev.finish_reason}]}
-                if usage:
-                    yield {**head, "choices": [], "usage": _usage([ev])}
+                done.append(ev)
+                choice = {
+                    "text": "",
+                    "index": i,
+                    "logprobs": completion_logprobs(ev),
+                    "finish_reason": ev.finish_reason,
+                }
+            yield {**head, "choices": [choice]}
+    if usage_chunk:
+        yield {**head, "choices": [], "usage": usage(done)}
+
+
+async def _chat_chunks(head: dict, events: AsyncIterator, n: int, usage_chunk: bool) -> AsyncIterator[dict]:
+    """/v1/chat/completions' stream: each choice's assistant role, one delta per text piece, then its
+    finish reason (with its logprobs, when asked for); with `usage_chunk`, a last chunk with no choices
+    and the token counts."""
+    done = []
+    async with contextlib.aclosing(events):
+        for i in range(n):
+            delta = {"role": "assistant", "content": ""}
+            yield {**head, "choices": [{"index": i, "delta": delta, "logprobs": None, "finish_reason": None}]}
+        async for i, ev in events:
+            if isinstance(ev, str):
+                choice = {"index": i, "delta": {"content": ev}, "logprobs": None, "finish_reason": None}
+            else:
+                done.append(ev)
+                choice = {
+                    "index": i,
+                    "delta": {},
+                    "logprobs": chat_logprobs(ev),
+                    "finish_reason": ev.finish_reason,
+                }
+            yield {**head, "choices": [choice]}
+    if usage_chunk:
+        yield {**head, "choices": [], "usage": usage(done)}

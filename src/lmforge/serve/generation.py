@@ -1,0 +1,91 @@
+"""The server's side of continuous batching: one HTTP request's generations, as events on the event loop.
+
+Every generation goes to the LLM's `Scheduler`, whose thread calls back with text pieces and a last
+Completion; the callback hands them to this request's asyncio queue (thread-safe, no worker thread held
+while waiting), tagged with the choice they belong to. Leaving the iterator early (a client that left,
+an error) cancels every generation of the request, which frees its rows at the scheduler's next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import time
+from collections.abc import AsyncIterator
+
+from ..api import LLM
+from ..generate.chat import TrimmedReply
+from ..generate.continuous import QueueFull, Request
+from ..generate.engine import Completion
+from .protocol import RequestError
+
+# Seconds a refused client is told to wait before trying again (429 Retry-After): about one short reply.
+RETRY_AFTER = 2
+
+
+class Generations:
+    """Submits a request's generations to the scheduler and streams their events back."""
+
+    def __init__(self, llm: LLM, max_rows: int, max_queue: int, timeout: float | None) -> None:
+        self.scheduler = llm.scheduler(max_rows, max_queue)
+        self.timeout = timeout
+
+    async def run(self, jobs: list[tuple[dict, bool]]) -> AsyncIterator[tuple[int, str | Completion]]:
+        """(choice, text piece) as they come, and (choice, Completion) when a choice ends; jobs are
+        (`LLM.request_fields`, trim) pairs. QueueFull is a 429, a prompt that does not fit a 400."""
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        reqs: list[Request] = []
+        try:
+            for i, (fields, _) in enumerate(jobs):
+                deliver = _deliverer(loop, events, i)
+                reqs.append(self.scheduler.submit(Request(deliver=deliver, deadline=deadline, **fields)))
+        except QueueFull as e:
+            _cancel(reqs)
+            raise RequestError(
+                503 if self.scheduler.closed else 429,
+                f"server busy: {e}; retry shortly",
+                {"Retry-After": str(RETRY_AFTER)},
+            ) from None
+        except ValueError as e:
+            _cancel(reqs)
+            raise RequestError(400, str(e)) from None
+        return self._events(reqs, jobs, events)
+
+    async def _events(self, reqs, jobs, events: asyncio.Queue) -> AsyncIterator[tuple[int, str | Completion]]:
+        trims = [TrimmedReply() if trim else None for _, trim in jobs]
+        pieces: list[list[str]] = [[] for _ in jobs]
+        left = len(jobs)
+        try:
+            while left:
+                i, event = await events.get()
+                if isinstance(event, BaseException):
+                    raise RequestError(503, f"generation failed: {event}")
+                if isinstance(event, str):
+                    piece = trims[i].push(event) if trims[i] is not None else event
+                    if piece:
+                        pieces[i].append(piece)
+                        yield i, piece
+                else:
+                    left -= 1  # its text is what was streamed: streaming or not gives one text
+                    yield i, dataclasses.replace(event, text="".join(pieces[i]))
+        finally:
+            _cancel(reqs)
+
+
+def _deliverer(loop: asyncio.AbstractEventLoop, events: asyncio.Queue, choice: int):
+    """A callback for the scheduler's thread that puts (choice, event) on the event loop's queue."""
+
+    def deliver(event: object) -> None:
+        # RuntimeError: the event loop is gone (the server is stopping), and nobody is listening.
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(events.put_nowait, (choice, event))
+
+    return deliver
+
+
+def _cancel(reqs: list[Request]) -> None:
+    for req in reqs:
+        req.cancel()

@@ -1,0 +1,145 @@
+"""The OpenAI wire format the server speaks: request bodies, errors, responses and stream chunks.
+
+Honoured request fields: model (must name the served model), prompt (text, list of texts, token ids, or
+lists of token ids), messages (content as text or a list of text parts), max_tokens /
+max_completion_tokens, temperature, top_p, top_k, min_p, repetition_penalty, stop, seed, n, stream,
+stream_options.include_usage, logprobs (completions: an int, the top alternatives; chat: a bool, with
+top_logprobs). Refused with a 400: content parts other than text, token ids outside the vocabulary, a
+prompt plus max_tokens longer than the context. Accepted and ignored: every other field (user,
+frequency_penalty, presence_penalty, logit_bias, tools, response_format, ...). docs/using.md lists them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ..generate.engine import Completion
+from ..generate.params import SamplingParams
+
+DEFAULT = SamplingParams()  # the one set of sampling defaults; `lmforge serve`'s flags may change them
+# Request fields that are sampling settings of the same name; max_tokens is max_new_tokens.
+SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "stop", "seed")
+# Generations one request may ask for (prompts x n): more would hold every row of the batch.
+MAX_CHOICES = 16
+
+
+class Sampling(BaseModel):
+    """Fields shared by both endpoints; fields this server does not know are ignored.
+
+    A sampling field the request leaves out takes the server's default (create_app's `sampling`), not
+    the default written here, which only documents the schema.
+    """
+
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = None
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=DEFAULT.temperature, ge=0.0)
+    top_p: float | None = Field(default=DEFAULT.top_p, gt=0.0, le=1.0)
+    top_k: int | None = Field(default=DEFAULT.top_k, ge=1)  # not in OpenAI's API; vLLM and others accept it
+    min_p: float | None = Field(default=DEFAULT.min_p, ge=0.0, lt=1.0)
+    repetition_penalty: float = Field(default=DEFAULT.repetition_penalty, gt=0.0)
+    stop: str | list[str] | None = None
+    stream: bool = False
+    seed: int | None = None
+    n: int = Field(default=1, ge=1, le=MAX_CHOICES)
+    stream_options: dict | None = None  # {"include_usage": true}: a last chunk with the token counts
+
+
+class CompletionBody(Sampling):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    logprobs: int | None = Field(default=None, ge=0, le=20)  # the top alternatives per token
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: str
+    text: str | None = None
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: str = Field(pattern="^(system|user|assistant)$")
+    content: str | list[TextPart]
+
+    def text(self) -> str:
+        """The content as one text: a list of text parts joined by newlines."""
+        if isinstance(self.content, str):
+            return self.content
+        for part in self.content:
+            if part.type != "text" or part.text is None:
+                raise RequestError(400, f"messages: content part of type '{part.type}': only text is served")
+        return "\n".join(part.text for part in self.content)
+
+
+class ChatBody(Sampling):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)  # OpenAI's newer name for max_tokens
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+
+
+class RequestError(Exception):
+    """A request the server refuses: HTTP status, a message for the client, and extra headers."""
+
+    def __init__(self, status: int, message: str, headers: dict | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.headers = status, message, headers
+
+
+def error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
+    """OpenAI's error shape."""
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    body = {"error": {"message": message, "type": kind, "param": None, "code": None}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def validation_message(err: ValidationError | RequestValidationError) -> str:
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e.get("loc", ()) if x != "body")
+        parts.append(f"{loc}: {e.get('msg')}" if loc else str(e.get("msg")))
+    return "invalid request: " + "; ".join(parts)
+
+
+def prompts_of(body: CompletionBody) -> list[str | list[int]]:
+    """The prompts of a completions request: texts or token-id lists."""
+    prompt = body.prompt
+    if isinstance(prompt, str):
+        return [prompt]
+    if prompt and isinstance(prompt[0], int):
+        return [list(prompt)]
+    if not prompt:
+        raise RequestError(400, "prompt: give a string, a list of strings, or token ids")
+    return list(prompt)
+
+
+def usage(done: Sequence[Completion]) -> dict:
+    p = sum(c.prompt_tokens for c in done)
+    c = sum(len(x.token_ids) for x in done)
+    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+
+def chat_logprobs(done: Completion) -> dict | None:
+    """A chat choice's logprobs: {"content": [{token, logprob, bytes, top_logprobs}]}."""
+    return None if done.logprobs is None else {"content": done.logprobs, "refusal": None}
+
+
+def completion_logprobs(done: Completion) -> dict | None:
+    """A completions choice's logprobs in the legacy layout (tokens, token_logprobs, top_logprobs as
+    {token: logprob}, text_offset)."""
+    if done.logprobs is None:
+        return None
+    offsets, at = [], 0
+    for entry in done.logprobs:
+        offsets.append(at)
+        at += len(entry["token"])
+    return {
+        "tokens": [e["token"] for e in done.logprobs],
+        "token_logprobs": [e["logprob"] for e in done.logprobs],
+        "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in done.logprobs],
+        "text_offset": offsets,
+    }

@@ -1,0 +1,305 @@
+"""`lmforge serve` with many users: batched decoding, n choices, a bounded queue, time limits, logprobs,
+context checks and the OpenAI fields that were refused — through the official client and raw HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import torch
+import uvicorn
+
+from lmforge.api import LLM
+from lmforge.serve.app import create_app
+from tests.gen_helpers import make_run
+from tests.test_serve import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def run(tiny_data, tmp_path_factory):
+    return make_run(tiny_data, tmp_path_factory.mktemp("batching") / "run", family="gpt2")
+
+
+def start(app) -> tuple[str, uvicorn.Server, threading.Thread]:
+    port = free_port()
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 20
+    while not srv.started:
+        assert time.time() < deadline, "server did not start"
+        time.sleep(0.05)
+    return f"http://127.0.0.1:{port}", srv, thread
+
+
+@pytest.fixture(scope="module")
+def served(run):
+    llm = LLM.load(run, device="cpu")
+    url, srv, thread = start(create_app(llm, max_tokens=96, max_body=8192, model_name="tiny", max_rows=4))
+    yield url, llm
+    srv.should_exit = True
+    thread.join(timeout=10)
+
+
+def client_of(url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+
+
+def test_greedy_requests_batched_together_equal_each_served_alone(served):
+    url, llm = served
+    prompts = [f"the {w}" for w in ("cat", "dog", "park", "mat", "birds", "trees", "sat", "ran")]
+    lengths = [12, 30, 5, 20, 9, 25, 16, 3]
+    client = client_of(url)
+    alone = [
+        client.completions.create(model="tiny", prompt=p, max_tokens=n, temperature=0).choices[0].text
+        for p, n in zip(prompts, lengths, strict=True)
+    ]
+    assert alone == [
+        llm.generate(p, max_new_tokens=n, temperature=0) for p, n in zip(prompts, lengths, strict=True)
+    ]
+
+    def call(i):
+        c = client.completions.create(model="tiny", prompt=prompts[i], max_tokens=lengths[i], temperature=0)
+        return c.choices[0].text
+
+    with ThreadPoolExecutor(8) as pool:
+        together = list(pool.map(call, range(8)))
+    assert together == alone
+
+
+def test_n_choices_and_seeds(served):
+    url, _ = served
+    client = client_of(url)
+    many = client.completions.create(model="tiny", prompt="the", max_tokens=8, temperature=1.0, n=3, seed=7)
+    texts = [c.text for c in many.choices]
+    assert [c.index for c in many.choices] == [0, 1, 2] and len(set(texts)) > 1
+    again = client.completions.create(model="tiny", prompt="the", max_tokens=8, temperature=1.0, n=3, seed=7)
+    assert [c.text for c in again.choices] == texts  # seed + i per choice: reproducible
+    msgs = [{"role": "user", "content": "the cat"}]
+    chat = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=6, temperature=0, n=2)
+    assert len(chat.choices) == 2 and chat.choices[0].message.content == chat.choices[1].message.content
+    stream = client.chat.completions.create(
+        model="tiny", messages=msgs, max_tokens=6, temperature=0, n=2, stream=True
+    )
+    joined = {0: "", 1: ""}
+    for chunk in stream:
+        for choice in chunk.choices:
+            joined[choice.index] += choice.delta.content or ""
+    assert joined == {0: chat.choices[0].message.content, 1: chat.choices[1].message.content}
+    with pytest.raises(openai.BadRequestError, match="16 generations per request"):
+        client.completions.create(model="tiny", prompt=["a"] * 9, max_tokens=2, n=2)
+
+
+def test_logprobs_are_the_models_own(served):
+    url, llm = served
+    client = client_of(url)
+    c = client.completions.create(model="tiny", prompt="the cat", max_tokens=5, temperature=0, logprobs=2)
+    lp = c.choices[0].logprobs
+    ids = llm.tokenizer.encode("the cat")
+    generated = llm.complete(["the cat"], 5, llm_greedy())[0].token_ids  # the same greedy tokens
+    assert lp.tokens == [llm.tokenizer.decode([t]) for t in generated] and len(lp.top_logprobs[0]) == 2
+    with torch.no_grad():
+        ref = torch.log_softmax(llm.model(torch.tensor([ids + generated]))[0].float(), -1)
+    for k, value in enumerate(lp.token_logprobs):
+        assert value == pytest.approx(float(ref[len(ids) - 1 + k, generated[k]]), abs=1e-4)
+    msgs = [{"role": "user", "content": "the cat"}]
+    chat = client.chat.completions.create(
+        model="tiny", messages=msgs, max_tokens=4, temperature=0, logprobs=True, top_logprobs=3
+    )
+    content = chat.choices[0].logprobs.content
+    # each entry's bytes are its token's own; together they are the reply's bytes
+    assert (
+        b"".join(bytes(e.bytes) for e in content).decode("utf-8", "replace").strip()
+        == (chat.choices[0].message.content)
+        or not chat.choices[0].message.content
+    )
+    assert all(
+        len(e.top_logprobs) == 3 and e.logprob == pytest.approx(e.top_logprobs[0].logprob) for e in content
+    )
+    plain = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=2)
+    assert plain.choices[0].logprobs is None  # only when asked for
+
+
+def llm_greedy():
+    from lmforge.generate.params import SamplingParams
+
+    return SamplingParams(temperature=0)
+
+
+def test_token_bytes_are_exact_where_text_is_not(served):
+    _, llm = served
+    tok = llm.tokenizer
+    ids = tok.encode("héllo ✓ 日本")
+    assert b"".join(tok.token_bytes(t) for t in ids) == "héllo ✓ 日本".encode()
+    # negative control: decoding token by token loses the bytes of split characters
+    assert "".join(tok.decode([t]) for t in ids) != "héllo ✓ 日本" or all(
+        len(tok.token_bytes(t)) for t in ids
+    )
+    assert tok.token_bytes(tok.eos_id) == b"<|endoftext|>"
+
+
+def test_content_parts_token_id_prompts_and_the_context(served):
+    url, llm = served
+    client = client_of(url)
+    text = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "the cat\nsat"}], max_tokens=6, temperature=0
+    )
+    parts = [{"type": "text", "text": "the cat"}, {"type": "text", "text": "sat"}]
+    by_parts = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": parts}], max_tokens=6, temperature=0
+    )
+    assert by_parts.choices[0].message.content == text.choices[0].message.content
+    with pytest.raises(openai.BadRequestError, match="only text"):
+        client.chat.completions.create(
+            model="tiny", max_tokens=2,
+            messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}],
+        )  # fmt: skip
+    ids = llm.tokenizer.encode("the cat")
+    by_ids = client.completions.create(model="tiny", prompt=ids, max_tokens=6, temperature=0)
+    by_text = client.completions.create(model="tiny", prompt="the cat", max_tokens=6, temperature=0)
+    assert by_ids.choices[0].text == by_text.choices[0].text
+    two = client.completions.create(model="tiny", prompt=[ids, ids[:1]], max_tokens=3, temperature=0)
+    assert len(two.choices) == 2
+    with pytest.raises(openai.BadRequestError, match=r"token ids must be in \[0,"):
+        client.completions.create(model="tiny", prompt=[10**6], max_tokens=2)
+    # the context (128): a prompt plus max_tokens past it is a 400 naming both; without max_tokens the
+    # reply is shortened to fit, never the prompt
+    long = " ".join(["the cat sat"] * 40)
+    n_prompt = len(llm.tokenizer.encode(long))
+    assert 40 < n_prompt < 128
+    with pytest.raises(openai.BadRequestError, match=f"context is 128 tokens; the prompt takes {n_prompt}"):
+        client.completions.create(model="tiny", prompt=long, max_tokens=96)
+    fit = client.completions.create(model="tiny", prompt=long, temperature=0, max_tokens=128 - n_prompt)
+    assert fit.usage.prompt_tokens == n_prompt and fit.usage.completion_tokens <= 128 - n_prompt
+    # the server's cap is at most the context
+    assert httpx.post(f"{url}/v1/completions", json={"prompt": "a", "max_tokens": 97}).status_code == 400
+
+
+def test_a_full_queue_answers_429_and_a_time_limit_ends_a_generation(run):
+    llm = LLM.load(run, device="cpu")
+    url, srv, thread = start(create_app(llm, max_tokens=96, max_rows=1, max_queue=0, timeout=3.0))
+    try:
+        body = {"prompt": "the", "max_tokens": 96, "temperature": 0.8}
+        with ThreadPoolExecutor(12) as pool:  # one row, no queue: all but the first at a time are refused
+            answers = list(
+                pool.map(lambda _: httpx.post(f"{url}/v1/completions", json=body, timeout=30), range(12))
+            )
+        refused = [r for r in answers if r.status_code == 429]
+        assert refused and any(r.status_code == 200 for r in answers)
+        assert {r.status_code for r in answers} == {200, 429}
+        assert all(r.headers["retry-after"].isdigit() for r in refused)
+        assert "server busy" in refused[0].json()["error"]["message"]
+        deadline = time.time() + 10
+        while httpx.get(f"{url}/health").json()["generating"]:
+            assert time.time() < deadline
+            time.sleep(0.01)
+        assert httpx.post(f"{url}/v1/completions", json={"prompt": "a", "max_tokens": 2}).status_code == 200
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=10)
+    # a generation past the time limit ends with "length" before its max_tokens
+    url, srv, thread = start(create_app(llm, max_tokens=96, model_name="tiny", timeout=1e-6))
+    try:
+        done = client_of(url).completions.create(model="tiny", prompt="the", max_tokens=90, temperature=0.8)
+        assert done.choices[0].finish_reason == "length" and done.usage.completion_tokens < 90
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=10)
+
+
+async def _burst(url: str, n: int) -> tuple[dict, int]:
+    """n streams at once, a third leaving after their first piece, /health polled throughout."""
+    outcomes: dict = {}
+    health_ok = 0
+    finished = asyncio.Event()
+    async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=n + 5)) as client:
+
+        async def one(i):
+            body = {"prompt": "the", "max_tokens": 8, "stream": True}
+            async with client.stream("POST", f"{url}/v1/completions", json=body) as r:
+                if r.status_code != 200:
+                    outcomes[r.status_code] = outcomes.get(r.status_code, 0) + 1
+                    return
+                lines = [line async for line in _lines(r, leave=i % 3 == 0)]
+                key = "left" if i % 3 == 0 else ("done" if lines[-1] == "data: [DONE]" else "cut")
+                outcomes[key] = outcomes.get(key, 0) + 1
+
+        async def watch():
+            nonlocal health_ok
+            while not finished.is_set():
+                r = await client.get(f"{url}/health", timeout=10)
+                health_ok += r.status_code == 200
+                await asyncio.sleep(0.1)
+
+        watcher = asyncio.create_task(watch())
+        await asyncio.gather(*(one(i) for i in range(n)))
+        finished.set()
+        await watcher
+    return outcomes, health_ok
+
+
+async def _lines(response, leave: bool):
+    async for line in response.aiter_lines():
+        if line:
+            yield line
+            if leave:
+                return
+
+
+def test_200_concurrent_streams_and_disconnects_never_hang_and_sigterm_stops_it(run):
+    port = free_port()
+    cmd = [sys.executable, "-m", "lmforge", "serve", "--run", str(run), "--port", str(port), "--device", "cpu",
+           "--max-rows", "8", "--max-queue", "40"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                httpx.get(f"{url}/health", timeout=2)
+                break
+            except httpx.TransportError:
+                assert proc.poll() is None and time.time() < deadline, "lmforge serve did not come up"
+                time.sleep(0.2)
+        outcomes, health_ok = asyncio.run(_burst(url, 200))
+        assert sum(outcomes.values()) == 200 and set(outcomes) <= {"done", "left", 429}, outcomes
+        assert outcomes.get(429, 0) > 0 and outcomes.get("done", 0) > 0  # the queue bound was reached
+        assert health_ok >= 1
+        assert httpx.get(f"{url}/health", timeout=10).json()["generating"] == 0
+        # SIGTERM while streams run: the server is gone within 5 s
+        with httpx.stream(
+            "POST", f"{url}/v1/completions", json={"prompt": "the", "max_tokens": 96, "stream": True}
+        ):
+            start = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=10)
+        assert time.monotonic() - start < 5
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_sse_lines_are_json(served):
+    url, _ = served
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "stream": True, "n": 2}
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=30) as r:
+        lines = [line for line in r.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    chunks = [json.loads(line[6:]) for line in lines[:-1]]
+    assert {c["choices"][0]["index"] for c in chunks} == {0, 1}
+    assert sum(c["choices"][0]["finish_reason"] is not None for c in chunks) == 2

@@ -38,19 +38,22 @@ def prepare(
     workers: int | None = None,
     seq_len: int | None = None,
     stride: int | None = None,
+    chat: bool = False,
     console: Console,
 ) -> None:
     """Tokenize raw text into shards.
 
-    Trains a tokenizer (or loads one) and writes the token shards, meta.json and manifest.json.
+    Trains a tokenizer (or loads one) and writes the token shards, meta.json and manifest.json. With
+    --chat, packs conversations for instruction tuning (`lmforge finetune`) into windows with a loss mask.
 
     Args:
         source: a file or folder (.txt .md .json .jsonl .jsonl.gz .parquet .csv), builtin:stdlib,
             hf:NAME[:CONFIG][@SPLIT], fineweb, fineweb-edu, dolma, pile, c4, or kaggle:OWNER/DATASET;
-            repeatable, SRC:WEIGHT mixes sources in proportion
+            repeatable, SRC:WEIGHT mixes sources in proportion; with --chat, conversation files
+            (.json .jsonl .jsonl.gz .parquet: OpenAI messages, ShareGPT, Alpaca) or builtin:stdlib-chat
         out: DATA_DIR to write
         tokenizer: bpe | wordpiece | unigram | word | char (trained here), gpt2, tiktoken:NAME, or a
-            tokenizer.json
+            tokenizer.json; with --chat, the base RUN_DIR (its tokenizer and seq_len) or a ready tokenizer
         vocab_size: vocabulary size of a trained tokenizer
         special_tokens: extra special tokens, comma-separated
         text_field: record field holding the text (text falls back to content)
@@ -58,9 +61,27 @@ def prepare(
         max_docs: stop after this many documents
         max_tokens: stop once this many tokens are written
         workers: tokenizer processes (default: all cores)
-        seq_len: validation window length recorded for eval
+        seq_len: validation window length recorded for eval; with --chat, the training window
+            (default: the base run's seq_len)
         stride: step between validation windows (< seq-len overlaps)
+        chat: conversations for instruction tuning: the chat template's tokens are added to the
+            tokenizer, assistant turns are the loss
     """
+    if chat:
+        _prepare_chat(
+            source,
+            out,
+            tokenizer,
+            special_tokens,
+            max_tokens,
+            stride,
+            seq_len,
+            val_fraction,
+            max_docs,
+            workers,
+            console,
+        )
+        return
     from ..data import prepare as prepare_data
 
     prepare_data(  # its progress callback prints the summary
@@ -77,6 +98,43 @@ def prepare(
         max_tokens=max_tokens,
         seq_len=seq_len,
         stride=stride,
+        console=console,
+    )
+
+
+def _prepare_chat(
+    source: list[str],
+    out: str,
+    tokenizer: str,
+    special_tokens: str,
+    max_tokens: int | None,
+    stride: int | None,
+    seq_len: int | None,
+    val_fraction: float,
+    max_docs: int | None,
+    workers: int | None,
+    console: Console,
+) -> None:
+    """`prepare --chat`: the options that mean nothing for conversations are refused in one line."""
+    from ..data.chat_prepare import prepare_chat
+    from ..data.errors import DataError
+
+    unused = {"--special-tokens": special_tokens, "--max-tokens": max_tokens, "--stride": stride}
+    given = [flag for flag, value in unused.items() if value not in (None, "")]
+    if given:
+        raise DataError(
+            f"{', '.join(given)} cannot be used with --chat (the chat template brings its own special tokens "
+            "and packs whole conversations): leave it out"
+        )
+    prepare_chat(
+        source,
+        out,
+        tokenizer,
+        seq_len=seq_len,
+        val_fraction=val_fraction,
+        max_docs=max_docs,
+        workers=workers,
+        progress=lambda msg: console.print(msg, highlight=False),
         console=console,
     )
 

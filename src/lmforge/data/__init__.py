@@ -14,6 +14,7 @@ from lmforge.data.errors import DataError
 from lmforge.data.folder import FORMAT_VERSION, load_meta
 
 if TYPE_CHECKING:  # imported on first use at run time (see __getattr__)
+    from lmforge.data.chat_prepare import prepare_chat
     from lmforge.data.files import Document
     from lmforge.data.loader import TokenLoader, iter_eval_batches
     from lmforge.data.prepare import prepare
@@ -22,6 +23,7 @@ if TYPE_CHECKING:  # imported on first use at run time (see __getattr__)
     from lmforge.data.tokenizer import EOS_TOKEN, Tokenizer, train_tokenizer
 
 _LAZY = {
+    "lmforge.data.chat_prepare": ("prepare_chat",),
     "lmforge.data.loader": ("TokenLoader", "iter_eval_batches"),
     "lmforge.data.prepare": ("prepare",),
     "lmforge.data.shards": ("ShardWriter", "TokenShards", "dtype_for_vocab"),
@@ -45,6 +47,7 @@ __all__ = [
     "iter_eval_batches",
     "load_meta",
     "prepare",
+    "prepare_chat",
     "train_tokenizer",
 ]
 

@@ -37,6 +37,9 @@ CHUNK_DOCS = 2048
 # Chunks in flight per worker: one being encoded, one queued so no worker waits.
 _IN_FLIGHT_PER_WORKER = 2
 T = TypeVar("T")
+# A pool's own work on a chunk instead of encoding it (rendering conversations, say): a module-level
+# function, so that a spawned worker can find it, of (tokenizer, texts) -> arrays.
+Task = Callable[[Tokenizer, list[str]], tuple[np.ndarray, ...]]
 
 _worker_tok: Tokenizer | None = None
 _worker_fast: CachedEncoder | None = None  # tiktoken with the same ids, when it exists
@@ -132,6 +135,11 @@ def _encode_in_worker(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     return encode_texts(_worker_tok, texts, _worker_fast)
 
 
+def _task_in_worker(task: Task, texts: list[str]) -> tuple[np.ndarray, ...]:
+    assert _worker_tok is not None, "worker not initialised"
+    return task(_worker_tok, texts)
+
+
 @contextmanager
 def serial_tokenizers() -> Iterator[None]:
     """Keep the Rust tokenizer single-threaded: the pool is the parallelism, and forked workers
@@ -175,18 +183,24 @@ def _fork_workers_frozen(pool: ProcessPoolExecutor) -> None:
 
 
 class EncodePool:
-    """Ordered map of chunks -> (lengths, ids) over ``workers`` processes (1: in this process)."""
+    """Ordered map of chunks -> (lengths, ids) over ``workers`` processes (1: in this process); with a
+    ``task``, chunks -> whatever ``task(tokenizer, texts)`` returns."""
 
-    def __init__(self, tok: Tokenizer | None, workers: int, fast_spec: str | None = None) -> None:
+    def __init__(
+        self, tok: Tokenizer | None, workers: int, fast_spec: str | None = None, task: Task | None = None
+    ) -> None:
         self.tok = tok
         self.workers = workers
+        self.task = task
+        if task is not None and tok is None:
+            raise ValueError("EncodePool needs a tokenizer for its task")
         # Built here once: forked workers inherit it; spawned ones rebuild it from the spec.
         self.fast = _cached_encoder(fast_spec)
         fast_spec = fast_spec if self.fast is not None else None
         if tok is None and self.fast is None:
             raise ValueError(f"EncodePool needs a tokenizer: {fast_spec!r} has no tiktoken encoding")
         self._pool: ProcessPoolExecutor | None = None
-        self._pending: deque[tuple[object, Future | tuple[np.ndarray, np.ndarray]]] = deque()
+        self._pending: deque[tuple[object, Future | tuple[np.ndarray, ...]]] = deque()
         if workers > 1:
             # fork: workers start in milliseconds and inherit the loaded tokenizers through
             # these globals; spawn would start new interpreters that re-read the vocabulary.
@@ -231,26 +245,31 @@ class EncodePool:
             future.set_exception(exc)
         return future
 
-    def submit(self, texts: list[str], tag: object) -> list[tuple[object, np.ndarray, np.ndarray]]:
-        """Queue a chunk; return the finished chunks (oldest first) that no longer fit in flight."""
+    def submit(self, texts: list[str], tag: object) -> list[tuple]:
+        """Queue a chunk; return the finished chunks (oldest first) that no longer fit in flight, each
+        (tag, lengths, ids), or (tag, *what the task returned)."""
         if self._pool is None:
-            self._pending.append((tag, encode_texts(self.tok, texts, self.fast)))
-        else:
+            local = (
+                encode_texts(self.tok, texts, self.fast) if self.task is None else self.task(self.tok, texts)
+            )
+            self._pending.append((tag, local))
+        elif self.task is None:
             self._pending.append((tag, self._pool.submit(_encode_in_worker, texts)))
+        else:
+            self._pending.append((tag, self._pool.submit(_task_in_worker, self.task, texts)))
         done = []
         while len(self._pending) > _IN_FLIGHT_PER_WORKER * self.workers - 1:
             done.append(self._pop())
         return done
 
-    def drain(self) -> Iterator[tuple[object, np.ndarray, np.ndarray]]:
+    def drain(self) -> Iterator[tuple]:
         """Yield every chunk still in flight, in order."""
         while self._pending:
             yield self._pop()
 
-    def _pop(self) -> tuple[object, np.ndarray, np.ndarray]:
+    def _pop(self) -> tuple:
         tag, result = self._pending.popleft()
-        lengths, ids = result.result() if isinstance(result, Future) else result
-        return tag, lengths, ids
+        return (tag, *(result.result() if isinstance(result, Future) else result))
 
     def close(self) -> None:
         """Stop the workers; pending chunks are dropped."""

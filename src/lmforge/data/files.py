@@ -116,6 +116,38 @@ def record_text(record: Any, fields: tuple[str, ...] = TEXT_FIELDS) -> str | Non
     return None
 
 
+class RecordFormat:
+    """What the records of .json, .jsonl, .parquet and .csv files are read as: by default, a document of
+    the text of the first of ``fields`` a record holds. ChatRecords (chat_records.py) reads conversations."""
+
+    kind = "text"
+    extensions = SUPPORTED_EXTENSIONS  # the file types a folder of this kind is read from
+    missing = "no_text_field"  # the skip reason of a parquet row when the file has none of the columns
+
+    def __init__(self, fields: tuple[str, ...] = TEXT_FIELDS) -> None:
+        self.fields = fields
+
+    def for_dataset(self, text_field: str) -> RecordFormat:
+        """This format for a hub dataset whose own text field is ``text_field`` (an explicit one wins)."""
+        if self.fields == TEXT_FIELDS and text_field not in self.fields:
+            return RecordFormat((text_field, *self.fields))
+        return self
+
+    def columns(self, available: list[str]) -> list[str]:
+        """The parquet columns to read, of ``available`` (none: the file holds nothing of this kind)."""
+        column = next((f for f in self.fields if f in available), None)
+        return [] if column is None else [column]
+
+    def document(self, name: str, record: Any, skipped: dict[str, int] | None) -> Document | None:
+        """The document of one record, or None (counted) when it has none."""
+        return make_doc(name, record_text(record, self.fields), skipped)
+
+
+def text_records(text_field: str) -> RecordFormat:
+    """The plain-text record format for ``--text-field``."""
+    return RecordFormat(text_fields(text_field))
+
+
 def make_doc(name: str, text: str | None, skipped: dict[str, int] | None) -> Document | None:
     """A Document, or None (counted as no_text_field, too_large or empty) when there is no usable text.
 
@@ -162,9 +194,9 @@ _END = object()  # marks the end of a line iterator whose items may be None
 
 
 def _iter_jsonl(
-    handle: IO[bytes], name: str, skipped: dict[str, int] | None, fields: tuple[str, ...]
+    handle: IO[bytes], name: str, skipped: dict[str, int] | None, records: RecordFormat
 ) -> Iterator[Document]:
-    lineno = records = 0
+    lineno = count = 0
     # Stream line by line, each line capped: .jsonl corpora are often far larger than memory.
     lines = capped_lines(handle, safe_read.MAX_DOCUMENT_BYTES)
     while True:
@@ -179,12 +211,12 @@ def _iter_jsonl(
         lineno += 1
         line_name = f"{name}#{lineno}"
         if raw is None:
-            records += 1
+            count += 1
             count_skip(skipped, "too_large", line_name)
             continue
         if not raw.strip():
             continue
-        records += 1
+        count += 1
         line = _decode(raw, skipped, line_name)
         if line is None:
             continue
@@ -193,15 +225,15 @@ def _iter_jsonl(
         except Unusable as skip:
             count_skip(skipped, skip.reason, line_name)
             continue
-        doc = make_doc(line_name, record_text(record, fields), skipped)
+        doc = records.document(line_name, record, skipped)
         if doc is not None:
             yield doc
-    if not records:  # a file with no records at all is counted, never passed over in silence
+    if not count:  # a file with no records at all is counted, never passed over in silence
         count_skip(skipped, "empty", name)
 
 
 def _iter_json(
-    handle: IO[bytes], name: str, skipped: dict[str, int] | None, fields: tuple[str, ...]
+    handle: IO[bytes], name: str, skipped: dict[str, int] | None, records: RecordFormat
 ) -> Iterator[Document]:
     text = _read_all(handle, safe_read.MAX_JSON_FILE_BYTES, name, skipped)
     if text is None:
@@ -212,20 +244,20 @@ def _iter_json(
         count_skip(skipped, skip.reason, name)
         return
     if not isinstance(payload, list):
-        doc = make_doc(name, record_text(payload, fields), skipped)
+        doc = records.document(name, payload, skipped)
         if doc is not None:
             yield doc
         return
     if not payload:
         count_skip(skipped, "empty", name)
     for index, record in enumerate(payload):
-        doc = make_doc(f"{name}#{index}", record_text(record, fields), skipped)
+        doc = records.document(f"{name}#{index}", record, skipped)
         if doc is not None:
             yield doc
 
 
 def _iter_parquet(
-    handle: IO[bytes], name: str, skipped: dict[str, int] | None, fields: tuple[str, ...]
+    handle: IO[bytes], name: str, skipped: dict[str, int] | None, records: RecordFormat
 ) -> Iterator[Document]:
     try:
         import pyarrow.parquet as pq  # optional, heavy: only parquet sources need it
@@ -239,16 +271,16 @@ def _iter_parquet(
         return
     with table:
         rows = table.metadata.num_rows
-        column = next((f for f in fields if f in table.schema_arrow.names), None)
-        if not rows or column is None:
-            count_skip(skipped, "no_text_field" if rows else "empty", name, rows or 1)
+        columns = records.columns(table.schema_arrow.names)
+        if not rows or not columns:
+            count_skip(skipped, records.missing if rows else "empty", name, rows or 1)
             return
         row = 0
         try:
-            # Row batches of one column keep memory bounded for files of any size.
-            for batch in table.iter_batches(batch_size=_PARQUET_BATCH_ROWS, columns=[column]):
-                for value in batch.column(0).to_pylist():
-                    doc = make_doc(f"{name}#{row}", value if isinstance(value, str) else None, skipped)
+            # Row batches of the needed columns only keep memory bounded for files of any size.
+            for batch in table.iter_batches(batch_size=_PARQUET_BATCH_ROWS, columns=columns):
+                for record in batch.to_pylist():
+                    doc = records.document(f"{name}#{row}", record, skipped)
                     row += 1
                     if doc is not None:
                         yield doc
@@ -257,7 +289,7 @@ def _iter_parquet(
 
 
 def _iter_csv(
-    handle: IO[bytes], name: str, skipped: dict[str, int] | None, fields: tuple[str, ...]
+    handle: IO[bytes], name: str, skipped: dict[str, int] | None, records: RecordFormat
 ) -> Iterator[Document]:
     try:
         head = handle.read(_BINARY_SNIFF_BYTES)
@@ -287,7 +319,7 @@ def _iter_csv(
     rows = 0
     try:
         for rows, record in enumerate(csv.DictReader(lines()), start=1):  # noqa: B007 - read below
-            doc = make_doc(f"{name}#{rows}", record_text(record, fields), skipped)
+            doc = records.document(f"{name}#{rows}", record, skipped)
             if doc is not None:
                 yield doc
     except UnicodeDecodeError:
@@ -323,7 +355,7 @@ _READERS = {
 
 
 def _iter_file(
-    path: str | Path, name: str, skipped: dict[str, int] | None, fields: tuple[str, ...] = TEXT_FIELDS
+    path: str | Path, name: str, skipped: dict[str, int] | None, records: RecordFormat
 ) -> Iterator[Document]:
     """The documents of one file, by its type; a FIFO, device or socket is counted, never opened."""
     try:
@@ -339,7 +371,7 @@ def _iter_file(
         if suffix in _READERS:
             # GzipFile leaves the file it wraps open; the with above closes it.
             stream = gzip.GzipFile(fileobj=handle, mode="rb") if suffix == ".jsonl.gz" else handle
-            yield from _READERS[suffix](stream, name, skipped, fields)
+            yield from _READERS[suffix](stream, name, skipped, records)
             return
         text = _read_all(handle, safe_read.MAX_DOCUMENT_BYTES, name, skipped)
         if text is not None:
@@ -349,33 +381,33 @@ def _iter_file(
 
 
 def iter_folder(
-    root: Path, skipped: dict[str, int] | None, fields: tuple[str, ...] = TEXT_FIELDS, prefix: str = ""
+    root: Path, skipped: dict[str, int] | None, records: RecordFormat, prefix: str = ""
 ) -> Iterator[Document]:
-    """Documents of every supported file under ``root``, in sorted relative-path order."""
+    """Documents of every file of a type ``records`` reads under ``root``, in sorted relative-path order."""
     for rel, path, reason in walk_sorted(root, frozenset()):
         name = prefix + display_name(rel)
         if reason is not None:
             count_skip(skipped, reason, name)
-        elif _suffix(Path(rel)) not in SUPPORTED_EXTENSIONS:
+        elif _suffix(Path(rel)) not in records.extensions:
             count_skip(skipped, "unsupported_extension", name)
         else:
-            yield from _iter_file(path, name, skipped, fields)
+            yield from _iter_file(path, name, skipped, records)
 
 
 def iter_local(
-    source: str, path: Path, skipped: dict[str, int] | None, fields: tuple[str, ...]
+    source: str, path: Path, skipped: dict[str, int] | None, records: RecordFormat
 ) -> Iterator[Document]:
     """The documents of an existing local path: every supported file of a folder, or one file."""
     if path.is_dir():
-        yield from iter_folder(path, skipped, fields)
+        yield from iter_folder(path, skipped, records)
         return
     if path.is_file():
-        if _suffix(path) not in SUPPORTED_EXTENSIONS:
+        if _suffix(path) not in records.extensions:
             raise DataError(
                 f"source '{source}' has an unsupported extension: use one of "
-                f"{', '.join(SUPPORTED_EXTENSIONS)} (or a folder of them)"
+                f"{', '.join(records.extensions)} (or a folder of them)"
             )
-        yield from _iter_file(path, display_name(path.name), skipped, fields)
+        yield from _iter_file(path, display_name(path.name), skipped, records)
         return
     # a FIFO, a device or a socket: reading it could block or never end
     raise DataError(

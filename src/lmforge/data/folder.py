@@ -9,7 +9,13 @@
       train_000000.bin   token ids as raw little-endian uint16 or uint32 (meta.json's dtype), no header
       val_000000.bin     ...
 
-`prepare.py` writes it; `shards.py`, `loader.py`, `batches.py`, training and eval read it through this
+A folder of conversations (`prepare --chat`, meta.json "kind": "chat") holds the same files, its shards
+cut into packed windows of seq_len + 1 tokens, plus one loss-mask shard per token shard:
+
+      train_000000.mask  one byte per token of train_000000.bin: 1 where the token is learned (an
+      val_000000.mask    assistant's text and its end of turn), 0 elsewhere (prompts, padding)
+
+`prepare.py` (`chat_prepare.py` for conversations) writes it; `shards.py`, `loader.py`, `batches.py`, training and eval read it through this
 module and never import the preparation pipeline. Imports nothing heavy.
 """
 
@@ -28,7 +34,7 @@ MANIFEST_FILE = "manifest.json"
 TOKENIZER_FILE = "tokenizer.json"  # also the name `tokenizers` and Hugging Face folders use
 SPLITS = ("train", "val")
 REQUIRED_META = ("format_version", "vocab_size", "dtype", "eos_id", "splits", "fingerprint")
-_SHARD_RE = re.compile(r"^[a-z]+_\d{6}\.bin$")
+_SHARD_RE = re.compile(r"^[a-z]+_\d{6}\.(bin|mask)$")
 
 
 def shard_name(split: str, index: int) -> str:
@@ -41,8 +47,18 @@ def shard_glob(split: str) -> str:
     return f"{split}_*.bin"
 
 
+def mask_name(split: str, index: int) -> str:
+    """File name of the loss-mask shard that goes with token shard ``index`` of ``split``."""
+    return f"{split}_{index:06d}.mask"
+
+
+def mask_glob(split: str) -> str:
+    """A glob matching every loss-mask shard of ``split``."""
+    return f"{split}_*.mask"
+
+
 def is_shard_name(name: str) -> bool:
-    """Whether a file name is one `shard_name` gives."""
+    """Whether a file name is one `shard_name` or `mask_name` gives."""
     return _SHARD_RE.match(name) is not None
 
 

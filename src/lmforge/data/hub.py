@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lmforge.data.errors import DataError
-from lmforge.data.files import TEXT_FIELDS, Document, Log, iter_folder, make_doc, record_text
+from lmforge.data.files import Document, Log, RecordFormat, iter_folder
 
 HF_PREFIX = "hf:"
 KAGGLE_PREFIX = "kaggle:"
@@ -118,19 +118,16 @@ def _open_with_fallback(
         return _open_with_fallback(ds.fallback, fallback, log)
 
 
-def iter_hf(
-    source: str, skipped: dict[str, int] | None, fields: tuple[str, ...], log: Log
-) -> Iterator[Document]:
+def iter_hf(source: str, skipped: dict[str, int] | None, fmt: RecordFormat, log: Log) -> Iterator[Document]:
     """Documents streamed from a Hugging Face dataset, one per record."""
     ds, records, first = _open_with_fallback(source, parse_hf(source), log)
     # --text-field wins; otherwise the dataset's own field, then the usual text/content.
-    if fields == TEXT_FIELDS and ds.text_field not in fields:
-        fields = (ds.text_field, *fields)
+    fmt = fmt.for_dataset(ds.text_field)
     prefix = f"hf:{ds.repo}:{ds.config or ''}@{ds.split}"
     index = 0
     record = first
     while record is not None:
-        doc = make_doc(f"{prefix}#{index}", record_text(record, fields), skipped)
+        doc = fmt.document(f"{prefix}#{index}", record, skipped)
         if doc is not None:
             yield doc
         index += 1
@@ -192,12 +189,12 @@ def kaggle_folder(dataset: str) -> Path:
 
 
 def iter_hub_source(
-    source: str, skipped: dict[str, int] | None, fields: tuple[str, ...], log: Log
+    source: str, skipped: dict[str, int] | None, fmt: RecordFormat, log: Log
 ) -> Iterator[Document]:
     """Documents of an hf:, kaggle: or shortcut source."""
     if source.startswith(KAGGLE_PREFIX):
         dataset = source[len(KAGGLE_PREFIX) :]
         folder = kaggle_folder(dataset)
-        yield from iter_folder(folder, skipped, fields, prefix=f"{source}/")
+        yield from iter_folder(folder, skipped, fmt, prefix=f"{source}/")
         return
-    yield from iter_hf(source, skipped, fields, log)
+    yield from iter_hf(source, skipped, fmt, log)

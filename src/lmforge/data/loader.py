@@ -71,7 +71,7 @@ class TokenLoader:
         self.rank = int(rank)
         self.world_size = int(world_size)
         self.order = order
-        self._shards, self.windows = _open_split(data_dir, split, self.seq_len)
+        self._shards, self.windows = self._open()
         # Every rank gets the same number of windows per epoch (the permutation's tail of
         # fewer than world_size windows is dropped) so ranks change epoch in lockstep and
         # one rank's state_dict is valid on all of them.
@@ -85,6 +85,14 @@ class TokenLoader:
         self._position = 0  # windows of the current epoch this rank has consumed
         self._perm_epoch = -1
         self._perm = np.empty(0, dtype=np.int64)
+
+    def _open(self) -> tuple[TokenShards, int]:
+        """What the windows are read from, and how many there are (a packed layout overrides this)."""
+        return _open_split(self.data_dir, self.split, self.seq_len)
+
+    def _read(self, windows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, y) of these windows (a packed layout overrides this)."""
+        return _batch(self._shards, windows, self.seq_len)
 
     @property
     def epoch(self) -> int:
@@ -113,7 +121,7 @@ class TokenLoader:
                 self._position = 0
             windows.append(self.window_index(self._epoch, self._position))
             self._position += 1
-        return _batch(self._shards, windows, self.seq_len)
+        return self._read(windows)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         while True:

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from lmforge.data.encode import CHUNK_CHARS, CHUNK_DOCS, EncodePool, ProgressBar
-from lmforge.data.files import Document, Skips
+from lmforge.data.files import Document, RecordFormat, Skips
 from lmforge.data.folder import SPLITS
 from lmforge.data.mixture import SourceSpec, mix
 from lmforge.data.shards import ShardWriter
@@ -45,7 +45,7 @@ class DocStream:
 
     specs: list[SourceSpec]
     max_docs: int | None
-    text_field: str
+    text_field: str | RecordFormat  # a field name (plain text), or how records are read (conversations)
     log: Progress
     skips: list[Skips] = field(default_factory=list)
     exhausted: str | None = None  # the mixture source that ran out first, if any

@@ -330,7 +330,7 @@ def _encode(
     return _Encoded(vocab, eos_id, dtype, out, shards, shard_sha, tokenizer_sha)
 
 
-def _report_skips(job: _Job, specs: list[SourceSpec], stream: DocStream) -> dict[str, int]:
+def report_skips(log: Progress, specs: list[SourceSpec], stream: DocStream) -> dict[str, int]:
     """Skips summed over the sources; a warning for the problems, notes for what is left out by design."""
     skipped: dict[str, int] = {}
     for per_source in stream.skips:
@@ -339,13 +339,11 @@ def _report_skips(job: _Job, specs: list[SourceSpec], stream: DocStream) -> dict
     problems = {r: c for r, c in skipped.items() if r not in _EXPECTED_SKIPS}
     if problems:
         summary = "; ".join(_problem_summary(s) for s in stream.skips if any(r in problems for r in s))
-        job.log(f"warning: skipped {sum(problems.values()):,} unusable inputs: {summary}")
+        log(f"warning: skipped {sum(problems.values()):,} unusable inputs: {summary}")
     if skipped.get("mostly_data"):
-        job.log(
-            f"note: left out {skipped['mostly_data']:,} modules that are mostly data tables (mostly_data)"
-        )
+        log(f"note: left out {skipped['mostly_data']:,} modules that are mostly data tables (mostly_data)")
     if stream.exhausted and specs[0].weight is not None:
-        job.log(f"note: the mixture stopped when '{stream.exhausted}' ran out (to keep the proportions)")
+        log(f"note: the mixture stopped when '{stream.exhausted}' ran out (to keep the proportions)")
     return skipped
 
 
@@ -367,7 +365,7 @@ def _write_meta(
         raise DataError(
             f"max_tokens={job.max_tokens} stopped before both splits got a document: raise --max-tokens"
         )
-    skipped = _report_skips(job, specs, stream)
+    skipped = report_skips(job.log, specs, stream)
     identity = fingerprint(enc.tokenizer_sha, enc.shard_sha)
     write_json(tmp / MANIFEST_FILE, _manifest(job, specs, stream, enc, skipped, identity, tmp))
     val_tokens = splits["val"]["tokens"]

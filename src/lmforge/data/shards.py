@@ -14,12 +14,13 @@ from pathlib import Path
 import numpy as np
 
 from lmforge.data.errors import DataError
-from lmforge.data.folder import META_FILE, read_meta_file, shard_glob, shard_name
+from lmforge.data.folder import META_FILE, mask_glob, mask_name, read_meta_file, shard_glob, shard_name
 
 DEFAULT_SHARD_TOKENS = 2**27
 # Explicit little-endian dtypes: shards are raw bytes with no header, so the byte order
 # must not depend on the machine that wrote them.
 _DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
+MASK_DTYPE = np.dtype("u1")  # loss-mask shards (conversations): one byte per token
 
 
 def dtype_for_vocab(vocab_size: int) -> str:
@@ -36,7 +37,8 @@ def numpy_dtype(name: str) -> np.dtype:
 
 
 class ShardWriter:
-    """Appends token ids to ``{split}_{index:06d}.bin`` files of at most ``shard_tokens`` tokens."""
+    """Appends token ids to ``{split}_{index:06d}.bin`` files of at most ``shard_tokens`` tokens; with
+    ``masks``, loss-mask bytes to ``{split}_{index:06d}.mask`` files (``dtype`` is then unused)."""
 
     def __init__(
         self,
@@ -44,12 +46,16 @@ class ShardWriter:
         split: str,
         dtype: str | np.dtype,
         shard_tokens: int = DEFAULT_SHARD_TOKENS,
+        masks: bool = False,
     ) -> None:
         if shard_tokens < 1:
             raise DataError(f"shard_tokens must be >= 1, got {shard_tokens}")
         self.out_dir = Path(out_dir)
         self.split = split
-        self.dtype = numpy_dtype(dtype if isinstance(dtype, str) else np.dtype(dtype).name)
+        self._file_name = mask_name if masks else shard_name
+        self.dtype = (
+            MASK_DTYPE if masks else numpy_dtype(dtype if isinstance(dtype, str) else np.dtype(dtype).name)
+        )
         self.shard_tokens = int(shard_tokens)
         self.tokens = 0
         # Hashes are computed while writing so the dataset fingerprint never needs a
@@ -62,7 +68,7 @@ class ShardWriter:
         self._closed = False
 
     def _open_next(self) -> None:
-        name = shard_name(self.split, len(self._names))
+        name = self._file_name(self.split, len(self._names))
         self._names.append(name)
         # A large buffer keeps the many small per-document writes cheap.
         self._file = open(self.out_dir / name, "wb", buffering=1 << 20)  # noqa: SIM115 - open across write() calls
@@ -128,21 +134,26 @@ class ShardWriter:
 
 
 class TokenShards:
-    """Read-only view of all tokens of one split, concatenated across its shard files."""
+    """Read-only view of all tokens of one split, concatenated across its shard files; with ``masks``, of
+    the loss-mask bytes of a folder of conversations."""
 
-    def __init__(self, data_dir: str | Path, split: str, meta: dict | None = None) -> None:
+    def __init__(
+        self, data_dir: str | Path, split: str, meta: dict | None = None, masks: bool = False
+    ) -> None:
         self.data_dir = Path(data_dir)
         self.split = split
         meta = read_meta_file(data_dir) if meta is None else meta
-        self.dtype = numpy_dtype(meta.get("dtype", ""))
-        names = sorted(p.name for p in self.data_dir.glob(shard_glob(split)))
+        self.dtype = MASK_DTYPE if masks else numpy_dtype(meta.get("dtype", ""))
+        names = sorted(p.name for p in self.data_dir.glob(mask_glob(split) if masks else shard_glob(split)))
         splits = meta.get("splits", {})
         if split not in splits:
             raise DataError(
                 f"split '{split}' not found in '{data_dir}': available splits are "
                 f"{', '.join(sorted(splits)) or 'none'}"
             )
-        expected = splits[split].get("shards")
+        expected = splits[split].get("mask_shards" if masks else "shards")
+        if masks and expected is None:
+            raise DataError(f"'{data_dir}' has no loss masks: prepare it again with `lmforge prepare --chat`")
         if expected is not None and sorted(expected) != names:
             raise DataError(
                 f"shards of split '{split}' in '{data_dir}' do not match {META_FILE} "

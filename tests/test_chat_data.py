@@ -536,3 +536,23 @@ def test_prepare_chat_refuses_in_one_line(tmp_path, tok_file, capsys, extra, mes
 def test_plain_prepare_refuses_the_conversation_builtin(tmp_path, capsys):
     assert main(["prepare", "--source", "builtin:stdlib-chat", "--out", str(tmp_path / "o")]) == 2
     assert "prepare it with --chat" in capsys.readouterr().err
+
+
+def test_hub_datasets_of_conversations_stream_like_files(tmp_path, monkeypatch):
+    from lmforge.data.chat_records import ChatRecords, conversation_text
+    from lmforge.data.files import Skips
+    from lmforge.data.hub import MIRROR_ENV
+    from lmforge.data.sources import iter_documents
+
+    convs = _conversations(3, seed=9)
+    repo = tmp_path / "mirror" / "org" / "chats"
+    repo.mkdir(parents=True)
+    _jsonl(
+        repo / "train.jsonl",
+        [{"messages": c} for c in convs] + [{"messages": [{"role": "user", "content": "q"}]}],
+    )
+    monkeypatch.setenv(MIRROR_ENV, str(tmp_path / "mirror"))
+    skipped = Skips()
+    docs = list(iter_documents("hf:org/chats", skipped=skipped, text_field=ChatRecords()))
+    assert [d.text for d in docs] == [conversation_text(c) for c in convs]
+    assert skipped == {"no_assistant_turn": 1} and docs[0].name == "hf:org/chats:@train#0"

@@ -43,14 +43,12 @@ def prepare(
 ) -> None:
     """Tokenize raw text into shards.
 
-    Trains a tokenizer (or loads one) and writes the token shards, meta.json and manifest.json. With
-    --chat, packs conversations for instruction tuning (`lmforge finetune`) into windows with a loss mask.
+    Trains a tokenizer (or loads one) and writes the token shards, meta.json and manifest.json.
 
     Args:
         source: a file or folder (.txt .md .json .jsonl .jsonl.gz .parquet .csv), builtin:stdlib,
             hf:NAME[:CONFIG][@SPLIT], fineweb, fineweb-edu, dolma, pile, c4, or kaggle:OWNER/DATASET;
-            repeatable, SRC:WEIGHT mixes sources in proportion; with --chat, conversation files
-            (.json .jsonl .jsonl.gz .parquet: OpenAI messages, ShareGPT, Alpaca) or builtin:stdlib-chat
+            repeatable, SRC:WEIGHT mixes sources in proportion; --chat: conversations or builtin:stdlib-chat
         out: DATA_DIR to write
         tokenizer: bpe | wordpiece | unigram | word | char (trained here), gpt2, tiktoken:NAME, or a
             tokenizer.json; with --chat, the base RUN_DIR (its tokenizer and seq_len) or a ready tokenizer
@@ -62,26 +60,12 @@ def prepare(
         max_tokens: stop once this many tokens are written
         workers: tokenizer processes (default: all cores)
         seq_len: validation window length recorded for eval; with --chat, the training window
-            (default: the base run's seq_len)
         stride: step between validation windows (< seq-len overlaps)
-        chat: conversations for instruction tuning: the chat template's tokens are added to the
-            tokenizer, assistant turns are the loss
+        chat: conversations for instruction tuning, packed into windows with a loss mask on the answers
     """
-    if chat:
-        _prepare_chat(
-            source,
-            out,
-            tokenizer,
-            special_tokens,
-            max_tokens,
-            stride,
-            seq_len,
-            val_fraction,
-            max_docs,
-            workers,
-            console,
-        )
-        return
+    if chat:  # these options mean nothing for conversations: refused rather than ignored
+        unused = {"--special-tokens": special_tokens, "--max-tokens": max_tokens, "--stride": stride}
+        return _prep_chat(source, out, tokenizer, seq_len, val_fraction, max_docs, workers, unused, console)
     from ..data import prepare as prepare_data
 
     prepare_data(  # its progress callback prints the summary
@@ -102,24 +86,21 @@ def prepare(
     )
 
 
-def _prepare_chat(
+def _prep_chat(
     source: list[str],
     out: str,
     tokenizer: str,
-    special_tokens: str,
-    max_tokens: int | None,
-    stride: int | None,
     seq_len: int | None,
     val_fraction: float,
     max_docs: int | None,
     workers: int | None,
+    unused: dict,
     console: Console,
 ) -> None:
-    """`prepare --chat`: the options that mean nothing for conversations are refused in one line."""
+    """`prepare --chat`; one line when an option in ``unused`` (flag -> value) was given."""
     from ..data.chat_prepare import prepare_chat
     from ..data.errors import DataError
 
-    unused = {"--special-tokens": special_tokens, "--max-tokens": max_tokens, "--stride": stride}
     given = [flag for flag, value in unused.items() if value not in (None, "")]
     if given:
         raise DataError(

@@ -169,11 +169,13 @@ class _ChatFeeder:
         self._texts: list[str] = []
         self._tags: list[tuple[str, int, str]] = []  # (split, source index, name) per conversation
         self._chars = 0
+        self._bytes = 0  # of the conversations read so far, as JSON: for the progress bar
 
     def add(self, split: str, source: int, doc: Document) -> None:
         self._texts.append(doc.text)
         self._tags.append((split, source, doc.name))
         self._chars += len(doc.text)
+        self._bytes += len(doc.text.encode("utf-8"))
         if self._chars >= CHUNK_CHARS or len(self._texts) >= CHUNK_DOCS:
             self._flush()
 
@@ -203,7 +205,7 @@ class _ChatFeeder:
                 self.stream.skips[source].add("too_long", name)
             start = end
         done = sum(p.stats.conversations for p in self.packers.values())
-        self.bar.update(done, 0, sum(p.stats.tokens for p in self.packers.values()))
+        self.bar.update(done, self._bytes, sum(p.stats.tokens for p in self.packers.values()))
 
 
 def _write_folder(

@@ -73,7 +73,8 @@ class _Row:
         if req.params.repetition_penalty != 1.0:
             self.seen = torch.zeros((1, vocab), dtype=torch.bool, device=device)
             self.seen[0, req.prompt_ids] = True
-        self.banned = torch.tensor(list(req.banned_ids), dtype=torch.long, device=device)
+        self.banned_key = tuple(sorted(set(req.banned_ids)))
+        self.banned = torch.tensor(self.banned_key, dtype=torch.long, device=device)
         self.stop_ids = set(req.stop_ids)
 
 
@@ -230,34 +231,54 @@ class Scheduler:
 
     def _emit(self, logits: torch.Tensor) -> None:
         """Sample each row's next token, hand out its text, and retire finished rows."""
-        finished = []
+        finished, live = [], []
         now = time.monotonic()
         for i, row in enumerate(self.rows):
+            deadline = row.req.deadline
             if row.req._cancelled:
                 finished.append((i, "cancelled"))
-                continue
-            deadline = row.req.deadline
-            reason = (
-                "length" if deadline is not None and now > deadline else self._sample(row, logits[i : i + 1])
-            )
+            elif deadline is not None and now > deadline:
+                finished.append((i, "length"))
+            else:
+                live.append(i)
+        tokens = self._draw(logits, live)
+        for i in live:
+            reason = self._take(self.rows[i], tokens[i], logits[i])
             if reason:
                 finished.append((i, reason))
-        for i, reason in reversed(finished):
+        for i, reason in sorted(finished, reverse=True):
             self._retire(i, reason)
 
-    def _sample(self, row: _Row, logits: torch.Tensor) -> str | None:
-        """Draw one token for a row; the finish reason when the row is done."""
+    def _draw(self, logits: torch.Tensor, live: list[int]) -> dict[int, int]:
+        """The next token of each live row. Rows with the same settings are drawn in one call (each from
+        its own generator, so a row draws the same alone or with others)."""
+        groups: dict[tuple, list[int]] = {}
+        for i in live:
+            p = self.rows[i].req.params
+            key = (p.temperature, p.top_k, p.top_p, p.min_p, p.repetition_penalty, self.rows[i].banned_key)
+            groups.setdefault(key, []).append(i)
+        tokens: dict[int, int] = {}
+        for idx in groups.values():
+            rows = [self.rows[i] for i in idx]
+            lg = logits[idx]  # (g, vocab)
+            if rows[0].banned.numel():
+                lg = lg.index_fill(1, rows[0].banned, float("-inf"))
+            seen = torch.cat([r.seen for r in rows]) if rows[0].seen is not None else None
+            generators = [r.generator for r in rows]
+            drawn = sample_rows(lg, rows[0].req.params, seen, None if not any(generators) else generators)
+            tokens.update(zip(idx, drawn.tolist(), strict=True))
+        return tokens
+
+    def _take(self, row: _Row, token: int, logits: torch.Tensor) -> str | None:
+        """Add a drawn token to its row and hand out its text; the finish reason when the row is done."""
         req = row.req
-        if row.banned.numel():
-            logits = logits.index_fill(1, row.banned, float("-inf"))
-        token = int(sample_rows(logits, req.params, row.seen, [row.generator])[0])
         row.generated.append(token)
         if row.seen is not None:
             row.seen[0, token] = True
         if token in row.stop_ids:
             return "stop"
         if req.logprobs is not None:  # the reply's tokens only: an end token is not part of it
-            row.logprobs.append(token_logprobs(logits[0], token, req.logprobs, self.tokenizer))
+            row.logprobs.append(token_logprobs(logits, token, req.logprobs, self.tokenizer))
         piece = row.stream.push(token)
         if piece:
             req.deliver(piece)

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from lmforge.checkpoint import model_state, save_checkpoint
+from lmforge.checkpoint import load_model, model_state, save_checkpoint
 from lmforge.config import Config, config_to_dict
 from lmforge.data import Tokenizer
 from lmforge.data.chat_template import with_chat_tokens
@@ -87,3 +87,27 @@ def follow_chain(chain: dict[int, int]) -> Callable[[GPT], None]:
             model.lm_head.weight[successor, axis] = 10.0
 
     return edit
+
+
+ENDLESS_WORD = " the"
+
+
+def make_endless_run(data_dir: Path, out: Path, context_len: int = 8192, tokens: int = 0) -> Path:
+    """A GPT-2 run that writes ENDLESS_WORD after any text, at any temperature, for ever (never
+    <|endoftext|> nor a next turn), so a generation lasts exactly max_tokens: the final LayerNorm's weight
+    is 0, so its output is its bias, set along that word's (tied) embedding. `tokens`: the training tokens
+    its checkpoint claims."""
+    tok = Tokenizer.load(data_dir / "tokenizer.json")
+    (word,) = tok.encode(ENDLESS_WORD)
+
+    def edit(model: GPT) -> None:
+        emb = model.lm_head.weight[word]
+        model.ln_f.weight.zero_()
+        model.ln_f.bias.copy_(emb * (100.0 / emb.dot(emb)))  # the word's logit is 100, every other far below
+
+    run = make_run(data_dir, out, family="gpt2", context_len=context_len, edit=edit)
+    if tokens:  # make_run's checkpoint claims none: the same weights again, as trained on `tokens`
+        model, cfg, _ = load_model(run)
+        meta = {"config": config_to_dict(cfg), "tokens": tokens, "tokenizer_sha256": tok.sha256()}
+        save_checkpoint(run, 1, model_state(model), {}, meta)
+    return run

@@ -20,7 +20,7 @@ import uvicorn
 from lmforge.api import LLM
 from lmforge.cli import main
 from lmforge.serve.app import create_app
-from tests.gen_helpers import make_run
+from tests.gen_helpers import make_endless_run, make_run
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -300,3 +300,34 @@ def test_openai_fields_max_completion_tokens_include_usage_and_unknown_model(ser
     assert all(c.usage is None for c in plain)  # no usage chunk unless asked for
     with pytest.raises(openai.NotFoundError, match="model 'gpt-4' does not exist"):
         client.completions.create(model="gpt-4", prompt="the", max_tokens=2)
+
+
+def test_a_client_that_leaves_frees_the_model_when_a_key_is_set(tiny_data, tmp_path):
+    """The key check sits between the client and the stream: a client that leaves must still end its
+    generation (before continuous batching it did not: the generation ran on to max_tokens, 11 s here)."""
+    llm = LLM.load(make_endless_run(tiny_data, tmp_path / "endless"), device="cpu")
+    app = create_app(llm, max_tokens=8000, max_body=4096, api_key="s3cret")
+    port = free_port()
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        while not srv.started:
+            time.sleep(0.05)
+        body = {"prompt": "the", "max_tokens": 8000, "stream": True}  # this model never stops early
+        auth = {"Authorization": "Bearer s3cret"}
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, headers=auth, timeout=30) as r:
+            assert r.status_code == 200
+            lines = r.iter_lines()
+            for _ in range(20):  # a few pieces, then hang up
+                next(lines)
+            # not vacuous: the generation is still running as the client leaves
+            assert httpx.get(f"{url}/health", timeout=10).json()["generating"] == 1
+        left = time.time()
+        while httpx.get(f"{url}/health", timeout=10).json()["generating"]:
+            assert time.time() - left < 3, "the generation went on after its client left"
+            time.sleep(0.01)
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=20)

@@ -58,6 +58,7 @@ class LLM:
     def __init__(self, model: GPT, tokenizer: Tokenizer, name: str = "lmforge") -> None:
         self.model, self.tokenizer, self.name = model, tokenizer, name
         self.template = ChatTemplate.of(tokenizer)
+        self.checkpoint: Path | None = None  # the checkpoint directory LLM.load read (its meta.json: tokens)
         # One generation at a time: the server's worker threads share this object.
         self.lock = threading.Lock()
         self._scheduler: Scheduler | None = None
@@ -87,7 +88,9 @@ class LLM:
             except ImportError as e:
                 raise GenerationError("int8 quantization is not available in this build") from e
             model = quantize_int8(model)
-        return cls(model, Tokenizer.load(tokenizer_path(Path(run))), name=Path(run).resolve().name)
+        llm = cls(model, Tokenizer.load(tokenizer_path(Path(run))), name=Path(run).resolve().name)
+        llm.checkpoint = ckpt
+        return llm
 
     @property
     def context_len(self) -> int:

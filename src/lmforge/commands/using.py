@@ -99,18 +99,26 @@ def chat(
     sampling: SamplingParams,
     *,
     system: str | None = None,
+    web: bool = False,
+    port: int = 8000,
     console: Console,
 ) -> None:
-    """Chat with a run in the terminal.
+    """Chat with a run in the terminal, or in a web page (--web).
 
-    Commands: /reset, /temperature X, /quit; Ctrl-C stops a reply.
+    Commands: /reset, /temperature X, /quit; Ctrl-C stops a reply. --web serves the chat page on
+    127.0.0.1 (the same server as `lmforge serve`) and prints its address to open in a browser.
 
     Args:
-        system: a system line kept at the start of the conversation
+        system: a system line kept at the start of the conversation (terminal chat)
+        web: serve the web chat page on 127.0.0.1 instead; the sampling flags become its defaults
+        port: the web page's port (with --web)
     """
     from ..api import LLM
     from ..generate.chat import repl
 
+    if web:
+        _chat_web(run, device, sampling, system, port, console)
+        return
     llm = LLM.load(run.run, device=device.device, quantize=device.quantize)
     how = (
         f"chat template {llm.template.name}" if llm.template else "a base run: a User:/Assistant: transcript"
@@ -119,6 +127,25 @@ def chat(
     session = llm.session(sampling.max_new_tokens, sampling, sampling.seed)
     session.system = system
     repl(session)
+
+
+def _chat_web(run: Run, device: InferenceDevice, sampling: SamplingParams, system, port, console) -> None:
+    """`lmforge chat --web`: `lmforge serve` on 127.0.0.1, whose first printed line is the page's address."""
+    from ..serve import serve as serve_run
+
+    if system is not None:
+        raise ConfigError(
+            "--system is for the terminal chat: with --web, write it in the page's System prompt"
+        )
+    serve_run(
+        run.run,
+        host="127.0.0.1",
+        port=port,
+        device=device.device,
+        quantize=device.quantize,
+        sampling=sampling,
+        console=console,
+    )
 
 
 def serve(

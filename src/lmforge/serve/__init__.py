@@ -65,10 +65,12 @@ def serve(
         llm, max_tokens, max_body, model_name, sampling or SamplingParams(), api_key, max_rows, max_queue, timeout
     )
     if console is not None:
+        base = f"http://{host}:{port}"
         console.print(
-            f"serving {llm.name} on http://{host}:{port}/v1 (OpenAI-compatible"
-            f"{'; API key required' if api_key else ''}; Ctrl-C stops)",
+            f"serving {llm.name}{' (API key required)' if api_key else ''}; Ctrl-C stops\n"
+            f"  chat page:  {base}/\n  OpenAI API: {base}/v1",
             highlight=False,
+            soft_wrap=True,
         )
     # On SIGTERM uvicorn waits for open connections; streams still running are cut after 3 s, and the
     # batcher's shutdown then ends them at once, so the server is gone within about 5 s.

@@ -27,6 +27,7 @@ from ..api import LLM, GenerationError
 from ..generate.engine import Completion
 from ..generate.params import SamplingParams
 from .generation import Generations
+from .page import add_page
 from .protocol import (
     DEFAULT,
     MAX_CHOICES,
@@ -78,6 +79,7 @@ def create_app(
     app.get("/v1/models")(server.models)
     app.post("/v1/completions")(server.completions)
     app.post("/v1/chat/completions")(server.chat_completions)
+    add_page(app, server, key_required=bool(api_key))  # the web chat at /, and /v1/lmforge/info
     return app
 
 

@@ -42,12 +42,14 @@ def add_page(app: FastAPI, server, key_required: bool) -> None:
     # will be refused (each 401 would be an error in the browser's console).
     html = (STATIC / "index.html").read_text(encoding="utf-8")
     html = html.replace('data-key-required="0"', f'data-key-required="{int(key_required)}"')
-    facts = model_facts(server)
+    facts: dict = {}  # gathered at the first request: the app may be built around a stand-in LLM
 
     async def index() -> HTMLResponse:
         return HTMLResponse(html, headers=PAGE_HEADERS)
 
     def info() -> dict:  # a plain function: answered from a worker thread while a generation runs
+        if not facts:
+            facts.update(model_facts(server))
         return {**facts, "generating": server.llm.lock.locked()}
 
     app.get("/", include_in_schema=False)(index)

@@ -106,15 +106,23 @@ def info(url: str) -> dict:
 
 # ---- the browser ----
 
-# Run in the page before its own scripts: record alert() calls and what each fetch sent.
+# Run in the page before its own scripts: record alert() calls and what each fetch sent, and answer the
+# next request with window.__answer ({status, message}) instead of the server, once, when a test sets it.
 SPY = """
 window.__alerts = [];
 window.alert = (m) => { window.__alerts.push(String(m)); };
 window.__sent = [];
+window.__answer = null;
 const realFetch = window.fetch.bind(window);
 window.fetch = (url, opts) => {
   const o = opts || {};
   window.__sent.push({url: String(url), body: o.body || null, auth: (o.headers || {}).Authorization || null});
+  const answer = window.__answer;
+  window.__answer = null;
+  if (answer) {
+    const body = JSON.stringify({error: {message: answer.message, type: "x", param: null, code: null}});
+    return Promise.resolve(new Response(body, {status: answer.status}));
+  }
   return realFetch(url, opts);
 };
 """
@@ -334,6 +342,37 @@ def test_html_in_a_message_is_shown_as_text_and_runs_nothing(browser, server):
 
     with pytest.raises(NoAlertPresentException):
         drv.switch_to.alert.text  # noqa: B018
+
+
+def test_a_refused_message_says_why_and_goes_back_into_the_box(browser, server):
+    drv = open_page(browser, server)
+    set_field(drv, "max-tokens", 9000)  # the real server's cap is 8000: a real 400
+    say(drv, "too long a reply")
+    notice = wait_for(
+        lambda: visible(drv, "#notice") and drv.find_element("id", "notice").text, what="notice"
+    )
+    assert notice == "The server refused the request (400): max_tokens=9000 is over this server's cap of 8000"
+    assert drv.find_element("id", "input").get_attribute("value") == "too long a reply"
+    assert bodies(drv, "user") == [] and idle(drv)
+    set_field(drv, "max-tokens", 2)
+    answers = {  # what the page says for a busy server and a full context (answered by the spy)
+        429: ("too many requests", "The server is busy (429): wait a moment and send again."),
+        503: ("overloaded", "The server is busy (503): wait a moment and send again."),
+        400: (
+            "the conversation is 9000 tokens, over the context",
+            "no longer fits the model's context of 8192",
+        ),
+    }
+    for status, (message, says) in answers.items():
+        drv.execute_script(
+            "window.__answer = {status: arguments[0], message: arguments[1]};", status, message
+        )
+        drv.find_element("id", "send").click()
+        wait_for(lambda says=says: says in drv.find_element("id", "notice").text, what=f"the {status} notice")
+        assert drv.find_element("id", "input").get_attribute("value") == "too long a reply"
+    drv.find_element("id", "send").click()  # the server answers again: the notice goes
+    wait_for(lambda: idle(drv) and bodies(drv, "assistant") == ["the the"], what="the reply")
+    assert not visible(drv, "#notice") and bodies(drv, "user") == ["too long a reply"]
 
 
 def test_no_request_leaves_this_machine_and_the_console_stays_clean(browser, server):

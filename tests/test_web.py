@@ -5,8 +5,8 @@ The browser tests need Debian's chromium and chromium-driver (`apt-get install c
 and are skipped, in one line, without them. The served model writes " the" for ever (make_endless_run), so
 a reply is as long as max_tokens asks: long enough to watch it stream and to stop it half-way.
 
-Screenshots for the docs, from a real session with a trained run:
-    python tests/test_web.py RUN_DIR docs
+Screenshots for the docs, from a real session with a trained run (from the repository's root):
+    PYTHONPATH=src python -m tests.test_web RUN_DIR docs
 """
 
 from __future__ import annotations
@@ -423,7 +423,7 @@ def screenshots(drv, url: str, out: Path, messages: list[str], max_tokens: int) 
         if phone:
             summary.click()
         for i, text in enumerate(messages, 1):
-            say(drv, text)
+            (say_lines if "\n" in text else say)(drv, text)
             wait_for(lambda i=i: idle(drv) and len(bodies(drv, "assistant")) == i, 60, "a reply")
         overflow = drv.execute_script("return document.documentElement.scrollWidth;")
         assert overflow <= width, f"the page is {overflow} px wide in a {width} px window"
@@ -439,7 +439,7 @@ def screenshots(drv, url: str, out: Path, messages: list[str], max_tokens: int) 
     return shots
 
 
-if __name__ == "__main__":  # python tests/test_web.py RUN_DIR OUT_DIR: the docs' screenshots
+if __name__ == "__main__":  # python -m tests.test_web RUN_DIR OUT_DIR: the docs' screenshots
     run_dir, out_dir = sys.argv[1:3]
     port = free_port()
     args = ["serve", "--run", run_dir, "--port", str(port), "--api-key", KEY, "--temperature", "0.7"]
@@ -447,7 +447,10 @@ if __name__ == "__main__":  # python tests/test_web.py RUN_DIR OUT_DIR: the docs
     drv = chromium()
     try:
         drv.get(f"http://127.0.0.1:{port}/")
-        say_msgs = ["def fibonacci(n):", "class Stack:"]
+        say_msgs = [
+            "Write a function that adds two numbers.",
+            "Finish this:\n```python\ndef fibonacci(n):\n```",
+        ]
         print(*screenshots(drv, f"http://127.0.0.1:{port}", Path(out_dir), say_msgs, max_tokens=48))
     finally:
         drv.quit()

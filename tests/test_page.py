@@ -54,7 +54,6 @@ def test_info_needs_the_key_and_tells_the_model_and_the_defaults(client, run):
             "repetition_penalty": 1.0,
             "max_tokens": 24,
         },
-        "generating": False,
     }
     assert got["parameters"] == sum(p.numel() for p in model.parameters())
 

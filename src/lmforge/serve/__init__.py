@@ -62,7 +62,15 @@ def serve(
 
     llm = LLM.load(run, device=device, quantize=quantize)
     app = create_app(
-        llm, max_tokens, max_body, model_name, sampling or SamplingParams(), api_key, max_rows, max_queue, timeout
+        llm,
+        max_tokens,
+        max_body,
+        model_name,
+        sampling or SamplingParams(),
+        api_key,
+        max_rows,
+        max_queue,
+        timeout,
     )
     if console is not None:
         base = f"http://{host}:{port}"

@@ -47,10 +47,10 @@ def add_page(app: FastAPI, server, key_required: bool) -> None:
     async def index() -> HTMLResponse:
         return HTMLResponse(html, headers=PAGE_HEADERS)
 
-    def info() -> dict:  # a plain function: answered from a worker thread while a generation runs
+    def info() -> dict:
         if not facts:
             facts.update(model_facts(server))
-        return {**facts, "generating": server.llm.lock.locked()}
+        return facts
 
     app.get("/", include_in_schema=False)(index)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
@@ -66,7 +66,7 @@ def model_facts(server) -> dict:
         "parameters": param_breakdown(llm.model.cfg)["total"],
         "context_length": llm.context_len,
         "training_tokens": _training_tokens(llm.checkpoint),
-        "max_tokens": server.max_tokens,  # the most a request may ask for
+        "max_tokens": server.max_tokens,  # the most a request may ask for (under the context)
         "defaults": {
             "temperature": d.temperature,
             "top_k": d.top_k,

@@ -211,7 +211,7 @@ async function errorText(res) {
   }
   if (res.status === 400 && /context/i.test(message)) {
     const size = chat.info ? ` of ${chat.info.context_length} tokens` : "";
-    return `The conversation no longer fits the model's context${size}: start a new chat or send a shorter message. (${message})`;
+    return `The conversation no longer fits the model's context${size}: start a new chat, send a shorter message or lower Max tokens. (${message})`;
   }
   return `The server refused the request (${res.status}): ${message || "no reason given"}`;
 }

@@ -275,10 +275,11 @@ def main(argv: list[str] | None = None) -> int:
         return run(command, ns, parsers[command], argv, console)
     except ArgumentError as e:
         parser = built[1].get(argv[0]) if argv else None
-        err.print(f"lmforge: error: {_one_line(e, parser)}", highlight=False, soft_wrap=True)
+        err.print(f"lmforge: error: {_one_line(e, parser)}", highlight=False, markup=False, soft_wrap=True)
         return EXIT_USAGE
     except LmforgeError as e:
-        err.print(f"lmforge: error: {e}", highlight=False, soft_wrap=True)
+        # markup=False: a message is plain text ("pip install 'lmforge[hf]'" lost its [hf] as a rich tag).
+        err.print(f"lmforge: error: {e}", highlight=False, markup=False, soft_wrap=True)
         return getattr(e, "exit_code", EXIT_USAGE)
     except KeyboardInterrupt:
         err.print("lmforge: interrupted", highlight=False)

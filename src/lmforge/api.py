@@ -127,18 +127,34 @@ class LLM:
 
     def complete(
         self,
-        prompts: Sequence[str],
+        prompts: Sequence[Prompt],
         max_new_tokens: int,
         params: SamplingParams,
         seed: int | None = None,
         stop: Sequence[str] | str | None = None,
     ) -> list[Completion]:
-        """Completions (text, tokens, finish reason) of a batch of prompts; seed and stop: params' if None."""
+        """Completions (text, tokens, finish reason) of a batch of prompts, each a text or its token ids;
+        seed and stop: params' if None."""
         seed, stop = _given_or(params, seed, stop)
         with self.lock:
             return generate_texts(
                 self.model, self.tokenizer, prompts, max_new_tokens, params, seed, _stops(stop)
             )
+
+    def loglikelihoods(
+        self,
+        pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
+        batch_size: int = 8,
+        window: int | None = None,
+        on_batch: Callable[[int], None] | None = None,
+    ) -> list[tuple[float, bool]]:
+        """(log-probability, is greedy) of each continuation after its context, for (context ids,
+        continuation ids) pairs, scored batch_size at a time over at most `window` tokens (default: the
+        context); what multiple-choice and perplexity evaluations (lm-evaluation-harness) ask of a model."""
+        from .eval.metrics import continuation_logprobs
+
+        with self.lock:
+            return continuation_logprobs(self.model, pairs, batch_size, window, on_batch)
 
     def stream(
         self,

@@ -1,9 +1,9 @@
-"""Language-model metrics: loss, perplexity, bits per byte."""
+"""Language-model metrics: loss, perplexity, bits per byte, and the log-likelihood of continuations."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -124,4 +124,44 @@ def summarize_scores(scores: dict[str, torch.Tensor], n_bytes: float | None = No
     }
     if n_bytes:
         out["bpb"] = total / (math.log(2) * n_bytes)
+    return out
+
+
+@torch.no_grad()
+def continuation_logprobs(
+    model: torch.nn.Module,
+    pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
+    batch_size: int = 8,
+    window: int | None = None,
+    on_batch: Callable[[int], None] | None = None,
+) -> list[tuple[float, bool]]:
+    """(summed log-probability, greedy) of each continuation after its context, for (context, continuation)
+    token pairs: greedy is True when every continuation token is the argmax of its prediction.
+
+    A pair longer than `window` + 1 tokens (default: the model's context) loses tokens from the left of the
+    context, as lm-evaluation-harness cuts them. Pairs go through the model batch_size at a time, longest
+    first, right-padded: a causal model's scores at a position never see the padding after it.
+    """
+    window = window or model.cfg.context_len
+    device = next(model.parameters()).device
+    for context, cont in pairs:
+        if not context or not cont or len(cont) > window:
+            raise ValueError(f"a pair needs a context and 1..{window} continuation tokens")
+    order = sorted(range(len(pairs)), key=lambda i: -(len(pairs[i][0]) + len(pairs[i][1])))
+    out: list[tuple[float, bool]] = [(0.0, False)] * len(pairs)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        rows = [[*pairs[i][0], *pairs[i][1]][-(window + 1) :] for i in chunk]
+        x = torch.zeros(len(rows), max(len(r) for r in rows) - 1, dtype=torch.long)  # (B, T)
+        for row, seq in enumerate(rows):
+            x[row, : len(seq) - 1] = torch.tensor(seq[:-1])
+        logp = F.log_softmax(model(x.to(device)).float(), dim=-1)  # (B, T, V)
+        for row, (i, seq) in enumerate(zip(chunk, rows, strict=True)):
+            n, end = len(pairs[i][1]), len(seq) - 1
+            targets = torch.tensor(seq[-n:], device=device)
+            scores = logp[row, end - n : end]  # (n, V): the predictions of the continuation's tokens
+            total = scores.gather(-1, targets[:, None]).sum()
+            out[i] = (float(total), bool((scores.argmax(-1) == targets).all()))
+        if on_batch is not None:
+            on_batch(len(chunk))
     return out

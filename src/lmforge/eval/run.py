@@ -249,9 +249,25 @@ def _speed(model, base_model, report: dict) -> None:
         report["quantization"][f"{key.removesuffix('_tok_s')}_speedup"] = speedup
 
 
-def write_report(report: dict, path: str | Path) -> Path:
-    """Write the report as JSON through a temporary file and a rename (never half-written)."""
+def read_report(path: str | Path) -> dict:
+    """The report a file holds: {} when there is none (or it is not a JSON object)."""
+    try:
+        report = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return {}
+    return report if isinstance(report, dict) else {}
+
+
+# Sections a report keeps from the file it replaces: measured by another command, not this one.
+KEPT_SECTIONS = ("harness",)
+
+
+def write_report(report: dict, path: str | Path, keep: tuple[str, ...] = KEPT_SECTIONS) -> Path:
+    """Write the report as JSON through a temporary file and a rename (never half-written); the sections
+    named in `keep` that the file already has and the report lacks are carried over."""
     path = Path(path)
+    previous = read_report(path) if keep else {}
+    report = {**{k: previous[k] for k in keep if k in previous}, **report}
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         tmp.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n", encoding="utf-8")

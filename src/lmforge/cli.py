@@ -9,7 +9,7 @@ lmforge chat     --run RUN_DIR
 lmforge serve    --run RUN_DIR [--host 127.0.0.1] [--port 8000]
 lmforge export   --run RUN_DIR --format hf|safetensors|onnx|gguf --out DIR [--dtype f32|f16|bf16|q8_0]
 lmforge import   hf:HF_DIR --out RUN_DIR
-lmforge eval     --run RUN_DIR [--data DATA_DIR | --text FILE] [--tasks NAME=FILE.jsonl] [--quantize int8]
+lmforge eval     --run RUN_DIR [--data DATA_DIR | --text FILE] [--tasks NAME=FILE.jsonl] [--quantize int8] | --harness TASKS
 lmforge consolidate --run RUN_DIR [--out DIR]
 lmforge quickstart
 lmforge bench    [--preset P] [--batch N] [--compare hf|none]

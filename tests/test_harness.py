@@ -295,11 +295,17 @@ def test_a_base_run_refuses_chat_templating_in_one_line(trained_run, manager, ta
     assert not (tmp_path / "e.json").exists()
 
 
-def test_model_args_are_checked():
+def test_model_args_are_checked(random_pair):
     with pytest.raises(HarnessError, match="pretrained_model"):
         LmforgeLM(run="x", pretrained_model="y")
     with pytest.raises(HarnessError, match="run=RUN_DIR"):
         LmforgeLM()
+    llm = random_pair[0].llm
+    with pytest.raises(HarnessError, match="its context_len"):
+        LmforgeLM(llm=llm, max_length=65)
+    with pytest.raises(HarnessError, match="batch_size"):
+        LmforgeLM(llm=llm, batch_size="many")
+    assert LmforgeLM(llm=llm, batch_size="auto:4", max_length="32").batch_size == 8
 
 
 def test_cli_harness_prints_the_numbers_and_keeps_eval_json(trained_run, tmp_path, task_dir, ours, capsys):

@@ -23,6 +23,7 @@ from .generate.params import SamplingParams
 __all__ = [
     "GROUPS",
     "Device",
+    "Harness",
     "InferenceDevice",
     "Run",
     "RunConfig",
@@ -69,8 +70,33 @@ class InferenceDevice(Device):
     quantize: str | None = None
 
 
+@dataclass(frozen=True)
+class Harness:
+    """lm-evaluation-harness (pip install 'lmforge[eval]').
+
+    Args:
+        harness: lm-evaluation-harness tasks to run instead, comma-separated (names, or task .yaml files)
+        num_fewshot: examples in each prompt (--harness; default: each task's own)
+        limit: items per task, or a fraction of them below 1 (--harness)
+        include_path: a folder of your own task YAML files (--harness)
+        apply_chat_template: prompts in the run's chat template (--harness)
+    """
+
+    harness: str | None = None
+    num_fewshot: int | None = None
+    limit: float | None = None
+    include_path: str | None = None
+    apply_chat_template: bool = False
+
+    def settings_given(self) -> list[str]:
+        """The flags of the settings given, which mean something only with --harness."""
+        values = (self.num_fewshot, self.limit, self.include_path, self.apply_chat_template or None)
+        flags = ("--num-fewshot", "--limit", "--include-path", "--apply-chat-template")
+        return [flag for flag, value in zip(flags, values, strict=True) if value is not None]
+
+
 # The dataclasses whose fields become flat flags of every command that takes one.
-GROUPS = (Run, Device, InferenceDevice, SamplingParams)
+GROUPS = (Run, Device, InferenceDevice, SamplingParams, Harness)
 
 
 class Without:

@@ -11,7 +11,7 @@ from typing import Annotated
 from rich.console import Console
 
 from ..config import ConfigError
-from ..options import InferenceDevice, Run, SamplingParams, Without
+from ..options import Harness, InferenceDevice, Run, SamplingParams, Without
 
 
 def generate(
@@ -207,6 +207,7 @@ def evaluate(
     run: Run,
     device: InferenceDevice,
     sampling: Annotated[SamplingParams, Without("top_p", "min_p", "repetition_penalty", "stop")],
+    harness: Harness,
     *,
     data: str | None = None,
     text: str | None = None,
@@ -217,18 +218,13 @@ def evaluate(
     prompts: str | None = None,
     no_speed: bool = False,
     out: str | None = None,
-    harness: str | None = None,
-    num_fewshot: int | None = None,
-    limit: float | None = None,
-    include_path: str | None = None,
-    apply_chat_template: bool = False,
     console: Console,
 ) -> None:
     """Measure a run: loss, ppl, bpb, accuracy, tasks, generation, speed.
 
     The generation check samples with the sampling flags below (an unset seed is 0, so reports repeat).
-    --harness TASKS runs lm-evaluation-harness tasks on the run instead (pip install 'lmforge[eval]'),
-    with the generation settings each task gives.
+    --harness TASKS runs lm-evaluation-harness tasks on the run instead, with the generation settings
+    each task gives.
 
     Args:
         data: DATA_DIR whose val split is scored (default: the run's data)
@@ -241,41 +237,25 @@ def evaluate(
         prompts: prompt set: .txt (one per line) or .jsonl (default: built in)
         no_speed: skip the speed measurement
         out: where to write the JSON report (default: RUN_DIR/eval.json)
-        harness: lm-evaluation-harness tasks, comma-separated (names, or task .yaml files)
-        num_fewshot: examples in each prompt (--harness; default: each task's own)
-        limit: items per task, or a fraction of them below 1 (--harness)
-        include_path: a folder of your own task YAML files (--harness)
-        apply_chat_template: prompts in the run's chat template (--harness)
     """
     from ..eval.run import EvalError, EvalOptions, evaluate_run, report_table, write_report
 
     path = Path(out or Path(run.run) / "eval.json")
-    own = {"--data": data, "--text": text, "--stride": stride, "--tasks": tasks, "--prompts": prompts}
-    harness_flags = {"--num-fewshot": num_fewshot, "--limit": limit, "--include-path": include_path}
-    harness_flags["--apply-chat-template"] = apply_chat_template or None
-    if harness is not None:
+    if harness.harness is not None:
+        own = {"--data": data, "--text": text, "--stride": stride, "--tasks": tasks, "--prompts": prompts}
         if given := [flag for flag, value in own.items() if value]:
             raise EvalError(f"{', '.join(given)}: lmforge's own measurements; run them without --harness")
-        settings = (num_fewshot, limit, include_path, apply_chat_template, batch_size)
-        _evaluate_harness(run, device, harness, settings, path, console)
+        _evaluate_harness(run, device, harness, batch_size, path, console)
         return
-    if given := [flag for flag, value in harness_flags.items() if value is not None]:
+    if given := harness.settings_given():
         raise EvalError(f"{', '.join(given)}: only with --harness TASKS")
-    named = {}
-    for spec in tasks or []:
-        name, sep, file = spec.partition("=")
-        if not sep or not name or not file:
-            raise EvalError(
-                f"--tasks {spec}: write it as NAME=FILE.jsonl, e.g. hellaswag=hellaswag_val.jsonl"
-            )
-        named[name] = file
     opts = EvalOptions(
         data=data,
         text=text,
         stride=stride,
         batches=batches,
         batch_size=batch_size,
-        tasks=named,
+        tasks=_named_tasks(tasks or []),
         prompts=prompts,
         sampling=sampling,
         speed=not no_speed,
@@ -288,12 +268,38 @@ def evaluate(
     console.print(f"wrote {written}", highlight=False)
 
 
-def _evaluate_harness(run: Run, device: InferenceDevice, tasks: str, settings: tuple, path: Path, console):
+def _named_tasks(specs: list[str]) -> dict[str, str]:
+    """--tasks NAME=FILE.jsonl, each one, as {name: file}."""
+    from ..eval.run import EvalError
+
+    named = {}
+    for spec in specs:
+        name, sep, file = spec.partition("=")
+        if not sep or not name or not file:
+            raise EvalError(
+                f"--tasks {spec}: write it as NAME=FILE.jsonl, e.g. hellaswag=hellaswag_val.jsonl"
+            )
+        named[name] = file
+    return named
+
+
+def _evaluate_harness(
+    run: Run, device: InferenceDevice, harness: Harness, batch_size: int, path: Path, console: Console
+) -> None:
     """`lmforge eval --harness`: lm-eval's table of results, kept in the report file under "harness"."""
     from ..eval.harness_report import HarnessOptions, parse_tasks, run_harness
     from ..eval.run import read_report, write_report
 
-    opts = HarnessOptions(parse_tasks(tasks), *settings, device=device.device, quantize=device.quantize)
+    opts = HarnessOptions(
+        tasks=parse_tasks(harness.harness),
+        num_fewshot=harness.num_fewshot,
+        limit=harness.limit,
+        include_path=harness.include_path,
+        apply_chat_template=harness.apply_chat_template,
+        batch_size=batch_size,
+        device=device.device,
+        quantize=device.quantize,
+    )
     section, table = run_harness(run.run, opts)
     console.print(table, highlight=False, markup=False, soft_wrap=True)
     written = write_report({**read_report(path), "harness": section}, path)

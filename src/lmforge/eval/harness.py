@@ -107,6 +107,10 @@ class LmforgeLM(TemplateLM):
         self._device = llm.model.wte.weight.device
         self.batch_size = parse_batch_size(batch_size)
         self.max_length = int(max_length) if max_length else llm.context_len
+        if not 2 <= self.max_length <= llm.context_len:
+            raise HarnessError(
+                f"max_length {max_length}: the model sees 2 to {llm.context_len} tokens (its context_len)"
+            )
         self.max_gen_toks = int(max_gen_toks)
         self.template = ChatTemplate.of(llm.tokenizer)
         # Text of control tokens that lm-eval's prompts carry (a chat transcript is handed over as text).

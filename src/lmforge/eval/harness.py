@@ -112,7 +112,7 @@ class LmforgeLM(TemplateLM):
                 f"max_length {max_length}: the model sees 2 to {llm.context_len} tokens (its context_len)"
             )
         self.max_gen_toks = int(max_gen_toks)
-        self.template = ChatTemplate.of(llm.tokenizer)
+        self.template: ChatTemplate | None = llm.template
         # Text of control tokens that lm-eval's prompts carry (a chat transcript is handed over as text).
         names = [EOS_TOKEN, *(SPECIAL_TOKENS if self.template else ())]
         self._control = {name: int(llm.tokenizer.hf.token_to_id(name)) for name in names}
@@ -279,7 +279,7 @@ class LmforgeLM(TemplateLM):
         params = sum(p.numel() for p in self.llm.model.parameters())
         return {
             "model_name": self.llm.name,
-            "checkpoint": self.llm.checkpoint,
+            "checkpoint": str(self.llm.checkpoint) if self.llm.checkpoint else None,
             "model_num_parameters": params,
         }
 

@@ -110,7 +110,7 @@ def harness_section(results: dict, lm, opts: HarnessOptions) -> dict:
     config = results.get("config", {})
     return {
         "lm_eval_version": lm_eval.__version__,
-        "checkpoint": lm.llm.checkpoint,
+        "checkpoint": str(lm.llm.checkpoint) if lm.llm.checkpoint else None,
         "tasks": results["results"],
         "groups": results.get("groups", {}),
         "n_shot": results.get("n-shot", {}),

@@ -409,12 +409,18 @@ def load_model(
     run: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
 ) -> tuple[GPT, Config, Path]:
     """Build the model of a run (or checkpoint directory) with its saved weights, in eval mode, as trained:
-    plain nn.Linear layers (whoever decodes applies its own layout, `generate/layout.py`)."""
+    plain nn.Linear layers (whoever decodes applies its own layout, `generate/layout.py`); a LoRA run's
+    adapters are folded into its base's weights (`finetuned.py`)."""
     ckpt = resolve_checkpoint(run)
     model_sd, _, meta = load_checkpoint(ckpt)
     cfg = config_from_dict(meta["config"])
-    model = GPT(cfg.model)
-    load_model_weights(model, model_sd)
+    if cfg.lora.rank:  # adapters only: merged onto their base here, so every reader gets a plain model
+        from .finetuned import load_lora_model
+
+        model = load_lora_model(ckpt, cfg, model_sd, meta)
+    else:
+        model = GPT(cfg.model)
+        load_model_weights(model, model_sd)
     model.to(device=device, dtype=dtype).eval()
     return model, cfg, ckpt
 

@@ -4,6 +4,8 @@ signature and docstring, argv is parsed once, and main() calls the function with
 
 lmforge prepare  --source SRC[:WEIGHT] ... --out DATA_DIR [--tokenizer bpe|wordpiece|unigram|word|char|gpt2|tiktoken:NAME|FILE]
 lmforge train    --config configs/X.yaml --data DATA_DIR --out RUN_DIR [--resume auto|never|PATH] [--section.key=value ...]
+lmforge finetune --from BASE_RUN_DIR --data SFT_DATA --out SFT_RUN [--lora.rank=R] [--section.key=value ...]
+lmforge merge    --run SFT_RUN --out MERGED_RUN
 lmforge generate --run RUN_DIR --prompt "..." [--stream] | --input prompts.txt --output results.jsonl
 lmforge chat     --run RUN_DIR
 lmforge serve    --run RUN_DIR [--host 127.0.0.1] [--port 8000]
@@ -39,7 +41,7 @@ from rich.console import Console
 from .commands import COMMANDS, EXIT_DIVERGED, EXIT_PREEMPTED
 from .config import Config, ConfigError, all_keys, unknown_key_message
 from .errors import LmforgeError
-from .options import GROUPS, RunConfig, Without, parse_config, run_config
+from .options import GROUPS, Defaults, RunConfig, Without, parse_config, run_config
 from .presets import get_preset
 
 __all__ = ["EXIT_DIVERGED", "EXIT_PREEMPTED", "EXIT_USAGE", "build_parser", "main", "parse", "parse_config"]
@@ -53,6 +55,13 @@ def _unwrap(hint) -> tuple[typing.Any, frozenset[str]]:
         base, *extras = typing.get_args(hint)
         return base, frozenset().union(*(e.fields for e in extras if isinstance(e, Without)))
     return hint, frozenset()
+
+
+def _config_defaults(fn: Callable, name: str) -> dict:
+    """The config defaults a command sets over the Config's own: Annotated[RunConfig, Defaults({...})]."""
+    hint = typing.get_type_hints(fn, include_extras=True)[name]
+    extras = typing.get_args(hint)[1:] if typing.get_origin(hint) is typing.Annotated else ()
+    return {key: value for e in extras if isinstance(e, Defaults) for key, value in e.values.items()}
 
 
 def _params(fn: Callable) -> list[tuple[str, typing.Any, frozenset[str]]]:
@@ -81,14 +90,15 @@ def _plain_action(*flags: str, **kwargs):
 def _posix_flags(parser: ArgumentParser, dests: list[str]) -> None:
     """lmforge's spelling of the arguments jsonargparse made from a signature: --batch-size for batch_size,
     a switch for a bool that defaults to False (--stream), a repeated flag for a list (--stop A --stop B,
-    each value taken as written), one or more values for a positional list (plot RUN_DIR RUN_DIR)."""
+    each value taken as written), one or more values for a positional list (plot RUN_DIR RUN_DIR). A
+    trailing underscore, which keeps a Python keyword a name, is not written (from_ is --from)."""
     for dest in dests:
         if "." in dest:  # a nested config key keeps its name: --model.n_layer
             continue
         old = next(a for a in parser._actions if a.dest == dest)
         hint = getattr(old, "_typehint", None)
         is_list = list in {typing.get_origin(t) for t in (hint, *typing.get_args(hint))}
-        flag = f"--{dest.replace('_', '-')}"
+        flag = f"--{dest.rstrip('_').replace('_', '-')}"
         if not old.option_strings:
             if is_list:
                 _swap(parser, old, _plain_action(dest, nargs="+", metavar=dest.upper(), help=old.help))
@@ -103,6 +113,8 @@ def _posix_flags(parser: ArgumentParser, dests: list[str]) -> None:
                 del parser._option_string_actions[spelling]
             old.option_strings = [flag]
             parser._option_string_actions[flag] = old
+            if dest.endswith("_"):
+                old.metavar = dest.rstrip("_").upper()
 
 
 def command_parser(fn: Callable) -> ArgumentParser:
@@ -115,6 +127,7 @@ def command_parser(fn: Callable) -> ArgumentParser:
         elif kind is RunConfig:
             parser.add_argument("--config", action=ActionConfigFile, help="a YAML config (see configs/)")
             parser.add_class_arguments(Config, nested_key=None, fail_untyped=False)
+            parser.set_defaults(_config_defaults(fn, name))
             given.add(name)
         elif kind in GROUPS:
             added = parser.add_class_arguments(kind, nested_key=None, skip=set(without), instantiate=False)

@@ -30,6 +30,7 @@ __all__ = [
     "EvalConfig",
     "FSDPConfig",
     "LogConfig",
+    "LoraConfig",
     "ModelConfig",
     "TrainConfig",
     "config_from_dict",
@@ -43,6 +44,17 @@ class ConfigError(LmforgeError, ValueError):
 
 
 DEFAULT_MAX_STEPS = 1000  # train.max_steps when neither it nor train.max_tokens is given
+
+# `lmforge finetune`'s defaults over train's (its --help shows them; a --config file or flag still wins).
+FINETUNE_DEFAULTS = {
+    # A sixth of pretraining's 6e-4: the weights already sit where pretraining put them, and steps as large
+    # as pretraining's erase what it learned (catastrophic forgetting; SFT recipes for GPT-2-sized models
+    # use 1e-5 to 1e-4). LoRA's adapters start at zero and often take 2e-4 (QLoRA, Dettmers et al., 2023).
+    "train.lr": 1e-4,
+    "train.warmup_steps": 10,  # a short ramp: AdamW's moments start at zero, the weights do not
+    "train.min_lr_ratio": 0.0,  # decay to zero over the few epochs, as SFT recipes do
+    "train.weight_decay": 0.0,  # decay pulls weights toward zero, not toward the base the fine-tune leaves
+}
 
 
 def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
@@ -209,6 +221,37 @@ class FSDPConfig:
             _require(isinstance(value, bool), f"fsdp.{key}", value, "must be true or false")
 
 
+# Where LoRA adapters can go: the linear layers of every block (names under blocks.N).
+LORA_TARGETS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+
+
+@dataclass
+class LoraConfig:
+    """Low-rank adapters (`lmforge finetune --lora.rank=R`): only they train; the base weights stay frozen."""
+
+    rank: int = 0  # r of each adapter; 0: no adapters (a full fine-tune, or pretraining)
+    alpha: float = 16.0  # the adapter's output is scaled by alpha / rank (Hu et al., 2021)
+    # Every linear layer of the blocks by default: adapting all of them, not attention alone, is what
+    # matches a full fine-tune (QLoRA, Dettmers et al., 2023, section 4).
+    targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+
+    def __post_init__(self) -> None:
+        _require(self.rank >= 0, "lora.rank", self.rank, "must be >= 0 (0: no adapters)")
+        _require(
+            math.isfinite(self.alpha) and self.alpha > 0,
+            "lora.alpha",
+            self.alpha,
+            "must be > 0 (typical: 16)",
+        )
+        bad = [t for t in self.targets if t not in LORA_TARGETS]
+        _require(
+            bool(self.targets) and not bad and len(set(self.targets)) == len(self.targets),
+            "lora.targets",
+            self.targets,
+            f"must be one or more of {', '.join(LORA_TARGETS)}, each once",
+        )
+
+
 @dataclass
 class Config:
     """Everything one training run needs; saved as config.yaml in the run directory."""
@@ -223,6 +266,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
     fsdp: FSDPConfig = field(default_factory=FSDPConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
     def __post_init__(self) -> None:
         _require(bool(self.resume), "resume", self.resume, "must be auto, never or a checkpoint directory")
@@ -253,6 +297,7 @@ def config_from_dict(d: dict) -> Config:
         "checkpoint": CheckpointConfig,
         "log": LogConfig,
         "fsdp": FSDPConfig,
+        "lora": LoraConfig,
     }
     for key, value in d.items():
         if key not in sections:

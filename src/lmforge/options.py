@@ -22,6 +22,7 @@ from .generate.params import SamplingParams
 
 __all__ = [
     "GROUPS",
+    "Defaults",
     "Device",
     "Harness",
     "InferenceDevice",
@@ -106,6 +107,14 @@ class Without:
         self.fields = frozenset(fields)
 
 
+class Defaults:
+    """Config defaults of one command over the Config's own: `Annotated[RunConfig, Defaults({"train.lr": 1e-4})]`
+    (a --config file and --section.key flags still win over them)."""
+
+    def __init__(self, values: dict) -> None:
+        self.values = dict(values)
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """A training config from --config files and --section.key=value flags (preset < YAML < flags); cli.py
@@ -121,6 +130,9 @@ class RunConfig:
 
 
 BUDGET_KEYS = ("max_steps", "max_tokens")
+DEFAULT_BUDGET = (
+    f"train.max_steps={DEFAULT_MAX_STEPS}, the default"  # what resolve_budget says with none given
+)
 
 
 def _budget_flags(argv: list[str]) -> set[str]:
@@ -158,7 +170,7 @@ def resolve_budget(ns: Namespace, argv: list[str]) -> str:
             other = BUDGET_KEYS[1 - BUDGET_KEYS.index(key)]
             ns[f"train.{other}"] = None
             return f"train.{key}={ns[f'train.{key}']}, from {where}"
-    return f"train.max_steps={DEFAULT_MAX_STEPS}, the default"
+    return DEFAULT_BUDGET
 
 
 def parse_config_with_budget(ns: Namespace, parser: ArgumentParser, argv: list[str]) -> tuple[Config, str]:

@@ -27,6 +27,8 @@ __all__ = ["COMMANDS", "EXIT_DIVERGED", "EXIT_PREEMPTED"]
 COMMANDS: dict[str, Callable] = {
     "prepare": making.prepare,
     "train": making.train,
+    "finetune": making.finetune,
+    "merge": making.merge,
     "generate": using.generate,
     "chat": using.chat,
     "serve": using.serve,

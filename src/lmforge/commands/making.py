@@ -1,17 +1,18 @@
-"""The subcommands that make data and runs, and look at them: prepare, train, estimate, bench, quickstart,
-consolidate, plot, status, doctor. The rules that turn these functions into commands: __init__.py.
+"""The subcommands that make data and runs, and look at them: prepare, train, finetune, merge, estimate,
+bench, quickstart, consolidate, plot, status, doctor. The rules that turn these functions into commands: __init__.py.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 from rich.console import Console
 
-from ..config import ConfigError
+from ..config import FINETUNE_DEFAULTS, ConfigError
 from ..errors import LmforgeError
 from ..model import ModelConfig
-from ..options import Device, Run, RunConfig
+from ..options import DEFAULT_BUDGET, Defaults, Device, Run, RunConfig
 from ..presets import BENCH_MODEL
 
 EXIT_DIVERGED = 3  # train.max_bad_steps consecutive non-finite steps; the last good checkpoint is kept
@@ -129,10 +130,15 @@ def train(config: RunConfig, *, dry_run: bool = False, init_from: str | None = N
         dry_run: print the resolved config and costs; train nothing
         init_from: hf:DIR: start from a local HF GPT-2/Llama model (its architecture replaces model.*)
     """
+    cfg, init = config.config, None
+    if cfg.lora.rank:
+        raise ConfigError(
+            f"lora.rank={cfg.lora.rank}: adapters need base weights to adapt: use `lmforge finetune --from "
+            f"BASE_RUN ...`"
+        )
     console.print(f"budget: {config.budget}", highlight=False, soft_wrap=True)
     from ..train.loop import train as train_loop
 
-    cfg, init = config.config, None
     if init_from:
         from ..export.hf import init_from_hf
 
@@ -141,7 +147,49 @@ def train(config: RunConfig, *, dry_run: bool = False, init_from: str | None = N
         from ..train.resume import model_from_checkpoint
 
         cfg = model_from_checkpoint(cfg, config.model_given)
-    result = train_loop(cfg, dry_run=dry_run, console=console, init_tensors=init)
+    return _exit_code(train_loop(cfg, dry_run=dry_run, console=console, init_tensors=init))
+
+
+def finetune(
+    config: Annotated[RunConfig, Defaults(FINETUNE_DEFAULTS)],
+    *,
+    from_: str,
+    dry_run: bool = False,
+    console: Console,
+) -> int:
+    """Fine-tune a trained run on new data (full, or LoRA with --lora.rank).
+
+    Starts from the base run's weights and architecture (not its optimizer), on the train loop with
+    fine-tuning defaults; the same command again resumes. Settings: --config YAML < --section.key=value.
+
+    Args:
+        from_: BASE_RUN_DIR (its latest checkpoint) or a checkpoint directory to start from
+        dry_run: print the resolved config and costs; train nothing
+    """
+    from ..train.finetune import finetune as run_finetune
+
+    budget = None if config.budget == DEFAULT_BUDGET else config.budget  # None: a few epochs of the data
+    result = run_finetune(config.config, from_, config.model_given, console, budget, dry_run)
+    return _exit_code(result)
+
+
+def merge(run: Run, *, out: str, console: Console) -> None:
+    """Fold a LoRA run's adapters into a plain run.
+
+    Writes a run directory with every weight, which every command reads like a trained run and which no
+    longer needs the base run.
+
+    Args:
+        out: RUN_DIR to create
+    """
+    from ..finetuned import merge_run
+
+    written = merge_run(run.run, out)
+    console.print(f"wrote {written}; try: lmforge generate --run {written}", highlight=False, soft_wrap=True)
+
+
+def _exit_code(result) -> int:
+    """A training result's exit code: 0, EXIT_PREEMPTED, or RunDiverged raised with its message."""
     if result is not None and result.status == "preempted":
         return EXIT_PREEMPTED
     if result is not None and result.status == "diverged":
@@ -255,7 +303,7 @@ def consolidate(run: Run, *, out: str | None = None, console: Console) -> None:
     Args:
         out: checkpoint directory to write (default: RUN_DIR/consolidated)
     """
-    from ..train.dist_checkpoint import consolidate as gather
+    from ..train.consolidate import consolidate as gather
 
     written = gather(run.run, out)
     console.print(

@@ -33,8 +33,8 @@ import torch.nn as nn
 
 from .. import checkpoint as ckpt_io
 from ..checkpoint import CheckpointError
+from ..lora import has_adapters, load_trainable, trainable_state
 from ..run_dir import RunDir
-from ..safewrite import failing_cleanly
 from .distributed import DistEnv, all_ok
 from .resume import load_optimizer, optimizer_tensors
 
@@ -249,6 +249,13 @@ class Checkpointer:
     ) -> None:
         self.model, self.optimizer, self.env, self.sharded = model, optimizer, env, sharded
 
+    def _options(self):
+        """Sharded state-dict options: a model with adapters saves and loads its trainable tensors only."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+        frozen = has_adapters(self.model)
+        return StateDictOptions(ignore_frozen_params=frozen, strict=not frozen)
+
     def save(
         self,
         run_dir: Path,
@@ -266,7 +273,7 @@ class Checkpointer:
             final = RunDir(run_dir).checkpoint(step, name)
             if self.env.is_main:
                 opt_tensors, groups = optimizer_tensors(self.optimizer)
-                model_tensors = ckpt_io.model_state(self.model)
+                model_tensors = trainable_state(self.model)  # LoRA: the adapters; the base is the base run's
                 meta["optimizer_groups"] = groups
                 ckpt_io.save_checkpoint(
                     run_dir, step, model_tensors, {**opt_tensors, **rng_tensors}, meta, keep_last, name
@@ -323,7 +330,7 @@ class Checkpointer:
         """(model, optimizer state or None before the first step, param groups), keyed by parameter name."""
         from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
-        model_sd = get_model_state_dict(self.model)
+        model_sd = get_model_state_dict(self.model, options=self._options())
         if not self.optimizer.state:
             # Asking DCP for an empty optimizer's state would run a zero step to create it, and AdamW's
             # step count (its bias correction) would then be off by one from an uninterrupted run.
@@ -342,7 +349,13 @@ class Checkpointer:
                 f"with train.parallel=ddp, or start the FSDP run from its weights with a new --out"
             )
         model_sd, state_tensors, _ = ckpt_io.load_checkpoint(ckpt, verify=False)
-        ckpt_io.load_model_weights(self.model, model_sd)
+        if has_adapters(self.model):
+            if problems := load_trainable(self.model, model_sd):
+                raise CheckpointError(
+                    f"{ckpt}: the adapters do not match this run's ({'; '.join(problems[:3])})"
+                )
+        else:
+            ckpt_io.load_model_weights(self.model, model_sd)
         load_optimizer(self.optimizer, state_tensors, saved["optimizer_groups"])
         return {k: v for k, v in state_tensors.items() if k.startswith("rng/")}
 
@@ -360,7 +373,7 @@ class Checkpointer:
         saved_keys = _safe_reader(ckpt).read_metadata().state_dict_metadata
         # RNG states this machine has and the checkpoint holds (CUDA ones only when both have them)
         rng = {k: v for k, v in rng_state()[0].items() if f"rng.{k}" in saved_keys}
-        state = {"model": get_model_state_dict(self.model), "rng": rng}
+        state = {"model": get_model_state_dict(self.model, options=self._options()), "rng": rng}
         with_optimizer = saved.get("optimizer_state", True)  # False: saved before the first step
         if with_optimizer:
             state["optim"] = get_optimizer_state_dict(self.model, self.optimizer)
@@ -368,7 +381,7 @@ class Checkpointer:
         state, _ = _split_non_tensors(state)  # the shards hold tensors only; the rest is in meta.json
         _load_tensors_only(state, ckpt)
         _merge(state, saved.get("non_tensor_state", {}))
-        set_model_state_dict(self.model, state["model"])
+        set_model_state_dict(self.model, state["model"], options=self._options())
         if not with_optimizer:
             return state["rng"]
         groups = [dict(g) for g in saved["optimizer_groups"]]
@@ -392,56 +405,3 @@ def loader_state_for(saved_loader: dict, world_size: int) -> dict:
         return saved_loader
     consumed = int(saved_loader["position"]) * old_world
     return {**saved_loader, "world_size": world_size, "position": consumed // world_size}
-
-
-# --- consolidation: a sharded checkpoint -> one model.safetensors --------------------------------------
-
-
-def consolidate(run: str | Path, out: str | Path | None = None) -> Path:
-    """Gather a sharded checkpoint's weights into a single-file checkpoint directory; returns it.
-
-    `run` is a RUN_DIR (its latest checkpoint) or a sharded checkpoint directory. The output (default
-    RUN_DIR/consolidated) holds model.safetensors, meta.json and tokenizer.json, so `lmforge generate` and
-    `lmforge export` take it as --run. Runs in one process; no GPU or process group is needed.
-    """
-    from ..config import config_from_dict
-    from ..model import GPT
-
-    ckpt = ckpt_io.resolve_checkpoint(run)
-    meta = ckpt_io.verify_checkpoint(ckpt)
-    if not meta.get("sharded"):
-        raise CheckpointError(f"{ckpt} is already a single-file checkpoint: use it directly")
-    run_dir = ckpt.parent.parent
-    out = Path(out) if out is not None else RunDir(run_dir).consolidated
-    if out.exists() and any(out.iterdir()):
-        raise CheckpointError(f"{out} exists and is not empty: pass another --out or remove it")
-    cfg = config_from_dict(meta["config"])
-    model = GPT(cfg.model)
-    state = {"model": model.state_dict()}
-    _load_tensors_only(state, ckpt, no_dist=True)  # only the model's entries are read
-    ckpt_io.load_model_weights(model, state["model"])
-
-    tmp = out.with_name(f".tmp-{out.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tensors = ckpt_io.model_state(model)
-    needed = sum(t.numel() * t.element_size() for t in tensors.values())
-    # a full disk is one line, and what was half-written goes (the sharded checkpoint is only read)
-    with failing_cleanly("the consolidated checkpoint", out, needed, then="", remove=[tmp]):
-        return _write_consolidated(tmp, out, tensors, ckpt, meta, run_dir)
-
-
-def _write_consolidated(tmp: Path, out: Path, tensors: dict, ckpt: Path, meta: dict, run_dir: Path) -> Path:
-    tmp.mkdir(parents=True)
-    try:
-        from safetensors.torch import save_file
-
-        save_file(tensors, str(tmp / ckpt_io.MODEL_FILE))
-        with contextlib.suppress(CheckpointError):  # a checkpoint copied without its run: weights still load
-            shutil.copyfile(ckpt_io.tokenizer_path(run_dir), RunDir(tmp).tokenizer)  # tokenizer_path finds it
-        keep = ("config", "tokens", "tokenizer_sha256", "tokenizer_id", "data_fingerprint", "precision")
-        info = {k: meta[k] for k in keep if k in meta} | {"consolidated_from": str(ckpt)}
-        if out.exists():
-            out.rmdir()
-        return ckpt_io.publish_checkpoint(tmp, out, meta["step"], info, is_step=False)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)

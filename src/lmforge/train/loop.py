@@ -28,7 +28,8 @@ from ..data.batches import eval_batches, training_batches
 from ..device import autocast, peak_flops, pick_device, pick_precision
 from ..errors import LmforgeError
 from ..eval.metrics import evaluate_loss, loss_report
-from ..model import GPT, flops_per_token
+from ..lora import add_adapters
+from ..model import GPT, count_params, flops_per_token
 from ..run_dir import RunDir
 from ..runlock import RunLock, RunLockedError
 from .autobatch import oom_guard, resolve_micro_batch
@@ -79,6 +80,7 @@ class Setup:
     data_meta: dict
     plan: Plan
     say: Callable[[str], None]  # a line on rank 0's console
+    base: dict | None = None  # a fine-tune's base checkpoint (finetuned.base_record), in every checkpoint
 
 
 @dataclass
@@ -97,17 +99,20 @@ def train(
     dry_run: bool = False,
     console: Console | None = None,
     init_tensors: dict[str, torch.Tensor] | None = None,
+    base: dict | None = None,
 ) -> TrainResult | None:
     """Train (or resume) the run described by cfg; returns None for a dry run.
 
-    init_tensors: starting weights for a new run (e.g. an imported HF model); a resume ignores them.
+    init_tensors: starting weights for a new run (e.g. an imported HF model); a resume ignores them, but
+    for LoRA (cfg.lora.rank) they are the frozen base weights the adapters sit on, needed on every start.
+    base: the record of the base checkpoint of a fine-tune (`lmforge finetune`), which a resume must match.
     """
     if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
         raise ConfigError(f"--out '{cfg.out}' is a file: give a folder for the run (new, or one to resume)")
     console = console or Console()
     lock = RunLock(cfg.out)  # taken by rank 0 before the run directory is read, held until the end
     try:
-        setup = set_up(cfg, console, dry_run)
+        setup = set_up(cfg, console, dry_run, base)
         if setup is None:  # a dry run: printed, nothing trained
             close_distributed()
             return None
@@ -124,7 +129,7 @@ def train(
         lock.release()
 
 
-def set_up(cfg: Config, console: Console, dry_run: bool) -> Setup | None:
+def set_up(cfg: Config, console: Console, dry_run: bool, base: dict | None = None) -> Setup | None:
     """Device, precision and processes; the data's vocabulary and the batch plan. None after a dry run."""
     device = pick_device(cfg.train.device)
     precision = pick_precision(cfg.train.precision, device)
@@ -153,7 +158,7 @@ def set_up(cfg: Config, console: Console, dry_run: bool) -> Setup | None:
         n_params, fpt = count_params_from_config(cfg), flops_per_token(cfg.model)
         print_dry_run(cfg, plan, precision, device, n_params, fpt, console)
         return None
-    return Setup(cfg, env, device, precision, data_meta, plan, say)
+    return Setup(cfg, env, device, precision, data_meta, plan, say, base)
 
 
 def open_run_dir(
@@ -175,7 +180,7 @@ def open_run_dir(
         raise refused or RunLockedError(f"rank 0 could not lock {run_dir}: see its error")
     resume_from, saved = find_resume_point(cfg, run_dir, s.say)
     if saved:
-        check_resume_compatible(saved, cfg, s.data_meta, s.say)
+        check_resume_compatible(saved, cfg, s.data_meta, s.say, base=s.base)
     if saved and not has_training_state(saved):  # e.g. `lmforge import`: its weights start this run
         init_tensors, resume_from, saved = ckpt_io.load_checkpoint(resume_from, verify=False)[0], None, None
     if env.is_main:
@@ -196,9 +201,17 @@ class Training:
         random.seed(cfg.train.seed)
         np.random.seed(cfg.train.seed)
         self.model = GPT(cfg.model).to(device)
-        if init is not None and not saved:
+        if init is not None and (not saved or cfg.lora.rank):  # a LoRA checkpoint holds no base weights
             ckpt_io.load_model_weights(self.model, init)
             s.say("initialised the model from the given weights")
+        if cfg.lora.rank:  # before parallelism and the optimizer, which see the adapters and frozen weights
+            n = add_adapters(
+                self.model, cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets, s.base["vocab_size"]
+            )
+            total = count_params(self.model)
+            s.say(
+                f"LoRA rank {cfg.lora.rank}: training {n:,} of {total:,} parameters ({100 * n / total:.2f}%)"
+            )
         # activation checkpointing -> compile -> FSDP2 or DDP; `model` stays the module to save and evaluate
         self.train_model = parallelize(self.model, cfg, env, device, s.precision)
         self.optimizer = build_optimizer(self.model, cfg.train, device.type)
@@ -399,9 +412,10 @@ class Training:
         """A checkpoint of everything a resume needs (weights, optimizer, data position, RNG, guards)."""
         rng_tensors, rng_meta = rng_state()
         guards = {"bad_steps": self.bad_steps.state_dict(), "early_stop": self.early.state_dict()}
+        extra = {**({"base": self.s.base} if self.s.base else {}), **(extra or {})}
         meta = ckpt_io.checkpoint_meta(
             self.cfg, self.tokens, self.s.data_meta, self.batches.state_dict(), rng_meta, self.s.precision,
-            guards, **(extra or {}),
+            guards, **extra,
         )  # fmt: skip
         keep = self.cfg.checkpoint.keep_last
         path = self.checkpointer.save(self.run_dir, self.step, meta, rng_tensors, keep, name=name)

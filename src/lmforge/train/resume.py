@@ -15,7 +15,7 @@ import torch
 
 from .. import checkpoint as ckpt_io
 from ..checkpoint import CheckpointError
-from ..config import Config, ConfigError, config_to_dict
+from ..config import Config, ConfigError, LoraConfig, config_to_dict
 from ..data.folder import data_tokenizer
 from ..data.tokenizer import Tokenizer, file_sha256, tokenizer_id
 from ..model.config import ModelConfig
@@ -111,8 +111,11 @@ def _same_tokenizer(saved: dict, cfg: Config, data_meta: dict) -> tuple[bool, st
     return old_sha == new_sha, f"tokenizer_sha256 {str(new_sha)[:12]}", str(old_sha)[:12]
 
 
-def check_resume_compatible(saved: dict, cfg: Config, data_meta: dict, say=None) -> None:
-    """Architecture, vocab, seq_len, tokenizer and dataset must match the checkpoint; the error names the setting.
+def check_resume_compatible(
+    saved: dict, cfg: Config, data_meta: dict, say=None, base: dict | None = None
+) -> None:
+    """Architecture, vocab, seq_len, adapters, tokenizer, dataset and a fine-tune's base checkpoint (`base`)
+    must match the checkpoint; the error names the setting.
 
     Changes to safe settings (lr, max_steps, intervals, ...) are allowed and reported through `say`. A
     checkpoint without training state (an import) may also change seq_len, as --init-from may.
@@ -134,6 +137,9 @@ def check_resume_compatible(saved: dict, cfg: Config, data_meta: dict, say=None)
             f"state is {old_optimizer}'s; resume with --train.optimizer={old_optimizer}, or start a new run "
             f"with a different --out"
         )
+    if has_training_state(saved):
+        _check_same_adapters(saved, cfg)
+        _check_same_base(saved, base, cfg.out)
     same, new_shown, old_shown = _same_tokenizer(saved, cfg, data_meta)
     old_fp, new_fp = saved.get("data_fingerprint"), data_meta.get("fingerprint")
     for what, ok, new, old in (
@@ -156,7 +162,43 @@ def check_resume_compatible(saved: dict, cfg: Config, data_meta: dict, say=None)
                     say(f"note: {section}.{key} {before[key]!r} -> {value!r} (changed since the checkpoint)")
 
 
-def _resume_meta(cfg: Config) -> dict | None:
+def _check_same_adapters(saved: dict, cfg: Config) -> None:
+    """A resume keeps the run's LoRA settings: its adapters were saved with those shapes and layers."""
+    old = {**config_to_dict(LoraConfig()), **(saved["config"].get("lora") or {})}
+    for key, new in config_to_dict(cfg.lora).items():
+        if old.get(key) != new:
+            raise ConfigError(
+                f"lora.{key}={new!r} differs from the checkpoint's {old.get(key)!r}: resume with the same "
+                f"lora settings, or start a new fine-tune with a different --out"
+            )
+
+
+def _check_same_base(saved: dict, base: dict | None, out: str) -> None:
+    """A fine-tune resumes on the very base checkpoint it started from; a run that is not one takes none."""
+    old = saved.get("base")
+    if old is None and base is None:
+        return
+    if old is None:
+        raise ConfigError(
+            f"{out} is not a fine-tune (its checkpoints have no base): fine-tune into a new --out, or resume "
+            f"it with `lmforge train`"
+        )
+    if base is None:
+        raise ConfigError(
+            f"{out} is a fine-tune of {old['checkpoint']}: resume it with `lmforge finetune --from "
+            f"{old['checkpoint']} ...` (the same command that started it)"
+        )
+    for key in ("checkpoint", "meta_sha256"):
+        if old.get(key) != base.get(key):
+            raise ConfigError(
+                f"the base checkpoint ({base['checkpoint']}, meta digest {str(base.get('meta_sha256'))[:12]}) "
+                f"differs from the one this fine-tune started from ({old['checkpoint']}, "
+                f"{str(old.get('meta_sha256'))[:12]}): use the same base, or start a new fine-tune with a "
+                f"different --out"
+            )
+
+
+def resume_meta(cfg: Config) -> dict | None:
     """meta.json of the checkpoint cfg.resume points at, unverified (train verifies it), or None."""
     if cfg.resume == "never":
         return None
@@ -171,7 +213,7 @@ def model_from_checkpoint(cfg: Config, given: dict) -> Config:
     """For a resume: model settings left at train's defaults come from the checkpoint (e.g. an imported
     run's architecture); `given` (the command's raw model.* values: flags, --config, a preset) must match
     it, which check_resume_compatible enforces. A fresh run's cfg is returned as it is."""
-    saved_cfg = (_resume_meta(cfg) or {}).get("config")
+    saved_cfg = (resume_meta(cfg) or {}).get("config")
     old = saved_cfg.get("model") if isinstance(saved_cfg, dict) else None
     if not isinstance(old, dict):
         return cfg

@@ -108,8 +108,8 @@ class Without:
 
 
 class Defaults:
-    """Config defaults of one command over the Config's own: `Annotated[RunConfig, Defaults({"train.lr": 1e-4})]`
-    (a --config file and --section.key flags still win over them)."""
+    """Config defaults of one command over the Config's own, e.g.
+    `Annotated[RunConfig, Defaults({"train.lr": 1e-4})]`; a --config file and --section.key flags win."""
 
     def __init__(self, values: dict) -> None:
         self.values = dict(values)

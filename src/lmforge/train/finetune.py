@@ -58,7 +58,8 @@ def extension_problem(base: Tokenizer, data: Tokenizer) -> str | None:
     base_vocab, data_vocab = base.hf.get_vocab(), data.hf.get_vocab()
     for token, i in sorted(base_vocab.items(), key=lambda item: item[1]):
         if data_vocab.get(token) != i:
-            return f"the base's token {token!r} (id {i}) is {'absent' if token not in data_vocab else f'id {data_vocab[token]}'} there"
+            there = f"id {data_vocab[token]}" if token in data_vocab else "absent"
+            return f"the base's token {token!r} (id {i}) is {there} there"
     special = {t.content for t in data.hf.get_added_tokens_decoder().values() if t.special}
     added = sorted((i, t) for t, i in data_vocab.items() if t not in base_vocab)
     for i, token in added:
@@ -72,40 +73,44 @@ def check_extends(base_file: Path, data_dir: str) -> None:
     problem = extension_problem(Tokenizer.load(base_file), Tokenizer.load(data_tokenizer(data_dir)))
     if problem:
         raise ConfigError(
-            f"the tokenizer of {data_dir} does not extend the base run's ({problem}): prepare the data with "
-            f"the base run's tokenizer (`lmforge prepare --tokenizer {base_file} ...`), with chat tokens added "
-            f"when it holds conversations"
+            f"the tokenizer of {data_dir} does not extend the base run's ({problem}): prepare the data "
+            f"with the base run's tokenizer (`lmforge prepare --tokenizer {base_file} ...`; with --chat for "
+            f"conversations)"
         )
 
 
-def with_base_model(cfg: Config, base: ModelConfig, given: dict, data_vocab: int) -> Config:
-    """cfg with the base's model settings and the data's vocabulary; a given model.* other than seq_len or
-    dropout that differs from the base is one line (the base weights have its shapes)."""
+def with_base_model(cfg: Config, base: ModelConfig, given: dict, data_meta: dict) -> Config:
+    """cfg with the base's model settings, the data's vocabulary and, for conversations, the seq_len they
+    were packed for; a given model.* other than seq_len or dropout that differs from the base is one line
+    (the base weights have its shapes)."""
     defaults = config_to_dict(ModelConfig())
     chosen = {k: v for k, v in given.items() if k in defaults and v != defaults[k]}
     for key, value in chosen.items():
         if key not in FREE_MODEL_KEYS and key != "vocab_size" and value != getattr(base, key):
             raise ConfigError(
-                f"model.{key}={value!r} differs from the base run's {getattr(base, key)!r}: a fine-tune keeps "
-                f"the base's architecture (only model.seq_len and model.dropout may change)"
+                f"model.{key}={value!r} differs from the base run's {getattr(base, key)!r}: a fine-tune "
+                f"keeps the base's architecture (only model.seq_len and model.dropout may change)"
             )
     free = {k: chosen[k] for k in FREE_MODEL_KEYS if k in chosen}
+    if data_meta.get("kind") == "chat" and "seq_len" not in free:  # its windows have this length
+        free["seq_len"] = data_meta.get("seq_len")
     try:
-        model = dataclasses.replace(base, **free, vocab_size=data_vocab).resolved()
+        model = dataclasses.replace(base, **free, vocab_size=int(data_meta["vocab_size"])).resolved()
     except ValueError as e:
         raise ConfigError(str(e)) from None
     return dataclasses.replace(cfg, model=model, preset=None)
 
 
 def epochs_budget(cfg: Config, data_meta: dict) -> tuple[Config, str]:
-    """cfg with train.max_tokens set to DEFAULT_EPOCHS passes over the data's train split, and the line
-    that says so."""
-    tokens = max(1, DEFAULT_EPOCHS * int(data_meta["splits"]["train"]["tokens"]))
-    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_steps=None, max_tokens=tokens))
-    return (
-        cfg,
-        f"train.max_tokens={tokens}, {DEFAULT_EPOCHS} epochs of the train split (the fine-tuning default)",
-    )
+    """cfg with a budget of DEFAULT_EPOCHS passes over the data's train windows (as train.max_tokens, the
+    budget that does not depend on the batch size), and the line that says so."""
+    seq_len, tokens = cfg.model.seq_len, int(data_meta["splits"]["train"]["tokens"])
+    # the windows the batch source cuts: packed conversations of seq_len + 1 tokens, or a stream's windows
+    windows = tokens // (seq_len + 1) if data_meta.get("kind") == "chat" else (tokens - 1) // seq_len
+    budget = max(1, DEFAULT_EPOCHS * windows * seq_len)
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_steps=None, max_tokens=budget))
+    epochs = f"{DEFAULT_EPOCHS} epochs of {windows} train windows"
+    return cfg, f"train.max_tokens={budget}: {epochs}, the fine-tuning default"
 
 
 def finetune(
@@ -118,16 +123,16 @@ def finetune(
     if cfg.data is None:
         raise ConfigError("data is not set: pass --data DATA_DIR (made by `lmforge prepare`)")
     data_meta = load_meta(cfg.data)
-    if budget is None:
-        cfg, budget = epochs_budget(cfg, data_meta)
-    console.print(f"budget: {budget}", highlight=False, soft_wrap=True)
     ckpt = base_checkpoint(base_run, cfg)
     base_model, base_cfg, _ = ckpt_io.load_model(ckpt)  # verified; a LoRA base comes merged
     meta = ckpt_io.read_meta(ckpt)
-    console.print(f"base: {ckpt} (step {meta.get('step')})", highlight=False, soft_wrap=True)
     check_extends(ckpt_io.tokenizer_path(ckpt), cfg.data)
     base_vocab = int(base_cfg.model.vocab_size)
-    cfg = with_base_model(cfg, base_cfg.model, model_given, int(data_meta["vocab_size"]))
+    cfg = with_base_model(cfg, base_cfg.model, model_given, data_meta)
+    if budget is None:
+        cfg, budget = epochs_budget(cfg, data_meta)
+    console.print(f"budget: {budget}", highlight=False, soft_wrap=True)
+    console.print(f"base: {ckpt} (step {meta.get('step')})", highlight=False, soft_wrap=True)
     if cfg.model.vocab_size > base_vocab:
         console.print(
             f"vocabulary {base_vocab} -> {cfg.model.vocab_size}: the data's tokenizer adds "

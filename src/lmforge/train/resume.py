@@ -191,10 +191,10 @@ def _check_same_base(saved: dict, base: dict | None, out: str) -> None:
     for key in ("checkpoint", "meta_sha256"):
         if old.get(key) != base.get(key):
             raise ConfigError(
-                f"the base checkpoint ({base['checkpoint']}, meta digest {str(base.get('meta_sha256'))[:12]}) "
-                f"differs from the one this fine-tune started from ({old['checkpoint']}, "
-                f"{str(old.get('meta_sha256'))[:12]}): use the same base, or start a new fine-tune with a "
-                f"different --out"
+                f"the base checkpoint ({base['checkpoint']}, meta digest "
+                f"{str(base.get('meta_sha256'))[:12]}) differs from the one this fine-tune started from "
+                f"({old['checkpoint']}, {str(old.get('meta_sha256'))[:12]}): use the same base, or start a "
+                f"new fine-tune with a different --out"
             )
 
 

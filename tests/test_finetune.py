@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -24,6 +26,7 @@ from lmforge.config import TrainConfig
 from lmforge.data import Tokenizer, load_meta, prepare
 from lmforge.data.batches import training_batches
 from lmforge.data.chat_template import with_chat_tokens
+from lmforge.data.shards import TokenShards
 from lmforge.lora import LoRALinear, add_adapters, grow_vocab, merge_adapters, trainable_state
 from lmforge.model import GPT, ModelConfig
 from lmforge.train.finetune import extension_problem
@@ -361,3 +364,74 @@ def test_lora_finetune_with_two_ddp_processes_matches_one_process(base, chat_dat
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "world 2" in proc.stdout
     assert losses(tmp_path / "two") == pytest.approx(losses(one), abs=1e-5)
+
+
+@pytest.fixture(scope="module")
+def conversations(base, tmp_path_factory):
+    """`prepare --chat` on a few short conversations, with the base run as the tokenizer (and seq_len)."""
+    root = tmp_path_factory.mktemp("chat")
+    rng = random.Random(0)
+    words = [
+        "the",
+        "cat",
+        "sat",
+        "on",
+        "a",
+        "mat",
+        "and",
+        "dog",
+        "ran",
+        "to",
+        "park",
+        "while",
+        "birds",
+        "sang",
+        "in",
+        "green",
+        "trees",
+    ]
+
+    def say():
+        return " ".join(rng.choice(words) for _ in range(rng.randint(2, 6)))
+
+    lines = [
+        json.dumps(
+            {"messages": [{"role": "user", "content": say()}, {"role": "assistant", "content": say()}]}
+        )
+    ]
+    lines += [json.dumps({"instruction": say(), "output": say()}) for _ in range(59)]
+    (root / "chats.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    args = ["prepare", "--chat", "--source", str(root / "chats.jsonl"), "--tokenizer", str(base)]
+    assert main([*args, "--out", str(root / "sft"), "--workers", "1", "--val-fraction", "0.2"]) == 0
+    return root / "sft"
+
+
+def test_a_finetune_on_conversations_learns_the_assistant_tokens_only(base, conversations, tmp_path):
+    meta = load_meta(conversations)
+    assert meta["kind"] == "chat" and meta["seq_len"] == 32 and meta["vocab_size"] == 312
+    run = tmp_path / "sft"
+    assert finetune(base, conversations, run, "--train.max_steps=1", "--train.data_order=sequential") == 0
+    # the reference from the folder's raw shards: the first 4 windows of 33 tokens and their loss masks
+    tokens, masks = (TokenShards(conversations, "train", meta, masks=m) for m in (False, True))
+    rows = torch.tensor(np.stack([tokens.read(i * 33, 33) for i in range(4)]).astype(np.int64))
+    learned = torch.tensor(np.stack([masks.read(i * 33, 33) for i in range(4)]))[:, 1:] == 1
+    base_model, _, _ = load_model(base)
+    cfg = ModelConfig(**{**base_model.cfg.__dict__, "vocab_size": 312})
+    model = GPT(cfg)
+    ckpt_io.load_model_weights(model, grow_vocab(ckpt_io.model_state(base_model), 308, cfg))
+    with torch.no_grad():
+        logits = model(rows[:, :-1]).float()  # (4, 32, 312)
+    per_token = F.cross_entropy(logits.transpose(1, 2), rows[:, 1:], reduction="none")  # (4, 32)
+    assistant_only = per_token[learned].mean().item()
+    assert 0 < learned.sum() < learned.numel()  # prompts and padding are there, and answers
+    assert losses(run)[0] == pytest.approx(assistant_only, abs=1e-5)  # same numbers summed in another order
+    assert abs(per_token.mean().item() - assistant_only) > 1e-2  # negative control: every token's loss
+
+
+def test_a_lora_finetune_on_conversations_chats(base, conversations, tmp_path):
+    run = tmp_path / "lora"
+    assert finetune(base, conversations, run, "--train.max_steps=2", "--lora.rank=4") == 0
+    llm = LLM.load(run, device="cpu")
+    assert llm.model.cfg.vocab_size == 312 and llm.template is not None  # the template's tokens are there
+    reply = llm.chat([{"role": "user", "content": "the cat"}], max_new_tokens=6, temperature=0)
+    assert isinstance(reply, str)

@@ -435,3 +435,24 @@ def test_a_lora_finetune_on_conversations_chats(base, conversations, tmp_path):
     assert llm.model.cfg.vocab_size == 312 and llm.template is not None  # the template's tokens are there
     reply = llm.chat([{"role": "user", "content": "the cat"}], max_new_tokens=6, temperature=0)
     assert isinstance(reply, str)
+
+
+def test_a_lora_finetune_under_fsdp2_saves_adapter_shards_resumes_and_consolidates(
+    base, chat_data, tmp_path, monkeypatch
+):
+    from lmforge.train.dist_checkpoint import _safe_reader
+
+    flags = ["--train.max_steps=4", "--checkpoint.every=0", "--lora.rank=4", "--train.parallel=fsdp"]
+    straight, run = tmp_path / "straight", tmp_path / "run"
+    assert finetune(base, chat_data, straight, *flags) == 0
+    monkeypatch.setenv("LMFORGE_TEST_SIGNAL_AT", "SIGTERM@2")
+    assert finetune(base, chat_data, run, *flags) == EXIT_PREEMPTED
+    monkeypatch.delenv("LMFORGE_TEST_SIGNAL_AT")
+    assert finetune(base, chat_data, run, *flags) == 0
+    assert losses(run) == losses(straight)  # bit for bit, one process
+    saved = {k for k in _safe_reader(ckpt_io.latest_checkpoint(run)).read_metadata().state_dict_metadata}
+    model_keys = {k.split(".", 1)[1] for k in saved if k.startswith("model.")}
+    assert model_keys and all("lora_" in k or "new_rows" in k for k in model_keys)  # no base weight is saved
+    assert main(["consolidate", "--run", str(run)]) == 0
+    merged, _, _ = load_model(run / "consolidated")
+    assert not any(isinstance(m, LoRALinear) for m in merged.modules()) and merged.cfg.vocab_size == 312

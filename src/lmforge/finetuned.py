@@ -25,7 +25,7 @@ import torch
 from . import checkpoint as ckpt_io
 from .checkpoint import CheckpointError
 from .config import Config, LoraConfig, config_from_dict, config_to_dict
-from .lora import add_adapters, grow_vocab, load_trainable, merge_adapters
+from .lora import adapt, grow_vocab, load_trainable, merge_adapters
 from .model import GPT
 from .run_dir import RunDir
 from .safewrite import failing_cleanly
@@ -72,8 +72,7 @@ def load_lora_model(ckpt: Path, cfg: Config, adapters: dict[str, torch.Tensor], 
     tensors = grow_vocab(ckpt_io.model_state(base_model), record["vocab_size"], cfg.model)
     model = GPT(cfg.model)
     ckpt_io.load_model_weights(model, tensors)
-    lora = cfg.lora
-    add_adapters(model, lora.rank, lora.alpha, lora.targets, record["vocab_size"])
+    adapt(model, cfg.lora, record["vocab_size"])
     problems = load_trainable(model, adapters)
     if problems:
         raise CheckpointError(

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
@@ -29,6 +30,9 @@ import torch.nn.functional as F
 
 from .model import GPT
 from .model.config import ModelConfig
+
+if TYPE_CHECKING:
+    from .config import LoraConfig
 
 
 class _LoRAMatmul(torch.autograd.Function):
@@ -157,6 +161,13 @@ def add_adapters(model: GPT, rank: int, alpha: float, targets: Sequence[str], ba
             model.lm_head, base_vocab, new, model.wte if model.cfg.tie_embeddings else None
         )
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def adapt(model: GPT, lora: LoraConfig, base_vocab: int) -> str:
+    """add_adapters with a run's lora settings; returns the line that says what trains."""
+    n = add_adapters(model, lora.rank, lora.alpha, lora.targets, base_vocab)
+    total = sum(p.numel() for p in model.parameters())
+    return f"LoRA rank {lora.rank}: training {n:,} of {total:,} parameters ({100 * n / total:.2f}%)"
 
 
 def has_adapters(model: nn.Module) -> bool:

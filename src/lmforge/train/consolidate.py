@@ -23,7 +23,7 @@ def consolidate(run: str | Path, out: str | Path | None = None) -> Path:
     `lmforge export` take it as --run. Runs in one process; no GPU or process group is needed.
     """
     from ..config import config_from_dict
-    from ..lora import add_adapters, load_trainable, trainable_state
+    from ..lora import adapt, load_trainable, trainable_state
     from ..model import GPT
 
     ckpt = ckpt_io.resolve_checkpoint(run)
@@ -37,8 +37,7 @@ def consolidate(run: str | Path, out: str | Path | None = None) -> Path:
     cfg = config_from_dict(meta["config"])
     model = GPT(cfg.model)
     if cfg.lora.rank:  # the shards hold the adapters alone: gather those
-        lora = cfg.lora
-        add_adapters(model, lora.rank, lora.alpha, lora.targets, meta["base"]["vocab_size"])
+        adapt(model, cfg.lora, meta["base"]["vocab_size"])
     template = trainable_state(model)
     state = {"model": {k: v for k, v in model.state_dict().items() if k in template}}
     _load_tensors_only(state, ckpt, no_dist=True)  # only the model's entries are read

@@ -249,12 +249,18 @@ class Checkpointer:
     ) -> None:
         self.model, self.optimizer, self.env, self.sharded = model, optimizer, env, sharded
 
-    def _options(self):
-        """Sharded state-dict options: a model with adapters saves and loads its trainable tensors only."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions
+    def _model_state(self) -> tuple[dict, object]:
+        """(the model's state dict for DCP, the options that load it back): with adapters, the trainable
+        tensors alone (DCP's own filter keeps a tied head, which is no parameter of its own)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         frozen = has_adapters(self.model)
-        return StateDictOptions(ignore_frozen_params=frozen, strict=not frozen)
+        options = StateDictOptions(ignore_frozen_params=frozen, strict=not frozen)
+        sd = get_model_state_dict(self.model, options=options)
+        if frozen:
+            trainable = {name for name, p in self.model.named_parameters() if p.requires_grad}
+            sd = {k: v for k, v in sd.items() if k in trainable}
+        return sd, options
 
     def save(
         self,
@@ -328,9 +334,9 @@ class Checkpointer:
 
     def _state_dicts(self) -> tuple[dict, dict | None, list[dict]]:
         """(model, optimizer state or None before the first step, param groups), keyed by parameter name."""
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-        model_sd = get_model_state_dict(self.model, options=self._options())
+        model_sd, _ = self._model_state()
         if not self.optimizer.state:
             # Asking DCP for an empty optimizer's state would run a zero step to create it, and AdamW's
             # step count (its bias correction) would then be off by one from an uninterrupted run.
@@ -361,7 +367,6 @@ class Checkpointer:
 
     def _load_sharded(self, ckpt: Path, saved: dict) -> dict[str, torch.Tensor]:
         from torch.distributed.checkpoint.state_dict import (
-            get_model_state_dict,
             get_optimizer_state_dict,
             set_model_state_dict,
             set_optimizer_state_dict,
@@ -373,7 +378,8 @@ class Checkpointer:
         saved_keys = _safe_reader(ckpt).read_metadata().state_dict_metadata
         # RNG states this machine has and the checkpoint holds (CUDA ones only when both have them)
         rng = {k: v for k, v in rng_state()[0].items() if f"rng.{k}" in saved_keys}
-        state = {"model": get_model_state_dict(self.model, options=self._options()), "rng": rng}
+        model_sd, options = self._model_state()
+        state = {"model": model_sd, "rng": rng}
         with_optimizer = saved.get("optimizer_state", True)  # False: saved before the first step
         if with_optimizer:
             state["optim"] = get_optimizer_state_dict(self.model, self.optimizer)
@@ -381,7 +387,7 @@ class Checkpointer:
         state, _ = _split_non_tensors(state)  # the shards hold tensors only; the rest is in meta.json
         _load_tensors_only(state, ckpt)
         _merge(state, saved.get("non_tensor_state", {}))
-        set_model_state_dict(self.model, state["model"], options=self._options())
+        set_model_state_dict(self.model, state["model"], options=options)
         if not with_optimizer:
             return state["rng"]
         groups = [dict(g) for g in saved["optimizer_groups"]]

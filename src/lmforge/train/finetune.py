@@ -138,6 +138,7 @@ def finetune(
             f"vocabulary {base_vocab} -> {cfg.model.vocab_size}: the data's tokenizer adds "
             f"{cfg.model.vocab_size - base_vocab} tokens, whose rows start as the mean of the base's",
             highlight=False,
+            soft_wrap=True,
         )
     tensors = grow_vocab(ckpt_io.model_state(base_model), base_vocab, cfg.model)
     del base_model

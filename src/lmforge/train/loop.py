@@ -28,8 +28,8 @@ from ..data.batches import eval_batches, training_batches
 from ..device import autocast, peak_flops, pick_device, pick_precision
 from ..errors import LmforgeError
 from ..eval.metrics import evaluate_loss, loss_report
-from ..lora import add_adapters
-from ..model import GPT, count_params, flops_per_token
+from ..lora import adapt
+from ..model import GPT, flops_per_token
 from ..run_dir import RunDir
 from ..runlock import RunLock, RunLockedError
 from .autobatch import oom_guard, resolve_micro_batch
@@ -205,13 +205,7 @@ class Training:
             ckpt_io.load_model_weights(self.model, init)
             s.say("initialised the model from the given weights")
         if cfg.lora.rank:  # before parallelism and the optimizer, which see the adapters and frozen weights
-            n = add_adapters(
-                self.model, cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets, s.base["vocab_size"]
-            )
-            total = count_params(self.model)
-            s.say(
-                f"LoRA rank {cfg.lora.rank}: training {n:,} of {total:,} parameters ({100 * n / total:.2f}%)"
-            )
+            s.say(adapt(self.model, cfg.lora, s.base["vocab_size"]))
         # activation checkpointing -> compile -> FSDP2 or DDP; `model` stays the module to save and evaluate
         self.train_model = parallelize(self.model, cfg, env, device, s.precision)
         self.optimizer = build_optimizer(self.model, cfg.train, device.type)

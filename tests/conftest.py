@@ -17,13 +17,15 @@ import torch
 
 from lmforge.data import prepare
 
-# Short sequences, small batches, a metrics line every step, no progress bar.
+# Short sequences, small batches, a metrics line every step, no progress bar, no report card (drawing its
+# curves would add about a second to every run; tests/test_report.py turns it on).
 FAST = [
     "--train.micro_batch_size=4",
     "--model.seq_len=32",
     "--eval.batches=2",
     "--log.every=1",
     "--log.progress=false",
+    "--log.report=false",
 ]
 TINY_MODEL = ["--model.n_layer=2", "--model.n_head=4", "--model.n_embd=32", "--model.context_len=64"]
 

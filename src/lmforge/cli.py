@@ -17,6 +17,7 @@ lmforge quickstart
 lmforge bench    [--preset P] [--batch N] [--compare hf|none]
 lmforge estimate --config configs/X.yaml [--preset P] [--gpu NAME] [--gpus N] [--section.key=value ...]
 lmforge plot     RUN_DIR [RUN_DIR ...] [--out FILE.png|.html]
+lmforge report   RUN_DIR
 lmforge status   RUN_DIR
 lmforge doctor   [--run-dir DIR]
 """

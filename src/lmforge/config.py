@@ -193,6 +193,7 @@ class LogConfig:
     sample_every: int = 0  # generate from sample_prompts every N evaluations (0: never)
     sample_prompts: list[str] = field(default_factory=lambda: ["The", "def "])
     sample_tokens: int = 48  # new tokens per sample
+    report: bool = True  # write RUN_DIR/report.md and report.html (the report card) when the run ends
 
     def __post_init__(self) -> None:
         _require(self.every >= 1, "log.every", self.every, "must be >= 1")

@@ -41,11 +41,8 @@ def series(run: str | Path) -> dict[str, tuple[list[float], list[float]]]:
     return out
 
 
-def plot_runs(runs: list[str | Path], out: str | Path):
-    """Draw the runs into `out` (.png or .html); returns the matplotlib Figure."""
-    out = Path(out)
-    if out.suffix.lower() not in (".png", ".html"):
-        raise PlotError(f"--out {out}: write a .png or an .html file")
+def matplotlib_pyplot():
+    """matplotlib's pyplot on the Agg backend (files only, no window); PlotError without matplotlib."""
     try:
         import matplotlib
 
@@ -53,7 +50,12 @@ def plot_runs(runs: list[str | Path], out: str | Path):
         import matplotlib.pyplot as plt
     except ImportError as e:
         raise PlotError("plotting needs matplotlib: pip install 'lmforge[plot]'") from e
+    return plt
 
+
+def chart(runs: list[str | Path]):
+    """The four panels of the runs as a matplotlib Figure (the caller saves and closes it)."""
+    plt = matplotlib_pyplot()
     data = {str(r): series(r) for r in runs}
     fig, axes = plt.subplots(2, 2, figsize=(11, 7), constrained_layout=True)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -73,18 +75,40 @@ def plot_runs(runs: list[str | Path], out: str | Path):
     axes.flat[0].legend(fontsize="small")
     if len(data) > 1:
         axes.flat[3].legend(fontsize="small")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    return fig
+
+
+def _png(fig, dpi: int = 110) -> bytes:
+    """The figure as PNG bytes; the figure is closed (its memory freed) either way."""
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
+    try:
+        fig.savefig(buf, format="png", dpi=dpi)
+    finally:
+        matplotlib_pyplot().close(fig)
+    return buf.getvalue()
+
+
+def chart_png(runs: list[str | Path], dpi: int = 110) -> bytes:
+    """The runs' chart as PNG bytes (what the report card embeds)."""
+    return _png(chart(runs), dpi)
+
+
+def plot_runs(runs: list[str | Path], out: str | Path):
+    """Draw the runs into `out` (.png or .html); returns the matplotlib Figure (closed)."""
+    out = Path(out)
+    if out.suffix.lower() not in (".png", ".html"):
+        raise PlotError(f"--out {out}: write a .png or an .html file")
+    fig = chart(runs)
+    png = _png(fig)
+    out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix.lower() == ".png":
-        out.write_bytes(buf.getvalue())
+        out.write_bytes(png)
     else:
-        img = base64.b64encode(buf.getvalue()).decode("ascii")
+        img = base64.b64encode(png).decode("ascii")
         names = ", ".join(html.escape(str(r)) for r in runs)
         out.write_text(
             f"<!doctype html><html><head><meta charset='utf-8'><title>lmforge: {names}</title></head>"
             f"<body><h3>{names}</h3><img alt='training curves' src='data:image/png;base64,{img}'></body></html>\n",
             encoding="utf-8",
         )
-    plt.close(fig)
     return fig

@@ -3,11 +3,15 @@
     RUN_DIR/
       config.yaml        the resolved config of the run
       tokenizer.json     a copy of the data's tokenizer, so the run stands on its own
-      metrics.jsonl      one JSON object per logged step, evaluation and skipped step
+      metrics.jsonl      one JSON object per logged step, evaluation and skipped step, and per start and end
       train.log          one timestamped line per logged step, evaluation, checkpoint and the end
       status.json        the heartbeat `lmforge status` reads (pid, host, state, step, tokens, speed)
       samples.jsonl      text generated from log.sample_prompts during training
       eval.json          the report of `lmforge eval`
+      report.md          the report card written when a run ends (and by `lmforge report`)
+      report.html        the same report as one self-contained page, the curves embedded
+      report_curves.png  the curves report.md shows
+      curves.png         the chart `lmforge plot` draws when given no --out
       tb/                TensorBoard event files (log.tensorboard=true)
       checkpoints/
         step_0000500/    a checkpoint (its files and meta.json are checkpoint.py's format)
@@ -53,12 +57,17 @@ class RunDir:
 
     config = _Entry("config.yaml", "the resolved config of the run")
     tokenizer = _Entry("tokenizer.json", "a copy of the data's tokenizer")
-    metrics = _Entry("metrics.jsonl", "one JSON object per logged step, evaluation and skipped step")
+    metrics = _Entry(
+        "metrics.jsonl", "one JSON object per logged step, evaluation, skipped step, start and end"
+    )
     log = _Entry("train.log", "one timestamped line per event of the run")
     status = _Entry("status.json", "the run's heartbeat")
     samples = _Entry("samples.jsonl", "text generated during training")
     eval_report = _Entry("eval.json", "the report of `lmforge eval`")
     curves = _Entry("curves.png", "the chart `lmforge plot` draws when given no --out")
+    report_md = _Entry("report.md", "the report card of the run (Markdown)")
+    report_html = _Entry("report.html", "the report card of the run (one self-contained HTML page)")
+    report_curves = _Entry("report_curves.png", "the curves report.md shows (report.html embeds them)")
     tensorboard = _Entry("tb", "TensorBoard event files")
     checkpoints = _Entry("checkpoints", "the checkpoints, `best` and the `latest` marker")
     consolidated = _Entry("consolidated", "a single-file copy of a sharded checkpoint")

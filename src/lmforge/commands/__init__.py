@@ -39,6 +39,7 @@ COMMANDS: dict[str, Callable] = {
     "eval": using.evaluate,
     "estimate": making.estimate,
     "plot": making.plot,
+    "report": making.report,
     "status": making.status,
     "doctor": making.doctor,
     "consolidate": making.consolidate,

@@ -1,5 +1,6 @@
 """The subcommands that make data and runs, and look at them: prepare, train, finetune, merge, estimate,
-bench, quickstart, consolidate, plot, status, doctor. The rules that turn these functions into commands: __init__.py.
+bench, quickstart, consolidate, plot, report, status, doctor. The rules that turn these functions into
+commands: __init__.py.
 """
 
 from __future__ import annotations
@@ -325,6 +326,21 @@ def plot(runs: list[str], *, out: str | None = None, console: Console) -> None:
     path = Path(out) if out else Path(runs[0]) / "curves.png"
     plot_runs(runs, path)
     console.print(f"wrote {path}", highlight=False)
+
+
+def report(run: str, *, console: Console) -> None:
+    """Write a run's report card (report.md, report.html).
+
+    What was trained, on what, where and how long, how it ended, resumes and incidents, the code version,
+    the curves and a few samples. `lmforge train` writes it when a run ends; this writes it again.
+
+    Args:
+        run: RUN_DIR
+    """
+    from ..report import write_report
+
+    for path in write_report(run):
+        console.print(f"wrote {path}", highlight=False, soft_wrap=True)
 
 
 def status(run: str, *, console: Console) -> None:

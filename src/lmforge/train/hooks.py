@@ -75,6 +75,7 @@ class RunHooks:
         self.tb = None
         self.wandb = None
         self.status: dict = {}
+        self.previous: dict = {}
         if not enabled:
             return
         self._log = LineFile(self.run.log, "the run log")
@@ -87,6 +88,7 @@ class RunHooks:
                 ) from e
             self.tb = SummaryWriter(log_dir=str(self.run.tensorboard))
         previous = self.run.read_status()
+        self.previous = previous  # the heartbeat of the run's previous start, for its start line
         if cfg.log.wandb:  # a resumed run continues the same W&B run
             self.wandb = _start_wandb(cfg, self.run.path, previous.get("wandb_id"))
         now = time.time()

@@ -49,26 +49,29 @@ def discard_metrics(path: Path) -> int:
     return n
 
 
-def truncate_metrics(path: Path, step: int) -> int:
-    """Drop records after `step` (written after the checkpoint a run resumes from); return how many.
+def truncate_metrics(path: Path, step: int) -> int | None:
+    """Drop records after `step` (written after the checkpoint a run resumes from); return the highest
+    step dropped (the step the run rolls back from), or None when nothing was after `step`.
 
     The file is rewritten through a temporary one: if that fails (a full disk), the original stays and
     the error is one line.
     """
     if not path.is_file():
-        return 0
+        return None
     lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
-    kept = []
+    kept, dropped = [], None
     for line in lines:
         try:
-            if json.loads(line).get("step", 0) > step:
-                continue
+            record_step = json.loads(line).get("step", 0)
         except (ValueError, AttributeError):
             continue  # a torn line from a crash mid-write
+        if record_step > step:
+            dropped = max(dropped or record_step, record_step)
+            continue
         kept.append(line if line.endswith("\n") else line + "\n")
     if len(kept) != len(lines):
         write_atomic(path, "".join(kept), "metrics")
-    return len(lines) - len(kept)
+    return dropped
 
 
 class ConsoleReporter:
@@ -97,9 +100,9 @@ class ConsoleReporter:
             self.bar.start()
 
     def print(self, message: str) -> None:
-        """A line above the bar (or a plain line)."""
+        """A line above the bar (or a plain line); soft_wrap keeps a long path whole on one line in logs."""
         if self.enabled:
-            self.console.print(message, highlight=False)
+            self.console.print(message, highlight=False, soft_wrap=True)
 
     def step(self, step: int, loss: float, tok_per_s: float, mfu: float | None, log_line: bool) -> None:
         """Advance to `step`; plain output prints on log steps only."""

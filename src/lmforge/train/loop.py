@@ -49,7 +49,7 @@ from .optim import apply_optimizer_settings, build_optimizer, lr_at
 from .parallel import check_supported, clip_grad_norm, grad_sync, parallelize
 from .plan import Plan, count_params_from_config, make_plan, plan_warnings, print_dry_run, resolve_vocab
 from .resume import check_resume_compatible, find_resume_point, has_training_state, restore_rng, rng_state
-from .runlog import RunLog
+from .runlog import RunLog, start_facts
 from .signals import StopFlag
 
 __all__ = ["Plan", "TrainResult", "make_plan", "train"]
@@ -218,7 +218,7 @@ class Training:
         )  # fmt: skip
         self.bad_steps = BadStepGuard(cfg.train.max_bad_steps)
         self.early = EarlyStopping(cfg.train.early_stop_patience, cfg.train.early_stop_min_delta)
-        self.step, self.tokens = 0, 0
+        self.step, self.tokens, self.rolled_back_from = 0, 0, None
         if saved:
             self.restore(resume_from, saved)
         self.start_step = self.step
@@ -235,6 +235,9 @@ class Training:
             f"world {env.world_size}) | {plan.max_steps} steps ({plan.max_steps * plan.tokens_per_step:,} tokens)"
         )
         self.log = RunLog(cfg, self.run_dir, console, plan.max_steps, self.step, env.is_main)
+        resumed = resume_from if saved else None
+        how = start_facts(device, s.precision, env.world_size, resumed, self.rolled_back_from)
+        self.log.started(self.step, self.tokens, how)
         self.first_eval: dict | None = None
         self.last_eval: dict | None = None
 
@@ -252,7 +255,7 @@ class Training:
         self.early.load_state_dict(guards.get("early_stop", {}))
         self.step, self.tokens = saved["step"], saved["tokens"]
         if env.is_main:  # lines a crash wrote after this checkpoint would otherwise appear twice
-            truncate_metrics(RunDir(self.run_dir).metrics, self.step)
+            self.rolled_back_from = truncate_metrics(RunDir(self.run_dir).metrics, self.step)
         s.say(f"resuming {self.run_dir} from {resume_from} (step {self.step}, {self.tokens:,} tokens)")
         if saved.get("world_size", env.world_size) != env.world_size:
             s.say(
@@ -282,7 +285,7 @@ class Training:
                     break
                 self.periodic(outcome)
             status, message = self.finish(*reason, stop)
-        self.log.end(status, self.step, self.tokens, message)
+        self.log.end(status, self.step, self.tokens, message, signal=stop.name())
         return TrainResult(
             self.run_dir,
             self.step,

@@ -2,17 +2,25 @@
 kept — metrics.jsonl, train.log / status.json / TensorBoard / W&B / samples (RunHooks), the console, and
 listeners (a callable taking the event's name and step; the tests' signal injection is one).
 
+Each start of a run (fresh or resumed) writes a start line to metrics.jsonl and each stop an end line, so
+the run's history — resumes, signals, rollbacks, crashes, wall time — can be read back from that one file;
+after the end line the report card is written (report.py).
+
 Only rank 0 writes; on other ranks every sink is off, and listeners still hear the events.
 """
 
 from __future__ import annotations
 
+import contextlib
+import socket
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 from rich.console import Console
 
 from ..config import Config
+from ..provenance import code_version
 from ..run_dir import RunDir
 from .hooks import RunHooks
 from .logging import ConsoleReporter, MetricsWriter
@@ -21,16 +29,48 @@ from .signals import test_signal_listener
 Listener = Callable[[str, int], None]  # (event, step): "step" after an optimizer step, "eval" before one
 
 
+def start_facts(
+    device, precision: str, world_size: int, resumed_from: Path | None, rolled_back_from: int | None
+) -> dict:
+    """What a start line records of where and how the run computes, and what it resumed from."""
+    facts = {"device": str(device), "precision": precision, "world_size": world_size}
+    if device.type == "cuda":
+        import torch
+
+        facts["device_name"] = torch.cuda.get_device_name(device)
+    facts.update(resumed_from=str(resumed_from) if resumed_from else None, rolled_back_from=rolled_back_from)
+    return facts
+
+
 class RunLog:
     """One object the loop reports to; it knows every place an event goes."""
 
     def __init__(
         self, cfg: Config, run_dir: Path, console: Console, max_steps: int, step: int, is_main: bool
     ) -> None:
+        self.run_dir, self.is_main, self.t_start = run_dir, is_main, time.time()
+        self.report = cfg.log.report
         self.metrics = MetricsWriter(RunDir(run_dir).metrics, enabled=is_main)
         self.hooks = RunHooks(cfg, run_dir, max_steps, step, enabled=is_main)
         self.console = ConsoleReporter(console, max_steps, step, is_main, cfg.log.progress)
         self.listeners: list[Listener] = [f for f in (test_signal_listener(),) if f is not None]
+
+    def started(self, step: int, tokens: int, how: dict) -> None:
+        """This start of the run: its step and tokens, and `how` (device, precision, world size, the
+        checkpoint resumed from, the step a resume rolled back from)."""
+        if not self.is_main:
+            return
+        record = {"type": "start", "step": step, "tokens": tokens, "time": self.t_start, **how}
+        if how.get("resumed_from"):  # a checkpoint of this run by its place in the run (its path elsewhere)
+            with contextlib.suppress(ValueError):
+                inside = Path(how["resumed_from"]).resolve().relative_to(Path(self.run_dir).resolve())
+                record["resumed_from"] = str(inside)
+        record.update(host=socket.gethostname(), code=code_version())
+        previous = self.hooks.previous
+        if previous.get("state") == "running" and "updated" in previous:
+            # The previous start never wrote its end: killed or crashed. Its last heartbeat dates it.
+            record["previous"] = {k: previous.get(k) for k in ("started", "updated", "step")}
+        self.metrics.write(record)
 
     def notify(self, event: str, step: int) -> None:
         """Tell the listeners that `event` happens at `step`."""
@@ -71,10 +111,17 @@ class RunLog:
         self.say(f"saved checkpoint {path}")
         self.hooks.checkpoint(path, step)
 
-    def end(self, status: str, step: int, tokens: int, message: str) -> None:
-        """The run stopped; close every sink."""
+    def end(self, status: str, step: int, tokens: int, message: str, signal: str = "") -> None:
+        """The run stopped (`signal`: the one that stopped it); close every sink, then write the report."""
         if message:
             self.say(message)
+        now = time.time()
+        end = {"type": "end", "step": step, "tokens": tokens, "status": status, "message": message}
+        self.metrics.write({**end, "signal": signal or None, "time": now, "wall_s": now - self.t_start})
         self.hooks.end(status, step, tokens, message)
         self.console.close()
         self.metrics.close()
+        if self.is_main and self.report:
+            from ..report import write_report_quietly
+
+            write_report_quietly(self.run_dir, self.say)

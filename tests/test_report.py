@@ -1,4 +1,4 @@
-"""The report card of a run (report.md, report.html)."""
+"""The report card of a run (report.md, report.html) and the model card of an export (README.md)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
 import lmforge
 from lmforge import report_render
@@ -23,7 +24,7 @@ from lmforge.cli import EXIT_PREEMPTED, main
 from lmforge.model import GPT, flops_per_token, param_breakdown
 from lmforge.model.config import ModelConfig
 from lmforge.provenance import code_version
-from lmforge.report import run_facts, write_report
+from lmforge.report import hub_datasets, run_facts, write_report
 
 from .conftest import FAST, TINY_MODEL
 
@@ -296,3 +297,106 @@ def test_the_html_shows_its_curves_in_a_browser(finished, tmp_path):
     page = (finished / "report.html").read_text()
     broken.write_text(page.replace("base64,iVBOR", "base64,AAAA"))
     assert screenshot(broken, tmp_path / "broken.png") < 50
+
+
+# --- the model card ---------------------------------------------------------------------------------
+
+
+def card_numbers(card) -> dict[str, float]:
+    """{metric type: value} of the card's first model-index result (the run's validation)."""
+    first = card.data.eval_results[0]
+    return {
+        r.metric_type: r.metric_value for r in card.data.eval_results if r.dataset_name == first.dataset_name
+    }
+
+
+def matches_run(card, run) -> bool:
+    """Whether the card's validation numbers are the run's last evaluation, exactly."""
+    final = evals(run)[-1]
+    want = {"loss": final["val_loss"], "perplexity": final["val_ppl"], "bpb": final["val_bpb"]}
+    return card_numbers(card) == want
+
+
+def test_hf_export_has_a_model_card_with_the_runs_numbers(finished, tmp_path, capsys):
+    from huggingface_hub import ModelCard
+
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    report = {
+        "checkpoint": str(run / "checkpoints/step_0000012"),
+        "source": "/private/x (val)",
+        "lm": {"loss": 1.5, "top1_acc": 0.25},
+    }
+    (run / "eval.json").write_text(json.dumps(report))
+    out = tmp_path / "hf"
+    assert (
+        main(["export", "--run", str(run), "--format", "hf", "--out", str(out), "--license", "Apache-2.0"])
+        == 0
+    )
+    card = ModelCard.load(out / "README.md")
+    assert card.data.library_name == "transformers" and card.data.license == "apache-2.0"
+    assert "lmforge" in card.data.tags and card.data.pipeline_tag == "text-generation"
+    assert matches_run(card, run)
+    by_name = {r.metric_name: r.metric_value for r in card.data.eval_results}
+    assert by_name["Loss (lmforge eval)"] == 1.5 and by_name["Next-token accuracy (lmforge eval)"] == 0.25
+    assert "/private" not in card.content and str(tmp_path) not in card.content  # no local paths
+    assert "No license was given" not in card.content and "AutoModelForCausalLM" in card.content
+    assert "## What was trained" in card.content and "apply_chat_template" not in card.content
+
+    # negative control: one number changed and the comparison fails
+    text = (out / "README.md").read_text()
+    final = evals(run)[-1]["val_loss"]
+    wrong = tmp_path / "wrong.md"
+    wrong.write_text(text.replace(f"value: {final}", f"value: {final + 0.01}", 1))
+    assert f"value: {final}" in text and not matches_run(ModelCard.load(wrong), run)
+
+
+def test_eval_json_of_another_checkpoint_is_left_out_of_the_card(finished, tmp_path):
+    from huggingface_hub import ModelCard
+
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    report = {"checkpoint": "elsewhere/checkpoints/step_0000006", "source": "x", "lm": {"loss": 1.5}}
+    (run / "eval.json").write_text(json.dumps(report))  # a path relative to another folder: found by name
+    assert main(["export", "--run", str(run), "--format", "safetensors", "--out", str(tmp_path / "st")]) == 0
+    card = ModelCard.load(tmp_path / "st/README.md")
+    assert card.data.library_name == "lmforge" and card.data.license is None
+    assert "No license was given" in card.content
+    assert matches_run(card, run) and all(r.metric_value != 1.5 for r in card.data.eval_results)
+
+
+def test_gguf_card_names_hub_datasets_and_a_chat_tokenizer_gets_a_chat_snippet(finished, tiny_data, tmp_path):
+    from huggingface_hub import ModelCard
+
+    from lmforge.data import Tokenizer
+    from lmforge.data.chat_template import with_chat_tokens
+
+    assert hub_datasets(["hf:allenai/c4:en@train", "fineweb", "/data/mine", "kaggle:a/b", "c4"]) == [
+        "allenai/c4",
+        "HuggingFaceFW/fineweb",
+    ]
+    data, run = tmp_path / "data", tmp_path / "run"
+    shutil.copytree(tiny_data, data)
+    shutil.copytree(finished, run)
+    manifest = json.loads((data / "manifest.json").read_text())
+    manifest["sources"].append({"source": "hf:roneneldan/TinyStories", "weight": None})
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    (run / "config.yaml").write_text(yaml.safe_dump({**config, "data": str(data)}))
+    with_chat_tokens(Tokenizer.load(run / "tokenizer.json")).save(run / "tokenizer.json")
+
+    assert main(["export", "--run", str(run), "--format", "gguf", "--out", str(tmp_path / "g")]) == 0
+    card = ModelCard.load(tmp_path / "g/README.md")
+    assert card.data.library_name == "gguf" and card.data.datasets == ["roneneldan/TinyStories"]
+    assert "chat" in card.data.tags and "llama-cli -m model.gguf -cnv" in card.content
+    assert "<|user|>" in card.content and matches_run(card, run)
+
+
+def test_a_license_that_is_no_identifier_is_one_line_and_nothing_is_written(finished, tmp_path, capsys):
+    out = tmp_path / "hf"
+    assert (
+        main(["export", "--run", str(finished), "--format", "hf", "--out", str(out), "--license", "my: own"])
+        == 2
+    )
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--license" in err and not out.exists()

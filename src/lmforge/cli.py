@@ -9,7 +9,7 @@ lmforge merge    --run SFT_RUN --out MERGED_RUN
 lmforge generate --run RUN_DIR --prompt "..." [--stream] | --input prompts.txt --output results.jsonl
 lmforge chat     --run RUN_DIR
 lmforge serve    --run RUN_DIR [--host 127.0.0.1] [--port 8000]
-lmforge export   --run RUN_DIR --format hf|safetensors|onnx|gguf --out DIR [--dtype f32|f16|bf16|q8_0]
+lmforge export   --run RUN_DIR --format hf|safetensors|onnx|gguf --out DIR [--dtype f32|f16|bf16|q8_0] [--license ID]
 lmforge import   hf:HF_DIR --out RUN_DIR
 lmforge eval     --run RUN_DIR [--data DATA_DIR | --text FILE] [--tasks NAME=FILE.jsonl] [--quantize int8] | --harness TASKS
 lmforge consolidate --run RUN_DIR [--out DIR]

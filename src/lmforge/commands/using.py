@@ -306,17 +306,22 @@ def _evaluate_harness(
     console.print(f"wrote {written}", highlight=False)
 
 
-def export(run: Run, *, format: str, out: str, dtype: str = "f32", console: Console) -> None:
+def export(
+    run: Run, *, format: str, out: str, dtype: str = "f32", license: str | None = None, console: Console
+) -> None:
     """Export a run (hf, safetensors, onnx, gguf).
+
+    Every export holds a model card (README.md) with the run's numbers.
 
     Args:
         format: hf | safetensors | onnx | gguf
         out: folder to write (must not exist, or be empty)
         dtype: f32 | f16 | bf16 (hf, safetensors, gguf) | q8_0 (gguf)
+        license: the model card's license, a hub identifier such as apache-2.0 or mit (default: none given)
     """
     from ..export import export_run
 
-    written = export_run(run.run, format, out, dtype)
+    written = export_run(run.run, format, out, dtype, license=license)
     console.print(f"exported {run.run} as {format} to {written}", highlight=False)
 
 

@@ -2,8 +2,9 @@
 
 Every exporter reads the run through `checkpoint.py`, works on the CPU in float32, trims the vocabulary
 padding rows to `vocab_size`, and writes into a temporary folder that is renamed into place at the end,
-so a failed export never leaves a half-written `--out`. A new format is one module with a function
-`(model, tokenizer_path, out, dtype) -> Path` and one line in EXPORTERS.
+so a failed export never leaves a half-written `--out`; every format then gets a model card (README.md,
+model_card.py). A new format is one module with a function `(model, tokenizer_path, out, dtype) -> Path`
+and one line in EXPORTERS.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import importlib
 from pathlib import Path
 
 from .common import ExportError
+from .model_card import check_license, model_card, write_card
 
 __all__ = ["DTYPES", "EXPORTERS", "FORMATS", "ExportError", "export_run"]
 
@@ -26,8 +28,11 @@ FORMATS = tuple(EXPORTERS)
 DTYPES = ("f32", "f16", "bf16", "q8_0")
 
 
-def export_run(run: str | Path, fmt: str, out: str | Path, dtype: str = "f32") -> Path:
-    """Export the latest checkpoint of `run` (or a checkpoint directory) as `fmt` into the folder `out`."""
+def export_run(
+    run: str | Path, fmt: str, out: str | Path, dtype: str = "f32", license: str | None = None
+) -> Path:
+    """Export the latest checkpoint of `run` (or a checkpoint directory) as `fmt` into the folder `out`,
+    with a model card (README.md, export/model_card.py) declaring `license` when one is given."""
     import torch
 
     from ..checkpoint import load_model, tokenizer_path
@@ -39,6 +44,10 @@ def export_run(run: str | Path, fmt: str, out: str | Path, dtype: str = "f32") -
         raise ExportError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
     if dtype not in dtypes:
         raise ExportError(f"--dtype {dtype} is not available for --format {fmt}: use {' or '.join(dtypes)}")
-    model, _, _ = load_model(run, device="cpu", dtype=torch.float32)
+    check_license(license)  # a bad value stops before the model loads
+    model, _, ckpt = load_model(run, device="cpu", dtype=torch.float32)
+    card = model_card(run, ckpt, fmt, out, tokenizer_path(run), license)  # read before anything is written
     exporter = getattr(importlib.import_module(f"{__name__}.{module}"), function)
-    return Path(exporter(model, tokenizer_path(run), out, dtype))
+    written = Path(exporter(model, tokenizer_path(run), out, dtype))
+    write_card(written, card)
+    return written

@@ -43,6 +43,16 @@ def _num(value) -> float | None:
     return float(value) if value == value and abs(value) != float("inf") else None
 
 
+def _well_formed(record) -> bool:
+    """A metrics line whose step and tokens, where present, are counts (a hand-edited line may not be)."""
+    if not isinstance(record, dict):
+        return False
+    return all(
+        k not in record or (isinstance(record[k], int) and not isinstance(record[k], bool))
+        for k in ("step", "tokens")
+    )
+
+
 def accuracies(record: dict, prefix: str = "") -> dict[str, float]:
     """Every number under a key naming an accuracy ("acc" in it), nested dicts flattened to a.b.c."""
     out: dict[str, float] = {}
@@ -300,16 +310,22 @@ def run_facts(path: str | Path) -> dict:
         raise ReportError(
             f"{path}: not a run directory (no {RunDir.config} or {RunDir.metrics}); give a RUN_DIR"
         )
-    records = run.read_metrics()
+    records = [r for r in run.read_metrics() if _well_formed(r)]
     config = run.read_config()
     segs = segments(records)
     codes = [s["start"]["code"] for s in segs if s["start"] and isinstance(s["start"].get("code"), dict)]
+    last_start = next((s["start"] for s in reversed(segs) if s["start"]), {})
+    plan_keys = ("max_steps", "global_batch_size", "grad_accum", "tokens_per_step")
+    plan = {k: last_start.get(k) for k in plan_keys}
+    if plan["max_steps"] is None:  # a run of an older lmforge: what its config says
+        plan["max_steps"] = (config.get("train") or {}).get("max_steps")
     return {
         "run": run.path.resolve().name,
         "path": str(run.path),
         "status": status_of(run, segs),
         "starts": len(segs),
         "model": model_facts(config),
+        "plan": plan,
         "data": data_facts(run, config),
         "compute": compute_facts(segs),
         "results": results_facts(run, records),

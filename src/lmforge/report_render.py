@@ -42,6 +42,11 @@ def shown_path(path: object, public: bool) -> str:
     return clean(Path(str(path)).name if public else path)
 
 
+def num(value, spec: str = ",") -> str:
+    """A number in `spec` format, or '?' when it is not known."""
+    return "?" if value is None else format(value, spec)
+
+
 def count(n) -> str:
     """41,504 -> '41.5K'; 1.2e9 -> '1.20B'."""
     if n is None:
@@ -82,17 +87,20 @@ def model_section(f: dict) -> Section:
     if not m:
         s.items.append("config.yaml is missing or unreadable")
         return s
-    t = m["train"]
+    t, plan = m["train"], f["plan"]
     s.rows += [
         ("architecture", f"{m['family']}: {m['n_layer']} layers, {m['n_embd']} wide, {m['n_head']} heads "
          f"({m['n_kv_head']} key/value)"),
         ("parameters", f"{count(m['params'])} ({m['params']:,})"),
         ("FLOPs per token", f"{m['flops_per_token']:.3g} (training: 6N + 12·L·C·T)"),
         ("sequence length", f"{m['seq_len']} (context {m['context_len']}), vocabulary {m['vocab_size']:,}"),
-        ("optimizer", f"{t['optimizer']}, lr {t['lr']:g}, warmup {t['warmup_steps']} steps"),
-        ("seed", str(t["seed"])),
-        ("trained", f"{r['steps']:,} of {t['max_steps']:,} steps, {r['tokens']:,} tokens"),
+        ("optimizer", f"{t['optimizer']}, lr {num(t['lr'], 'g')}, warmup {num(t['warmup_steps'])} steps"),
+        ("seed", num(t["seed"], "")),
+        ("trained", f"{r['steps']:,} of {num(plan['max_steps'])} steps, {r['tokens']:,} tokens"),
     ]  # fmt: skip
+    if plan["tokens_per_step"]:
+        batch = f"{num(plan['global_batch_size'])} sequences, {plan['tokens_per_step']:,} tokens"
+        s.rows.append(("batch per step", batch + f" (accumulation {num(plan['grad_accum'])})"))
     if r["tokens"] and m["params"]:
         s.rows.append(("tokens per parameter", f"{r['tokens'] / m['params']:.2g}"))
     return s
@@ -113,7 +121,7 @@ def data_section(f: dict, public: bool = False) -> Section:
     if d["hub_datasets"]:
         s.rows.append(("Hugging Face datasets", clean(", ".join(d["hub_datasets"]))))
     if d["train_tokens"] is not None:
-        s.rows.append(("tokens", f"{d['train_tokens']:,} train, {d['val_tokens']:,} validation"))
+        s.rows.append(("tokens", f"{num(d['train_tokens'])} train, {num(d['val_tokens'])} validation"))
     if d["fingerprint"]:
         s.rows.append(("data fingerprint", clean(d["fingerprint"])))
     if d["tokenizer"]:

@@ -235,8 +235,7 @@ class Training:
             f"world {env.world_size}) | {plan.max_steps} steps ({plan.max_steps * plan.tokens_per_step:,} tokens)"
         )
         self.log = RunLog(cfg, self.run_dir, console, plan.max_steps, self.step, env.is_main)
-        resumed = resume_from if saved else None
-        how = start_facts(device, s.precision, env.world_size, resumed, self.rolled_back_from)
+        how = start_facts(s, resume_from if saved else None, self.rolled_back_from)
         self.log.started(self.step, self.tokens, how)
         self.first_eval: dict | None = None
         self.last_eval: dict | None = None

@@ -29,16 +29,23 @@ from .signals import test_signal_listener
 Listener = Callable[[str, int], None]  # (event, step): "step" after an optimizer step, "eval" before one
 
 
-def start_facts(
-    device, precision: str, world_size: int, resumed_from: Path | None, rolled_back_from: int | None
-) -> dict:
-    """What a start line records of where and how the run computes, and what it resumed from."""
-    facts = {"device": str(device), "precision": precision, "world_size": world_size}
+def start_facts(s, resumed_from: Path | None, rolled_back_from: int | None) -> dict:
+    """What a start line records of where and how the run computes (from the loop's Setup `s`: device,
+    precision, processes, the batch plan), and what it resumed from."""
+    device, plan = s.device, s.plan
+    facts = {"device": str(device), "precision": s.precision, "world_size": s.env.world_size}
     if device.type == "cuda":
         import torch
 
         facts["device_name"] = torch.cuda.get_device_name(device)
-    facts.update(resumed_from=str(resumed_from) if resumed_from else None, rolled_back_from=rolled_back_from)
+    facts.update(
+        max_steps=plan.max_steps,
+        global_batch_size=plan.global_batch_size,
+        grad_accum=plan.grad_accum,
+        tokens_per_step=plan.tokens_per_step,
+        resumed_from=str(resumed_from) if resumed_from else None,
+        rolled_back_from=rolled_back_from,
+    )
     return facts
 
 

@@ -189,6 +189,20 @@ def test_a_killed_run_then_resumed_shows_the_crash_and_the_rollback(tiny_data, t
     assert compute["untimed_starts"] == 0 and compute["wall_s"] > 0  # the killed start timed by its heartbeat
 
 
+def test_a_resume_from_an_earlier_checkpoint_is_a_rollback_not_a_crash(tiny_data, tmp_path):
+    run = tmp_path / "run"
+    args = ["--train.max_steps=4", "--checkpoint.every=2", "--eval.every=0"]
+    assert main(train_args(tiny_data, run, *args)) == 0
+    assert main(train_args(tiny_data, run, *args, f"--resume={run / 'checkpoints/step_0000002'}")) == 0
+    md = (run / "report.md").read_text()
+    incidents = section(md, "Resumes and incidents")
+    assert "rolled back from step 4 to step 2" in incidents
+    assert "resumed at step 2 from checkpoints/step_0000002" in incidents
+    assert "killed" not in incidents  # the first start's end line outlives the rollback
+    assert "4 of 4 steps" in section(md, "What was trained")
+    assert [r["step"] for r in read_metrics(run) if r["type"] == "train"] == [1, 2, 3, 4]  # steps once each
+
+
 def test_hostile_text_is_escaped_in_html_and_markdown(finished, tmp_path, monkeypatch):
     run = tmp_path / "run"
     shutil.copytree(finished, run)
@@ -328,6 +342,12 @@ def test_hf_export_has_a_model_card_with_the_runs_numbers(finished, tmp_path, ca
         "lm": {"loss": 1.5, "top1_acc": 0.25},
     }
     (run / "eval.json").write_text(json.dumps(report))
+    # the accuracies an eval line may hold (downstream tasks), whatever their keys
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    last = max(i for i, line in enumerate(lines) if '"type": "eval"' in line)
+    extra = {"tasks": {"hellaswag": {"acc": 0.3125}}, "centered_acc": 0.1}
+    lines[last] = json.dumps({**json.loads(lines[last]), **extra})
+    (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
     out = tmp_path / "hf"
     assert (
         main(["export", "--run", str(run), "--format", "hf", "--out", str(out), "--license", "Apache-2.0"])
@@ -339,6 +359,9 @@ def test_hf_export_has_a_model_card_with_the_runs_numbers(finished, tmp_path, ca
     assert matches_run(card, run)
     by_name = {r.metric_name: r.metric_value for r in card.data.eval_results}
     assert by_name["Loss (lmforge eval)"] == 1.5 and by_name["Next-token accuracy (lmforge eval)"] == 0.25
+    tasks = {(r.task_name, r.metric_type): r.metric_value for r in card.data.eval_results}
+    assert tasks[("hellaswag", "accuracy")] == 0.3125 and tasks[("centered_acc", "centered_acc")] == 0.1
+    assert "| downstream (step 12) | tasks.hellaswag.acc 0.3125, centered_acc 0.1000 |" in card.content
     assert "/private" not in card.content and str(tmp_path) not in card.content  # no local paths
     assert "No license was given" not in card.content and "AutoModelForCausalLM" in card.content
     assert "## What was trained" in card.content and "apply_chat_template" not in card.content

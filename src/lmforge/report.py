@@ -207,7 +207,18 @@ def compute_facts(segs: list[dict]) -> dict:
     }
 
 
-def results_facts(run: RunDir, records: list[dict]) -> dict:
+def progress(segs: list[dict]) -> tuple[int, int]:
+    """(step, tokens) the run has reached: where its last start stopped or got to. (An end line of an
+    earlier start may name a later step that a rollback went back from.)"""
+    if not segs:
+        return 0, 0
+    last = segs[-1]
+    lines = [r for r in (last["start"], *last["records"], last["end"]) if r and "step" in r]
+    final = max(lines, key=lambda r: r["step"], default={})
+    return final.get("step", 0), final.get("tokens") or 0
+
+
+def results_facts(run: RunDir, records: list[dict], segs: list[dict]) -> dict:
     """Final and best validation, the last train loss, downstream accuracies of the eval lines, and
     `lmforge eval`'s eval.json when there is one."""
     evals = [r for r in records if r.get("type") == "eval" and _num(r.get("val_loss")) is not None]
@@ -215,13 +226,15 @@ def results_facts(run: RunDir, records: list[dict]) -> dict:
     scored = [(r.get("step"), accuracies(r)) for r in evals]
     downstream = next(((step, scores) for step, scores in reversed(scored) if scores), None)
     report = _json(run.eval_report)
+    steps, tokens = progress(segs)
     out = {
+        "evals": evals,
         "final": evals[-1] if evals else None,
         "best": min(evals, key=lambda r: r["val_loss"]) if evals else None,
         "first": evals[0] if evals else None,
         "train_loss": train[-1]["train_loss"] if train else None,
-        "steps": max((r.get("step") or 0 for r in records), default=0),
-        "tokens": max((r.get("tokens") or 0 for r in records), default=0),
+        "steps": steps,
+        "tokens": tokens,
         "downstream": {"step": downstream[0], "scores": downstream[1]} if downstream else None,
         "eval_json": None,
     }
@@ -328,7 +341,7 @@ def run_facts(path: str | Path) -> dict:
         "plan": plan,
         "data": data_facts(run, config),
         "compute": compute_facts(segs),
-        "results": results_facts(run, records),
+        "results": results_facts(run, records, segs),
         "incidents": incidents(segs),
         "samples": samples(run),
         "code": codes[-1] if codes else None,

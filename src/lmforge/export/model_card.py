@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from ..report import ReportError, _json, _num, run_facts
+from ..report import ReportError, _json, _num, accuracies, run_facts
 from ..run_dir import CHECKPOINT_META, RunDir
 from .common import ExportError
 
@@ -50,11 +50,11 @@ def measured(facts: dict, run_dir: Path, step: int | None) -> dict:
     """The numbers measured on the checkpoint of `step`: {"val": eval line, "scores": accuracies,
     "eval_json": eval.json's part} (each None when that step has none)."""
     r = facts["results"]
-    at_step = [e for e in (r["final"], r["best"]) if e and e.get("step") == step]
-    down, report = r["downstream"], r["eval_json"]
+    at_step = [e for e in r["evals"] if e.get("step") == step]
+    report = r["eval_json"]
     return {
-        "val": at_step[0] if at_step else None,
-        "scores": down["scores"] if down and down["step"] == step else None,
+        "val": at_step[-1] if at_step else None,
+        "scores": accuracies(at_step[-1]) if at_step else None,
         "eval_json": report if report and _eval_step(report, run_dir) == step else None,
     }
 
@@ -90,6 +90,16 @@ def _result(task: str, task_name: str, dataset: dict, metrics: list[tuple[str, f
     }
 
 
+def _task_of(key: str) -> tuple[str, str]:
+    """(task, metric type) of an accuracy key of an eval line: "tasks.hellaswag.acc" and "acc/hellaswag"
+    are hellaswag's accuracy; a flat key ("centered_acc") is its own task."""
+    parts = [p for p in re.split(r"[./]", key) if p]
+    metric = next((p for p in reversed(parts) if "acc" in p.lower()), parts[-1])
+    others = [p for p in parts if p not in (metric, "tasks")]
+    kind = "accuracy" if metric.lower() in ("acc", "accuracy") else metric
+    return (others[-1] if others else key), kind
+
+
 def model_index(name: str, facts: dict, numbers: dict) -> list[dict]:
     """The hub's model-index: one result per (task, dataset) with the exported checkpoint's numbers, as
     measured (unrounded); [] when that checkpoint was never measured."""
@@ -104,9 +114,8 @@ def model_index(name: str, facts: dict, numbers: dict) -> list[dict]:
         metrics += [("bpb", val["val_bpb"], "Bits per byte")] if _num(val.get("val_bpb")) else []
         results.append(_result("text-generation", "Language modeling", val_data, metrics))
     for key, value in (numbers["scores"] or {}).items():
-        results.append(
-            _result("multiple-choice", key, {"type": key, "name": key}, [("accuracy", value, key)])
-        )
+        task, kind = _task_of(key)
+        results.append(_result("multiple-choice", task, {"type": task, "name": task}, [(kind, value, key)]))
     report = numbers["eval_json"] or {"lm": {}, "tasks": {}}
     if report["lm"]:
         source = Path(str(report.get("source"))).name  # a local path names nothing on the hub

@@ -12,6 +12,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from ..safewrite import LineFile, failing_cleanly, write_atomic
 
+HISTORY = ("start", "end")  # metrics.jsonl lines that tell the run's story rather than a step's numbers
+
 
 class MetricsWriter:
     """Appends one JSON object per line to RUN_DIR/metrics.jsonl (kept across resumes).
@@ -51,7 +53,9 @@ def discard_metrics(path: Path) -> int:
 
 def truncate_metrics(path: Path, step: int) -> int | None:
     """Drop records after `step` (written after the checkpoint a run resumes from); return the highest
-    step dropped (the step the run rolls back from), or None when nothing was after `step`.
+    step dropped (the step the run rolls back from), or None when nothing was after `step`. Start and end
+    lines stay: they are the run's history (a stop by divergence, a start later killed), not steps that
+    training will write again.
 
     The file is rewritten through a temporary one: if that fails (a full disk), the original stays and
     the error is one line.
@@ -62,10 +66,11 @@ def truncate_metrics(path: Path, step: int) -> int | None:
     kept, dropped = [], None
     for line in lines:
         try:
-            record_step = json.loads(line).get("step", 0)
+            record = json.loads(line)
+            record_step = record.get("step", 0)
         except (ValueError, AttributeError):
             continue  # a torn line from a crash mid-write
-        if record_step > step:
+        if record_step > step and record.get("type") not in HISTORY:
             dropped = max(dropped or record_step, record_step)
             continue
         kept.append(line if line.endswith("\n") else line + "\n")

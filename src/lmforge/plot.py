@@ -56,6 +56,8 @@ def matplotlib_pyplot():
 def chart(runs: list[str | Path]):
     """The four panels of the runs as a matplotlib Figure (the caller saves and closes it)."""
     plt = matplotlib_pyplot()
+    from matplotlib.ticker import EngFormatter
+
     data = {str(r): series(r) for r in runs}
     fig, axes = plt.subplots(2, 2, figsize=(11, 7), constrained_layout=True)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -68,6 +70,7 @@ def chart(runs: list[str | Path]):
                 ax.plot(*s["val_loss"], "o--", color=color, label=f"{label} val")
         ax.set_title(title)
         ax.set_xlabel("tokens")
+        ax.xaxis.set_major_formatter(EngFormatter(sep=""))  # 250k, 1.5M: whole numbers collide at this width
         ax.grid(alpha=0.3)
         if key == "lr":
             ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))

@@ -203,6 +203,40 @@ def test_a_resume_from_an_earlier_checkpoint_is_a_rollback_not_a_crash(tiny_data
     assert [r["step"] for r in read_metrics(run) if r["type"] == "train"] == [1, 2, 3, 4]  # steps once each
 
 
+def test_gpu_runs_show_mfu_and_gpu_hours_over_every_start(finished, tmp_path):
+    # the lines a GPU run writes (no GPU here): 8 processes for an hour, then 4 for half an hour
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(finished / "config.yaml", run / "config.yaml")
+    start = {"type": "start", "precision": "bf16", "device": "cuda:0", "device_name": "NVIDIA H100 80GB HBM3"}
+    lines = [
+        {**start, "step": 0, "tokens": 0, "time": 0.0, "world_size": 8},
+        {"type": "train", "step": 10, "tokens": 1000, "train_loss": 3.0, "tok_per_s": 100.0, "mfu": 0.40},
+        {
+            "type": "end",
+            "step": 10,
+            "tokens": 1000,
+            "status": "preempted",
+            "signal": "SIGUSR1",
+            "wall_s": 3600.0,
+        },
+        {**start, "step": 10, "tokens": 1000, "time": 5000.0, "world_size": 4},
+        {"type": "train", "step": 20, "tokens": 2000, "train_loss": 2.5, "tok_per_s": 300.0, "mfu": 0.50},
+        {"type": "end", "step": 20, "tokens": 2000, "status": "finished", "signal": None, "wall_s": 1800.0},
+    ]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    compute = run_facts(run)["compute"]
+    assert compute["gpu_hours"] == pytest.approx(8 * 1.0 + 4 * 0.5) and compute["wall_s"] == 5400.0
+    assert compute["mfu"] == pytest.approx(0.45) and compute["tok_per_s_overall"] == pytest.approx(
+        2000 / 5400
+    )
+    write_report(run)
+    md = section((run / "report.md").read_text(), "Compute")
+    assert "| device | NVIDIA H100 80GB HBM3, bf16, 8 process(es) |" in md and ", 4 process(es) |" in md
+    assert "| MFU | 45.0% (mean of logged steps) |" in md and "| GPU-hours | 10 |" in md
+    assert "stopped by SIGUSR1 at step 10" in (run / "report.md").read_text()
+
+
 def test_hostile_text_is_escaped_in_html_and_markdown(finished, tmp_path, monkeypatch):
     run = tmp_path / "run"
     shutil.copytree(finished, run)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import multiprocessing
 import os
@@ -374,6 +376,11 @@ def test_hf_export_has_a_model_card_with_the_runs_numbers(finished, tmp_path, ca
         "checkpoint": str(run / "checkpoints/step_0000012"),
         "source": "/private/x (val)",
         "lm": {"loss": 1.5, "top1_acc": 0.25},
+        "harness": {  # what `lmforge eval --harness` keeps: lm-eval's own metric names
+            "checkpoint": str(run / "checkpoints/step_0000012"),
+            "tasks": {"arc_easy": {"alias": "arc_easy", "acc,none": 0.375, "acc_stderr,none": 0.05}},
+            "n_shot": {"arc_easy": 0},
+        },
     }
     (run / "eval.json").write_text(json.dumps(report))
     # the accuracies an eval line may hold (downstream tasks), whatever their keys
@@ -396,9 +403,16 @@ def test_hf_export_has_a_model_card_with_the_runs_numbers(finished, tmp_path, ca
     tasks = {(r.task_name, r.metric_type): r.metric_value for r in card.data.eval_results}
     assert tasks[("hellaswag", "accuracy")] == 0.3125 and tasks[("centered_acc", "centered_acc")] == 0.1
     assert "| downstream (step 12) | tasks.hellaswag.acc 0.3125, centered_acc 0.1000 |" in card.content
+    assert (
+        by_name["arc_easy acc (lm-eval, 0-shot)"] == 0.375
+        and "| lm-eval arc_easy (0-shot) | acc 0.3750 |" in card.content
+    )
+    assert not any("stderr" in name for name in by_name)
     assert "/private" not in card.content and str(tmp_path) not in card.content  # no local paths
     assert "No license was given" not in card.content and "AutoModelForCausalLM" in card.content
     assert "## What was trained" in card.content and "apply_chat_template" not in card.content
+    torch.manual_seed(0)
+    assert run_snippet(card.content, out).strip()  # the usage snippet runs and prints a continuation
 
     # negative control: one number changed and the comparison fails
     text = (out / "README.md").read_text()
@@ -406,6 +420,33 @@ def test_hf_export_has_a_model_card_with_the_runs_numbers(finished, tmp_path, ca
     wrong = tmp_path / "wrong.md"
     wrong.write_text(text.replace(f"value: {final}", f"value: {final + 0.01}", 1))
     assert f"value: {final}" in text and not matches_run(ModelCard.load(wrong), run)
+
+
+def run_snippet(card_text: str, folder: Path) -> str:
+    """Run the card's Python usage snippet on the export `folder`; what it prints."""
+    code = re.search(r"```python\n(.*?)```", card_text, re.S).group(1)
+    code = re.sub(r"model_dir = .*", f"model_dir = {str(folder)!r}", code)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(compile(code, "README.md", "exec"), {})  # noqa: S102 (the card's own snippet)
+    return out.getvalue()
+
+
+def test_the_hf_cards_chat_snippet_runs_on_a_chat_export(tiny_data, tmp_path):
+    from huggingface_hub import ModelCard
+
+    from tests.gen_helpers import make_run
+
+    run = make_run(tiny_data, tmp_path / "chat", chat=True)
+    out = tmp_path / "hf"
+    assert main(["export", "--run", str(run), "--format", "hf", "--out", str(out)]) == 0
+    card = ModelCard.load(out / "README.md")
+    assert "chat" in card.data.tags and "apply_chat_template" in card.content
+    assert "has no validation result" in card.content and not card.data.eval_results  # nothing measured
+    torch.manual_seed(0)
+    assert run_snippet(card.content, out).endswith(
+        "\n"
+    )  # it ran to its print (a random model may say nothing)
 
 
 def test_eval_json_of_another_checkpoint_is_left_out_of_the_card(finished, tmp_path):

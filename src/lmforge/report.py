@@ -250,8 +250,30 @@ def results_facts(run: RunDir, records: list[dict], segs: list[dict]) -> dict:
                 if _num(lm.get(k)) is not None
             },
             "tasks": {name: accuracies(t) for name, t in tasks.items() if isinstance(t, dict)},
+            "harness": harness_facts(report.get("harness")),
         }
     return out
+
+
+def harness_facts(section) -> dict | None:
+    """lm-evaluation-harness's numbers from eval.json's "harness" section: {"checkpoint", "tasks": {task:
+    {metric: value}}, "n_shot"}. lm-eval names a metric "acc,none" (metric, filter): the filter is kept only
+    when it is not "none"; standard errors are left out."""
+    if not isinstance(section, dict) or not isinstance(section.get("tasks"), dict):
+        return None
+    tasks = {}
+    for task, results in section["tasks"].items():
+        if not isinstance(results, dict):
+            continue
+        numbers = {}
+        for key, value in results.items():
+            metric, _, kind = str(key).partition(",")
+            if "stderr" not in metric and _num(value) is not None:
+                numbers[metric if kind in ("", "none") else f"{metric} ({kind})"] = float(value)
+        if numbers:
+            tasks[str(task)] = numbers
+    shots = section.get("n_shot") if isinstance(section.get("n_shot"), dict) else {}
+    return {"checkpoint": section.get("checkpoint"), "tasks": tasks, "n_shot": shots} if tasks else None
 
 
 def incidents(segs: list[dict]) -> list[str]:

@@ -172,6 +172,10 @@ def results_section(f: dict, public: bool = False) -> Section:
         lm = ", ".join(f"{k} {v:.4f}" for k, v in e["lm"].items())
         source = shown_path(e["source"], public)
         s.rows.append(("lmforge eval", f"{lm} on {source}" if lm else source))
+        for task, scores in (e["harness"] or {"tasks": {}})["tasks"].items():
+            shots = (e["harness"]["n_shot"] or {}).get(task)
+            label = f"lm-eval {clean(task)}" + (f" ({shots}-shot)" if shots is not None else "")
+            s.rows.append((label, ", ".join(f"{clean(k)} {v:.4f}" for k, v in scores.items())))
         for name, scores in e["tasks"].items():
             s.rows.append(
                 (f"task {clean(name)}", ", ".join(f"{clean(k)} {v:.4f}" for k, v in scores.items()))

@@ -51,11 +51,13 @@ def measured(facts: dict, run_dir: Path, step: int | None) -> dict:
     "eval_json": eval.json's part} (each None when that step has none)."""
     r = facts["results"]
     at_step = [e for e in r["evals"] if e.get("step") == step]
-    report = r["eval_json"]
+    report = r["eval_json"] or {}
+    harness = report.get("harness")
     return {
         "val": at_step[-1] if at_step else None,
         "scores": accuracies(at_step[-1]) if at_step else None,
         "eval_json": report if report and _eval_step(report, run_dir) == step else None,
+        "harness": harness if harness and _eval_step(harness, run_dir) == step else None,
     }
 
 
@@ -125,6 +127,12 @@ def model_index(name: str, facts: dict, numbers: dict) -> list[dict]:
         metrics = [("accuracy" if k == "acc" else k, v, f"{task} {k}") for k, v in scores.items()]
         if metrics:
             results.append(_result("multiple-choice", task, {"type": task, "name": task}, metrics))
+    harness = numbers.get("harness") or {"tasks": {}, "n_shot": {}}
+    for task, scores in harness["tasks"].items():
+        shots = harness["n_shot"].get(task)
+        how = "lm-eval" + (f", {shots}-shot" if shots is not None else "")
+        metrics = [("accuracy" if k == "acc" else k, v, f"{task} {k} ({how})") for k, v in scores.items()]
+        results.append(_result("text-generation", task, {"type": task, "name": task}, metrics))
     return [{"name": name, "results": results}] if results else []
 
 
@@ -159,10 +167,9 @@ HF_GENERATE = """ids = tok("Once upon a time", return_tensors="pt").input_ids
 print(tok.decode(model.generate(ids, max_new_tokens=40, do_sample=True)[0]))
 """
 HF_CHAT = """messages = [{"role": "user", "content": "Hello!"}]
-ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_dict=True, return_tensors="pt")
-ids = ids["input_ids"]
-out = model.generate(ids, max_new_tokens=64, eos_token_id=tok.convert_tokens_to_ids("END_OF_TURN"))
-print(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+inputs = tok.apply_chat_template(messages, add_generation_prompt=True, return_dict=True, return_tensors="pt")
+out = model.generate(**inputs, max_new_tokens=64)  # the export's generation config stops at END_OF_TURN
+print(tok.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
 """
 GGUF_GENERATE = 'llama-cli -m model.gguf -p "Once upon a time" -n 40\n'
 GGUF_CHAT = "llama-cli -m model.gguf -cnv\n"
@@ -204,7 +211,8 @@ def model_card(
     except ReportError:
         facts = None
     step = _json(ckpt / CHECKPOINT_META).get("step")
-    numbers = measured(facts, run_dir, step) if facts else {"val": None, "scores": None, "eval_json": None}
+    nothing = {"val": None, "scores": None, "eval_json": None, "harness": None}
+    numbers = measured(facts, run_dir, step) if facts else nothing
     chat = has_chat_tokens(Tokenizer.load(tokenizer))
     name = facts["run"] if facts else Path(out).name
     meta = front_matter(name, fmt, facts, numbers, license, chat)

@@ -161,10 +161,42 @@ class EvalConfig:
     every: int = 100  # steps between evaluations; 0 evaluates only at the start and the end
     batches: int = 20  # validation batches per evaluation (None of the split is sampled at random)
     at_start: bool = True  # evaluate the untrained model too, so progress is visible
+    # Multiple-choice tasks scored at each evaluation (eval/downstream.py): FILE.jsonl (HellaSwag, ARC or
+    # MMLU layout), NAME=FILE.jsonl or builtin:stdlib-next-line; a YAML list, or a,b on the command line.
+    tasks: list[str] | str = field(default_factory=list)
+    task_items: int = 200  # items per task and evaluation at most (a fixed sample), so evaluation stays cheap
 
     def __post_init__(self) -> None:
         _require(self.every >= 0, "eval.every", self.every, "must be >= 0")
         _require(self.batches >= 1, "eval.batches", self.batches, "must be >= 1")
+        _require(self.task_items >= 1, "eval.task_items", self.task_items, "must be >= 1")
+        if isinstance(self.tasks, str):  # --eval.tasks=a.jsonl,b.jsonl
+            self.tasks = [t.strip() for t in self.tasks.split(",") if t.strip()]
+        names = [task_spec(spec)[0] for spec in self.tasks]  # the files are read when training starts
+        twice = sorted({n for n in names if names.count(n) > 1})
+        _require(
+            not twice,
+            "eval.tasks",
+            self.tasks,
+            f"two tasks are named {next(iter(twice), '')!r}: write NAME=FILE.jsonl",
+        )
+
+
+def task_spec(spec: str) -> tuple[str, str]:
+    """(name, source) of an eval.tasks entry: NAME=FILE.jsonl, FILE.jsonl (named by its stem) or
+    builtin:NAME (named NAME). The name prefixes the task's metrics (NAME/acc), so it has no '/'."""
+    name, eq, source = spec.partition("=")
+    name, source = (name.strip(), source.strip()) if eq else ("", spec.strip())
+    _require(bool(source), "eval.tasks", spec, "give FILE.jsonl, NAME=FILE.jsonl or builtin:NAME")
+    if not name:
+        name = source.removeprefix("builtin:") if source.startswith("builtin:") else Path(source).stem
+    _require(
+        bool(name) and "/" not in name and name.isprintable(),
+        "eval.tasks",
+        spec,
+        "the task's name must be non-empty and without '/': write NAME=FILE.jsonl",
+    )
+    return name, source
 
 
 @dataclass

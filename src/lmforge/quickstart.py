@@ -18,6 +18,7 @@ QUICKSTART_VOCAB = 4096
 QUICKSTART_BATCH = 8
 QUICKSTART_TOKENS = 700_000
 QUICKSTART_VAL_FRACTION = 0.03  # ~20 stdlib modules, enough for a steady validation number
+# (and no less than eval/stdlib_task.py HELD_OUT_FRACTION: its task is made of the modules held out here)
 # Openings of Python the corpus is full of: the samples show what the model learned of the language.
 # None ends in a space: byte-level BPE attaches a word's leading space to the word, so a prompt ending in
 # " " leaves the model a token it rarely saw there ("def " gave "def  # If the ..." after 700k tokens).
@@ -27,6 +28,8 @@ QUICKSTART_PROMPTS = (
     "    for i in range(",
 )
 SAMPLE_TOKENS = 64
+QUICKSTART_TASK = "builtin:stdlib-next-line"
+QUICKSTART_TASK_ITEMS = 200  # all of the task's items (159 on CPython 3.11): ~15% of the run's compute
 
 
 def quickstart_config(data_dir: str, run_dir: str, max_tokens: int | None, device: str) -> Config:
@@ -46,7 +49,8 @@ def quickstart_config(data_dir: str, run_dir: str, max_tokens: int | None, devic
             device=device,
             seed=1337,
         ),
-        eval=EvalConfig(every=100, batches=20),
+        # The embedded downstream task, from stdlib modules this data holds out (eval/stdlib_task.py).
+        eval=EvalConfig(every=100, batches=20, tasks=[QUICKSTART_TASK], task_items=QUICKSTART_TASK_ITEMS),
         checkpoint=CheckpointConfig(every=0),
         log=LogConfig(every=10),
     )
@@ -96,6 +100,13 @@ def quickstart(
         console.print(
             f"val bits per byte: {first['val_bpb']:.3f} at step {first['step']} -> {last['val_bpb']:.3f} at step {last['step']} "
             f"({100 * last['val_bpb'] / first['val_bpb']:.0f}% of the start)",
+            highlight=False,
+        )
+    task = QUICKSTART_TASK.removeprefix("builtin:") + "/acc_norm"
+    if task in first and task in last:  # 4 choices: chance is 0.25
+        console.print(
+            f"{task} (pick the real next line of a function among 4): {first[task]:.3f} at step {first['step']} "
+            f"-> {last[task]:.3f} at step {last['step']} (chance 0.250)",
             highlight=False,
         )
     console.print(

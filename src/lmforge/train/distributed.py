@@ -72,6 +72,15 @@ def all_reduce_mean(value: float, env: DistEnv, device: torch.device) -> float:
     return t.item() / env.world_size
 
 
+def all_reduce_sum(values: list[float], env: DistEnv, device: torch.device) -> list[float]:
+    """Elementwise sums of a list of scalars over ranks (the list itself for world size 1)."""
+    if env.world_size == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
 def ensure_process_group(device: torch.device, timeout_s: int) -> None:
     """FSDP2 needs a process group even alone: a one-process group kept in memory (no network)."""
     if dist.is_initialized():

@@ -28,6 +28,7 @@ from .. import checkpoint as ckpt_io
 from ..config import Config, config_to_dict
 from ..data.folder import data_tokenizer
 from ..errors import LmforgeError
+from ..eval.downstream import scalar_name, summary
 from ..run_dir import RunDir
 from ..safewrite import LineFile, copy_atomic
 from .logging import discard_metrics
@@ -127,7 +128,10 @@ class RunHooks:
         """After an evaluation; every log.sample_every evaluations, also generate samples."""
         if not self.enabled:
             return
-        self.line(f"step {record['step']} | val loss {record['val_loss']:.4f} | ppl {record['val_ppl']:.1f}")
+        self.line(
+            f"step {record['step']} | val loss {record['val_loss']:.4f} | ppl {record['val_ppl']:.1f}"
+            + summary(record)
+        )
         self._scalars(record)
         best = self.status.get("best_val_loss")
         if best is None or record["val_loss"] < best:
@@ -210,7 +214,8 @@ class RunHooks:
         return out
 
     def _scalars(self, record: dict) -> None:
-        values = {METRIC_NAMES[k]: v for k, v in record.items() if k in METRIC_NAMES and v is not None}
+        names = {k: METRIC_NAMES.get(k) or scalar_name(k) for k in record}  # eval.tasks' keys: tasks/...
+        values = {names[k]: v for k, v in record.items() if names[k] and v is not None}
         step = record["step"]
         if self.tb is not None:
             for name, v in values.items():

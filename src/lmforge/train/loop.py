@@ -10,6 +10,7 @@ kind of training data is a new source in `data/batches.py`, not a new loop.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import random
 import time
@@ -27,6 +28,7 @@ from ..data import load_meta
 from ..data.batches import eval_batches, training_batches
 from ..device import autocast, peak_flops, pick_device, pick_precision
 from ..errors import LmforgeError
+from ..eval.downstream import Downstream
 from ..eval.metrics import evaluate_loss, loss_report
 from ..lora import adapt
 from ..model import GPT, flops_per_token
@@ -38,6 +40,7 @@ from .distributed import (
     DistEnv,
     all_agree,
     all_reduce_mean,
+    all_reduce_sum,
     close_distributed,
     collective_errors,
     init_distributed,
@@ -81,6 +84,7 @@ class Setup:
     plan: Plan
     say: Callable[[str], None]  # a line on rank 0's console
     base: dict | None = None  # a fine-tune's base checkpoint (finetuned.base_record), in every checkpoint
+    tasks: Downstream | None = None  # eval.tasks, read (and checked) before anything is written
 
 
 @dataclass
@@ -152,13 +156,14 @@ def set_up(cfg: Config, console: Console, dry_run: bool, base: dict | None = Non
     if cfg.train.micro_batch_size == "auto":
         cfg = resolve_micro_batch(cfg, device, precision, env.world_size, say, estimate_only=dry_run)
     plan = make_plan(cfg, env.world_size)
+    tasks = Downstream.load(cfg.eval, cfg.data)
     for warning in plan_warnings(cfg, plan):
         say(f"warning: {warning}")
     if dry_run:
         n_params, fpt = count_params_from_config(cfg), flops_per_token(cfg.model)
         print_dry_run(cfg, plan, precision, device, n_params, fpt, console)
         return None
-    return Setup(cfg, env, device, precision, data_meta, plan, say, base)
+    return Setup(cfg, env, device, precision, data_meta, plan, say, base, tasks)
 
 
 def open_run_dir(
@@ -390,15 +395,18 @@ class Training:
             self.save_once()
 
     def evaluate(self) -> dict:
-        """Validation loss, perplexity and bits per byte; a new best val loss also saves `best`."""
-        cfg, plan, step = self.cfg, self.plan, self.step
+        """Validation loss, perplexity, bits per byte and eval.tasks; a new best val loss also saves `best`."""
+        cfg, plan, step, env = self.cfg, self.plan, self.step, self.env
         self.log.notify("eval", step)
         batches = eval_batches(
             cfg.data, self.s.data_meta, plan.seq_len, plan.micro_batch_size, cfg.eval.batches
         )
         loss, _ = evaluate_loss(self.model, batches, self.device, "fp32")
         bytes_per_token = self.s.data_meta.get("val_bytes_per_token")
-        report = {"step": step, **loss_report(all_reduce_mean(loss, self.env, self.device), bytes_per_token)}
+        report = {"step": step, **loss_report(all_reduce_mean(loss, env, self.device), bytes_per_token)}
+        if self.s.tasks:  # in the model's fp32 weights, as val loss; the items are split between the ranks
+            add_up = functools.partial(all_reduce_sum, env=env, device=self.device)
+            report |= self.s.tasks.score(self.model, env.rank, env.world_size, add_up)
         self.log.evaluated(report, self.tokens, self.eval_precision, self.model)
         if self.early.update(report["val_loss"], step):
             self.save(name=ckpt_io.BEST, extra={"val_loss": report["val_loss"]})

@@ -20,6 +20,7 @@ from pathlib import Path
 from rich.console import Console
 
 from ..config import Config
+from ..eval.downstream import summary
 from ..provenance import code_version
 from ..run_dir import RunDir
 from .hooks import RunHooks
@@ -111,6 +112,7 @@ class RunLog:
         bpb = f" | val bpb {report['val_bpb']:.3f}" if "val_bpb" in report else ""
         self.say(
             f"step {report['step']}: val loss {report['val_loss']:.4f} | ppl {report['val_ppl']:.1f}{bpb}"
+            + summary(report)
         )
 
     def checkpoint(self, path: Path, step: int) -> None:

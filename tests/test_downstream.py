@@ -200,6 +200,52 @@ def test_ranks_score_disjoint_items_with_the_same_number_of_forwards(tiny_data):
     assert total[0] / 7 == alone["t/acc"] and total[1] / 7 == alone["t/acc_norm"]
 
 
+def test_two_fsdp_processes_score_as_one_process(tiny_data, tmp_path):
+    """Under FSDP every forward is a collective: 7 items over 2 ranks (4 and 3, padded) neither hang nor
+    change the scores of the one-process run (the untrained model at step 0 is the same in both)."""
+    import os
+    import subprocess
+    import sys
+
+    task = tmp_path / "t.jsonl"
+    write_jsonl(
+        task, [{"ctx": i.context, "endings": list(i.endings), "label": 0} for i in random_items(7, 3)]
+    )
+    args = [
+        "--data",
+        str(tiny_data),
+        *TINY_MODEL,
+        "--model.seq_len=32",
+        "--train.max_steps=1",
+        "--eval.batches=1",
+    ]
+    args += [
+        "--train.micro_batch_size=2",
+        "--train.device=cpu",
+        "--train.precision=fp32",
+        "--log.progress=false",
+    ]
+    args += [f"--eval.tasks={task}"]
+    assert main(["train", "--out", str(tmp_path / "one"), *args, "--train.global_batch_size=4"]) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--standalone",
+        "-m",
+        "lmforge",
+    ]
+    cmd += ["train", "--out", str(tmp_path / "two"), *args, "--train.parallel=fsdp"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=170)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = ([r for r in read_metrics(tmp_path / run) if r["type"] == "eval"] for run in ("one", "two"))
+    assert [r["step"] for r in two] == [0, 1]
+    for key in ("t/acc", "t/acc_norm", "centered_acc"):
+        assert two[0][key] == one[0][key]
+
+
 # ---- a training run with eval.tasks -----------------------------------------------------------------
 
 # Short words, so that each is one token of the 320-token BPE and the pairs are quick to learn.
@@ -266,13 +312,19 @@ def test_stdlib_next_line_is_deterministic_well_formed_and_held_out():
     stdlib_task.stdlib_next_line.cache_clear()
     assert stdlib_task.stdlib_next_line() == items  # built again from scratch: the same items
     assert len(items) >= 100
-    held = {d.name: d.text for d in iter_stdlib(None) if val_score(d.name) < stdlib_task.HELD_OUT_FRACTION}
-    held_text = "\n".join(held.values())
+    held, trained = [], set()  # the held-out modules' text; every stripped line of the others
+    for doc in iter_stdlib(None):
+        if val_score(doc.name) < stdlib_task.HELD_OUT_FRACTION:
+            held.append(doc.text)
+        else:
+            trained.update(line.strip() for line in doc.text.splitlines())
+    held_text = "\n".join(held)
     for item in items:
         assert len(item.endings) == 4 and len(set(item.endings)) == 4 and 0 <= item.label < 4
         assert item.separator == "" and all(e.startswith("\n") and e.strip() for e in item.endings)
         # the right ending is the line that follows the context in a held-out module; the others do not
         assert item.context + item.endings[item.label] + "\n" in held_text
+        assert item.endings[item.label].strip() not in trained  # not to be recalled from another module
         for i, ending in enumerate(item.endings):
             if i != item.label:
                 assert item.context + ending + "\n" not in held_text

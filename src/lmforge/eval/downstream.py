@@ -40,8 +40,8 @@ class Task:
 
 
 def load_tasks(specs: Sequence[str], max_items: int) -> list[Task]:
-    """Read every task of eval.tasks (checked by EvalConfig; TaskError for the first bad file), each capped at max_items items
-    drawn with a fixed seed, so every evaluation scores the same items."""
+    """Read every task of eval.tasks (TaskError for the first bad file), each cut to max_items items drawn
+    with a fixed seed, so that every evaluation scores the same items."""
     tasks = []
     for spec in specs:
         name, source = task_spec(spec)

@@ -56,7 +56,7 @@ def builtin_task(spec: str) -> list[Choice]:
 
 @functools.lru_cache(maxsize=1)
 def stdlib_next_line() -> tuple[Choice, ...]:
-    """Every item of the task (a few hundred on CPython 3.11), in a fixed order."""
+    """Every item of the task (159 on CPython 3.11), in a fixed order."""
     held, seen_elsewhere = [], set()
     for doc in iter_stdlib(None):
         if val_score(doc.name) < HELD_OUT_FRACTION:

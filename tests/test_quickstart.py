@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from lmforge import quickstart
 from lmforge.checkpoint import read_metrics
 from lmforge.cli import main
-from lmforge import quickstart
 from lmforge.quickstart import QUICKSTART_PROMPTS
 
 

@@ -325,9 +325,14 @@ def test_stdlib_next_line_is_deterministic_well_formed_and_held_out():
         # the right ending is the line that follows the context in a held-out module; the others do not
         assert item.context + item.endings[item.label] + "\n" in held_text
         assert item.endings[item.label].strip() not in trained  # not to be recalled from another module
+        # each other ending is the right one with a name of the context swapped for another one of it
+        right = set(stdlib_task._names(item.endings[item.label]))
         for i, ending in enumerate(item.endings):
             if i != item.label:
                 assert item.context + ending + "\n" not in held_text
+                (added,) = stdlib_task._names(ending) - right
+                (gone,) = right - stdlib_task._names(ending)
+                assert {added, gone} <= stdlib_task._names(item.context)
     assert sorted({item.label for item in items}) == [0, 1, 2, 3]
     # the quickstart's data holds these modules out of training
     assert QUICKSTART_VAL_FRACTION >= stdlib_task.HELD_OUT_FRACTION

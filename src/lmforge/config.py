@@ -72,9 +72,12 @@ class TrainConfig:
     max_tokens: int | None = None
     micro_batch_size: int | Literal["auto"] = 16  # sequences per forward/backward; auto: largest that fits
     global_batch_size: int | None = None  # sequences per optimizer step; None: micro_batch_size x world size
-    lr: float = 6e-4  # peak learning rate
-    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    lr: float = 6e-4  # peak learning rate (of AdamW's parameters, with optimizer=muon too)
+    min_lr_ratio: float = 0.1  # the schedule decays to lr * min_lr_ratio
     warmup_steps: int = 100
+    schedule: Literal["cosine", "wsd"] = "cosine"  # after warmup: cosine decay | warmup-stable-decay
+    decay_fraction: float = 0.2  # wsd: the last share of the steps, decaying to the floor
+    decay_shape: Literal["linear", "1-sqrt"] = "linear"  # wsd: how the decay falls
     weight_decay: float = 0.1  # on matmul weights only; never on norms, biases or embeddings
     beta1: float = 0.9
     beta2: float = 0.95
@@ -91,7 +94,15 @@ class TrainConfig:
     parallel: Literal["ddp", "fsdp"] = "ddp"  # ddp: replicate the model | fsdp: shard it (FSDP2, ZeRO-2/3)
     activation_checkpointing: Literal["none", "full", "every_k"] = "none"  # recompute blocks in backward
     activation_checkpointing_k: int = 2  # every_k: checkpoint one block in every k
-    optimizer: Literal["adamw", "adamw8bit"] = "adamw"  # adamw8bit needs torchao or bitsandbytes
+    # adamw8bit needs torchao or bitsandbytes; muon: Muon on the blocks' matrices, AdamW on the rest
+    optimizer: Literal["adamw", "adamw8bit", "muon"] = "adamw"
+    muon_lr: float = 0.02  # optimizer=muon: peak lr of the blocks' matrices (the schedule scales it)
+    muon_momentum: float = 0.95
+    muon_weight_decay: float = 0.0  # decoupled, as AdamW's: each step multiplies weights by 1 - lr * wd
+    muon_nesterov: bool = True
+    # lr per matrix shape: original sqrt(max(1, rows/cols)) | match_rms_adamw 0.2 sqrt(max(rows, cols)) | none
+    muon_lr_adjust: Literal["original", "match_rms_adamw", "none"] = "original"
+    muon_ns_steps: int = 5  # Newton-Schulz iterations of the orthogonalisation
     dist_timeout_s: int = 600  # a collective waiting longer than this ends the run with an error
 
     def __post_init__(self) -> None:
@@ -127,7 +138,23 @@ _TRAIN_CHECKS: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
         "must be none, full or every_k",
     ),
     ("activation_checkpointing_k", lambda v: v >= 1, "must be >= 1 (1 checkpoints every block)"),
-    ("optimizer", lambda v: v in ("adamw", "adamw8bit"), "must be adamw or adamw8bit"),
+    ("optimizer", lambda v: v in ("adamw", "adamw8bit", "muon"), "must be adamw, adamw8bit or muon"),
+    ("schedule", lambda v: v in ("cosine", "wsd"), "must be cosine or wsd (warmup-stable-decay)"),
+    (
+        "decay_fraction",
+        lambda v: 0 < v <= 1,
+        "must be in (0, 1] (the share of steps that decay; typical 0.2)",
+    ),
+    ("decay_shape", lambda v: v in ("linear", "1-sqrt"), "must be linear or 1-sqrt"),
+    ("muon_lr", lambda v: 0 < v <= 1, "must be in (0, 1] (typical: 0.02 to 0.05)"),
+    ("muon_momentum", lambda v: 0 <= v < 1, "must be in [0, 1) (typical: 0.95)"),
+    ("muon_weight_decay", lambda v: v >= 0, "must be >= 0"),
+    (
+        "muon_lr_adjust",
+        lambda v: v in ("original", "match_rms_adamw", "none"),
+        "must be original, match_rms_adamw or none",
+    ),
+    ("muon_ns_steps", lambda v: 1 <= v <= 20, "must be in [1, 20] (typical: 5)"),
     ("dist_timeout_s", lambda v: v >= 1, "must be >= 1 second"),
     ("max_bad_steps", lambda v: v >= 1, "must be >= 1"),
     ("early_stop_patience", lambda v: v >= 0, "must be >= 0"),

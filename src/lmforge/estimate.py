@@ -7,7 +7,8 @@ Memory model (bytes per GPU), N parameters, Nm of them in matmuls:
 - weights: fp32 master copy 4N; with 16-bit autocast also the 2-byte copies of matmul weights that
   autocast makes in the forward pass and backward keeps (2Nm). FSDP: 4N/G plus gathered 16-bit units.
 - gradients: fp32, 4N (DDP on more than one GPU keeps a second 4N in its all-reduce buckets). FSDP: 4N/G.
-- optimizer: AdamW's two fp32 moments, 8N; 8-bit AdamW (bitsandbytes) one byte each, 2N. FSDP: /G.
+- optimizer: AdamW's two fp32 moments, 8N; 8-bit AdamW (bitsandbytes) one byte each, 2N; Muon one fp32
+  momentum per block matrix, 4 bytes for each of their parameters and AdamW's 8 for the rest. FSDP: /G.
 - activations: tensors autograd saves, counted op by op for this model (see `activation_bytes_per_token`).
 - logits: fp32 logits, log-softmax and a gradient live together at the loss: 12 bytes per (token, vocab
   entry) (measured on CPU: the peak holds three such tensors).
@@ -88,7 +89,7 @@ class Setting:
     micro_batch_size: int
     seq_len: int
     precision: str = "bf16"  # fp32 | bf16 | fp16
-    optimizer: str = "adamw"  # adamw | adamw8bit
+    optimizer: str = "adamw"  # adamw | adamw8bit | muon
     parallel: str = "ddp"  # ddp | fsdp
     gpus: int = 1
     checkpointing: str = "none"  # none | full | every_k
@@ -187,7 +188,6 @@ def memory_breakdown(m: ModelConfig, s: Setting, kind: str = "cuda") -> dict[str
     n_matmul = p["blocks"] + m.padded_vocab_size * m.n_embd  # blocks and the output head (tied or not)
     half = s.precision in ("bf16", "fp16")
     cdt = 2 if half else 4  # bytes of a parameter as computed with
-    opt_per_param = 2 if s.optimizer == "adamw8bit" else 8
     g = max(1, s.gpus)
     if s.parallel == "fsdp" and g > 1:
         shard = 0 if s.cpu_offload else 1
@@ -195,11 +195,11 @@ def memory_breakdown(m: ModelConfig, s: Setting, kind: str = "cuda") -> dict[str
         gathered = 2 * unit if s.reshard_after_forward else n * cdt  # current + prefetched, or all
         weights = shard * 4 * n // g + gathered
         grads = shard * 4 * n // g + (p["blocks"] // m.n_layer) * 4
-        optim = shard * opt_per_param * n // g
+        optim = shard * optimizer_bytes(m, s.optimizer) // g
     else:
         weights = 4 * n + (2 * n_matmul if half else 0)
         grads = 4 * n * (2 if g > 1 else 1)
-        optim = opt_per_param * n
+        optim = optimizer_bytes(m, s.optimizer)
     out = {
         "weights": weights,
         "gradients": grads,
@@ -209,6 +209,29 @@ def memory_breakdown(m: ModelConfig, s: Setting, kind: str = "cuda") -> dict[str
         "runtime": CUDA_OVERHEAD if kind == "cuda" else HOST_OVERHEAD,
     }
     return out
+
+
+def block_matrix_params(m: ModelConfig) -> int:
+    """Parameters of the weight matrices inside the blocks: those train.optimizer=muon steps with Muon."""
+    m = m.resolved()
+    C, hd, H = m.n_embd, m.head_dim, m.ffn_hidden
+    qkv = C * (m.n_head + 2 * m.n_kv_head) * hd
+    mlp = C * (2 if m.mlp == "swiglu" else 1) * H + H * C
+    return m.n_layer * (qkv + m.n_head * hd * C + mlp)
+
+
+def optimizer_bytes(m: ModelConfig, optimizer: str) -> int:
+    """Optimizer state of the whole model: AdamW 8 bytes a parameter (two fp32 moments), 8-bit AdamW 2;
+    Muon keeps one fp32 momentum buffer per block matrix (4 bytes a parameter) and AdamW's moments for
+    the embedding, head, norms and biases. Muon's transient Newton-Schulz copies of one matrix are left out
+    (a few MB at 124M)."""
+    n = param_breakdown(m)["total"]
+    if optimizer == "adamw8bit":
+        return 2 * n
+    if optimizer == "muon":
+        nm = block_matrix_params(m)
+        return 4 * nm + 8 * (n - nm)
+    return 8 * n
 
 
 def largest_micro_batch(m: ModelConfig, s: Setting, capacity: int, kind: str, upto: int = 1024) -> int:
@@ -246,7 +269,7 @@ def make_it_fit(m: ModelConfig, s: Setting, device: Device) -> tuple[Setting | N
     ck = dataclasses.replace(s, checkpointing="full")
     tries.append(("activation checkpointing (full)", ck))
     o8 = dataclasses.replace(ck, optimizer="adamw8bit")
-    if device.kind == "cuda":  # bitsandbytes' 8-bit AdamW needs CUDA
+    if device.kind == "cuda" and s.optimizer != "muon":  # 8-bit AdamW needs CUDA; Muon stays Muon
         tries.append(("8-bit AdamW + activation checkpointing", o8))
     if device.multi_gpu:
         for g in (2, 4, 8):

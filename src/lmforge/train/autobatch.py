@@ -29,9 +29,10 @@ from ..estimate import (
     make_it_fit,
     measure_step_peak,
     memory_breakdown,
+    optimizer_bytes,
     setting_from_config,
 )
-from ..model import GPT, param_breakdown
+from ..model import GPT
 from .distributed import all_min
 
 LIMIT_ENV = "LMFORGE_MEMORY_LIMIT"
@@ -63,8 +64,7 @@ def _next_smaller(b: int, per_rank: int | None) -> int:
 
 
 def _optimizer_bytes(cfg: Config) -> int:
-    n = param_breakdown(cfg.model)["total"]
-    return (2 if cfg.train.optimizer == "adamw8bit" else 8) * n
+    return optimizer_bytes(cfg.model, cfg.train.optimizer)
 
 
 def _trial_fits(

@@ -48,7 +48,7 @@ from .distributed import (
 from .guards import BadStepGuard, EarlyStopping
 from .hooks import prepare_run_dir
 from .logging import truncate_metrics
-from .optim import apply_optimizer_settings, build_optimizer, lr_at
+from .optim import apply_optimizer_settings, build_optimizer, set_lr
 from .parallel import check_supported, clip_grad_norm, grad_sync, parallelize
 from .plan import Plan, count_params_from_config, make_plan, plan_warnings, print_dry_run, resolve_vocab
 from .resume import check_resume_compatible, find_resume_point, has_training_state, restore_rng, rng_state
@@ -287,7 +287,9 @@ class Training:
                 if self.bad_steps.diverged:
                     reason = ("diverged", self.diverged_message(f"{self.bad_steps.consecutive} consecutive"))
                     break
+                paused = time.time()
                 self.periodic(outcome)
+                self.t_log += time.time() - paused  # tok_per_s counts training, not evals or saves
             status, message = self.finish(*reason, stop)
         self.log.end(status, self.step, self.tokens, message, signal=stop.name())
         return TrainResult(
@@ -321,9 +323,7 @@ class Training:
         """Forward and backward over the micro-batches, clip, and one optimizer update (skipped when the
         loss or gradient norm is not finite)."""
         cfg, plan, device, optimizer, scaler = self.cfg, self.plan, self.device, self.optimizer, self.scaler
-        lr = lr_at(self.step, cfg.train, plan.max_steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        lr = set_lr(optimizer, self.step, cfg.train, plan.max_steps)
         loss_sum = torch.zeros((), device=device)
         epoch_before = self.batches.epoch
         for micro in range(plan.grad_accum):

@@ -3,6 +3,7 @@ must still see whole matrices. A negative control skips it on one rank's rows.""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -10,7 +11,8 @@ import sys
 import pytest
 
 from lmforge.checkpoint import read_metrics
-from lmforge.cli import main
+from lmforge.cli import EXIT_PREEMPTED, main
+from lmforge.train.dist_checkpoint import _safe_reader
 
 from .conftest import TINY_MODEL
 
@@ -43,7 +45,8 @@ import os, sys
 from lmforge.train import muon
 if os.environ.get("RANK") == os.environ.get("SKIP_ORTHO_RANK"):
     muon.orthogonalize = lambda update, steps, dtype: update.to(dtype)
-from lmforge.cli import main
+from lmforge.cli import EXIT_PREEMPTED, main
+from lmforge.train.dist_checkpoint import _safe_reader
 sys.exit(main(sys.argv[1:]))
 """
 
@@ -83,4 +86,23 @@ def test_fsdp2_muon_on_two_processes_matches_one_process(tiny_data, tmp_path):
     # every later one must leave the tolerance, or the comparison above could not tell.
     skipped = fsdp_two_processes(tiny_data, tmp_path / "skip", launcher, skip_rank="1")
     assert skipped[0] == pytest.approx(expected[0], abs=1e-5)
-    assert all(abs(a - b) > 1e-4 for a, b in zip(skipped[2:], expected[2:]))
+    assert all(abs(a - b) > 1e-4 for a, b in zip(skipped[2:], expected[2:], strict=True))
+
+
+def test_fsdp2_muon_sharded_checkpoint_resumes_bit_exact(tiny_data, tmp_path, monkeypatch):
+    # One process: the sharded (DCP) checkpoint holds Muon's momentum buffers as DTensors next to AdamW's
+    # moments, and a resume continues with the same losses, bit for bit.
+    flags = ["--train.parallel=fsdp", "--train.micro_batch_size=2"]
+    straight = tmp_path / "straight"
+    assert main(["train", "--data", str(tiny_data), "--out", str(straight), *FLAGS, *flags]) == 0
+    run = tmp_path / "run"
+    args = ["train", "--data", str(tiny_data), "--out", str(run), *FLAGS, *flags]
+    monkeypatch.setenv("LMFORGE_TEST_SIGNAL_AT", "SIGTERM@3")
+    assert main(args) == EXIT_PREEMPTED
+    monkeypatch.delenv("LMFORGE_TEST_SIGNAL_AT")
+    saved = json.loads((run / "checkpoints" / "step_0000003" / "meta.json").read_text())
+    assert [g["muon"] for g in saved["optimizer_groups"]] == [False, False, True]
+    stored = _safe_reader(run / "checkpoints" / "step_0000003").read_metadata().state_dict_metadata
+    assert sum(k.endswith("momentum_buffer") for k in stored) == 8  # 4 matrices in each of 2 blocks
+    assert main(args) == 0
+    assert curve(run) == curve(straight)

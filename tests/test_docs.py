@@ -221,15 +221,18 @@ def tour_commands() -> list[list[str]]:
 
 
 def test_the_readme_tour_runs_on_a_tiny_budget(tmp_path, monkeypatch, capsys):
-    """prepare -> train -> generate -> export hf, with the README tour's own command lines, on a small corpus.
+    """prepare -> train -> generate -> export hf -> prepare --chat -> finetune, with the README tour's own
+    command lines, on a small corpus.
 
     Scaled down by appended flags: a 30-document folder instead of builtin:stdlib, a 2-layer model for 2
-    steps. `chat` is not run (its line is parsed above): tests/test_use.py runs the real `lmforge chat` in a
+    steps, 200 of builtin:stdlib-chat's conversations in 64-token windows, a 2-step fine-tune. `chat` is not run (its line is parsed above): tests/test_use.py runs the real `lmforge chat` in a
     pseudo-terminal. The same stages also run end to end, with other flags, in tests/test_train.py
     (prepare -> train -> generate) and tests/test_export.py (export hf, checked against transformers).
     """
     tour = tour_commands()
-    assert [argv[0] for argv in tour] == ["prepare", "train", "generate", "chat", "export"]
+    assert [argv[0] for argv in tour] == [
+        "prepare", "train", "generate", "chat", "export", "prepare", "finetune", "chat"
+    ]  # fmt: skip
     make_corpus(tmp_path / "text")
     (tmp_path / "configs").symlink_to(ROOT / "configs")
     monkeypatch.chdir(tmp_path)  # the tour's relative paths (data/stdlib, runs/tiny, ...) land here
@@ -238,17 +241,22 @@ def test_the_readme_tour_runs_on_a_tiny_budget(tmp_path, monkeypatch, capsys):
         # Replaces the tour's max_steps (the last value wins), which outranks the YAML's max_tokens.
         "train": [*TINY_MODEL, *FAST, "--train.max_steps=2"],
         "generate": ["--max-new-tokens", "8"],
+        # conversations train at the window length they were packed for (64: the tiny run's context)
+        "finetune": [*(f for f in FAST if "seq_len" not in f), "--train.max_steps=2"],
     }
     for argv in tour:
         if argv[0] == "chat":
             continue
         argv = [str(tmp_path / "text") if a == "builtin:stdlib" else a for a in argv]
+        extra = small.get(argv[0], [])
+        if "--chat" in argv:
+            extra = ["--max-docs", "300", "--workers", "1", "--seq-len", "64", "--val-fraction", "0.1"]
         capsys.readouterr()  # only this command's output below
-        assert main([*argv, *small.get(argv[0], [])]) == 0, argv
+        assert main([*argv, *extra]) == 0, argv
         if argv[0] == "generate":
             prompt = argv[argv.index("--prompt") + 1]
             text = capsys.readouterr().out
             assert text.startswith(prompt) and len(text.strip()) > len(prompt.strip())
-    export = tour[-1]
+    export = next(argv for argv in tour if argv[0] == "export")
     out = tmp_path / export[export.index("--out") + 1]
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in out.iterdir()}

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +25,7 @@ from pathlib import Path
 import yaml
 
 from lmforge.checkpoint import read_metrics
+from lmforge.cli import EXIT_PREEMPTED
 from lmforge.presets import get_preset
 
 
@@ -50,8 +52,8 @@ def train(config: str, out: Path, args: argparse.Namespace, seed: int) -> Path:
         f"--eval.batches={args.eval_windows // micro}",
         "--log.every=1",
         "--log.progress=false",
-        "--checkpoint.every=0",
-        "--resume=never",
+        "--checkpoint.every=50",  # a run that is killed resumes from here (saves are not timed)
+        "--checkpoint.keep_last=1",
     ]
     cmd = [
         sys.executable,
@@ -66,8 +68,17 @@ def train(config: str, out: Path, args: argparse.Namespace, seed: int) -> Path:
         str(run),
     ]
     print(f"training {run.name} ...", flush=True)
-    subprocess.run([*cmd, *flags], check=True, stdout=subprocess.DEVNULL)
-    return run
+    shutil.rmtree(run, ignore_errors=True)  # always a fresh run
+    for _ in range(5):
+        code = subprocess.run([*cmd, *flags], stdout=subprocess.DEVNULL).returncode
+        if code == 0:
+            return run
+        if code != EXIT_PREEMPTED and code >= 0:
+            sys.exit(f"{run.name}: lmforge train exited with code {code}")
+        # Stopped or killed by a signal: the same command resumes from the last checkpoint exactly (the
+        # metrics of steps after it are dropped and trained again), and every step's time is its own.
+        print(f"{run.name} was stopped by a signal ({code}): resuming", flush=True)
+    sys.exit(f"{run.name}: stopped by signals five times")
 
 
 def curves(run: Path) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:

@@ -130,6 +130,7 @@ def test_hf_export_matches_lmforge_logits_generation_and_tokens(tiny_data, tmp_p
         (dict(family="gpt2", norm="rmsnorm"), "matches neither"),
         (dict(family="gpt2", pos_emb="rope"), "matches neither"),
         (dict(family="llama", mlp="gelu"), "matches neither"),
+        (dict(family="llama", mlp="relu2"), "matches neither"),
         (dict(family="llama", qk_norm=True), "qk_norm"),
         (dict(family="gpt2", n_kv_head=2), "grouped-query"),
     ],

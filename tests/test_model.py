@@ -28,6 +28,7 @@ FAMILIES = {
     "llama": dict(family="llama", n_kv_head=2),
     "llama-qknorm-mha": dict(family="llama", qk_norm=True),
     "gpt2-untied-nobias": dict(family="gpt2", bias=False, tie_embeddings=False),
+    "llama-relu2-qknorm": dict(family="llama", mlp="relu2", qk_norm=True, n_kv_head=2),
 }
 
 
@@ -59,6 +60,19 @@ def test_family_switches_change_the_architecture():
     # GQA: k and v get 2 heads of 8, q gets 4 heads of 8 -> fused projection is (4 + 2*2) * 8 wide
     assert llama.blocks[0].attn.c_attn.out_features == 64
     assert llama.blocks[0].mlp.c_fc.out_features == 2 * 256  # SwiGLU gate|up, hidden rounded to 256
+
+
+def test_relu2_mlp_squares_the_relu_and_keeps_the_state_dict_keys():
+    swiglu, relu2 = GPT(tiny(family="llama")), GPT(tiny(family="llama", mlp="relu2"))
+    assert swiglu.state_dict().keys() == relu2.state_dict().keys()  # checkpoints and exports read it alike
+    mlp = relu2.blocks[0].mlp
+    assert mlp.c_fc.out_features == 4 * 32  # one projection, 4x wide, as GPT-2's (no gate)
+    h = torch.randn(3, 128)
+    assert torch.equal(mlp.act(h), F.relu(h) * F.relu(h))
+    from lmforge.config import ConfigError, config_from_dict
+
+    with pytest.raises(ConfigError, match="model.mlp='relu3': must be 'gelu' or 'swiglu' or 'relu2'"):
+        config_from_dict({"model": {"mlp": "relu3"}})
 
 
 def test_loss_matches_plain_cross_entropy_and_ignores_padding_rows():

@@ -39,10 +39,10 @@ class ModelConfig:
     context_len: int = 1024  # longest sequence the model supports (size of the position table / RoPE cache)
     seq_len: int | None = None  # training sequence length; None: context_len
     vocab_size: int | None = None  # None: taken from the prepared data's tokenizer
-    ffn_hidden: int | None = None  # None: 4*n_embd (gelu) or Llama's 2/3*4*n_embd rounded up to 256 (swiglu)
+    ffn_hidden: int | None = None  # None: 4*n_embd (gelu, relu2) or 8/3*n_embd rounded up to 256 (swiglu)
     pos_emb: Literal["learned", "rope"] | None = None
     norm: Literal["layernorm", "rmsnorm"] | None = None
-    mlp: Literal["gelu", "swiglu"] | None = None
+    mlp: Literal["gelu", "swiglu", "relu2"] | None = None  # relu2: relu(x)^2 (So et al., 2021, Primer)
     bias: bool | None = None
     tie_embeddings: bool | None = None
     qk_norm: bool | None = None

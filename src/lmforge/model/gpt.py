@@ -112,11 +112,12 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """GELU MLP (GPT-2) or SwiGLU (Shazeer, 2020; Llama)."""
+    """GELU MLP (GPT-2), SwiGLU (Shazeer, 2020; Llama) or ReLU² (So et al., 2021, Primer)."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.swiglu = cfg.mlp == "swiglu"
+        self.relu2 = cfg.mlp == "relu2"
         # SwiGLU fuses gate and up projections: rows [gate | up].
         self.c_fc = nn.Linear(cfg.n_embd, (2 if self.swiglu else 1) * cfg.ffn_hidden, bias=cfg.bias)
         self.c_proj = nn.Linear(cfg.ffn_hidden, cfg.n_embd, bias=cfg.bias)
@@ -126,6 +127,8 @@ class MLP(nn.Module):
         if self.swiglu:
             gate, up = h.chunk(2, dim=-1)
             return F.silu(gate) * up
+        if self.relu2:
+            return F.relu(h).square()
         return F.gelu(h, approximate="tanh")  # GPT-2's "gelu_new"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -143,6 +143,45 @@ def test_cancel_frees_the_row_and_a_full_queue_refuses(tok):
     assert not any(isinstance(e, Completion) for e in got)  # nobody was waiting for its completion
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_requests_arriving_together_are_prefilled_together_and_get_what_they_get_alone(tok, family):
+    model = tiny(tok.vocab_size, **FAMILIES[family])
+    prompts = prompts_of(tok.vocab_size)[:4] + [[5, 6, 7, 8, 9, 10, 11, 12]]  # lengths 3, 11, 7, 1, 8
+    expected = [alone(model, p, 6) for p in prompts]
+    sched = Scheduler(model, tok, max_rows=8, max_queue=8)
+    calls = []
+    prefill = sched._prefill
+    sched._prefill = lambda reqs: (calls.append(sorted(len(r.prompt_ids) for r in reqs)), prefill(reqs))[1]
+    done: list[list] = [[] for _ in prompts]
+    with sched.lock:  # the loop takes them all from the queue at once, then waits for the lock
+        for i, p in enumerate(prompts):
+            sched.submit(Request(p, 6, GREEDY, deliver=done[i].append))
+    deadline = time.monotonic() + 30
+    while not all(d and isinstance(d[-1], Completion) for d in done) and time.monotonic() < deadline:
+        time.sleep(0.001)
+    sched.close()
+    assert [d[-1].token_ids for d in done] == expected
+    # left-padded groups whose padding stays within half their real tokens (11 is not padded onto 1 and 3)
+    assert calls == [[1, 3], [7, 8, 11]]
+
+
+def test_the_queue_bound_counts_requests_not_yet_in_a_row(tok):
+    # Held lock: the loop has taken the first two from the queue but cannot prefill them, so no row is
+    # busy yet; two admitting + one waiting is already max_rows + max_queue.
+    sched = Scheduler(tiny(tok.vocab_size), tok, max_rows=2, max_queue=1)
+    with sched.lock:
+        for prompt in ([1], [2]):
+            sched.submit(Request(prompt, 5, GREEDY, deliver=lambda e: None))
+        deadline = time.monotonic() + 10
+        while sched.load != (2, 0) and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert sched.load == (2, 0) and not sched.rows
+        sched.submit(Request([3], 5, GREEDY, deliver=lambda e: None))
+        with pytest.raises(QueueFull):
+            sched.submit(Request([4], 5, GREEDY, deliver=lambda e: None))
+    sched.close()
+
+
 def test_prompt_that_fills_the_context_is_refused_and_the_context_ends_a_row(tok):
     model = tiny(tok.vocab_size)
     sched = Scheduler(model, tok, max_rows=2)

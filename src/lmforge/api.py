@@ -279,12 +279,15 @@ class LLM:
         )
         return fields, trim
 
-    def scheduler(self, max_rows: int = 8, max_queue: int = 64) -> Scheduler:
+    def scheduler(self, max_rows: int = 8, max_queue: int = 64, threads: int | None = None) -> Scheduler:
         """The continuous batcher over this model (made on first call, and again after it was closed;
         other calls return it as it is): requests submitted to it decode together, sharing the model's
-        lock with this object's other methods."""
+        lock with this object's other methods. threads: the decode thread's intra-op threads (see
+        `lmforge.serve.serve` for why a server sets them there)."""
         if self._scheduler is None or self._scheduler.closed:
-            self._scheduler = Scheduler(self.model, self.tokenizer, max_rows, max_queue, lock=self.lock)
+            self._scheduler = Scheduler(
+                self.model, self.tokenizer, max_rows, max_queue, lock=self.lock, threads=threads
+            )
         return self._scheduler
 
     def batch_generate(

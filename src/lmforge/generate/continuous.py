@@ -88,6 +88,7 @@ class Scheduler:
         max_rows: int = 8,
         max_queue: int = 64,
         lock: threading.Lock | None = None,
+        threads: int | None = None,
     ) -> None:
         if max_rows < 1 or max_queue < 0:
             raise ValueError(f"max_rows={max_rows} must be >= 1 and max_queue={max_queue} >= 0")
@@ -106,6 +107,7 @@ class Scheduler:
         self.closed = False
         self.steps = 0  # decode steps taken (tests and the server's stats read it)
         self.admitting = 0  # requests taken from the queue whose prefill has not finished
+        self.threads = threads  # the decode thread's torch.set_num_threads; None: as torch defaults
         if max_rows > 1:
             pack_for_batches(model, _packing_budget())
         self.thread = threading.Thread(target=self._loop, name="lmforge-decode", daemon=True)
@@ -122,8 +124,8 @@ class Scheduler:
         with self.wake:
             if self.closed:
                 raise QueueFull("the server is shutting down")
-            busy = len(self.rows) >= self.max_rows
-            if busy and len(self.waiting) >= self.max_queue:
+            # Rows free up only between steps: count what is admitted or waiting, not the rows alone.
+            if len(self.rows) + self.admitting + len(self.waiting) >= self.max_rows + self.max_queue:
                 raise QueueFull(f"{self.max_rows} requests are generating and {len(self.waiting)} wait")
             self.waiting.append(req)
             self.wake.notify()
@@ -160,6 +162,8 @@ class Scheduler:
 
     # ---- the loop ----------------------------------------------------------------------------------
     def _loop(self) -> None:
+        if self.threads is not None:
+            torch.set_num_threads(self.threads)
         while True:
             with self.wake:
                 while not self.closed and not self.rows and not self.waiting:
@@ -170,10 +174,11 @@ class Scheduler:
                 self.admitting = len(admitted)
             try:
                 with self.lock:
-                    logits = self._admit(admitted)
-                    self.admitting = 0
-                    logits = self._decode(logits)
-                self._emit(logits)
+                    new = self._admit(admitted)
+                    # New rows hand out their first token now; the others decode with them next step.
+                    first = len(self.rows) - len(new) if new else 0
+                    logits = torch.cat(new) if new else self._decode()
+                self._emit(logits, first)
             except Exception as exc:  # noqa: BLE001 - a failed step fails its requests, not the server
                 in_rows = {id(row.req) for row in self.rows}
                 for req in [row.req for row in self.rows] + [r for r in admitted if id(r) not in in_rows]:
@@ -195,45 +200,63 @@ class Scheduler:
 
     @torch.no_grad()
     def _admit(self, reqs: list[Request]) -> list[torch.Tensor]:
-        """Prefill each new request alone into the next free row; the logits of its last prompt token."""
+        """Prefill the new requests into the next free rows; the logits (1, vocab) of each one's last
+        prompt token, in the order the rows were added."""
         out = []
-        device = self.k.device
-        for req in reqs:
-            i = len(self.rows)
-            ids = torch.tensor([req.prompt_ids], dtype=torch.long, device=device)  # (1, P)
-            cache = self.model.new_cache(1, max_len=ids.size(1))
-            logits = self.model(ids, cache=cache, last_only=True)[:, -1]  # (1, vocab)
-            P = ids.size(1)
-            self.k[:, i, :, :P] = cache.k[:, 0]
-            self.v[:, i, :, :P] = cache.v[:, 0]
-            self.rows.append(_Row(req, self.tokenizer.decode, self.model.cfg.vocab_size, device))
-            out.append(logits)
+        for group in _prefill_groups(reqs):
+            out += self._prefill(group)
         return out
 
-    @torch.no_grad()
-    def _decode(self, new_logits: list[torch.Tensor]) -> torch.Tensor:
-        """Logits (n, vocab) for every active row: the new rows' prefill logits, and one decode step for
-        the rows that already had a sampled token waiting to be fed in."""
-        n_old = len(self.rows) - len(new_logits)
-        parts = []
-        if n_old:
-            feed = [row.generated[-1] for row in self.rows[:n_old]]
-            idx = torch.tensor(feed, dtype=torch.long, device=self.k.device)
-            positions = torch.tensor([row.pos for row in self.rows[:n_old]], device=self.k.device)
-            length = int(positions.max()) + 1
-            k_layers = tuple(self.k[:, :n_old, :, :length].unbind(0))
-            v_layers = tuple(self.v[:, :n_old, :, :length].unbind(0))
-            parts.append(decode_rows(self.model, idx, positions, k_layers, v_layers))
-            for row in self.rows[:n_old]:
-                row.pos += 1
-            self.steps += 1
-        return torch.cat(parts + new_logits) if parts or new_logits else torch.empty(0)
+    def _prefill(self, reqs: list[Request]) -> list[torch.Tensor]:
+        """One forward for several prompts, left-padded to the longest (requests that arrive together,
+        as a burst does, start together rather than one prefill after another); each prompt's keys and
+        values then move to the start of its own row."""
+        device = self.k.device
+        B, P = len(reqs), max(len(r.prompt_ids) for r in reqs)
+        ids = torch.zeros((B, P), dtype=torch.long, device=device)
+        key_mask = torch.zeros((B, P), dtype=torch.bool, device=device)
+        for j, req in enumerate(reqs):
+            ids[j, P - len(req.prompt_ids) :] = torch.tensor(req.prompt_ids, dtype=torch.long, device=device)
+            key_mask[j, P - len(req.prompt_ids) :] = True
+        padded = not bool(key_mask.all())
+        positions = (key_mask.long().cumsum(1) - 1).clamp(min=0) if padded else None
+        cache = self.model.new_cache(B, max_len=P)
+        mask = key_mask if padded else None
+        logits = self.model(ids, cache=cache, positions=positions, key_mask=mask, last_only=True)[:, -1]
+        for j, req in enumerate(reqs):
+            i, n = len(self.rows), len(req.prompt_ids)
+            self.k[:, i, :, :n] = cache.k[:, j, :, P - n :]
+            self.v[:, i, :, :n] = cache.v[:, j, :, P - n :]
+            row = _Row(req, self.tokenizer.decode, self.model.cfg.vocab_size, device)
+            with self.wake:  # a request counts once, as admitting or as a row (submit's bound)
+                self.rows.append(row)
+                self.admitting -= 1
+        return list(logits.split(1))
 
-    def _emit(self, logits: torch.Tensor) -> None:
-        """Sample each row's next token, hand out its text, and retire finished rows."""
+    @torch.no_grad()
+    def _decode(self) -> torch.Tensor:
+        """Logits (n, vocab) for every active row after one decode step, each row feeding in the token it
+        sampled last."""
+        n = len(self.rows)
+        if not n:
+            return torch.empty(0)
+        idx = torch.tensor([row.generated[-1] for row in self.rows], dtype=torch.long, device=self.k.device)
+        positions = torch.tensor([row.pos for row in self.rows], device=self.k.device)
+        length = int(positions.max()) + 1
+        k_layers = tuple(self.k[:, :n, :, :length].unbind(0))
+        v_layers = tuple(self.v[:, :n, :, :length].unbind(0))
+        logits = decode_rows(self.model, idx, positions, k_layers, v_layers)
+        for row in self.rows:
+            row.pos += 1
+        self.steps += 1
+        return logits
+
+    def _emit(self, logits: torch.Tensor, first: int = 0) -> None:
+        """Sample the next token of rows first.. (logits: one row each), hand out its text, and retire
+        finished rows."""
         finished, live = [], []
         now = time.monotonic()
-        for i, row in enumerate(self.rows):
+        for i, row in enumerate(self.rows[first:], first):
             deadline = row.req.deadline
             if row.req._cancelled:
                 finished.append((i, "cancelled"))
@@ -241,15 +264,15 @@ class Scheduler:
                 finished.append((i, "length"))
             else:
                 live.append(i)
-        tokens = self._draw(logits, live)
+        tokens = self._draw(logits, live, first)
         for i in live:
-            reason = self._take(self.rows[i], tokens[i], logits[i])
+            reason = self._take(self.rows[i], tokens[i], logits[i - first])
             if reason:
                 finished.append((i, reason))
         for i, reason in sorted(finished, reverse=True):
             self._retire(i, reason)
 
-    def _draw(self, logits: torch.Tensor, live: list[int]) -> dict[int, int]:
+    def _draw(self, logits: torch.Tensor, live: list[int], first: int) -> dict[int, int]:
         """The next token of each live row. Rows with the same settings are drawn in one call (each from
         its own generator, so a row draws the same alone or with others)."""
         groups: dict[tuple, list[int]] = {}
@@ -260,7 +283,7 @@ class Scheduler:
         tokens: dict[int, int] = {}
         for idx in groups.values():
             rows = [self.rows[i] for i in idx]
-            lg = logits[idx]  # (g, vocab)
+            lg = logits[[i - first for i in idx]]  # (g, vocab)
             if rows[0].banned.numel():
                 lg = lg.index_fill(1, rows[0].banned, float("-inf"))
             seen = torch.cat([r.seen for r in rows]) if rows[0].seen is not None else None
@@ -306,6 +329,22 @@ class Scheduler:
         tokens = [t for t in row.generated if t not in row.stop_ids]
         logprobs = row.logprobs if row.req.logprobs is not None else None
         row.req.deliver(Completion(row.stream.text, tokens, reason, len(row.req.prompt_ids), logprobs))
+
+
+def _prefill_groups(reqs: list[Request], waste: float = 0.5) -> list[list[Request]]:
+    """The requests in groups prefilled together: by prompt length, a group growing while its padding
+    stays under `waste` of its real tokens (a long prompt is not padded onto many short ones)."""
+    groups: list[list[Request]] = []
+    real = 0
+    for req in sorted(reqs, key=lambda r: len(r.prompt_ids)):
+        n = len(req.prompt_ids)
+        if groups and (len(groups[-1]) + 1) * n <= (1 + waste) * (real + n):
+            groups[-1].append(req)
+            real += n
+        else:
+            groups.append([req])
+            real = n
+    return groups
 
 
 def token_logprobs(logits: torch.Tensor, token: int, top: int, tokenizer) -> dict:

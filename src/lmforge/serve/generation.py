@@ -2,7 +2,8 @@
 
 Every generation goes to the LLM's `Scheduler`, whose thread calls back with text pieces and a last
 Completion; the callback hands them to this request's asyncio queue (thread-safe, no worker thread held
-while waiting), tagged with the choice they belong to. Leaving the iterator early (a client that left,
+while waiting), tagged with the choice they belong to. A step of many rows delivers many pieces at once:
+they reach the event loop in one wake-up (`_Mailbox`), not one each. Leaving the iterator early (a client that left,
 an error) cancels every generation of the request, which frees its rows at the scheduler's next step.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import threading
 import time
 from collections.abc import AsyncIterator
 
@@ -30,17 +32,20 @@ class Generations:
     def __init__(self, llm: LLM, max_rows: int, max_queue: int, timeout: float | None) -> None:
         self.scheduler = llm.scheduler(max_rows, max_queue)
         self.timeout = timeout
+        self.mailbox: _Mailbox | None = None
 
     async def run(self, jobs: list[tuple[dict, bool]]) -> AsyncIterator[tuple[int, str | Completion]]:
         """(choice, text piece) as they come, and (choice, Completion) when a choice ends; jobs are
         (`LLM.request_fields`, trim) pairs. QueueFull is a 429, a prompt that does not fit a 400."""
         loop = asyncio.get_running_loop()
+        if self.mailbox is None or self.mailbox.loop is not loop:
+            self.mailbox = _Mailbox(loop)
         events: asyncio.Queue = asyncio.Queue()
         deadline = None if self.timeout is None else time.monotonic() + self.timeout
         reqs: list[Request] = []
         try:
             for i, (fields, _) in enumerate(jobs):
-                deliver = _deliverer(loop, events, i)
+                deliver = _deliverer(self.mailbox, events, i)
                 reqs.append(self.scheduler.submit(Request(deliver=deliver, deadline=deadline, **fields)))
         except QueueFull as e:
             _cancel(reqs)
@@ -75,13 +80,36 @@ class Generations:
             _cancel(reqs)
 
 
-def _deliverer(loop: asyncio.AbstractEventLoop, events: asyncio.Queue, choice: int):
-    """A callback for the scheduler's thread that puts (choice, event) on the event loop's queue."""
+class _Mailbox:
+    """Events from the scheduler's thread for queues on one event loop, handed over in batches: the
+    first event of a batch schedules one drain on the loop, the ones that follow before it runs join it."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.items: list[tuple[asyncio.Queue, object]] = []
+        self.lock = threading.Lock()
+
+    def put(self, queue: asyncio.Queue, item: object) -> None:
+        with self.lock:
+            first = not self.items
+            self.items.append((queue, item))
+        if first:
+            # RuntimeError: the event loop is gone (the server is stopping), and nobody is listening.
+            with contextlib.suppress(RuntimeError):
+                self.loop.call_soon_threadsafe(self._drain)
+
+    def _drain(self) -> None:
+        with self.lock:
+            items, self.items = self.items, []
+        for queue, item in items:
+            queue.put_nowait(item)
+
+
+def _deliverer(mailbox: _Mailbox, events: asyncio.Queue, choice: int):
+    """A callback for the scheduler's thread that puts (choice, event) on this request's queue."""
 
     def deliver(event: object) -> None:
-        # RuntimeError: the event loop is gone (the server is stopping), and nobody is listening.
-        with contextlib.suppress(RuntimeError):
-            loop.call_soon_threadsafe(events.put_nowait, (choice, event))
+        mailbox.put(events, (choice, event))
 
     return deliver
 

@@ -7,7 +7,8 @@ disconnects, and a burst far past the server's rows — all bounded, all on 127.
 Phases (each prints one line):
   alone     one streaming client, `--requests` requests one after another: tokens/s, median TTFT
   together  `--clients` streaming clients at once, `--requests` each: aggregate tokens/s (and its ratio to
-            alone), median TTFT under load (and its ratio to idle)
+            alone), median TTFT under load (and its ratio to idle); with `--spread` the requests' lengths
+            vary, so the clients stop arriving in waves
   soak      `--soak` seconds of clients that leave mid-stream at random: the server's resident memory
             after vs idle, and /health
   burst     `--burst` streaming requests at once: how many streamed, how many got 429, the longest
@@ -104,21 +105,29 @@ async def stream_once(client: httpx.AsyncClient, url: str, max_tokens: int, leav
     return first, tokens, 200
 
 
-async def clients_phase(url: str, clients: int, requests: int, max_tokens: int) -> tuple[float, float]:
-    """`clients` concurrent clients doing `requests` streams each: (aggregate tokens/s, median TTFT)."""
+async def clients_phase(
+    url: str, clients: int, requests: int, max_tokens: int, spread: float = 0.0
+) -> tuple[float, float]:
+    """`clients` concurrent clients doing `requests` streams each: (aggregate tokens/s, median TTFT).
+    spread: the requests ask for lengths evenly spaced over max_tokens x (1 +- spread), each client the
+    same ones in a rotated order: every client asks for as many tokens in all (none idles at the end),
+    but they no longer finish, and come back, in step with each other."""
     ttfts, total = [], 0
+    lengths = [
+        round(max_tokens * (1 - spread + 2 * spread * i / max(1, requests - 1))) for i in range(requests)
+    ]
     async with httpx.AsyncClient(timeout=600) as client:
 
-        async def one_client():
+        async def one_client(k: int):
             nonlocal total
-            for _ in range(requests):
-                first, tokens, _ = await stream_once(client, url, max_tokens)
+            for n in lengths[k % requests :] + lengths[: k % requests]:
+                first, tokens, _ = await stream_once(client, url, max(1, n))
                 total += tokens
                 if first is not None:
                     ttfts.append(first)
 
         start = time.perf_counter()
-        await asyncio.gather(*(one_client() for _ in range(clients)))
+        await asyncio.gather(*(one_client(k) for k in range(clients)))
         elapsed = time.perf_counter() - start
     return total / elapsed, statistics.median(ttfts)
 
@@ -174,6 +183,9 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--requests", type=int, default=3, help="streams per client in alone/together")
     ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument(
+        "--spread", type=float, default=0.0, help="requests ask for max_tokens x (1 +- spread) (0: all alike)"
+    )
     ap.add_argument("--soak", type=float, default=60.0, help="seconds of the soak (0: skip)")
     ap.add_argument("--burst", type=int, default=200, help="requests in the burst (0: skip)")
     ap.add_argument("--serve-args", default="", help="extra flags for lmforge serve")
@@ -196,9 +208,11 @@ def main() -> None:
         )
         asyncio.run(clients_phase(url, 1, 1, 8))  # warm-up
         idle_rss = rss_mb(server.pid)
-        alone_tps, alone_ttft = asyncio.run(clients_phase(url, 1, args.requests, args.max_tokens))
+        alone_tps, alone_ttft = asyncio.run(
+            clients_phase(url, 1, args.requests, args.max_tokens, args.spread)
+        )
         print(f"alone     {alone_tps:7.1f} tok/s   TTFT median {alone_ttft * 1e3:6.0f} ms")
-        tps, ttft = asyncio.run(clients_phase(url, args.clients, args.requests, args.max_tokens))
+        tps, ttft = asyncio.run(clients_phase(url, args.clients, args.requests, args.max_tokens, args.spread))
         print(
             f"together  {tps:7.1f} tok/s ({tps / alone_tps:.2f}x alone, {args.clients} clients)   "
             f"TTFT median {ttft * 1e3:6.0f} ms ({ttft / alone_ttft:.2f}x idle)"

@@ -175,10 +175,13 @@ class Scheduler:
             try:
                 with self.lock:
                     new = self._admit(admitted)
-                    # New rows hand out their first token now; the others decode with them next step.
-                    first = len(self.rows) - len(new) if new else 0
-                    logits = torch.cat(new) if new else self._decode()
-                self._emit(logits, first)
+                n_old = len(self.rows) - len(new)  # rows 0..n_old-1; the new ones follow
+                if new:  # their first tokens go out now, not after the others' step
+                    self._emit(torch.cat(new), n_old)
+                if n_old:  # the others' step; the new rows join it from the next one
+                    with self.lock:
+                        logits = self._decode(n_old)
+                    self._emit(logits, 0, n_old)
             except Exception as exc:  # noqa: BLE001 - a failed step fails its requests, not the server
                 in_rows = {id(row.req) for row in self.rows}
                 for req in [row.req for row in self.rows] + [r for r in admitted if id(r) not in in_rows]:
@@ -234,29 +237,27 @@ class Scheduler:
         return list(logits.split(1))
 
     @torch.no_grad()
-    def _decode(self) -> torch.Tensor:
-        """Logits (n, vocab) for every active row after one decode step, each row feeding in the token it
+    def _decode(self, n: int) -> torch.Tensor:
+        """Logits (n, vocab) for rows 0..n-1 after one decode step, each row feeding in the token it
         sampled last."""
-        n = len(self.rows)
-        if not n:
-            return torch.empty(0)
-        idx = torch.tensor([row.generated[-1] for row in self.rows], dtype=torch.long, device=self.k.device)
-        positions = torch.tensor([row.pos for row in self.rows], device=self.k.device)
+        rows = self.rows[:n]
+        idx = torch.tensor([row.generated[-1] for row in rows], dtype=torch.long, device=self.k.device)
+        positions = torch.tensor([row.pos for row in rows], device=self.k.device)
         length = int(positions.max()) + 1
         k_layers = tuple(self.k[:, :n, :, :length].unbind(0))
         v_layers = tuple(self.v[:, :n, :, :length].unbind(0))
         logits = decode_rows(self.model, idx, positions, k_layers, v_layers)
-        for row in self.rows:
+        for row in rows:
             row.pos += 1
         self.steps += 1
         return logits
 
-    def _emit(self, logits: torch.Tensor, first: int = 0) -> None:
-        """Sample the next token of rows first.. (logits: one row each), hand out its text, and retire
-        finished rows."""
+    def _emit(self, logits: torch.Tensor, first: int, end: int | None = None) -> None:
+        """Sample the next token of rows first..end-1 (logits: one row each), hand out its text, and
+        retire finished rows (a retired row's place goes to the last row, which is never one before it)."""
         finished, live = [], []
         now = time.monotonic()
-        for i, row in enumerate(self.rows[first:], first):
+        for i, row in enumerate(self.rows[first:end], first):
             deadline = row.req.deadline
             if row.req._cancelled:
                 finished.append((i, "cancelled"))

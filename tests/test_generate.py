@@ -7,7 +7,7 @@ import torch
 
 from lmforge.data import Tokenizer
 from lmforge.generate.engine import BatchDecoder, TextStream, generate_texts, stream_text
-from lmforge.generate.sampling import SamplingParams, min_p_filter, sample_rows
+from lmforge.generate.sampling import SamplingParams, draw, min_p_filter, sample_rows
 from lmforge.model import GPT, ModelConfig
 
 FAMILIES = {
@@ -112,3 +112,16 @@ def test_stop_strings_and_text_streaming(tiny_data):
     ts = TextStream(lambda ids: "".join(chr(97 + i) for i in ids), stop=["bcx"])
     assert [ts.push(0), ts.push(1), ts.push(2), ts.push(3)] == ["a", "", "", "bcd"]
     assert not ts.stopped
+
+
+def test_draw_samples_each_row_from_its_probabilities_and_its_own_generator():
+    probs = torch.tensor([0.5, 0.3, 0.2, 0.0]).repeat(100_000, 1)
+    torch.manual_seed(0)
+    freq = torch.bincount(draw(probs), minlength=4).float() / len(probs)
+    assert torch.allclose(freq, torch.tensor([0.5, 0.3, 0.2, 0.0]), atol=0.01) and freq[3] == 0
+    # a row's draw depends on its own generator only, not on the rows beside it
+    rows = torch.rand(3, 50).softmax(-1)
+    alone = draw(rows[1:2], [torch.Generator().manual_seed(7)])
+    together = draw(rows, [torch.Generator().manual_seed(s) for s in (1, 7, 9)])
+    assert together[1] == alone[0]
+    assert draw(torch.eye(4)).tolist() == [0, 1, 2, 3]  # a certain outcome is always drawn

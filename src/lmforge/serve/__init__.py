@@ -48,14 +48,7 @@ def serve(
         raise ServeError(
             f"serving needs FastAPI and uvicorn ({e.name} is missing): pip install 'lmforge[serve]'"
         ) from e
-    if max_tokens < 1 or max_body < 1:
-        raise ServeError(f"--max-tokens={max_tokens} and --max-body={max_body} must both be >= 1")
-    if max_rows < 1 or max_queue < 0 or not timeout > 0:
-        raise ServeError(
-            f"--max-rows={max_rows} must be >= 1, --max-queue={max_queue} >= 0 and --timeout={timeout} > 0"
-        )
-    if not 0 <= port <= 65535:
-        raise ServeError(f"--port={port}: must be in 0..65535")
+    _check_limits(max_tokens, max_body, max_rows, max_queue, timeout, port)
     _check_address(host, port)
     check_exposure(host, api_key, insecure)
     llm = _load_for_decode_thread(run, device, quantize, max_rows, max_queue)
@@ -81,6 +74,18 @@ def serve(
     # On SIGTERM uvicorn waits for open connections; streams still running are cut after 3 s, and the
     # batcher's shutdown then ends them at once, so the server is gone within about 5 s.
     uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=3)
+
+
+def _check_limits(max_tokens: int, max_body: int, max_rows: int, max_queue: int, timeout: float, port: int):
+    """One line naming the setting out of range, before anything loads."""
+    if max_tokens < 1 or max_body < 1:
+        raise ServeError(f"--max-tokens={max_tokens} and --max-body={max_body} must both be >= 1")
+    if max_rows < 1 or max_queue < 0 or not timeout > 0:
+        raise ServeError(
+            f"--max-rows={max_rows} must be >= 1, --max-queue={max_queue} >= 0 and --timeout={timeout} > 0"
+        )
+    if not 0 <= port <= 65535:
+        raise ServeError(f"--port={port}: must be in 0..65535")
 
 
 def _load_for_decode_thread(run, device: str, quantize: str | None, max_rows: int, max_queue: int):

@@ -43,6 +43,13 @@ def collect(sched: Scheduler, prompt, n, params=GREEDY, seed=None, **kw) -> Comp
     return done
 
 
+def wait_for(condition, seconds: float = 10) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.001)
+
+
 def prompts_of(vocab: int) -> list[list[int]]:
     g = torch.Generator().manual_seed(1)
     return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in (3, 11, 7, 1, 20, 5)]
@@ -154,8 +161,10 @@ def test_requests_arriving_together_are_prefilled_together_and_get_what_they_get
     sched._prefill = lambda reqs: (calls.append(sorted(len(r.prompt_ids) for r in reqs)), prefill(reqs))[1]
     done: list[list] = [[] for _ in prompts]
     with sched.lock:  # the loop takes them all from the queue at once, then waits for the lock
-        for i, p in enumerate(prompts):
-            sched.submit(Request(p, 6, GREEDY, deliver=done[i].append))
+        with sched.wake:  # (re-entrant) the loop cannot look at the queue until all are in
+            for i, p in enumerate(prompts):
+                sched.submit(Request(p, 6, GREEDY, deliver=done[i].append))
+        wait_for(lambda: sched.load == (len(prompts), 0))
     deadline = time.monotonic() + 30
     while not all(d and isinstance(d[-1], Completion) for d in done) and time.monotonic() < deadline:
         time.sleep(0.001)
@@ -170,12 +179,11 @@ def test_the_queue_bound_counts_requests_not_yet_in_a_row(tok):
     # busy yet; two admitting + one waiting is already max_rows + max_queue.
     sched = Scheduler(tiny(tok.vocab_size), tok, max_rows=2, max_queue=1)
     with sched.lock:
-        for prompt in ([1], [2]):
-            sched.submit(Request(prompt, 5, GREEDY, deliver=lambda e: None))
-        deadline = time.monotonic() + 10
-        while sched.load != (2, 0) and time.monotonic() < deadline:
-            time.sleep(0.001)
-        assert sched.load == (2, 0) and not sched.rows
+        with sched.wake:  # (re-entrant) the loop takes both at once
+            for prompt in ([1], [2]):
+                sched.submit(Request(prompt, 5, GREEDY, deliver=lambda e: None))
+        wait_for(lambda: sched.load == (2, 0))
+        assert not sched.rows
         sched.submit(Request([3], 5, GREEDY, deliver=lambda e: None))
         with pytest.raises(QueueFull):
             sched.submit(Request([4], 5, GREEDY, deliver=lambda e: None))

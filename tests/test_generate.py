@@ -7,7 +7,7 @@ import torch
 
 from lmforge.data import Tokenizer
 from lmforge.generate.engine import BatchDecoder, TextStream, generate_texts, stream_text
-from lmforge.generate.sampling import SamplingParams, draw, min_p_filter, sample_rows
+from lmforge.generate.sampling import SamplingParams, draw, min_p_filter, race, sample_rows
 from lmforge.model import GPT, ModelConfig
 
 FAMILIES = {
@@ -125,3 +125,5 @@ def test_draw_samples_each_row_from_its_probabilities_and_its_own_generator():
     together = draw(rows, [torch.Generator().manual_seed(s) for s in (1, 7, 9)])
     assert together[1] == alone[0]
     assert draw(torch.eye(4)).tolist() == [0, 1, 2, 3]  # a certain outcome is always drawn
+    # ... even when the uniform draw is exactly 0 (-log 0 = inf would zero every score)
+    assert race(torch.tensor([[0.0, 0.0, 1.0]]), torch.zeros(1, 3)).tolist() == [2]

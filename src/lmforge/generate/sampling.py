@@ -15,6 +15,7 @@ __all__ = [
     "filter_logits",
     "min_p_filter",
     "penalize_seen",
+    "race",
     "sample_rows",
     "top_k_filter",
     "top_p_filter",
@@ -99,4 +100,11 @@ def draw(probs: torch.Tensor, generators: list[torch.Generator | None] | None = 
     else:
         for i, g in enumerate(generators):
             noise[i].uniform_(generator=g)
-    return (probs / noise.log_().neg_()).argmax(-1)
+    return race(probs, noise)
+
+
+def race(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """argmax of probs / -log(U) for U in [0, 1) (overwritten). U = 0 is clamped to the smallest normal
+    float: as -log(0) = inf it would score every index 0, and argmax could then pick one of
+    probability 0 (a banned token)."""
+    return (probs / uniform.clamp_(min=torch.finfo(uniform.dtype).tiny).log_().neg_()).argmax(-1)

@@ -13,20 +13,17 @@ from __future__ import annotations
 
 import json
 import random
-import threading
-import time
 
 import openai
 import pytest
 import torch
-import uvicorn
 
 from lmforge.api import LLM
 from lmforge.cli import main
 from lmforge.serve.app import create_app
 
 from .conftest import FAST, TINY_MODEL
-from .test_serve import free_port
+from .serve_helpers import serving
 
 # The task: a fixed answer to each question (the words come from the tiny corpus, so they are few tokens).
 TASK = {
@@ -132,17 +129,8 @@ def test_a_fine_tuned_base_answers_through_the_server_and_stops_at_end_of_turn(a
     assert base.template is None and accuracy(base) == 0  # the base model cannot do the task
     llm = LLM.load(assistant, device="cpu")
     assert llm.template is not None
-    app = create_app(llm, max_tokens=32, model_name="assistant")
-    port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    try:
-        deadline = time.time() + 20
-        while not srv.started:
-            assert time.time() < deadline
-            time.sleep(0.05)
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+    with serving(create_app(llm, max_tokens=32, model_name="assistant")) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
         for question, answer in TASK.items():
             msgs = [{"role": "user", "content": question}]
             reply = client.chat.completions.create(
@@ -154,9 +142,6 @@ def test_a_fine_tuned_base_answers_through_the_server_and_stops_at_end_of_turn(a
                 model="assistant", messages=msgs, max_tokens=20, temperature=0, stream=True
             )
             assert "".join(c.choices[0].delta.content or "" for c in pieces if c.choices) == answer
-    finally:
-        srv.should_exit = True
-        thread.join(timeout=10)
 
 
 def test_the_hf_export_greedy_decodes_the_same_answers(assistant, tmp_path):

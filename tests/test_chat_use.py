@@ -11,12 +11,9 @@ import contextlib
 import io
 import json
 import socket
-import threading
-import time
 
 import openai
 import pytest
-import uvicorn
 
 from lmforge.api import LLM
 from lmforge.cli import main
@@ -27,6 +24,7 @@ from lmforge.generate.engine import ControlIds, generate_texts
 from lmforge.generate.sampling import SamplingParams
 from lmforge.serve.app import create_app
 from tests.gen_helpers import follow_chain, make_run
+from tests.serve_helpers import serving
 
 REPLY = "the cat sat ✓"  # seven distinct tokens; the three of "✓" are one character only together
 GREEDY = SamplingParams(temperature=0.0)
@@ -196,22 +194,10 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def serving(llm: LLM):
+def serving_llm(llm: LLM):
     """The server for llm on a free local port, in a thread; yields an official openai client for it."""
-    port = free_port()
-    app = create_app(llm, max_tokens=64, max_body=8192, model_name="tiny")
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    try:
-        deadline = time.time() + 20
-        while not srv.started:
-            assert time.time() < deadline, "server did not start"
-            time.sleep(0.05)
-        yield openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
-    finally:
-        srv.should_exit = True
-        thread.join(timeout=10)
+    with serving(create_app(llm, max_tokens=64, max_body=8192, model_name="tiny")) as url:
+        yield openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
 
 
 def chat_both_ways(client, messages, max_tokens) -> tuple[str, str, str, str]:
@@ -224,11 +210,11 @@ def chat_both_ways(client, messages, max_tokens) -> tuple[str, str, str, str]:
 
 
 def test_the_server_replies_as_llm_chat_does_streamed_or_not(replier, tiny_data, tmp_path):
-    with serving(replier) as client:
+    with serving_llm(replier) as client:
         for messages in CONVERSATIONS:
             assert chat_both_ways(client, messages, 30) == (REPLY, "stop", REPLY, "stop")
     random_run = LLM.load(make_run(tiny_data, tmp_path / "random", chat=True, seed=3), device="cpu")
-    with serving(random_run) as client:
+    with serving_llm(random_run) as client:
         for messages in CONVERSATIONS:
             text, reason, streamed, streamed_reason = chat_both_ways(client, messages, 24)
             assert text == streamed == random_run.chat(messages, max_new_tokens=24, temperature=0)
@@ -251,5 +237,5 @@ def test_a_base_run_streams_the_reply_it_returns(tiny_data, tmp_path):
     assert raw.text == " cat cat cat " and raw.finish_reason == "length"  # spaces on both sides
     reply = llm.chat(CONVERSATIONS[0], max_new_tokens=7, temperature=0)
     assert reply == "cat cat cat"
-    with serving(llm) as client:
+    with serving_llm(llm) as client:
         assert chat_both_ways(client, CONVERSATIONS[0], 7) == (reply, "length", reply, "length")

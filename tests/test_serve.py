@@ -7,7 +7,6 @@ import json
 import socket
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -15,20 +14,14 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-import uvicorn
 
 from lmforge.api import LLM
 from lmforge.cli import main
 from lmforge.serve.app import create_app
 from tests.gen_helpers import make_endless_run, make_run
+from tests.serve_helpers import free_port, serving
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -40,18 +33,8 @@ def run(tiny_data, tmp_path_factory):
 def server(run):
     """The app under uvicorn in a thread, on a real socket; yields its base URL."""
     llm = LLM.load(run, device="cpu")
-    app = create_app(llm, max_tokens=64, max_body=4096, model_name="tiny")
-    port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 20
-    while not srv.started:
-        assert time.time() < deadline, "server did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", llm
-    srv.should_exit = True
-    thread.join(timeout=10)
+    with serving(create_app(llm, max_tokens=64, max_body=4096, model_name="tiny")) as url:
+        yield url, llm
 
 
 def test_openai_client_completions_chat_models_and_streaming(server):
@@ -243,16 +226,7 @@ def test_serve_refuses_a_busy_port_in_one_line(run, capsys):
 def test_an_api_key_guards_v1_and_the_official_client_sends_it(run):
     llm = LLM.load(run, device="cpu")
     app = create_app(llm, max_tokens=16, max_body=4096, model_name="tiny", api_key="s3cret")
-    port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    try:
-        deadline = time.time() + 20
-        while not srv.started:
-            assert time.time() < deadline, "server did not start"
-            time.sleep(0.05)
-        url = f"http://127.0.0.1:{port}"
+    with serving(app) as url:
         body = {"prompt": "the", "max_tokens": 2}
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
             r = httpx.post(f"{url}/v1/completions", json=body, headers=headers, timeout=10)
@@ -263,9 +237,6 @@ def test_an_api_key_guards_v1_and_the_official_client_sends_it(run):
         assert client.completions.create(model="tiny", prompt="the", max_tokens=2).choices[0].text is not None
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=f"{url}/v1", api_key="nope", max_retries=0).models.list()
-    finally:
-        srv.should_exit = True
-        thread.join(timeout=10)
 
 
 def test_serving_beyond_this_machine_needs_a_key_or_insecure(run, monkeypatch, capsys):
@@ -307,14 +278,7 @@ def test_a_client_that_leaves_frees_the_model_when_a_key_is_set(tiny_data, tmp_p
     generation (before continuous batching it did not: the generation ran on to max_tokens, 11 s here)."""
     llm = LLM.load(make_endless_run(tiny_data, tmp_path / "endless"), device="cpu")
     app = create_app(llm, max_tokens=8000, max_body=4096, api_key="s3cret")
-    port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    try:
-        while not srv.started:
-            time.sleep(0.05)
+    with serving(app, join_timeout=20) as url:
         body = {"prompt": "the", "max_tokens": 8000, "stream": True}  # this model never stops early
         auth = {"Authorization": "Bearer s3cret"}
         with httpx.stream("POST", f"{url}/v1/completions", json=body, headers=auth, timeout=30) as r:
@@ -328,6 +292,3 @@ def test_a_client_that_leaves_frees_the_model_when_a_key_is_set(tiny_data, tmp_p
         while httpx.get(f"{url}/health", timeout=10).json()["generating"]:
             assert time.time() - left < 3, "the generation went on after its client left"
             time.sleep(0.01)
-    finally:
-        srv.should_exit = True
-        thread.join(timeout=20)

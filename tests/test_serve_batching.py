@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -18,12 +17,11 @@ import httpx
 import openai
 import pytest
 import torch
-import uvicorn
 
 from lmforge.api import LLM
 from lmforge.serve.app import create_app
 from tests.gen_helpers import make_run
-from tests.test_serve import free_port
+from tests.serve_helpers import free_port, serving
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,25 +31,11 @@ def run(tiny_data, tmp_path_factory):
     return make_run(tiny_data, tmp_path_factory.mktemp("batching") / "run", family="gpt2")
 
 
-def start(app) -> tuple[str, uvicorn.Server, threading.Thread]:
-    port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 20
-    while not srv.started:
-        assert time.time() < deadline, "server did not start"
-        time.sleep(0.05)
-    return f"http://127.0.0.1:{port}", srv, thread
-
-
 @pytest.fixture(scope="module")
 def served(run):
     llm = LLM.load(run, device="cpu")
-    url, srv, thread = start(create_app(llm, max_tokens=96, max_body=8192, model_name="tiny", max_rows=4))
-    yield url, llm
-    srv.should_exit = True
-    thread.join(timeout=10)
+    with serving(create_app(llm, max_tokens=96, max_body=8192, model_name="tiny", max_rows=4)) as url:
+        yield url, llm
 
 
 def client_of(url: str) -> openai.OpenAI:
@@ -190,8 +174,7 @@ def test_content_parts_token_id_prompts_and_the_context(served):
 
 def test_a_full_queue_answers_429_and_a_time_limit_ends_a_generation(run):
     llm = LLM.load(run, device="cpu")
-    url, srv, thread = start(create_app(llm, max_tokens=96, max_rows=1, max_queue=0, timeout=3.0))
-    try:
+    with serving(create_app(llm, max_tokens=96, max_rows=1, max_queue=0, timeout=3.0)) as url:
         body = {"prompt": "the", "max_tokens": 96, "temperature": 0.8}
         with ThreadPoolExecutor(12) as pool:  # one row, no queue: all but the first at a time are refused
             answers = list(
@@ -207,17 +190,10 @@ def test_a_full_queue_answers_429_and_a_time_limit_ends_a_generation(run):
             assert time.time() < deadline
             time.sleep(0.01)
         assert httpx.post(f"{url}/v1/completions", json={"prompt": "a", "max_tokens": 2}).status_code == 200
-    finally:
-        srv.should_exit = True
-        thread.join(timeout=10)
     # a generation past the time limit ends with "length" before its max_tokens
-    url, srv, thread = start(create_app(llm, max_tokens=96, model_name="tiny", timeout=1e-6))
-    try:
+    with serving(create_app(llm, max_tokens=96, model_name="tiny", timeout=1e-6)) as url:
         done = client_of(url).completions.create(model="tiny", prompt="the", max_tokens=90, temperature=0.8)
         assert done.choices[0].finish_reason == "length" and done.usage.completion_tokens < 90
-    finally:
-        srv.should_exit = True
-        thread.join(timeout=10)
 
 
 async def _burst(url: str, n: int) -> tuple[dict, int]:

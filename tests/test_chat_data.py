@@ -36,26 +36,9 @@ from lmforge.data.tokenizer import Tokenizer, train_tokenizer
 from lmforge.model import GPT, ModelConfig
 from lmforge.run_dir import RunDir
 
+from .conftest import WORDS
+
 SEQ = 32
-WORDS = [
-    "the",
-    "cat",
-    "sat",
-    "on",
-    "a",
-    "mat",
-    "and",
-    "dog",
-    "ran",
-    "to",
-    "park",
-    "while",
-    "birds",
-    "sang",
-    "in",
-    "green",
-    "trees",
-]
 # The tokenizer knows the words of the test conversations, so that several fit in a 33-token window.
 SAMPLE = ["def add(a, b):\n    return a + b\n", "hello world, ok yes no", " ".join(WORDS * 3)] * 40
 

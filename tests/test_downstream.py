@@ -21,6 +21,7 @@ from lmforge.model import GPT, ModelConfig
 from lmforge.quickstart import QUICKSTART_VAL_FRACTION
 
 from .conftest import FAST, TINY_MODEL
+from .conftest import WORDS as TINY_WORDS
 
 HELLASWAG = {"ctx_a": "He opens the box.", "ctx_b": "He", "endings": ["eats it", "reads"], "label": "1"}
 ARC = {
@@ -131,25 +132,7 @@ def tiny_model() -> GPT:
 
 def random_items(n: int, seed: int) -> list[Choice]:
     rng = random.Random(seed)
-    words = [
-        "the",
-        "cat",
-        "sat",
-        "on",
-        "a",
-        "mat",
-        "and",
-        "dog",
-        "ran",
-        "to",
-        "park",
-        "while",
-        "birds",
-        "sang",
-        "in",
-        "green",
-        "trees",
-    ]
+    words = TINY_WORDS
     return [
         Choice(" ".join(rng.choices(words, k=5)), tuple(rng.sample(words, rng.choice((2, 3, 4)))), 0)
         for _ in range(n)

@@ -32,7 +32,7 @@ from lmforge.model import GPT, ModelConfig
 from lmforge.train.finetune import extension_problem
 from lmforge.train.optim import build_optimizer
 
-from .conftest import TINY_MODEL, make_corpus
+from .conftest import TINY_MODEL, WORDS, make_corpus
 
 # Everything here computes in fp32 on the CPU, so the equalities below are bitwise where both sides run the
 # same arithmetic (a resume against a straight run, a fine-tune's first step against the base model).
@@ -371,25 +371,7 @@ def conversations(base, tmp_path_factory):
     """`prepare --chat` on a few short conversations, with the base run as the tokenizer (and seq_len)."""
     root = tmp_path_factory.mktemp("chat")
     rng = random.Random(0)
-    words = [
-        "the",
-        "cat",
-        "sat",
-        "on",
-        "a",
-        "mat",
-        "and",
-        "dog",
-        "ran",
-        "to",
-        "park",
-        "while",
-        "birds",
-        "sang",
-        "in",
-        "green",
-        "trees",
-    ]
+    words = WORDS
 
     def say():
         return " ".join(rng.choice(words) for _ in range(rng.randint(2, 6)))

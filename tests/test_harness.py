@@ -28,6 +28,7 @@ from lmforge.data.chat_template import JINJA, ChatTemplate, with_chat_tokens
 from lmforge.eval.run import write_report
 from lmforge.model import GPT, ModelConfig
 
+from .conftest import CORPUS_WORDS
 from .test_export import make_run
 
 lm_eval = pytest.importorskip("lm_eval")
@@ -39,27 +40,7 @@ from lmforge.eval.harness import HarnessError, LmforgeLM  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TOL = 1e-4
-WORDS = [
-    "the",
-    "cat",
-    "sat",
-    "on",
-    "a",
-    "mat",
-    "and",
-    "the",
-    "dog",
-    "ran",
-    "to",
-    "the",
-    "park",
-    "while",
-    "birds",
-    "sang",
-    "in",
-    "green",
-    "trees",
-]
+WORDS = CORPUS_WORDS
 TASKS = ["demo_mc", "demo_ppl", "demo_gen"]
 
 

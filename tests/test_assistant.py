@@ -17,6 +17,7 @@ import random
 import openai
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from lmforge.api import LLM
 from lmforge.cli import main
@@ -168,4 +169,6 @@ def test_lora_reaches_the_whole_task_with_more_steps_than_a_full_fine_tune(task_
     out = tmp_path / "lora"
     steps = f"--train.max_steps={LORA_STEPS}"
     finetune(task_base, sft_data, out, steps, "--train.lr=1e-2", "--train.warmup_steps=5", "--lora.rank=8")
+    saved = load_file(out / "checkpoints" / f"step_{LORA_STEPS:07d}" / "model.safetensors")
+    assert saved and all("lora_" in k or "new_rows" in k for k in saved)  # adapters alone: a LoRA run
     assert accuracy(LLM.load(out, device="cpu")) == 1  # read through the adapters, merged on load

@@ -7,7 +7,7 @@ import torch
 
 from lmforge.data import Tokenizer
 from lmforge.generate.engine import BatchDecoder, TextStream, generate_texts, stream_text
-from lmforge.generate.sampling import SamplingParams, draw, min_p_filter, race, sample_rows
+from lmforge.generate.sampling import SamplingParams, draw, filter_logits, min_p_filter, race, sample_rows
 from lmforge.model import GPT, ModelConfig
 
 FAMILIES = {
@@ -84,6 +84,22 @@ def test_same_seed_same_sample_alone_or_in_a_batch_and_filters():
     assert sample_rows(logits, SamplingParams(temperature=0), seen).item() == 0
     with pytest.raises(ValueError, match="min_p"):
         SamplingParams(min_p=1.5)
+
+
+def test_top_k_draws_among_the_candidates_with_the_filtered_distribution():
+    # sample_rows draws among the top-k candidates only; its frequencies are the softmax of the whole
+    # filtered vocabulary (temperature, top-k, then top-p and min-p), which is what the filters define
+    logits = torch.tensor([[2.0, -1.0, 1.5, 0.3, 3.0, 0.0, 1.0, -3.0]])
+    for p in (
+        SamplingParams(temperature=0.7, top_k=4),
+        SamplingParams(temperature=1.3, top_k=5, top_p=0.8),
+        SamplingParams(temperature=1.0, top_k=6, min_p=0.1),
+    ):
+        want = filter_logits(logits, p).softmax(-1)[0]
+        torch.manual_seed(0)
+        got = torch.bincount(sample_rows(logits.repeat(100_000, 1), p), minlength=8).float() / 100_000
+        assert torch.allclose(got, want, atol=0.01), (p, got, want)
+        assert (got[want == 0] == 0).all()  # a filtered-out token is never drawn
 
 
 def test_long_prompt_is_cut_from_the_left_with_a_warning():

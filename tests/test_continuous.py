@@ -9,9 +9,11 @@ import pytest
 import torch
 
 from lmforge.data import Tokenizer
+from lmforge.generate import continuous
 from lmforge.generate.continuous import QueueFull, Request, Scheduler
 from lmforge.generate.engine import BatchDecoder, Completion
 from lmforge.generate.sampling import SamplingParams
+from lmforge.generate.step import step_rows
 from lmforge.model import GPT, ModelConfig
 
 FAMILIES = {"gpt2": dict(family="gpt2"), "llama-gqa": dict(family="llama", n_kv_head=2)}
@@ -55,12 +57,25 @@ def prompts_of(vocab: int) -> list[list[int]]:
     return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in (3, 11, 7, 1, 20, 5)]
 
 
+def spy_steps(monkeypatch) -> list[tuple[int, list[int]]]:
+    """Record each step's (rows decoding, lengths of the prompts prefilled) as the scheduler runs it."""
+    steps = []
+
+    def spy(model, idx, positions, prompts, k_layers, v_layers):
+        steps.append((idx.numel(), [p.numel() for p in prompts]))
+        return step_rows(model, idx, positions, prompts, k_layers, v_layers)
+
+    monkeypatch.setattr(continuous, "step_rows", spy)
+    return steps
+
+
 @pytest.mark.parametrize("family", FAMILIES)
-def test_requests_joining_a_running_batch_get_what_they_get_alone(tok, family):
+def test_requests_joining_a_running_batch_get_what_they_get_alone(tok, family, monkeypatch):
     model = tiny(tok.vocab_size, **FAMILIES[family])
     prompts = prompts_of(tok.vocab_size)
     lengths = [20, 5, 30, 12, 9, 25]  # rows leave at different steps, others join while they run
     expected = [alone(model, p, n) for p, n in zip(prompts, lengths, strict=True)]
+    steps = spy_steps(monkeypatch)
     sched = Scheduler(model, tok, max_rows=4, max_queue=8)
     results: list[Completion | None] = [None] * len(prompts)
 
@@ -76,8 +91,10 @@ def test_requests_joining_a_running_batch_get_what_they_get_alone(tok, family):
     sched.close()
     assert [r.token_ids for r in results] == expected
     assert all(r.finish_reason == "length" for r in results)
-    # the batch really was shared: fewer decode steps than the requests' tokens one after another
-    assert sched.steps < sum(lengths) - len(lengths)
+    # the batch really was shared: fewer steps than the requests' tokens one after another, and some
+    # prompts were prefilled in the same forward as running rows' next tokens
+    assert sched.steps == len(steps) < sum(lengths) - len(lengths)
+    assert any(decoding and prefilled for decoding, prefilled in steps)
 
 
 def test_each_request_keeps_its_own_sampling_and_seed(tok):
@@ -151,14 +168,14 @@ def test_cancel_frees_the_row_and_a_full_queue_refuses(tok):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_requests_arriving_together_are_prefilled_together_and_get_what_they_get_alone(tok, family):
+def test_requests_arriving_together_are_prefilled_together_and_get_what_they_get_alone(
+    tok, family, monkeypatch
+):
     model = tiny(tok.vocab_size, **FAMILIES[family])
     prompts = prompts_of(tok.vocab_size)[:4] + [[5, 6, 7, 8, 9, 10, 11, 12]]  # lengths 3, 11, 7, 1, 8
     expected = [alone(model, p, 6) for p in prompts]
+    steps = spy_steps(monkeypatch)
     sched = Scheduler(model, tok, max_rows=8, max_queue=8)
-    calls = []
-    prefill = sched._prefill
-    sched._prefill = lambda reqs: (calls.append(sorted(len(r.prompt_ids) for r in reqs)), prefill(reqs))[1]
     done: list[list] = [[] for _ in prompts]
     with sched.lock:  # the loop takes them all from the queue at once, then waits for the lock
         with sched.wake:  # (re-entrant) the loop cannot look at the queue until all are in
@@ -170,20 +187,34 @@ def test_requests_arriving_together_are_prefilled_together_and_get_what_they_get
         time.sleep(0.001)
     sched.close()
     assert [d[-1].token_ids for d in done] == expected
-    # left-padded groups whose padding stays within half their real tokens (11 is not padded onto 1 and 3)
-    assert calls == [[1, 3], [7, 8, 11]]
+    # one forward prefilled all five (no padding: each prompt attends within itself), then 5 steps
+    # decoded them together
+    assert steps == [(0, [3, 11, 7, 1, 8])] + [(5, [])] * 5
 
 
-def test_the_queue_bound_counts_requests_not_yet_in_a_row(tok):
-    # Held lock: the loop has taken the first two from the queue but cannot prefill them, so no row is
-    # busy yet; two admitting + one waiting is already max_rows + max_queue.
+def test_a_step_prefills_at_most_its_budget_of_prompt_tokens(tok, monkeypatch):
+    monkeypatch.setattr(continuous, "PREFILL_TOKENS", 10)
+    steps = spy_steps(monkeypatch)
+    sched = Scheduler(tiny(tok.vocab_size), tok, max_rows=8, max_queue=8)
+    done: list[list] = [[] for _ in range(4)]
+    with sched.lock, sched.wake:
+        for i, n in enumerate((4, 5, 12, 3)):  # 4 + 5 fit; 12 alone is over, but a prompt always fits
+            sched.submit(Request(list(range(1, n + 1)), 2, GREEDY, deliver=done[i].append))
+    wait_for(lambda: all(d and isinstance(d[-1], Completion) for d in done))
+    sched.close()
+    assert [prefilled for _, prefilled in steps if prefilled] == [[4, 5], [12], [3]]
+
+
+def test_the_queue_bound_counts_requests_not_yet_prefilled(tok):
+    # Held lock: the loop has taken the first two into rows but cannot prefill them; with one more
+    # waiting, max_rows + max_queue are in the server.
     sched = Scheduler(tiny(tok.vocab_size), tok, max_rows=2, max_queue=1)
     with sched.lock:
         with sched.wake:  # (re-entrant) the loop takes both at once
             for prompt in ([1], [2]):
                 sched.submit(Request(prompt, 5, GREEDY, deliver=lambda e: None))
         wait_for(lambda: sched.load == (2, 0))
-        assert not sched.rows
+        assert sched.steps == 0
         sched.submit(Request([3], 5, GREEDY, deliver=lambda e: None))
         with pytest.raises(QueueFull):
             sched.submit(Request([4], 5, GREEDY, deliver=lambda e: None))

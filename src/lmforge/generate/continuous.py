@@ -1,9 +1,10 @@
 """Continuous batching: requests that arrive while others generate join the running batch at the next
 step and leave it when they finish, each with its own sampling settings, stops and length.
 
-One thread owns the model and loops: admit waiting requests into free rows (each prompt is prefilled
-alone into its row of the cache), decode one token for every active row together (`step.decode_rows`:
-every row keeps its own positions in its own cache row, so rows never wait for each other), sample each
+One thread owns the model and loops: take waiting requests into free rows, run one forward in which
+every running row decodes a token and every new row prefills its whole prompt (`step.step_rows`: every
+row keeps its own positions in its own cache row, so rows never wait for each other, and a prompt that
+joins rides on the running rows' pass over the weights instead of a forward of its own), sample each
 row with its own settings and generator, hand each request its new text, and drop finished or cancelled
 rows. Active rows are kept in rows 0..n-1 (a finished row is replaced by the last one), so a step costs
 what a batch of n costs, and one request alone decodes as fast as it would without the scheduler.
@@ -29,7 +30,12 @@ from ..model import GPT
 from .engine import Completion, TextStream, _packing_budget
 from .layout import pack_for_batches
 from .sampling import SamplingParams, sample_rows
-from .step import decode_rows
+from .step import step_rows
+
+# The most prompt tokens one step prefills beside its running rows (a longer prompt gets a step of its
+# own): a burst of short prompts joins in one forward, and a burst of long ones does not hold the
+# running rows' next token for a forward of every prompt at once.
+PREFILL_TOKENS = 512
 
 
 class QueueFull(RuntimeError):
@@ -105,8 +111,7 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.wake = threading.Condition()
         self.closed = False
-        self.steps = 0  # decode steps taken (tests and the server's stats read it)
-        self.admitting = 0  # requests taken from the queue whose prefill has not finished
+        self.steps = 0  # steps taken (tests read it)
         self.threads = threads  # the decode thread's torch.set_num_threads; None: as torch defaults
         if max_rows > 1:
             pack_for_batches(model, _packing_budget())
@@ -124,8 +129,7 @@ class Scheduler:
         with self.wake:
             if self.closed:
                 raise QueueFull("the server is shutting down")
-            # Rows free up only between steps: count what is admitted or waiting, not the rows alone.
-            if len(self.rows) + self.admitting + len(self.waiting) >= self.max_rows + self.max_queue:
+            if len(self.rows) + len(self.waiting) >= self.max_rows + self.max_queue:
                 raise QueueFull(f"{self.max_rows} requests are generating and {len(self.waiting)} wait")
             self.waiting.append(req)
             self.wake.notify()
@@ -135,7 +139,7 @@ class Scheduler:
     def load(self) -> tuple[int, int]:
         """(requests generating, requests waiting)."""
         with self.wake:
-            return len(self.rows) + self.admitting, len(self.waiting)
+            return len(self.rows), len(self.waiting)
 
     def close(self) -> None:
         """Stop the loop after its current step; waiting and active requests get a RuntimeError."""
@@ -170,94 +174,60 @@ class Scheduler:
                     self.wake.wait()
                 if self.closed:
                     break
-                admitted = self._take_waiting()
-                self.admitting = len(admitted)
+                running = len(self.rows)  # rows 0..running-1 decode; the new ones follow and prefill
+                self._take_waiting()
             try:
                 with self.lock:
-                    new = self._admit(admitted)
-                n_old = len(self.rows) - len(new)  # rows 0..n_old-1; the new ones follow
-                if new:  # their first tokens go out now, not after the others' step
-                    self._emit(torch.cat(new), n_old)
-                if n_old:  # the others' step; the new rows join it from the next one
-                    with self.lock:
-                        logits = self._decode(n_old)
-                    self._emit(logits, 0, n_old)
+                    logits = self._step(running)
+                self._emit(logits)
             except Exception as exc:  # noqa: BLE001 - a failed step fails its requests, not the server
-                in_rows = {id(row.req) for row in self.rows}
-                for req in [row.req for row in self.rows] + [r for r in admitted if id(r) not in in_rows]:
-                    req.deliver(exc)
-                self.rows, self.admitting = [], 0
+                for row in self.rows:
+                    row.req.deliver(exc)
+                self.rows = []
         error = QueueFull("the server is shutting down")
         for row in self.rows:
             row.req.deliver(error)
         for req in self.waiting:
             req.deliver(error)
 
-    def _take_waiting(self) -> list[Request]:
-        taken = []
-        while self.waiting and len(self.rows) + len(taken) < self.max_rows:
+    def _take_waiting(self) -> None:
+        """Waiting requests into free rows (after the running ones), up to PREFILL_TOKENS of prompt."""
+        prompt_tokens = 0
+        device, vocab = self.k.device, self.model.cfg.vocab_size
+        while self.waiting and len(self.rows) < self.max_rows:
+            n = len(self.waiting[0].prompt_ids)
+            if prompt_tokens and prompt_tokens + n > PREFILL_TOKENS:
+                break
             req = self.waiting.popleft()
             if not req._cancelled:
-                taken.append(req)
-        return taken
+                self.rows.append(_Row(req, self.tokenizer.decode, vocab, device))
+                prompt_tokens += n
 
     @torch.no_grad()
-    def _admit(self, reqs: list[Request]) -> list[torch.Tensor]:
-        """Prefill the new requests into the next free rows; the logits (1, vocab) of each one's last
-        prompt token, in the order the rows were added."""
-        out = []
-        for group in _prefill_groups(reqs):
-            out += self._prefill(group)
-        return out
-
-    def _prefill(self, reqs: list[Request]) -> list[torch.Tensor]:
-        """One forward for several prompts, left-padded to the longest (requests that arrive together,
-        as a burst does, start together rather than one prefill after another); each prompt's keys and
-        values then move to the start of its own row."""
+    def _step(self, running: int) -> torch.Tensor:
+        """Logits (rows, vocab): rows 0..running-1 after feeding in the token each sampled last, the
+        others (new) after their prompt."""
         device = self.k.device
-        B, P = len(reqs), max(len(r.prompt_ids) for r in reqs)
-        ids = torch.zeros((B, P), dtype=torch.long, device=device)
-        key_mask = torch.zeros((B, P), dtype=torch.bool, device=device)
-        for j, req in enumerate(reqs):
-            ids[j, P - len(req.prompt_ids) :] = torch.tensor(req.prompt_ids, dtype=torch.long, device=device)
-            key_mask[j, P - len(req.prompt_ids) :] = True
-        padded = not bool(key_mask.all())
-        positions = (key_mask.long().cumsum(1) - 1).clamp(min=0) if padded else None
-        cache = self.model.new_cache(B, max_len=P)
-        mask = key_mask if padded else None
-        logits = self.model(ids, cache=cache, positions=positions, key_mask=mask, last_only=True)[:, -1]
-        for j, req in enumerate(reqs):
-            i, n = len(self.rows), len(req.prompt_ids)
-            self.k[:, i, :, :n] = cache.k[:, j, :, P - n :]
-            self.v[:, i, :, :n] = cache.v[:, j, :, P - n :]
-            row = _Row(req, self.tokenizer.decode, self.model.cfg.vocab_size, device)
-            with self.wake:  # a request counts once, as admitting or as a row (submit's bound)
-                self.rows.append(row)
-                self.admitting -= 1
-        return list(logits.split(1))
-
-    @torch.no_grad()
-    def _decode(self, n: int) -> torch.Tensor:
-        """Logits (n, vocab) for rows 0..n-1 after one decode step, each row feeding in the token it
-        sampled last."""
-        rows = self.rows[:n]
-        idx = torch.tensor([row.generated[-1] for row in rows], dtype=torch.long, device=self.k.device)
-        positions = torch.tensor([row.pos for row in rows], device=self.k.device)
-        length = int(positions.max()) + 1
+        old, new = self.rows[:running], self.rows[running:]
+        idx = torch.tensor([row.generated[-1] for row in old], dtype=torch.long, device=device)
+        positions = torch.tensor([row.pos for row in old], dtype=torch.long, device=device)
+        prompts = [torch.tensor(row.req.prompt_ids, dtype=torch.long, device=device) for row in new]
+        length = max([row.pos + 1 for row in old] + [row.pos for row in new])  # slots to attend over
+        n = len(self.rows)
         k_layers = tuple(self.k[:, :n, :, :length].unbind(0))
         v_layers = tuple(self.v[:, :n, :, :length].unbind(0))
-        logits = decode_rows(self.model, idx, positions, k_layers, v_layers)
-        for row in rows:
+        logits = step_rows(self.model, idx, positions, prompts, k_layers, v_layers)
+        for row in old:
             row.pos += 1
         self.steps += 1
         return logits
 
-    def _emit(self, logits: torch.Tensor, first: int, end: int | None = None) -> None:
-        """Sample the next token of rows first..end-1 (logits: one row each), hand out its text, and
-        retire finished rows (a retired row's place goes to the last row, which is never one before it)."""
+    def _emit(self, logits: torch.Tensor) -> None:
+        """Sample the next token of every row (logits: one row each), hand out its text, and retire
+        finished rows (a retired row's place goes to the last row, which is never one before it)."""
         finished, live = [], []
         now = time.monotonic()
-        for i, row in enumerate(self.rows[first:end], first):
+        for i, row in enumerate(self.rows):
             deadline = row.req.deadline
             if row.req._cancelled:
                 finished.append((i, "cancelled"))
@@ -265,15 +235,15 @@ class Scheduler:
                 finished.append((i, "length"))
             else:
                 live.append(i)
-        tokens = self._draw(logits, live, first)
+        tokens = self._draw(logits, live)
         for i in live:
-            reason = self._take(self.rows[i], tokens[i], logits[i - first])
+            reason = self._take(self.rows[i], tokens[i], logits[i])
             if reason:
                 finished.append((i, reason))
         for i, reason in sorted(finished, reverse=True):
             self._retire(i, reason)
 
-    def _draw(self, logits: torch.Tensor, live: list[int], first: int) -> dict[int, int]:
+    def _draw(self, logits: torch.Tensor, live: list[int]) -> dict[int, int]:
         """The next token of each live row. Rows with the same settings are drawn in one call (each from
         its own generator, so a row draws the same alone or with others)."""
         groups: dict[tuple, list[int]] = {}
@@ -284,7 +254,7 @@ class Scheduler:
         tokens: dict[int, int] = {}
         for idx in groups.values():
             rows = [self.rows[i] for i in idx]
-            lg = logits[[i - first for i in idx]]  # (g, vocab)
+            lg = logits[idx]  # (g, vocab)
             if rows[0].banned.numel():
                 lg = lg.index_fill(1, rows[0].banned, float("-inf"))
             seen = torch.cat([r.seen for r in rows]) if rows[0].seen is not None else None
@@ -330,22 +300,6 @@ class Scheduler:
         tokens = [t for t in row.generated if t not in row.stop_ids]
         logprobs = row.logprobs if row.req.logprobs is not None else None
         row.req.deliver(Completion(row.stream.text, tokens, reason, len(row.req.prompt_ids), logprobs))
-
-
-def _prefill_groups(reqs: list[Request], waste: float = 0.5) -> list[list[Request]]:
-    """The requests in groups prefilled together: by prompt length, a group growing while its padding
-    stays under `waste` of its real tokens (a long prompt is not padded onto many short ones)."""
-    groups: list[list[Request]] = []
-    real = 0
-    for req in sorted(reqs, key=lambda r: len(r.prompt_ids)):
-        n = len(req.prompt_ids)
-        if groups and (len(groups[-1]) + 1) * n <= (1 + waste) * (real + n):
-            groups[-1].append(req)
-            real += n
-        else:
-            groups.append([req])
-            real = n
-    return groups
 
 
 def token_logprobs(logits: torch.Tensor, token: int, top: int, tokenizer) -> dict:

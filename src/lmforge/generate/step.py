@@ -1,12 +1,15 @@
-"""The one-token decode step: the model's forward written for one new token per row, eagerly or recorded
-as a CUDA graph (`StaticDecoder`). Same values as `GPT.forward` through the KV cache (tests compare the
-logits bitwise); `BatchDecoder` and eval's speed check decode through it.
+"""The model's forward written for generation steps: one new token per row (`decode_step`), eagerly or
+recorded as a CUDA graph (`StaticDecoder`), with the same values as `GPT.forward` through the KV cache
+(tests compare the logits bitwise), which `BatchDecoder` and eval's speed check decode through; and
+continuous batching's step (`step_rows`), where running rows decode and new prompts prefill in one
+forward.
 """
 
 from __future__ import annotations
 
+import itertools
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -37,47 +40,71 @@ def _rope(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], fast: bool) 
 def _rope_rows(
     model: GPT, where: slice | torch.Tensor, dtype: torch.dtype
 ) -> tuple[tuple[torch.Tensor, torch.Tensor] | None, bool]:
-    """RoPE tables for one new token per row, made once per step for all layers, and whether they are the
-    full-width ones `_rope` takes (fp32). where: a slice of one position shared by all rows, or (B, 1, 1)
-    positions, one per row."""
+    """RoPE tables for the new tokens, made once per step for all layers, and whether they are the
+    full-width ones `_rope` takes (fp32). where: a slice of one position shared by all tokens, or (T, 1)
+    positions, one per token."""
     if model.cfg.pos_emb != "rope":
         return None, False
-    cos, sin = model.rope_cos[where], model.rope_sin[where]  # (1, hd/2) or (B, 1, 1, hd/2)
+    cos, sin = model.rope_cos[where], model.rope_sin[where]  # (1, hd/2) or (T, 1, hd/2)
     if dtype != torch.float32:
         return (cos, sin), False
     return (torch.cat((cos, cos), -1), torch.cat((-sin, sin), -1)), True
 
 
-def _blocks_one_token(
+# attend(layer, q, k, v): store the new tokens' keys and values, and return their attention output.
+Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _blocks(
     model: GPT,
     x: torch.Tensor,
     rope: tuple[torch.Tensor, torch.Tensor] | None,
     fast_rope: bool,
-    mask: torch.Tensor | None,
-    store: Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    attend: Attend,
 ) -> torch.Tensor:
-    """Logits (B, vocab) from the embedded new tokens x (B, C); store(layer, k, v) writes the new keys
-    and values to the cache and returns every key and value attention should see. The hidden state stays
-    2-d: each linear layer is then one matrix product, without matmul's reshapes around it."""
+    """The hidden states (T, C) after every block, from the embedded new tokens x (T, C), which may
+    belong to different sequences: attend(layer, q, k, v) gets every token's query (T, nh, hd), key and
+    value (T, nkv, hd) after QK-norm and RoPE, and returns the attention output (T, nh * hd). The hidden
+    state stays 2-d: each linear layer is then one matrix product, without matmul's reshapes around it."""
     cfg = model.cfg
-    B, nh, nkv, hd = x.size(0), cfg.n_head, cfg.n_kv_head, cfg.head_dim
+    T, nh, nkv, hd = x.size(0), cfg.n_head, cfg.n_kv_head, cfg.head_dim
     for layer, block in enumerate(model.blocks):
         attn, mlp = block.attn, block.mlp
-        qkv = attn.c_attn.forward(_norm(block.ln_1, x)).view(B, nh + 2 * nkv, 1, hd)
-        q, k, v = qkv.split([nh, nkv, nkv], dim=1)  # (B, nh, 1, hd), (B, nkv, 1, hd) x 2
+        qkv = attn.c_attn.forward(_norm(block.ln_1, x)).view(T, nh + 2 * nkv, hd)
+        q, k, v = qkv.split([nh, nkv, nkv], dim=1)  # (T, nh, hd), (T, nkv, hd) x 2
         if attn.q_norm is not None:
             q, k = _norm(attn.q_norm, q), _norm(attn.k_norm, k)
             if rope is not None:
                 q, k = _rope(q, rope, fast_rope), _rope(k, rope, fast_rope)
         elif rope is not None:  # q and k are adjacent heads of qkv: rotate them in one pass (same values)
             q, k = _rope(qkv[:, : nh + nkv], rope, fast_rope).split([nh, nkv], dim=1)
-        k, v = store(layer, k, v)  # (B, nkv, keys, hd)
-        # One query per row sees every stored key: no causal mask; padding is hidden by `mask`.
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=nkv != nh)  # (B, nh, 1, hd)
-        x = x + attn.c_proj.forward(y.reshape(B, nh * hd))
+        x = x + attn.c_proj.forward(attend(layer, q, k, v))
         x = x + mlp.c_proj.forward(mlp.act(mlp.c_fc.forward(_norm(block.ln_2, x))))
-    logits = model.lm_head.forward(_norm(model.ln_f, x))  # (B, padded vocab)
-    return logits if logits.size(1) == cfg.vocab_size else logits[:, : cfg.vocab_size]
+    return x
+
+
+def _logits(model: GPT, x: torch.Tensor) -> torch.Tensor:
+    """Logits (T, vocab) of hidden states x (T, C)."""
+    logits = model.lm_head.forward(_norm(model.ln_f, x))  # (T, padded vocab)
+    return logits if logits.size(1) == model.cfg.vocab_size else logits[:, : model.cfg.vocab_size]
+
+
+def _one_token_each(
+    model: GPT,
+    mask: torch.Tensor | None,
+    store: Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+) -> Attend:
+    """Attention for one new token per row (T = B): store(layer, k, v) writes the new keys and values
+    (B, nkv, 1, hd) to the cache and returns every key and value the row's query sees (B, nkv, L, hd);
+    `mask` (B, 1, 1, L) hides padding. One query per row sees every stored key: no causal mask."""
+    gqa = model.cfg.n_kv_head != model.cfg.n_head
+
+    def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        k, v = store(layer, k.unsqueeze(2), v.unsqueeze(2))
+        y = F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=mask, enable_gqa=gqa)
+        return y.view(q.size(0), -1)  # (B, nh * hd)
+
+    return attend
 
 
 def _check_room(model: GPT, cache: KVCache) -> None:
@@ -110,10 +137,10 @@ def decode_step(
     x = model.wte.forward(idx.view(B))  # (B, C)
     if model.wpe is not None:
         x = x + (model.wpe.forward(positions.view(B)) if positions is not None else model.wpe.weight[pos])
-    where = positions.unsqueeze(1) if positions is not None else slice(pos, pos + 1)
+    where = positions.view(B, 1) if positions is not None else slice(pos, pos + 1)
     rope, fast_rope = _rope_rows(model, where, x.dtype)
     mask = None if key_mask is None else attention_mask(key_mask, pos, 1)  # (B, 1, 1, L)
-    logits = _blocks_one_token(model, x, rope, fast_rope, mask, cache.update)
+    logits = _logits(model, _blocks(model, x, rope, fast_rope, _one_token_each(model, mask, cache.update)))
     cache.advance(1)
     return logits
 
@@ -136,17 +163,13 @@ def static_decode_step(
     x = model.wte.forward(idx.view(B))  # (B, C)
     if model.wpe is not None:
         x = x + model.wpe.forward(positions.view(B))
-    rope, fast_rope = _rope_rows(model, positions.unsqueeze(1), x.dtype)
+    rope, fast_rope = _rope_rows(model, positions.view(B, 1), x.dtype)
     k_slot = torch.arange(cache.max_len, device=idx.device)  # (L,)
     mask = (key_mask & (k_slot <= slot)) | (k_slot == slot)  # (B, L): real keys so far, and its own
-    return _blocks_one_token(
-        model,
-        x,
-        rope,
-        fast_rope,
-        mask[:, None, None, :],
-        lambda layer, k, v: cache.store_at(layer, slot, k, v),
+    attend = _one_token_each(
+        model, mask[:, None, None, :], lambda layer, k, v: cache.store_at(layer, slot, k, v)
     )
+    return _logits(model, _blocks(model, x, rope, fast_rope, attend))
 
 
 class StaticDecoder:
@@ -217,31 +240,67 @@ class StaticDecoder:
 
 
 @torch.no_grad()
-def decode_rows(
+def step_rows(
     model: GPT,
     idx: torch.Tensor,
     positions: torch.Tensor,
+    prompts: Sequence[torch.Tensor],
     k_layers: tuple[torch.Tensor, ...],
     v_layers: tuple[torch.Tensor, ...],
 ) -> torch.Tensor:
-    """Logits (B, vocab) after one new token per row, for rows that each keep their own sequence in their
-    own row of the cache: row i's token idx (B,) is at position positions[i] (B,) and is stored in cache
-    slot positions[i]; it attends to slots 0..positions[i] of its row. k_layers/v_layers: one
-    (B, n_kv_head, L, head_dim) view per layer, L > max(positions). Continuous batching decodes through
-    this, since its rows join and leave at any step and share no slot timeline."""
-    B = idx.size(0)
-    x = model.wte.forward(idx)  # (B, C)
+    """One step of continuous batching in one forward: rows 0..D-1 decode a token each, rows D..D+m-1
+    take a whole prompt each (prefill). Logits (D + m, vocab): each decoding row's next token, then each
+    prompt's first new token.
+
+    Row i < D feeds token idx[i] (D,) at position positions[i] (D,), stored in cache slot positions[i],
+    and attends to slots 0..positions[i] of its row; prompt j, (n_j,) token ids, goes to slots 0..n_j-1
+    of row D+j, causally. k_layers/v_layers: one (rows, n_kv_head, L, head_dim) view of the cache per
+    layer, rows >= D + m and L past every slot written. Every token goes through each linear layer in
+    one product: on a CPU, where a small batch's step costs about what streaming the weights costs, a
+    prompt joining the running rows' step costs a fraction of a forward of its own. Continuous batching
+    steps through this: its rows join and leave at any step and share no slot timeline."""
+    D, device = idx.numel(), idx.device
+    lengths = [p.numel() for p in prompts]
+    new = sum(lengths)
+    tokens = torch.cat([idx, *prompts])  # (T,)
+    where = torch.cat([positions, *(torch.arange(n, device=device) for n in lengths)])  # (T,) positions
+    rows = torch.cat(
+        [torch.arange(D, device=device)]
+        + [torch.full((n,), D + j, device=device) for j, n in enumerate(lengths)]
+    )
+    T = tokens.numel()
+    x = model.wte.forward(tokens)  # (T, C)
     if model.wpe is not None:
-        x = x + model.wpe.forward(positions)
-    rope, fast_rope = _rope_rows(model, positions.view(B, 1, 1), x.dtype)
+        x = x + model.wpe.forward(where)
+    rope, fast_rope = _rope_rows(model, where.view(T, 1), x.dtype)
+    gqa = model.cfg.n_kv_head != model.cfg.n_head
     length = k_layers[0].size(2)
-    rows = torch.arange(B, device=idx.device)
-    mask = torch.arange(length, device=idx.device)[None, :] <= positions[:, None]  # (B, L)
+    seen = (torch.arange(length, device=device)[None, :] <= positions[:, None])[:, None, None, :]  # (D,1,1,L)
+    own = None  # the prompts' tokens as one sequence: each sees the earlier tokens of its own prompt
+    if len(prompts) > 1:
+        seq = torch.repeat_interleave(
+            torch.arange(len(prompts), device=device), torch.tensor(lengths, device=device)
+        )
+        own = (seq[:, None] == seq[None, :]) & (where[D:, None] >= where[None, D:])  # (new, new)
 
-    def store(layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         k_all, v_all = k_layers[layer], v_layers[layer]
-        k_all[rows, :, positions] = k[:, :, 0]  # (B, n_kv_head, head_dim) into each row's own slot
-        v_all[rows, :, positions] = v[:, :, 0]
-        return k_all, v_all
+        k_all[rows, :, where] = k  # every new token's key and value into its row's slot
+        v_all[rows, :, where] = v
+        out = []
+        if D:
+            y = F.scaled_dot_product_attention(
+                q[:D].unsqueeze(2), k_all[:D], v_all[:D], attn_mask=seen, enable_gqa=gqa
+            )  # (D, nh, 1, hd)
+            out.append(y.view(D, -1))
+        if new:
+            qn, kn, vn = (t[D:].transpose(0, 1).unsqueeze(0) for t in (q, k, v))  # (1, heads, new, hd)
+            y = F.scaled_dot_product_attention(
+                qn, kn, vn, attn_mask=own, is_causal=own is None, enable_gqa=gqa
+            )
+            out.append(y[0].transpose(0, 1).reshape(new, -1))
+        return out[0] if len(out) == 1 else torch.cat(out)
 
-    return _blocks_one_token(model, x, rope, fast_rope, mask[:, None, None, :], store)
+    x = _blocks(model, x, rope, fast_rope, attend)
+    last = torch.tensor([*range(D), *(D + c - 1 for c in itertools.accumulate(lengths))], device=device)
+    return _logits(model, x if last.numel() == T else x[last])

@@ -8,7 +8,8 @@ Phases (each prints one line):
   alone     one streaming client, `--requests` requests one after another: tokens/s, median TTFT
   together  `--clients` streaming clients at once, `--requests` each: aggregate tokens/s (and its ratio to
             alone), median TTFT under load (and its ratio to idle); with `--spread` the requests' lengths
-            vary, so the clients stop arriving in waves
+            vary, so the clients stop arriving in waves. `--rounds` repeats the pair and gives the
+            ratios' medians (a shared machine's speed can drift from minute to minute)
   soak      `--soak` seconds of clients that leave mid-stream at random: the server's resident memory
             after vs idle, and /health
   burst     `--burst` streaming requests at once: how many streamed, how many got 429, the longest
@@ -76,33 +77,50 @@ def rss_mb(pid: int) -> float:
     return float("nan")
 
 
-async def stream_once(client: httpx.AsyncClient, url: str, max_tokens: int, leave_after: int | None = None):
-    """One streaming chat request: (seconds to the first piece, completion tokens, status)."""
-    body = {
-        "messages": [{"role": "user", "content": PROMPT}],
-        "max_tokens": max_tokens,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-    }
+async def stream_once(url: str, max_tokens: int, leave_after: int | None = None):
+    """One streaming chat request: (seconds to the first piece, completion tokens, status).
+
+    A minimal HTTP/1.1 client on asyncio's streams: the clients share the machine's cores with the
+    server, so they should take as little of them as they can (httpx took 2.5x this client's CPU time
+    per streamed piece). Only the line with the usage is parsed as JSON."""
+    host, port = url.removeprefix("http://").split(":")
+    body = json.dumps(
+        {
+            "messages": [{"role": "user", "content": PROMPT}],
+            "max_tokens": max_tokens,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+    ).encode()
+    head = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    ).encode()
     start, first, tokens, pieces = time.perf_counter(), None, 0, 0
-    async with client.stream("POST", url + "/v1/chat/completions", json=body) as resp:
-        if resp.status_code != 200:
-            await resp.aread()
-            return None, 0, resp.status_code
-        async for line in resp.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if chunk.get("usage"):
-                tokens = chunk["usage"]["completion_tokens"]
-            for choice in chunk.get("choices", []):
-                if choice.get("delta", {}).get("content"):
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(head + body)
+        status = int((await reader.readline()).split()[1])
+        while (await reader.readline()).strip():  # headers (the stream is chunked)
+            pass
+        if status != 200:
+            return None, 0, status
+        while size := int((await reader.readline()).strip() or b"0", 16):
+            data = await reader.readexactly(size + 2)  # one event per chunk, and its CRLF
+            for line in data.split(b"\n"):
+                if not line.startswith(b"data: {"):
+                    continue
+                if b'"delta": {"content": "' in line:  # a piece (the first chunk's delta has the role)
                     pieces += 1
                     if first is None:
                         first = time.perf_counter() - start
+                elif b'"usage"' in line:
+                    tokens = json.loads(line[6:])["usage"]["completion_tokens"]
             if leave_after is not None and pieces >= leave_after:
                 return first, 0, "left"
-    return first, tokens, 200
+        return first, tokens, 200
+    finally:
+        writer.close()
 
 
 async def clients_phase(
@@ -116,19 +134,18 @@ async def clients_phase(
     lengths = [
         round(max_tokens * (1 - spread + 2 * spread * i / max(1, requests - 1))) for i in range(requests)
     ]
-    async with httpx.AsyncClient(timeout=600) as client:
 
-        async def one_client(k: int):
-            nonlocal total
-            for n in lengths[k % requests :] + lengths[: k % requests]:
-                first, tokens, _ = await stream_once(client, url, max(1, n))
-                total += tokens
-                if first is not None:
-                    ttfts.append(first)
+    async def one_client(k: int):
+        nonlocal total
+        for n in lengths[k % requests :] + lengths[: k % requests]:
+            first, tokens, _ = await stream_once(url, max(1, n))
+            total += tokens
+            if first is not None:
+                ttfts.append(first)
 
-        start = time.perf_counter()
-        await asyncio.gather(*(one_client(k) for k in range(clients)))
-        elapsed = time.perf_counter() - start
+    start = time.perf_counter()
+    await asyncio.gather(*(one_client(k) for k in range(clients)))
+    elapsed = time.perf_counter() - start
     return total / elapsed, statistics.median(ttfts)
 
 
@@ -136,16 +153,15 @@ async def soak(url: str, seconds: float, clients: int, max_tokens: int, seed: in
     """Clients that stream and leave at random for `seconds`; the number of requests made."""
     rng, made = random.Random(seed), 0
     deadline = time.monotonic() + seconds
-    async with httpx.AsyncClient(timeout=120) as client:
 
-        async def one_client():
-            nonlocal made
-            while time.monotonic() < deadline:
-                leave = rng.choice([None, 1, 3, 10])
-                await stream_once(client, url, max_tokens, leave_after=leave)
-                made += 1
+    async def one_client():
+        nonlocal made
+        while time.monotonic() < deadline:
+            leave = rng.choice([None, 1, 3, 10])
+            await stream_once(url, max_tokens, leave_after=leave)
+            made += 1
 
-        await asyncio.gather(*(one_client() for _ in range(clients)))
+    await asyncio.gather(*(one_client() for _ in range(clients)))
     return made
 
 
@@ -159,7 +175,7 @@ async def burst(url: str, n: int, max_tokens: int) -> tuple[dict, float]:
     async with httpx.AsyncClient(timeout=300, limits=limits) as client:
 
         async def one(i):
-            _, _, status = await stream_once(client, url, max_tokens, leave_after=2 if i % 3 == 0 else None)
+            _, _, status = await stream_once(url, max_tokens, leave_after=2 if i % 3 == 0 else None)
             outcomes[status] = outcomes.get(status, 0) + 1
 
         async def watch():
@@ -182,6 +198,9 @@ def main() -> None:
     ap.add_argument("--run", help="RUN_DIR to serve (default: the bench model with random weights)")
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--requests", type=int, default=3, help="streams per client in alone/together")
+    ap.add_argument(
+        "--rounds", type=int, default=1, help="alone/together pairs; the ratios' medians are kept"
+    )
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument(
         "--spread", type=float, default=0.0, help="requests ask for max_tokens x (1 +- spread) (0: all alike)"
@@ -208,23 +227,36 @@ def main() -> None:
         )
         asyncio.run(clients_phase(url, 1, 1, 8))  # warm-up
         idle_rss = rss_mb(server.pid)
-        alone_tps, alone_ttft = asyncio.run(
-            clients_phase(url, 1, args.requests, args.max_tokens, args.spread)
-        )
-        print(f"alone     {alone_tps:7.1f} tok/s   TTFT median {alone_ttft * 1e3:6.0f} ms")
-        tps, ttft = asyncio.run(clients_phase(url, args.clients, args.requests, args.max_tokens, args.spread))
-        print(
-            f"together  {tps:7.1f} tok/s ({tps / alone_tps:.2f}x alone, {args.clients} clients)   "
-            f"TTFT median {ttft * 1e3:6.0f} ms ({ttft / alone_ttft:.2f}x idle)"
-        )
+        ratios, slowdowns = [], []
+        for _ in range(args.rounds):  # alone and together back to back: the machine's drift cancels out
+            alone_tps, alone_ttft = asyncio.run(
+                clients_phase(url, 1, args.requests, args.max_tokens, args.spread)
+            )
+            print(f"alone     {alone_tps:7.1f} tok/s   TTFT median {alone_ttft * 1e3:6.0f} ms")
+            tps, ttft = asyncio.run(
+                clients_phase(url, args.clients, args.requests, args.max_tokens, args.spread)
+            )
+            ratios.append(tps / alone_tps)
+            slowdowns.append(ttft / alone_ttft)
+            print(
+                f"together  {tps:7.1f} tok/s ({tps / alone_tps:.2f}x alone, {args.clients} clients)   "
+                f"TTFT median {ttft * 1e3:6.0f} ms ({ttft / alone_ttft:.2f}x idle)"
+            )
+        if args.rounds > 1:
+            print(
+                f"median    {statistics.median(ratios):.2f}x alone, TTFT {statistics.median(slowdowns):.2f}x "
+                f"idle over {args.rounds} rounds"
+            )
         if args.soak:
+            warm_rss = rss_mb(server.pid)
             made = asyncio.run(soak(url, args.soak, args.clients, args.max_tokens))
             time.sleep(2)
             health = httpx.get(url + "/health", timeout=10).status_code
             after = rss_mb(server.pid)
             print(
                 f"soak      {made} requests in {args.soak:.0f} s with random disconnects; RSS idle "
-                f"{idle_rss:.0f} MiB, after {after:.0f} MiB ({after / idle_rss - 1:+.1%}); /health {health}"
+                f"{idle_rss:.0f} MiB (after the phases above {warm_rss:.0f}), after {after:.0f} MiB "
+                f"({after / idle_rss - 1:+.1%}); /health {health}"
             )
         if args.burst:
             outcomes, slowest = asyncio.run(burst(url, args.burst, 16))

@@ -226,6 +226,8 @@ def test_prompt_that_fills_the_context_is_refused_and_the_context_ends_a_row(tok
     sched = Scheduler(model, tok, max_rows=2)
     with pytest.raises(ValueError, match="context"):
         sched.submit(Request(list(range(1, 65)), 5, GREEDY, deliver=lambda e: None))
+    with pytest.raises(ValueError, match="token ids"):  # refused at once, not in the loop's thread
+        sched.submit(Request([1, tok.vocab_size], 5, GREEDY, deliver=lambda e: None))
     done = collect(sched, list(range(1, 60)), 50)
     sched.close()
     assert done.finish_reason == "length" and 59 + len(done.token_ids) == 64

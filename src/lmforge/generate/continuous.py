@@ -126,6 +126,9 @@ class Scheduler:
                 f"prompt of {len(req.prompt_ids)} tokens: give 1 to {self.context - 1} (the context is "
                 f"{self.context})"
             )
+        vocab = self.model.cfg.vocab_size
+        if not all(0 <= t < vocab for t in req.prompt_ids):
+            raise ValueError(f"prompt: token ids must be in [0, {vocab})")
         with self.wake:
             if self.closed:
                 raise QueueFull("the server is shutting down")
@@ -199,9 +202,14 @@ class Scheduler:
             if prompt_tokens and prompt_tokens + n > PREFILL_TOKENS:
                 break
             req = self.waiting.popleft()
-            if not req._cancelled:
+            if req._cancelled:
+                continue
+            try:
                 self.rows.append(_Row(req, self.tokenizer.decode, vocab, device))
-                prompt_tokens += n
+            except Exception as exc:  # noqa: BLE001 - a request the loop cannot start fails alone
+                req.deliver(exc)
+                continue
+            prompt_tokens += n
 
     @torch.no_grad()
     def _step(self, running: int) -> torch.Tensor:

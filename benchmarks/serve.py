@@ -8,7 +8,8 @@ Phases (each prints one line):
   alone     one streaming client, `--requests` requests one after another: tokens/s, median TTFT
   together  `--clients` streaming clients at once, `--requests` each: aggregate tokens/s (and its ratio to
             alone), median TTFT under load (and its ratio to idle); with `--spread` the requests' lengths
-            vary, so the clients stop arriving in waves. `--rounds` repeats the pair and gives the
+            vary, so the clients stop arriving in waves; with `--unique` every prompt ends differently
+            (otherwise all are the same, and the server reuses their cached start). `--rounds` repeats the pair and gives the
             ratios' medians (a shared machine's speed can drift from minute to minute)
   soak      `--soak` seconds of clients that leave mid-stream at random: the server's resident memory
             after vs idle, and /health
@@ -77,7 +78,7 @@ def rss_mb(pid: int) -> float:
     return float("nan")
 
 
-async def stream_once(url: str, max_tokens: int, leave_after: int | None = None):
+async def stream_once(url: str, max_tokens: int, leave_after: int | None = None, tag: str = ""):
     """One streaming chat request: (seconds to the first piece, completion tokens, status).
 
     A minimal HTTP/1.1 client on asyncio's streams: the clients share the machine's cores with the
@@ -86,7 +87,7 @@ async def stream_once(url: str, max_tokens: int, leave_after: int | None = None)
     host, port = url.removeprefix("http://").split(":")
     body = json.dumps(
         {
-            "messages": [{"role": "user", "content": PROMPT}],
+            "messages": [{"role": "user", "content": PROMPT + tag}],
             "max_tokens": max_tokens,
             "stream": True,
             "stream_options": {"include_usage": True},
@@ -124,12 +125,14 @@ async def stream_once(url: str, max_tokens: int, leave_after: int | None = None)
 
 
 async def clients_phase(
-    url: str, clients: int, requests: int, max_tokens: int, spread: float = 0.0
+    url: str, clients: int, requests: int, max_tokens: int, spread: float = 0.0, unique: bool = False
 ) -> tuple[float, float]:
     """`clients` concurrent clients doing `requests` streams each: (aggregate tokens/s, median TTFT).
     spread: the requests ask for lengths evenly spaced over max_tokens x (1 +- spread), each client the
     same ones in a rotated order: every client asks for as many tokens in all (none idles at the end),
-    but they no longer finish, and come back, in step with each other."""
+    but they no longer finish, and come back, in step with each other. unique: every request's message
+    ends differently (its client and number), so only the prompt's start is shared, as a system prompt
+    is; otherwise all prompts are the same, and the server may reuse all but their last token."""
     ttfts, total = [], 0
     lengths = [
         round(max_tokens * (1 - spread + 2 * spread * i / max(1, requests - 1))) for i in range(requests)
@@ -137,8 +140,8 @@ async def clients_phase(
 
     async def one_client(k: int):
         nonlocal total
-        for n in lengths[k % requests :] + lengths[: k % requests]:
-            first, tokens, _ = await stream_once(url, max(1, n))
+        for r, n in enumerate(lengths[k % requests :] + lengths[: k % requests]):
+            first, tokens, _ = await stream_once(url, max(1, n), tag=f" # {k}.{r}" if unique else "")
             total += tokens
             if first is not None:
                 ttfts.append(first)
@@ -205,6 +208,7 @@ def main() -> None:
     ap.add_argument(
         "--spread", type=float, default=0.0, help="requests ask for max_tokens x (1 +- spread) (0: all alike)"
     )
+    ap.add_argument("--unique", action="store_true", help="every request's prompt ends differently")
     ap.add_argument("--soak", type=float, default=60.0, help="seconds of the soak (0: skip)")
     ap.add_argument("--burst", type=int, default=200, help="requests in the burst (0: skip)")
     ap.add_argument("--serve-args", default="", help="extra flags for lmforge serve")
@@ -230,11 +234,11 @@ def main() -> None:
         ratios, slowdowns = [], []
         for _ in range(args.rounds):  # alone and together back to back: the machine's drift cancels out
             alone_tps, alone_ttft = asyncio.run(
-                clients_phase(url, 1, args.requests, args.max_tokens, args.spread)
+                clients_phase(url, 1, args.requests, args.max_tokens, args.spread, args.unique)
             )
             print(f"alone     {alone_tps:7.1f} tok/s   TTFT median {alone_ttft * 1e3:6.0f} ms")
             tps, ttft = asyncio.run(
-                clients_phase(url, args.clients, args.requests, args.max_tokens, args.spread)
+                clients_phase(url, args.clients, args.requests, args.max_tokens, args.spread, args.unique)
             )
             ratios.append(tps / alone_tps)
             slowdowns.append(ttft / alone_ttft)

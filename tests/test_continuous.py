@@ -58,12 +58,12 @@ def prompts_of(vocab: int) -> list[list[int]]:
 
 
 def spy_steps(monkeypatch) -> list[tuple[int, list[int]]]:
-    """Record each step's (rows decoding, lengths of the prompts prefilled) as the scheduler runs it."""
+    """Record each step's (rows decoding, tokens prefilled for each prompt) as the scheduler runs it."""
     steps = []
 
-    def spy(model, idx, positions, prompts, k_layers, v_layers):
+    def spy(model, idx, positions, prompts, k_layers, v_layers, starts=()):
         steps.append((idx.numel(), [p.numel() for p in prompts]))
-        return step_rows(model, idx, positions, prompts, k_layers, v_layers)
+        return step_rows(model, idx, positions, prompts, k_layers, v_layers, starts)
 
     monkeypatch.setattr(continuous, "step_rows", spy)
     return steps
@@ -199,10 +199,40 @@ def test_a_step_prefills_at_most_its_budget_of_prompt_tokens(tok, monkeypatch):
     done: list[list] = [[] for _ in range(4)]
     with sched.lock, sched.wake:
         for i, n in enumerate((4, 5, 12, 3)):  # 4 + 5 fit; 12 alone is over, but a prompt always fits
-            sched.submit(Request(list(range(1, n + 1)), 2, GREEDY, deliver=done[i].append))
+            prompt = [10 * (i + 1) + t for t in range(n)]  # no two start alike (nothing to reuse)
+            sched.submit(Request(prompt, 2, GREEDY, deliver=done[i].append))
     wait_for(lambda: all(d and isinstance(d[-1], Completion) for d in done))
     sched.close()
     assert [prefilled for _, prefilled in steps if prefilled] == [[4, 5], [12], [3]]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_prompt_reuses_the_keys_and_values_a_row_holds_for_its_start(tok, family, monkeypatch):
+    model = tiny(tok.vocab_size, **FAMILIES[family])
+    steps = spy_steps(monkeypatch)
+    sched = Scheduler(model, tok, max_rows=2, max_queue=4)
+    first = [7, 3, 9, 12, 40, 5, 8, 2, 11, 30]
+    reply = collect(sched, first, 6).token_ids
+    # the next turn of a conversation: the last prompt, part of its reply, something new; its row's
+    # cache still holds the first 10 + 5 tokens (the last token drawn was never fed in)
+    turn = first + reply[:3] + [21, 22]
+    assert collect(sched, turn, 8).token_ids == alone(model, turn, 8)
+    assert steps[-8][1] == [2]  # only the 2 new tokens were prefilled
+    # the same prompt again: everything but its last token comes from the cache
+    assert collect(sched, first, 6).token_ids == reply
+    assert steps[-6][1] == [1]
+    # a prompt sharing its start with a row still generating is copied from that row
+    long = [50 + t for t in range(20)]
+    done: list = []
+    sched.submit(Request(long, 30, GREEDY, deliver=done.append))
+    wait_for(lambda: len(done) >= 3)
+    branch = long[:12] + [60, 61, 62]
+    before = len(steps)
+    assert collect(sched, branch, 5).token_ids == alone(model, branch, 5)
+    assert [prefilled for _, prefilled in steps[before:] if prefilled] == [[3]]
+    wait_for(lambda: isinstance(done[-1], Completion))
+    sched.close()
+    assert done[-1].token_ids == alone(model, long, 30)
 
 
 def test_the_queue_bound_counts_requests_not_yet_prefilled(tok):

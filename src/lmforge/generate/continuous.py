@@ -2,9 +2,10 @@
 step and leave it when they finish, each with its own sampling settings, stops and length.
 
 One thread owns the model and loops: take waiting requests into free rows, run one forward in which
-every running row decodes a token and every new row prefills its whole prompt (`step.step_rows`: every
+every running row decodes a token and every new row prefills its prompt (`step.step_rows`: every
 row keeps its own positions in its own cache row, so rows never wait for each other, and a prompt that
-joins rides on the running rows' pass over the weights instead of a forward of its own), sample each
+joins rides on the running rows' pass over the weights instead of a forward of its own; one whose start
+some row's cache already holds prefills only the rest, `_reuse_prefix`), sample each
 row with its own settings and generator, hand each request its new text, and drop finished or cancelled
 rows. Active rows are kept in rows 0..n-1 (a finished row is replaced by the last one), so a step costs
 what a batch of n costs, and one request alone decodes as fast as it would without the scheduler.
@@ -82,6 +83,11 @@ class _Row:
         self.banned_key = tuple(sorted(set(req.banned_ids)))
         self.banned = torch.tensor(self.banned_key, dtype=torch.long, device=device)
         self.stop_ids = set(req.stop_ids)
+        self.start = 0  # prompt tokens whose keys and values the row already held when it started
+
+    def cached(self) -> list[int]:
+        """The tokens whose keys and values are in this row's cache slots 0, 1, ...."""
+        return self.req.prompt_ids + self.generated[: self.pos - len(self.req.prompt_ids)]
 
 
 class Scheduler:
@@ -108,6 +114,9 @@ class Scheduler:
         self.k = torch.zeros(shape, dtype=p.dtype, device=p.device)
         self.v = torch.zeros(shape, dtype=p.dtype, device=p.device)
         self.rows: list[_Row] = []
+        # What each free row's cache still holds (the tokens of its last occupant's keys and values): a
+        # new prompt that starts the same way takes the row and prefills only the rest.
+        self.held: list[list[int]] = [[] for _ in range(max_rows)]
         self.waiting: deque[Request] = deque()
         self.wake = threading.Condition()
         self.closed = False
@@ -187,6 +196,7 @@ class Scheduler:
                 for row in self.rows:
                     row.req.deliver(exc)
                 self.rows = []
+                self.held = [[] for _ in range(self.max_rows)]  # a step cut short leaves any cache
         error = QueueFull("the server is shutting down")
         for row in self.rows:
             row.req.deliver(error)
@@ -217,18 +227,44 @@ class Scheduler:
         others (new) after their prompt."""
         device = self.k.device
         old, new = self.rows[:running], self.rows[running:]
+        for i in range(running, len(self.rows)):
+            self._reuse_prefix(i, running)
         idx = torch.tensor([row.generated[-1] for row in old], dtype=torch.long, device=device)
         positions = torch.tensor([row.pos for row in old], dtype=torch.long, device=device)
-        prompts = [torch.tensor(row.req.prompt_ids, dtype=torch.long, device=device) for row in new]
+        prompts = [
+            torch.tensor(row.req.prompt_ids[row.start :], dtype=torch.long, device=device) for row in new
+        ]
         length = max([row.pos + 1 for row in old] + [row.pos for row in new])  # slots to attend over
         n = len(self.rows)
         k_layers = tuple(self.k[:, :n, :, :length].unbind(0))
         v_layers = tuple(self.v[:, :n, :, :length].unbind(0))
-        logits = step_rows(self.model, idx, positions, prompts, k_layers, v_layers)
+        logits = step_rows(
+            self.model, idx, positions, prompts, k_layers, v_layers, [row.start for row in new]
+        )
         for row in old:
             row.pos += 1
         self.steps += 1
         return logits
+
+    def _reuse_prefix(self, i: int, running: int) -> None:
+        """Start new row i with the longest start of its prompt whose keys and values some row holds
+        (a running row's tokens so far, or what a free row's last occupant left), copied into row i
+        unless they are there already; at least the prompt's last token is left to prefill (its logits
+        are the first new token's). Same keys and values as a prefill computes, up to float rounding."""
+        row = self.rows[i]
+        prompt, best, source = row.req.prompt_ids, 0, i
+        for j in range(self.max_rows):
+            if running <= j < i or (j > i and j < len(self.rows)):
+                continue  # new rows of this step: their slots are about to be rewritten
+            held = self.rows[j].cached() if j < running else self.held[j]
+            n = _common_start(prompt, held, len(prompt) - 1)
+            if n > best or (n == best and j == i):
+                best, source = n, j
+        if best and source != i:
+            self.k[:, i, :, :best] = self.k[:, source, :, :best]
+            self.v[:, i, :, :best] = self.v[:, source, :, :best]
+        row.start = best
+        self.held[i] = []  # in use: what it holds is the row's own
 
     def _emit(self, logits: torch.Tensor) -> None:
         """Sample the next token of every row (logits: one row each), hand out its text, and retire
@@ -299,6 +335,9 @@ class Scheduler:
             self.k[:, i, :, : moved.pos] = self.k[:, last, :, : moved.pos]
             self.v[:, i, :, : moved.pos] = self.v[:, last, :, : moved.pos]
             self.rows[i] = moved
+            self.held[last] = moved.cached()  # the row it left still holds a copy
+        else:
+            self.held[i] = row.cached()
         self.rows.pop()
         if reason == "cancelled":
             return
@@ -308,6 +347,16 @@ class Scheduler:
         tokens = [t for t in row.generated if t not in row.stop_ids]
         logprobs = row.logprobs if row.req.logprobs is not None else None
         row.req.deliver(Completion(row.stream.text, tokens, reason, len(row.req.prompt_ids), logprobs))
+
+
+def _common_start(a: Sequence[int], b: Sequence[int], limit: int) -> int:
+    """How many leading tokens a and b share, at most limit."""
+    n = 0
+    for x, y in zip(a[:limit], b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def token_logprobs(logits: torch.Tensor, token: int, top: int, tokenizer) -> dict:

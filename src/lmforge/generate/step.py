@@ -247,23 +247,28 @@ def step_rows(
     prompts: Sequence[torch.Tensor],
     k_layers: tuple[torch.Tensor, ...],
     v_layers: tuple[torch.Tensor, ...],
+    starts: Sequence[int] = (),
 ) -> torch.Tensor:
     """One step of continuous batching in one forward: rows 0..D-1 decode a token each, rows D..D+m-1
-    take a whole prompt each (prefill). Logits (D + m, vocab): each decoding row's next token, then each
+    take a prompt each (prefill). Logits (D + m, vocab): each decoding row's next token, then each
     prompt's first new token.
 
     Row i < D feeds token idx[i] (D,) at position positions[i] (D,), stored in cache slot positions[i],
-    and attends to slots 0..positions[i] of its row; prompt j, (n_j,) token ids, goes to slots 0..n_j-1
-    of row D+j, causally. k_layers/v_layers: one (rows, n_kv_head, L, head_dim) view of the cache per
+    and attends to slots 0..positions[i] of its row; prompt j, (n_j,) token ids, goes to slots
+    s_j..s_j+n_j-1 of row D+j and attends causally to them and to the s_j slots before them, which hold
+    the keys and values of the prompt's start already (starts: s_j for each prompt; none given: all 0).
+    k_layers/v_layers: one (rows, n_kv_head, L, head_dim) view of the cache per
     layer, rows >= D + m and L past every slot written. Every token goes through each linear layer in
     one product: on a CPU, where a small batch's step costs about what streaming the weights costs, a
     prompt joining the running rows' step costs a fraction of a forward of its own. Continuous batching
     steps through this: its rows join and leave at any step and share no slot timeline."""
     D, device = idx.numel(), idx.device
     lengths = [p.numel() for p in prompts]
+    starts = list(starts) or [0] * len(prompts)
     new = sum(lengths)
     tokens = torch.cat([idx, *prompts])  # (T,)
-    where = torch.cat([positions, *(torch.arange(n, device=device) for n in lengths)])  # (T,) positions
+    spans = (torch.arange(s, s + n, device=device) for s, n in zip(starts, lengths, strict=True))
+    where = torch.cat([positions, *spans])  # (T,): each token's position, and its slot in its row
     rows = torch.cat(
         [torch.arange(D, device=device)]
         + [torch.full((n,), D + j, device=device) for j, n in enumerate(lengths)]
@@ -277,7 +282,7 @@ def step_rows(
     length = k_layers[0].size(2)
     seen = (torch.arange(length, device=device)[None, :] <= positions[:, None])[:, None, None, :]  # (D,1,1,L)
     own = None  # the prompts' tokens as one sequence: each sees the earlier tokens of its own prompt
-    if len(prompts) > 1:
+    if len(prompts) > 1 and not any(starts):
         seq = torch.repeat_interleave(
             torch.arange(len(prompts), device=device), torch.tensor(lengths, device=device)
         )
@@ -293,7 +298,21 @@ def step_rows(
                 q[:D].unsqueeze(2), k_all[:D], v_all[:D], attn_mask=seen, enable_gqa=gqa
             )  # (D, nh, 1, hd)
             out.append(y.view(D, -1))
-        if new:
+        if new and any(starts):  # each prompt on its own, over its row: the keys already there and its own
+            offset = D
+            for j, (s, n) in enumerate(zip(starts, lengths, strict=True)):
+                qj = q[offset : offset + n].transpose(0, 1).unsqueeze(0)  # (1, nh, n, hd)
+                row = slice(D + j, D + j + 1)
+                causal = (
+                    torch.arange(s + n, device=device)[None, :]
+                    <= torch.arange(s, s + n, device=device)[:, None]
+                )
+                y = F.scaled_dot_product_attention(
+                    qj, k_all[row, :, : s + n], v_all[row, :, : s + n], attn_mask=causal, enable_gqa=gqa
+                )
+                out.append(y[0].transpose(0, 1).reshape(n, -1))
+                offset += n
+        elif new:
             qn, kn, vn = (t[D:].transpose(0, 1).unsqueeze(0) for t in (q, k, v))  # (1, heads, new, hd)
             y = F.scaled_dot_product_attention(
                 qn, kn, vn, attn_mask=own, is_causal=own is None, enable_gqa=gqa

@@ -265,7 +265,6 @@ def step_rows(
     D, device = idx.numel(), idx.device
     lengths = [p.numel() for p in prompts]
     starts = list(starts) or [0] * len(prompts)
-    new = sum(lengths)
     tokens = torch.cat([idx, *prompts])  # (T,)
     spans = (torch.arange(s, s + n, device=device) for s, n in zip(starts, lengths, strict=True))
     where = torch.cat([positions, *spans])  # (T,): each token's position, and its slot in its row
@@ -278,15 +277,39 @@ def step_rows(
     if model.wpe is not None:
         x = x + model.wpe.forward(where)
     rope, fast_rope = _rope_rows(model, where.view(T, 1), x.dtype)
+    attend = _rows_attention(model, k_layers, v_layers, positions, where, rows, lengths, starts)
+    x = _blocks(model, x, rope, fast_rope, attend)
+    last = torch.tensor([*range(D), *(D + c - 1 for c in itertools.accumulate(lengths))], device=device)
+    return _logits(model, x if last.numel() == T else x[last])
+
+
+def _rows_attention(
+    model: GPT,
+    k_layers: tuple[torch.Tensor, ...],
+    v_layers: tuple[torch.Tensor, ...],
+    positions: torch.Tensor,
+    where: torch.Tensor,
+    rows: torch.Tensor,
+    lengths: list[int],
+    starts: list[int],
+) -> Attend:
+    """step_rows' attention: every token's key and value into slot where[t] of row rows[t], then the D
+    decoding rows (positions (D,)) over their rows, and the prompts (lengths, starts) causally: when
+    none starts past 0, all in one call as one sequence under a block-diagonal mask; else each over its
+    own row, whose first start slots it reads from the cache."""
+    D, device, new = positions.numel(), positions.device, sum(lengths)
     gqa = model.cfg.n_kv_head != model.cfg.n_head
-    length = k_layers[0].size(2)
-    seen = (torch.arange(length, device=device)[None, :] <= positions[:, None])[:, None, None, :]  # (D,1,1,L)
+    seen = torch.arange(k_layers[0].size(2), device=device)[None, :] <= positions[:, None]  # (D, L)
     own = None  # the prompts' tokens as one sequence: each sees the earlier tokens of its own prompt
-    if len(prompts) > 1 and not any(starts):
+    if len(lengths) > 1 and not any(starts):
         seq = torch.repeat_interleave(
-            torch.arange(len(prompts), device=device), torch.tensor(lengths, device=device)
+            torch.arange(len(lengths), device=device), torch.tensor(lengths, device=device)
         )
         own = (seq[:, None] == seq[None, :]) & (where[D:, None] >= where[None, D:])  # (new, new)
+    causal = [  # (n, s + n) for a prompt prefilled after the s tokens its row holds
+        torch.arange(s + n, device=device)[None, :] <= torch.arange(s, s + n, device=device)[:, None]
+        for s, n in zip(starts, lengths, strict=True)
+    ]
 
     def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         k_all, v_all = k_layers[layer], v_layers[layer]
@@ -295,21 +318,15 @@ def step_rows(
         out = []
         if D:
             y = F.scaled_dot_product_attention(
-                q[:D].unsqueeze(2), k_all[:D], v_all[:D], attn_mask=seen, enable_gqa=gqa
+                q[:D].unsqueeze(2), k_all[:D], v_all[:D], attn_mask=seen[:, None, None, :], enable_gqa=gqa
             )  # (D, nh, 1, hd)
             out.append(y.view(D, -1))
-        if new and any(starts):  # each prompt on its own, over its row: the keys already there and its own
+        if new and any(starts):  # each prompt over its row: the keys already there, and its own
             offset = D
-            for j, (s, n) in enumerate(zip(starts, lengths, strict=True)):
+            for j, (mask, n) in enumerate(zip(causal, lengths, strict=True)):
                 qj = q[offset : offset + n].transpose(0, 1).unsqueeze(0)  # (1, nh, n, hd)
-                row = slice(D + j, D + j + 1)
-                causal = (
-                    torch.arange(s + n, device=device)[None, :]
-                    <= torch.arange(s, s + n, device=device)[:, None]
-                )
-                y = F.scaled_dot_product_attention(
-                    qj, k_all[row, :, : s + n], v_all[row, :, : s + n], attn_mask=causal, enable_gqa=gqa
-                )
+                kj, vj = (t[D + j : D + j + 1, :, : mask.size(1)] for t in (k_all, v_all))
+                y = F.scaled_dot_product_attention(qj, kj, vj, attn_mask=mask, enable_gqa=gqa)
                 out.append(y[0].transpose(0, 1).reshape(n, -1))
                 offset += n
         elif new:
@@ -320,6 +337,4 @@ def step_rows(
             out.append(y[0].transpose(0, 1).reshape(new, -1))
         return out[0] if len(out) == 1 else torch.cat(out)
 
-    x = _blocks(model, x, rope, fast_rope, attend)
-    last = torch.tensor([*range(D), *(D + c - 1 for c in itertools.accumulate(lengths))], device=device)
-    return _logits(model, x if last.numel() == T else x[last])
+    return attend

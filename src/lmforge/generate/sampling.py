@@ -62,6 +62,11 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     logits = logits / params.temperature
     if params.top_k is not None:
         logits = top_k_filter(logits, params.top_k)
+    return _nucleus_and_min_p(logits, params)
+
+
+def _nucleus_and_min_p(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The filters after temperature and top-k: top-p, then min-p."""
     if params.top_p is not None:
         logits = top_p_filter(logits, params.top_p)
     if params.min_p is not None:
@@ -90,11 +95,7 @@ def sample_rows(
         # vocabulary. The same distribution as filter_logits' path (ties at the k-th logit aside: this
         # keeps exactly k), in 0.15 ms instead of 0.86 for 8 x 4,096 logits (top-k 50) on a 2-core CPU.
         top, index = torch.topk(logits, k, dim=-1)  # sorted, largest first
-        top = top / params.temperature
-        if params.top_p is not None:
-            top = top_p_filter(top, params.top_p)
-        if params.min_p is not None:
-            top = min_p_filter(top, params.min_p)
+        top = _nucleus_and_min_p(top / params.temperature, params)
         return index.gather(-1, draw(top.softmax(-1), generators)[:, None]).squeeze(-1)
     probs = filter_logits(logits, params).softmax(-1)  # (B, vocab)
     return draw(probs, generators)

@@ -306,10 +306,12 @@ def _rows_attention(
             torch.arange(len(lengths), device=device), torch.tensor(lengths, device=device)
         )
         own = (seq[:, None] == seq[None, :]) & (where[D:, None] >= where[None, D:])  # (new, new)
-    causal = [  # (n, s + n) for a prompt prefilled after the s tokens its row holds
-        torch.arange(s + n, device=device)[None, :] <= torch.arange(s, s + n, device=device)[:, None]
-        for s, n in zip(starts, lengths, strict=True)
-    ]
+    causal = []  # (n, s + n) for each prompt prefilled after the s tokens its row holds
+    if any(starts):
+        causal = [
+            torch.arange(s + n, device=device)[None, :] <= torch.arange(s, s + n, device=device)[:, None]
+            for s, n in zip(starts, lengths, strict=True)
+        ]
 
     def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         k_all, v_all = k_layers[layer], v_layers[layer]

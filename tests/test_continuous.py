@@ -187,9 +187,39 @@ def test_requests_arriving_together_are_prefilled_together_and_get_what_they_get
         time.sleep(0.001)
     sched.close()
     assert [d[-1].token_ids for d in done] == expected
-    # one forward prefilled all five (no padding: each prompt attends within itself), then 5 steps
-    # decoded them together
+    # one forward prefilled all five (each prompt attends within its own row), then 5 steps decoded
+    # them together
     assert steps == [(0, [3, 11, 7, 1, 8])] + [(5, [])] * 5
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_one_step_gives_decoding_rows_and_prompts_the_logits_of_the_model_alone(tok, family):
+    """step_rows against the model run on each sequence by itself: prompts of different lengths from
+    slot 0, then in one forward rows decoding, prompts from slot 0 and a prompt whose start its row
+    holds already. Logits, not greedy tokens: a tiny random model's argmax hardly depends on attention."""
+    model = tiny(tok.vocab_size, **FAMILIES[family])
+    cfg = model.cfg
+    k = torch.zeros(cfg.n_layer, 8, cfg.n_kv_head, cfg.context_len, cfg.head_dim)
+    v = torch.zeros_like(k)
+    ps = prompts_of(tok.vocab_size)  # lengths 3, 11, 7, 1, 20, 5
+
+    def step(idx, positions, prompts, rows, starts=()):
+        ids = [torch.tensor(p) for p in prompts]
+        kv = tuple(k[:, :rows].unbind(0)), tuple(v[:, :rows].unbind(0))
+        return step_rows(model, torch.tensor(idx).long(), torch.tensor(positions).long(), ids, *kv, starts)
+
+    def expected(*seqs):
+        return torch.stack([model(torch.tensor([s]))[0, -1] for s in seqs])
+
+    with torch.no_grad():
+        first = step([], [], ps[:3], 3)  # rows 0-2: lengths 3, 11, 7
+        torch.testing.assert_close(first, expected(*ps[:3]), rtol=0, atol=1e-5)
+        nxt = first.argmax(-1).tolist()
+        branch = ps[1][:6] + ps[5]  # row 4 holds ps[1]'s first 6 tokens: it prefills the 5 after them
+        k[:, 4, :, :6], v[:, 4, :, :6] = k[:, 1, :, :6], v[:, 1, :, :6]
+        got = step(nxt, [3, 11, 7], [ps[4], branch[6:], ps[3]], 6, starts=[0, 6, 0])
+    want = expected(*(p + [t] for p, t in zip(ps[:3], nxt, strict=True)), ps[4], branch, ps[3])
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
 
 
 def test_a_step_prefills_at_most_its_budget_of_prompt_tokens(tok, monkeypatch):

@@ -294,24 +294,23 @@ def _rows_attention(
     starts: list[int],
 ) -> Attend:
     """step_rows' attention: every token's key and value into slot where[t] of row rows[t], then the D
-    decoding rows (positions (D,)) over their rows, and the prompts (lengths, starts) causally: when
-    none starts past 0, all in one call as one sequence under a block-diagonal mask; else each over its
-    own row, whose first start slots it reads from the cache."""
-    D, device, new = positions.numel(), positions.device, sum(lengths)
+    decoding rows (positions (D,)) over their rows in one call, and the m prompts (lengths, starts) over
+    theirs in another: each prompt's queries padded to the longest prompt's count (padding repeats its
+    last token, whose output is dropped), each seeing its row's slots up to its own position."""
+    D, device, m, new = positions.numel(), positions.device, len(lengths), sum(lengths)
     gqa = model.cfg.n_kv_head != model.cfg.n_head
     seen = torch.arange(k_layers[0].size(2), device=device)[None, :] <= positions[:, None]  # (D, L)
-    own = None  # the prompts' tokens as one sequence: each sees the earlier tokens of its own prompt
-    if len(lengths) > 1 and not any(starts):
-        seq = torch.repeat_interleave(
-            torch.arange(len(lengths), device=device), torch.tensor(lengths, device=device)
-        )
-        own = (seq[:, None] == seq[None, :]) & (where[D:, None] >= where[None, D:])  # (new, new)
-    causal = []  # (n, s + n) for each prompt prefilled after the s tokens its row holds
-    if any(starts):
-        causal = [
-            torch.arange(s + n, device=device)[None, :] <= torch.arange(s, s + n, device=device)[:, None]
-            for s, n in zip(starts, lengths, strict=True)
-        ]
+    if m:
+        n_max, span = max(lengths), max(s + n for s, n in zip(starts, lengths, strict=True))
+        count = torch.tensor(lengths, device=device)[:, None]  # (m, 1)
+        t = torch.minimum(torch.arange(n_max, device=device)[None, :], count - 1)  # (m, n_max)
+        pick = None  # where each padded query comes from among the prompts' tokens; None: in order
+        keep = None  # which padded outputs are real tokens; None: all
+        if new != m * n_max:
+            pick = torch.tensor([0, *itertools.accumulate(lengths)][:-1], device=device)[:, None] + t
+            keep = (torch.arange(n_max, device=device)[None, :] < count).view(-1).nonzero().view(-1)
+        query_pos = torch.tensor(starts, device=device)[:, None] + t  # (m, n_max)
+        causal = torch.arange(span, device=device)[None, None, :] <= query_pos[:, :, None]  # (m, n_max, span)
 
     def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         k_all, v_all = k_layers[layer], v_layers[layer]
@@ -323,20 +322,17 @@ def _rows_attention(
                 q[:D].unsqueeze(2), k_all[:D], v_all[:D], attn_mask=seen[:, None, None, :], enable_gqa=gqa
             )  # (D, nh, 1, hd)
             out.append(y.view(D, -1))
-        if new and any(starts):  # each prompt over its row: the keys already there, and its own
-            offset = D
-            for j, (mask, n) in enumerate(zip(causal, lengths, strict=True)):
-                qj = q[offset : offset + n].transpose(0, 1).unsqueeze(0)  # (1, nh, n, hd)
-                kj, vj = (t[D + j : D + j + 1, :, : mask.size(1)] for t in (k_all, v_all))
-                y = F.scaled_dot_product_attention(qj, kj, vj, attn_mask=mask, enable_gqa=gqa)
-                out.append(y[0].transpose(0, 1).reshape(n, -1))
-                offset += n
-        elif new:
-            qn, kn, vn = (t[D:].transpose(0, 1).unsqueeze(0) for t in (q, k, v))  # (1, heads, new, hd)
+        if m:
+            qp = q[D:][pick] if pick is not None else q[D:].view(m, n_max, *q.shape[1:])  # (m, n_max, nh, hd)
             y = F.scaled_dot_product_attention(
-                qn, kn, vn, attn_mask=own, is_causal=own is None, enable_gqa=gqa
-            )
-            out.append(y[0].transpose(0, 1).reshape(new, -1))
+                qp.transpose(1, 2),
+                k_all[D : D + m, :, :span],
+                v_all[D : D + m, :, :span],
+                attn_mask=causal[:, None],
+                enable_gqa=gqa,
+            )  # (m, nh, n_max, hd)
+            y = y.transpose(1, 2).reshape(m * n_max, -1)
+            out.append(y if keep is None else y[keep])
         return out[0] if len(out) == 1 else torch.cat(out)
 
     return attend

@@ -142,7 +142,7 @@ class _Server:
         head["model"] = self.name
         events = await self.generations.run(jobs)
         if body.stream:
-            return _sse(_completion_chunks(head, events, _wants_usage(body)))
+            return _sse(_completion_chunks(head, events, len(jobs), _wants_usage(body)))
         done = await _finished(events, len(jobs))
         choices = [
             {"text": c.text, "index": i, "logprobs": completion_logprobs(c), "finish_reason": c.finish_reason}
@@ -257,23 +257,28 @@ async def _finished(events: AsyncIterator, n: int) -> list[Completion]:
     """The Completions of every choice, in order (the pieces are already in them)."""
     done: list[Completion | None] = [None] * n
     async with contextlib.aclosing(events):
-        async for i, event in events:
-            if isinstance(event, Completion):
-                done[i] = event
+        async for batch in events:
+            for i, event in batch:
+                if isinstance(event, Completion):
+                    done[i] = event
     return done  # type: ignore[return-value]
 
 
-def _sse(chunks: AsyncIterator[dict]) -> StreamingResponse:
-    """Server-sent events of the chunks; a client that leaves closes them, which cancels its generations."""
+DONE = "[DONE]"  # the data of a stream's last event
+
+
+def _sse(chunks: AsyncIterator[list]) -> StreamingResponse:
+    """Server-sent events of the chunks, each list of them in one write (chunks are JSON, DONE as it is);
+    a client that leaves closes them, which cancels its generations."""
 
     async def lines():
         async with contextlib.aclosing(chunks):
             try:
-                async for chunk in chunks:
-                    yield f"data: {json.dumps(chunk)}\n\n"
+                async for batch in chunks:
+                    yield "".join(f"data: {c if c is DONE else json.dumps(c)}\n\n" for c in batch)
             except RequestError as e:  # the generation failed after the stream began: say so in-stream
-                yield f"data: {json.dumps({'error': {'message': e.message, 'type': 'server_error'}})}\n\n"
-            yield "data: [DONE]\n\n"
+                error = {"error": {"message": e.message, "type": "server_error"}}
+                yield f"data: {json.dumps(error)}\n\ndata: {DONE}\n\n"
 
     return StreamingResponse(lines(), media_type="text/event-stream")
 
@@ -300,48 +305,74 @@ def _wants_usage(body: Sampling) -> bool:
     return bool((body.stream_options or {}).get("include_usage"))
 
 
-async def _completion_chunks(head: dict, events: AsyncIterator, usage_chunk: bool) -> AsyncIterator[dict]:
+async def _completion_chunks(
+    head: dict, events: AsyncIterator, n: int, usage_chunk: bool
+) -> AsyncIterator[list]:
     """/v1/completions' stream: one chunk per text piece of each choice, the last of a choice with its
     finish reason (and its logprobs, when asked for); with `usage_chunk`, then a chunk with no choices
-    and the token counts (stream_options.include_usage)."""
+    and the token counts (stream_options.include_usage); then DONE. The chunks of events that arrived
+    together come as one list."""
     done = []
     async with contextlib.aclosing(events):
-        async for i, ev in events:
-            if isinstance(ev, str):
-                choice = {"text": ev, "index": i, "logprobs": None, "finish_reason": None}
-            else:
-                done.append(ev)
-                choice = {
-                    "text": "",
-                    "index": i,
-                    "logprobs": completion_logprobs(ev),
-                    "finish_reason": ev.finish_reason,
-                }
-            yield {**head, "choices": [choice]}
-    if usage_chunk:
-        yield {**head, "choices": [], "usage": usage(done)}
+        async for batch in events:
+            out = []
+            for i, ev in batch:
+                if isinstance(ev, str):
+                    choice = {"text": ev, "index": i, "logprobs": None, "finish_reason": None}
+                else:
+                    done.append(ev)
+                    choice = {
+                        "text": "",
+                        "index": i,
+                        "logprobs": completion_logprobs(ev),
+                        "finish_reason": ev.finish_reason,
+                    }
+                out.append({**head, "choices": [choice]})
+            if len(done) == n:
+                out += _ending(head, done, usage_chunk)
+            yield out
 
 
-async def _chat_chunks(head: dict, events: AsyncIterator, n: int, usage_chunk: bool) -> AsyncIterator[dict]:
-    """/v1/chat/completions' stream: each choice's assistant role, one delta per text piece, then its
-    finish reason (with its logprobs, when asked for); with `usage_chunk`, a last chunk with no choices
-    and the token counts."""
+async def _chat_chunks(head: dict, events: AsyncIterator, n: int, usage_chunk: bool) -> AsyncIterator[list]:
+    """/v1/chat/completions' stream: each choice's assistant role (sent with the first events), one delta
+    per text piece, then its finish reason (with its logprobs, when asked for); with `usage_chunk`, a
+    chunk with no choices and the token counts; then DONE. The chunks of events that arrived together
+    come as one list."""
     done = []
-    async with contextlib.aclosing(events):
-        for i in range(n):
-            delta = {"role": "assistant", "content": ""}
-            yield {**head, "choices": [{"index": i, "delta": delta, "logprobs": None, "finish_reason": None}]}
-        async for i, ev in events:
-            if isinstance(ev, str):
-                choice = {"index": i, "delta": {"content": ev}, "logprobs": None, "finish_reason": None}
-            else:
-                done.append(ev)
-                choice = {
+    out = [
+        {
+            **head,
+            "choices": [
+                {
                     "index": i,
-                    "delta": {},
-                    "logprobs": chat_logprobs(ev),
-                    "finish_reason": ev.finish_reason,
+                    "delta": {"role": "assistant", "content": ""},
+                    "logprobs": None,
+                    "finish_reason": None,
                 }
-            yield {**head, "choices": [choice]}
-    if usage_chunk:
-        yield {**head, "choices": [], "usage": usage(done)}
+            ],
+        }
+        for i in range(n)
+    ]
+    async with contextlib.aclosing(events):
+        async for batch in events:
+            for i, ev in batch:
+                if isinstance(ev, str):
+                    choice = {"index": i, "delta": {"content": ev}, "logprobs": None, "finish_reason": None}
+                else:
+                    done.append(ev)
+                    choice = {
+                        "index": i,
+                        "delta": {},
+                        "logprobs": chat_logprobs(ev),
+                        "finish_reason": ev.finish_reason,
+                    }
+                out.append({**head, "choices": [choice]})
+            if len(done) == n:
+                out += _ending(head, done, usage_chunk)
+            yield out
+            out = []
+
+
+def _ending(head: dict, done: list[Completion], usage_chunk: bool) -> list:
+    """A stream's last events: the usage chunk when asked for, and DONE."""
+    return ([{**head, "choices": [], "usage": usage(done)}] if usage_chunk else []) + [DONE]

@@ -3,8 +3,9 @@
 Every generation goes to the LLM's `Scheduler`, whose thread calls back with text pieces and a last
 Completion; the callback hands them to this request's asyncio queue (thread-safe, no worker thread held
 while waiting), tagged with the choice they belong to. A step of many rows delivers many pieces at once:
-they reach the event loop in one wake-up (`_Mailbox`), not one each. Leaving the iterator early (a client that left,
-an error) cancels every generation of the request, which frees its rows at the scheduler's next step.
+they reach the event loop in one wake-up (`_Mailbox`), not one each, and a request's events of one step
+come out together (a stream sends them in one write). Leaving the iterator early (a client that left, an
+error) cancels every generation of the request, which frees its rows at the scheduler's next step.
 """
 
 from __future__ import annotations
@@ -34,9 +35,10 @@ class Generations:
         self.timeout = timeout
         self.mailbox: _Mailbox | None = None
 
-    async def run(self, jobs: list[tuple[dict, bool]]) -> AsyncIterator[tuple[int, str | Completion]]:
-        """(choice, text piece) as they come, and (choice, Completion) when a choice ends; jobs are
-        (`LLM.request_fields`, trim) pairs. QueueFull is a 429, a prompt that does not fit a 400."""
+    async def run(self, jobs: list[tuple[dict, bool]]) -> AsyncIterator[list[tuple[int, str | Completion]]]:
+        """(choice, text piece) as they come, and (choice, Completion) when a choice ends, in lists of
+        those that arrived together; jobs are (`LLM.request_fields`, trim) pairs. QueueFull is a 429, a
+        prompt that does not fit a 400."""
         loop = asyncio.get_running_loop()
         if self.mailbox is None or self.mailbox.loop is not loop:
             self.mailbox = _Mailbox(loop)
@@ -59,23 +61,34 @@ class Generations:
             raise RequestError(400, str(e)) from None
         return self._events(reqs, jobs, events)
 
-    async def _events(self, reqs, jobs, events: asyncio.Queue) -> AsyncIterator[tuple[int, str | Completion]]:
+    async def _events(
+        self, reqs, jobs, events: asyncio.Queue
+    ) -> AsyncIterator[list[tuple[int, str | Completion]]]:
+        """The events as they come, in batches: those that arrived together (a step delivers a piece of
+        each of the request's choices, a choice's last piece and its Completion at once) are one list,
+        so that a stream can send them in one write."""
         trims = [TrimmedReply() if trim else None for _, trim in jobs]
         pieces: list[list[str]] = [[] for _ in jobs]
         left = len(jobs)
         try:
             while left:
-                i, event = await events.get()
-                if isinstance(event, BaseException):
-                    raise RequestError(503, f"generation failed: {event}")
-                if isinstance(event, str):
-                    piece = trims[i].push(event) if trims[i] is not None else event
-                    if piece:
-                        pieces[i].append(piece)
-                        yield i, piece
-                else:
-                    left -= 1  # its text is what was streamed: streaming or not gives one text
-                    yield i, dataclasses.replace(event, text="".join(pieces[i]))
+                arrived = [await events.get()]
+                while not events.empty():
+                    arrived.append(events.get_nowait())
+                batch: list[tuple[int, str | Completion]] = []
+                for i, event in arrived:
+                    if isinstance(event, BaseException):
+                        raise RequestError(503, f"generation failed: {event}")
+                    if isinstance(event, str):
+                        piece = trims[i].push(event) if trims[i] is not None else event
+                        if piece:
+                            pieces[i].append(piece)
+                            batch.append((i, piece))
+                    else:
+                        left -= 1  # its text is what was streamed: streaming or not gives one text
+                        batch.append((i, dataclasses.replace(event, text="".join(pieces[i]))))
+                if batch:
+                    yield batch
         finally:
             _cancel(reqs)
 

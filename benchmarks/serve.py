@@ -78,36 +78,68 @@ def rss_mb(pid: int) -> float:
     return float("nan")
 
 
-async def stream_once(url: str, max_tokens: int, leave_after: int | None = None, tag: str = ""):
-    """One streaming chat request: (seconds to the first piece, completion tokens, status).
+class Client:
+    """One client's HTTP/1.1 connection to the server, kept open from one request to the next as the
+    official clients' connection pools keep theirs (keep_alive=False: a new connection per request).
 
-    A minimal HTTP/1.1 client on asyncio's streams: the clients share the machine's cores with the
-    server, so they should take as little of them as they can (httpx took 2.5x this client's CPU time
-    per streamed piece). Only the line with the usage is parsed as JSON."""
-    host, port = url.removeprefix("http://").split(":")
-    body = json.dumps(
-        {
-            "messages": [{"role": "user", "content": PROMPT + tag}],
-            "max_tokens": max_tokens,
-            "stream": True,
-            "stream_options": {"include_usage": True},
-        }
-    ).encode()
-    head = (
-        f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
-        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
-    ).encode()
-    start, first, tokens, pieces = time.perf_counter(), None, 0, 0
-    reader, writer = await asyncio.open_connection(host, int(port))
-    try:
-        writer.write(head + body)
-        status = int((await reader.readline()).split()[1])
-        while (await reader.readline()).strip():  # headers (the stream is chunked)
+    A minimal client on asyncio's streams: the clients share the machine's cores with the server, so
+    they should take as little of them as they can (httpx took 2.5x this client's CPU time per streamed
+    piece). Only the line with the usage is parsed as JSON."""
+
+    def __init__(self, url: str, keep_alive: bool = True) -> None:
+        self.host, self.port = url.removeprefix("http://").split(":")
+        self.keep_alive = keep_alive
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        self.reader = self.writer = None
+
+    async def stream(self, max_tokens: int, leave_after: int | None = None, tag: str = ""):
+        """One streaming chat request: (seconds to the first piece, completion tokens, status); leave_after:
+        disconnect after that many pieces (status "left")."""
+        body = json.dumps(
+            {
+                "messages": [{"role": "user", "content": PROMPT + tag}],
+                "max_tokens": max_tokens,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+            }
+        ).encode()
+        close = "" if self.keep_alive else "Connection: close\r\n"
+        head = (
+            f"POST /v1/chat/completions HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n{close}\r\n"
+        ).encode()
+        start = time.perf_counter()
+        status_line = b""
+        for _ in range(2):  # a kept connection the server has closed meanwhile: open a new one
+            if self.writer is None:
+                self.reader, self.writer = await asyncio.open_connection(self.host, int(self.port))
+            self.writer.write(head + body)
+            status_line = await self.reader.readline()
+            if status_line:
+                break
+            self.close()
+        try:
+            result = await self._read(int(status_line.split()[1]), start, leave_after)
+        except BaseException:
+            self.close()
+            raise
+        if not self.keep_alive or result[2] != 200:
+            self.close()
+        return result
+
+    async def _read(self, status: int, start: float, leave_after: int | None):
+        first, tokens, pieces = None, 0, 0
+        while (await self.reader.readline()).strip():  # headers (a stream is chunked)
             pass
         if status != 200:
             return None, 0, status
-        while size := int((await reader.readline()).strip() or b"0", 16):
-            data = await reader.readexactly(size + 2)  # one event per chunk, and its CRLF
+        while size := int((await self.reader.readline()).strip() or b"0", 16):
+            data = await self.reader.readexactly(size + 2)  # the chunk's events, and its CRLF
             for line in data.split(b"\n"):
                 if not line.startswith(b"data: {"):
                     continue
@@ -118,21 +150,28 @@ async def stream_once(url: str, max_tokens: int, leave_after: int | None = None,
                 elif b'"usage"' in line:
                     tokens = json.loads(line[6:])["usage"]["completion_tokens"]
             if leave_after is not None and pieces >= leave_after:
+                self.close()
                 return first, 0, "left"
+        await self.reader.readline()  # the empty line after the last chunk
         return first, tokens, 200
-    finally:
-        writer.close()
 
 
 async def clients_phase(
-    url: str, clients: int, requests: int, max_tokens: int, spread: float = 0.0, unique: bool = False
+    url: str,
+    clients: int,
+    requests: int,
+    max_tokens: int,
+    spread: float = 0.0,
+    unique: bool = False,
+    keep_alive: bool = True,
 ) -> tuple[float, float]:
     """`clients` concurrent clients doing `requests` streams each: (aggregate tokens/s, median TTFT).
     spread: the requests ask for lengths evenly spaced over max_tokens x (1 +- spread), each client the
     same ones in a rotated order: every client asks for as many tokens in all (none idles at the end),
     but they no longer finish, and come back, in step with each other. unique: every request's message
     ends differently (its client and number), so only the prompt's start is shared, as a system prompt
-    is; otherwise all prompts are the same, and the server may reuse all but their last token."""
+    is; otherwise all prompts are the same, and the server may reuse all but their last token.
+    keep_alive: each client keeps its connection from one request to the next."""
     ttfts, total = [], 0
     lengths = [
         round(max_tokens * (1 - spread + 2 * spread * i / max(1, requests - 1))) for i in range(requests)
@@ -140,11 +179,13 @@ async def clients_phase(
 
     async def one_client(k: int):
         nonlocal total
+        client = Client(url, keep_alive)
         for r, n in enumerate(lengths[k % requests :] + lengths[: k % requests]):
-            first, tokens, _ = await stream_once(url, max(1, n), tag=f" # {k}.{r}" if unique else "")
+            first, tokens, _ = await client.stream(max(1, n), tag=f" # {k}.{r}" if unique else "")
             total += tokens
             if first is not None:
                 ttfts.append(first)
+        client.close()
 
     start = time.perf_counter()
     await asyncio.gather(*(one_client(k) for k in range(clients)))
@@ -159,10 +200,12 @@ async def soak(url: str, seconds: float, clients: int, max_tokens: int, seed: in
 
     async def one_client():
         nonlocal made
+        client = Client(url)
         while time.monotonic() < deadline:
-            leave = rng.choice([None, 1, 3, 10])
-            await stream_once(url, max_tokens, leave_after=leave)
+            leave = rng.choice([None, 1, 3, 10])  # leaving closes the connection
+            await client.stream(max_tokens, leave_after=leave)
             made += 1
+        client.close()
 
     await asyncio.gather(*(one_client() for _ in range(clients)))
     return made
@@ -178,7 +221,8 @@ async def burst(url: str, n: int, max_tokens: int) -> tuple[dict, float]:
     async with httpx.AsyncClient(timeout=300, limits=limits) as client:
 
         async def one(i):
-            _, _, status = await stream_once(url, max_tokens, leave_after=2 if i % 3 == 0 else None)
+            client = Client(url, keep_alive=False)
+            _, _, status = await client.stream(max_tokens, leave_after=2 if i % 3 == 0 else None)
             outcomes[status] = outcomes.get(status, 0) + 1
 
         async def watch():
@@ -209,6 +253,11 @@ def main() -> None:
         "--spread", type=float, default=0.0, help="requests ask for max_tokens x (1 +- spread) (0: all alike)"
     )
     ap.add_argument("--unique", action="store_true", help="every request's prompt ends differently")
+    ap.add_argument(
+        "--new-connections",
+        action="store_true",
+        help="a new connection for every request (default: each client keeps its connection open)",
+    )
     ap.add_argument("--soak", type=float, default=60.0, help="seconds of the soak (0: skip)")
     ap.add_argument("--burst", type=int, default=200, help="requests in the burst (0: skip)")
     ap.add_argument("--serve-args", default="", help="extra flags for lmforge serve")
@@ -232,13 +281,16 @@ def main() -> None:
         asyncio.run(clients_phase(url, 1, 1, 8))  # warm-up
         idle_rss = rss_mb(server.pid)
         ratios, slowdowns = [], []
+        keep = not args.new_connections
         for _ in range(args.rounds):  # alone and together back to back: the machine's drift cancels out
             alone_tps, alone_ttft = asyncio.run(
-                clients_phase(url, 1, args.requests, args.max_tokens, args.spread, args.unique)
+                clients_phase(url, 1, args.requests, args.max_tokens, args.spread, args.unique, keep)
             )
             print(f"alone     {alone_tps:7.1f} tok/s   TTFT median {alone_ttft * 1e3:6.0f} ms")
             tps, ttft = asyncio.run(
-                clients_phase(url, args.clients, args.requests, args.max_tokens, args.spread, args.unique)
+                clients_phase(
+                    url, args.clients, args.requests, args.max_tokens, args.spread, args.unique, keep
+                )
             )
             ratios.append(tps / alone_tps)
             slowdowns.append(ttft / alone_ttft)

@@ -111,6 +111,47 @@ def test_raw_http_sse_health_and_errors(server):
         assert h.get("/health").status_code == 200  # still serving
 
 
+def test_a_stream_sends_the_events_of_one_step_in_one_write(server):
+    """Each write is one HTTP chunk: the role arrives with the first piece, and the last piece with the
+    finish reason, the usage and [DONE] (fewer writes: each costs the server's event loop a system call)."""
+    url, _ = server
+    body = json.dumps(
+        {
+            "messages": [{"role": "user", "content": "the cat"}],
+            "max_tokens": 4,
+            "temperature": 0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+    ).encode()
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as conn:
+        conn.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+            + body
+        )
+        raw = b""
+        while data := conn.recv(65536):
+            raw += data
+    head, rest = raw.split(b"\r\n\r\n", 1)
+    assert b" 200 " in head.split(b"\r\n")[0] and b"transfer-encoding: chunked" in head.lower()
+    chunks = []  # each chunk's events
+    while True:
+        size, rest = rest.split(b"\r\n", 1)
+        if not int(size, 16):
+            break
+        chunks.append([e for e in rest[: int(size, 16)].decode().split("\n\n") if e])
+        rest = rest[int(size, 16) + 2 :]
+    parsed = [[e if e == "data: [DONE]" else json.loads(e.removeprefix("data: ")) for e in c] for c in chunks]
+    first, last = parsed[0], parsed[-1]
+    assert first[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert first[1]["choices"][0]["delta"]["content"]  # the first piece, in the same write
+    assert last[-1] == "data: [DONE]" and last[-2]["usage"]["completion_tokens"] == 4
+    assert last[-3]["choices"][0]["finish_reason"] == "length"
+    assert all(len(c) == 1 for c in parsed[1:-1])  # one piece a step between them
+
+
 def test_inputs_that_were_500s_are_400s_or_answered(server):
     url, _ = server
     with httpx.Client(base_url=url, timeout=30) as h:

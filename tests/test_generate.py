@@ -130,6 +130,30 @@ def test_stop_strings_and_text_streaming(tiny_data):
     assert not ts.stopped
 
 
+@pytest.mark.parametrize("kind", ["bpe", "unigram", "wordpiece", "word", "char"])
+def test_text_stream_decodes_a_short_window_and_gives_the_whole_text(kind):
+    """Pieces put together are the decoded text (multi-byte characters split over tokens, a decoder
+    that adds spaces between tokens or joins "##" pieces), and each push decodes only the last few
+    tokens: a long reply costs the same per token as a short one."""
+    from lmforge.data.tokenizer import train_tokenizer
+
+    text = "Le café coûte 3€ — ça va? 漢字とかな。 Emoji 🙂🚀; def f(x):\n    return x ** 2  # don't\n"
+    tok = train_tokenizer([text * 10], kind, 300 if kind in ("wordpiece", "word", "char") else 400)
+    longest = 0
+
+    def decode(ids):
+        nonlocal longest
+        longest = max(longest, len(ids))
+        return tok.decode(ids)
+
+    noise = [(7 * i) % tok.vocab_size for i in range(200)]  # broken characters, unknown pieces
+    for ids, window in ((tok.encode(text * 4), 8), (noise, None)):
+        stream, longest = TextStream(decode), 0
+        pieces = [stream.push(t) for t in ids]
+        assert "".join(pieces) + stream.flush() == tok.decode(ids).rstrip("\ufffd")
+        assert window is None or (len(ids) > 100 and longest <= window)
+
+
 def test_draw_samples_each_row_from_its_probabilities_and_its_own_generator():
     probs = torch.tensor([0.5, 0.3, 0.2, 0.0]).repeat(100_000, 1)
     torch.manual_seed(0)

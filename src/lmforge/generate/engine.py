@@ -232,16 +232,28 @@ class TextStream:
         self.decode = decode
         self.stop = [s for s in stop if s]
         self.ids: list[int] = []
+        self.whole = 0  # ids[:whole] are in text (they end on a whole character)
+        self.before = 0  # ids[before:whole]: the tokens that ended the text last time
         self.emitted = 0
         self.text = ""
         self.stopped = False
 
     def push(self, token: int) -> str:
-        """Add a token; return the new printable text (possibly empty)."""
+        """Add a token; return the new printable text (possibly empty).
+
+        Decodes only the tokens since the text last ended on a whole character, after the tokens that
+        ended it (a decoder may treat a sequence's first token apart, e.g. drop its space, so the new
+        text is what they add to those): each token costs the same, however long the reply."""
         self.ids.append(token)
-        text = self.decode(self.ids)
-        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
+        window = self.decode(self.ids[self.before :])
+        if window.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
             return ""
+        ended = self.decode(self.ids[self.before : self.whole]) if self.whole > self.before else ""
+        if window.startswith(ended):
+            text = self.text + window[len(ended) :]
+        else:  # a decoder that rewrote what came before the new tokens: decode them all
+            text = self.decode(self.ids)
+        self.before, self.whole = self.whole, len(self.ids)
         self.text = text
         if self.stop:
             start = max(0, self.emitted - max(map(len, self.stop)))

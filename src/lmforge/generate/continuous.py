@@ -5,7 +5,7 @@ One thread owns the model and loops: take waiting requests into free rows, run o
 every running row decodes a token and every new row prefills its prompt (`step.step_rows`: every
 row keeps its own positions in its own cache row, so rows never wait for each other, and a prompt that
 joins rides on the running rows' pass over the weights instead of a forward of its own; one whose start
-some row's cache already holds prefills only the rest, `_reuse_prefix`), sample each
+some row's cache already holds prefills only the rest, `_held_start`), sample each
 row with its own settings and generator, hand each request its new text, and drop finished or cancelled
 rows. Active rows are kept in rows 0..n-1 (a finished row is replaced by the last one), so a step costs
 what a batch of n costs, and one request alone decodes as fast as it would without the scheduler.
@@ -187,7 +187,7 @@ class Scheduler:
                 if self.closed:
                     break
                 running = len(self.rows)  # rows 0..running-1 decode; the new ones follow and prefill
-                self._take_waiting()
+                self._take_waiting(running)
             try:
                 with self.lock:
                     logits = self._step(running)
@@ -203,22 +203,31 @@ class Scheduler:
         for req in self.waiting:
             req.deliver(error)
 
-    def _take_waiting(self) -> None:
-        """Waiting requests into free rows (after the running ones), up to PREFILL_TOKENS of prompt."""
+    def _take_waiting(self, running: int) -> None:
+        """Waiting requests into free rows (after the running ones), each with the start of its prompt
+        some row holds (`_held_start`), up to PREFILL_TOKENS of prompt left to prefill."""
         prompt_tokens = 0
         device, vocab = self.k.device, self.model.cfg.vocab_size
         while self.waiting and len(self.rows) < self.max_rows:
-            n = len(self.waiting[0].prompt_ids)
-            if prompt_tokens and prompt_tokens + n > PREFILL_TOKENS:
+            req, i = self.waiting[0], len(self.rows)
+            start, source = self._held_start(req.prompt_ids, i, running)
+            n = len(req.prompt_ids) - start  # tokens to prefill
+            if prompt_tokens and prompt_tokens + n > PREFILL_TOKENS and not req._cancelled:
                 break
-            req = self.waiting.popleft()
+            self.waiting.popleft()
             if req._cancelled:
                 continue
             try:
-                self.rows.append(_Row(req, self.tokenizer.decode, vocab, device))
+                row = _Row(req, self.tokenizer.decode, vocab, device)
             except Exception as exc:  # noqa: BLE001 - a request the loop cannot start fails alone
                 req.deliver(exc)
                 continue
+            self.rows.append(row)
+            if start and source != i:
+                self.k[:, i, :, :start] = self.k[:, source, :, :start]
+                self.v[:, i, :, :start] = self.v[:, source, :, :start]
+            row.start = start
+            self.held[i] = []  # in use: what it holds is the row's own
             prompt_tokens += n
 
     @torch.no_grad()
@@ -227,8 +236,6 @@ class Scheduler:
         others (new) after their prompt."""
         device = self.k.device
         old, new = self.rows[:running], self.rows[running:]
-        for i in range(running, len(self.rows)):
-            self._reuse_prefix(i, running)
         idx = torch.tensor([row.generated[-1] for row in old], dtype=torch.long, device=device)
         positions = torch.tensor([row.pos for row in old], dtype=torch.long, device=device)
         prompts = [
@@ -246,25 +253,19 @@ class Scheduler:
         self.steps += 1
         return logits
 
-    def _reuse_prefix(self, i: int, running: int) -> None:
-        """Start new row i with the longest start of its prompt whose keys and values some row holds
-        (a running row's tokens so far, or what a free row's last occupant left), copied into row i
-        unless they are there already; at least the prompt's last token is left to prefill (its logits
-        are the first new token's). Same keys and values as a prefill computes, up to float rounding."""
-        row = self.rows[i]
-        prompt, best, source = row.req.prompt_ids, 0, i
-        for j in range(self.max_rows):
-            if running <= j < i or (j > i and j < len(self.rows)):
-                continue  # new rows of this step: their slots are about to be rewritten
+    def _held_start(self, prompt: list[int], i: int, running: int) -> tuple[int, int]:
+        """(n, row): the longest start of a prompt about to take free row i whose keys and values a row
+        holds (a running row's tokens so far, or what a free row's last occupant left; rows taken in this
+        step are skipped, their slots are about to be rewritten), and that row (i itself when it holds
+        as much). At least the prompt's last token is left to prefill (its logits are the first new
+        token's). Copied slots hold the keys and values a prefill computes, up to float rounding."""
+        best, source = 0, i
+        for j in [*range(running), *range(i, self.max_rows)]:
             held = self.rows[j].cached() if j < running else self.held[j]
             n = _common_start(prompt, held, len(prompt) - 1)
             if n > best or (n == best and j == i):
                 best, source = n, j
-        if best and source != i:
-            self.k[:, i, :, :best] = self.k[:, source, :, :best]
-            self.v[:, i, :, :best] = self.v[:, source, :, :best]
-        row.start = best
-        self.held[i] = []  # in use: what it holds is the row's own
+        return best, source
 
     def _emit(self, logits: torch.Tensor) -> None:
         """Sample the next token of every row (logits: one row each), hand out its text, and retire

@@ -16,6 +16,8 @@ Phases (each prints one line):
   burst     `--burst` streaming requests at once: how many streamed, how many got 429, the longest
             /health answer during the burst; then SIGTERM and the seconds until the server exited
 Tokens are counted by the server (stream_options.include_usage), so an early end-of-text counts right.
+Each client keeps its connection open from one request to the next, as the official clients' pools do
+(`--new-connections`: a new one per request); a client that leaves mid-stream closes it.
 """
 
 from __future__ import annotations

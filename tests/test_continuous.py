@@ -237,10 +237,11 @@ def test_a_step_prefills_at_most_its_budget_of_prompt_tokens(tok, monkeypatch):
     # the budget counts what is left to prefill: a prompt whose start a free row holds costs the rest
     sched = Scheduler(tiny(tok.vocab_size), tok, max_rows=8, max_queue=8)
     first = [60 + t for t in range(10)]
-    collect(sched, first, 2)
+    reply = collect(sched, first, 2).token_ids
+    turn = first + [t for t in (90, 91, 92) if t != reply[0]][:2]  # 12 tokens, the first 10 held
     done = [[], []]
     with sched.lock, sched.wake:
-        sched.submit(Request(first + [90, 91], 2, GREEDY, deliver=done[0].append))  # 12, 10 held
+        sched.submit(Request(turn, 2, GREEDY, deliver=done[0].append))
         sched.submit(Request([100 + t for t in range(8)], 2, GREEDY, deliver=done[1].append))
     wait_for(lambda: all(d and isinstance(d[-1], Completion) for d in done))
     sched.close()

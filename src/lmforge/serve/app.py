@@ -142,7 +142,7 @@ class _Server:
         head["model"] = self.name
         events = await self.generations.run(jobs)
         if body.stream:
-            return _sse(_completion_chunks(head, events, len(jobs), _wants_usage(body)))
+            return _sse(_chunks(head, events, len(jobs), _wants_usage(body), _completion_choice))
         done = await _finished(events, len(jobs))
         choices = [
             {"text": c.text, "index": i, "logprobs": completion_logprobs(c), "finish_reason": c.finish_reason}
@@ -165,7 +165,8 @@ class _Server:
         events = await self.generations.run(jobs)
         if body.stream:
             chunk_head = {**head, "object": "chat.completion.chunk"}
-            return _sse(_chat_chunks(chunk_head, events, len(jobs), _wants_usage(body)))
+            n, usage_chunk = len(jobs), _wants_usage(body)
+            return _sse(_chunks(chunk_head, events, n, usage_chunk, _chat_choice, _roles(chunk_head, n)))
         done = await _finished(events, len(jobs))
         choices = [
             {
@@ -305,74 +306,45 @@ def _wants_usage(body: Sampling) -> bool:
     return bool((body.stream_options or {}).get("include_usage"))
 
 
-async def _completion_chunks(
-    head: dict, events: AsyncIterator, n: int, usage_chunk: bool
+async def _chunks(
+    head: dict, events: AsyncIterator, n: int, usage_chunk: bool, choice, opening: list | None = None
 ) -> AsyncIterator[list]:
-    """/v1/completions' stream: one chunk per text piece of each choice, the last of a choice with its
-    finish reason (and its logprobs, when asked for); with `usage_chunk`, then a chunk with no choices
-    and the token counts (stream_options.include_usage); then DONE. The chunks of events that arrived
-    together come as one list."""
-    done = []
+    """A stream's chunks, those of events that arrived together as one list (`opening` in front of the
+    first): one chunk per event, its choice made by choice(i, text piece or Completion); after the n
+    choices' last Completions, with `usage_chunk` a chunk with no choices and the token counts
+    (stream_options.include_usage), then DONE."""
+    done, out = [], list(opening or [])
     async with contextlib.aclosing(events):
         async for batch in events:
-            out = []
             for i, ev in batch:
-                if isinstance(ev, str):
-                    choice = {"text": ev, "index": i, "logprobs": None, "finish_reason": None}
-                else:
+                if isinstance(ev, Completion):
                     done.append(ev)
-                    choice = {
-                        "text": "",
-                        "index": i,
-                        "logprobs": completion_logprobs(ev),
-                        "finish_reason": ev.finish_reason,
-                    }
-                out.append({**head, "choices": [choice]})
+                out.append({**head, "choices": [choice(i, ev)]})
             if len(done) == n:
-                out += _ending(head, done, usage_chunk)
+                out += ([{**head, "choices": [], "usage": usage(done)}] if usage_chunk else []) + [DONE]
             yield out
+            out = []
 
 
-async def _chat_chunks(head: dict, events: AsyncIterator, n: int, usage_chunk: bool) -> AsyncIterator[list]:
-    """/v1/chat/completions' stream: each choice's assistant role (sent with the first events), one delta
-    per text piece, then its finish reason (with its logprobs, when asked for); with `usage_chunk`, a
-    chunk with no choices and the token counts; then DONE. The chunks of events that arrived together
-    come as one list."""
-    done = []
-    out = [
-        {
-            **head,
-            "choices": [
-                {
-                    "index": i,
-                    "delta": {"role": "assistant", "content": ""},
-                    "logprobs": None,
-                    "finish_reason": None,
-                }
-            ],
-        }
+def _completion_choice(i: int, ev: str | Completion) -> dict:
+    """/v1/completions' choice: a text piece, or a choice's end with its finish reason (and logprobs)."""
+    if isinstance(ev, str):
+        return {"text": ev, "index": i, "logprobs": None, "finish_reason": None}
+    return {"text": "", "index": i, "logprobs": completion_logprobs(ev), "finish_reason": ev.finish_reason}
+
+
+def _chat_choice(i: int, ev: str | Completion) -> dict:
+    """/v1/chat/completions' choice: a delta of text, or a choice's end with its finish reason (and
+    logprobs)."""
+    if isinstance(ev, str):
+        return {"index": i, "delta": {"content": ev}, "logprobs": None, "finish_reason": None}
+    return {"index": i, "delta": {}, "logprobs": chat_logprobs(ev), "finish_reason": ev.finish_reason}
+
+
+def _roles(head: dict, n: int) -> list[dict]:
+    """A chat stream's first chunks: each choice's assistant role (sent with the first events)."""
+    role = {"role": "assistant", "content": ""}
+    return [
+        {**head, "choices": [{"index": i, "delta": role, "logprobs": None, "finish_reason": None}]}
         for i in range(n)
     ]
-    async with contextlib.aclosing(events):
-        async for batch in events:
-            for i, ev in batch:
-                if isinstance(ev, str):
-                    choice = {"index": i, "delta": {"content": ev}, "logprobs": None, "finish_reason": None}
-                else:
-                    done.append(ev)
-                    choice = {
-                        "index": i,
-                        "delta": {},
-                        "logprobs": chat_logprobs(ev),
-                        "finish_reason": ev.finish_reason,
-                    }
-                out.append({**head, "choices": [choice]})
-            if len(done) == n:
-                out += _ending(head, done, usage_chunk)
-            yield out
-            out = []
-
-
-def _ending(head: dict, done: list[Completion], usage_chunk: bool) -> list:
-    """A stream's last events: the usage chunk when asked for, and DONE."""
-    return ([{**head, "choices": [], "usage": usage(done)}] if usage_chunk else []) + [DONE]

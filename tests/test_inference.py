@@ -75,10 +75,12 @@ def test_decode_step_refuses_to_run_past_the_context():
         decode_step(model, torch.zeros(1, 1, dtype=torch.long), cache)
 
 
-@pytest.fixture
-def pack_small_layers(monkeypatch):
-    """Tiny test layers are below the size worth packing; pack them anyway, and count packed products."""
+@pytest.fixture(params=[False, True], ids=["batches-packed", "every-product-packed"])
+def pack_small_layers(request, monkeypatch):
+    """Tiny test layers are below the size worth packing; pack them anyway, and count packed products.
+    Both policies run on any CPU with oneDNN packing: batches only (AVX2) and every product (AVX-512)."""
     monkeypatch.setattr(layout, "MIN_PACKED_BYTES", 0)
+    monkeypatch.setattr(layout, "packs_every_product", lambda: request.param)
     if layout._pack(torch.ones(4, 4)) is None:
         pytest.skip("oneDNN packing is not used on this CPU (needs x86 with AVX2 and a torch with oneDNN)")
     calls = []
@@ -103,17 +105,19 @@ def test_packed_linear_matches_f_linear_for_batch_shapes_only(pack_small_layers)
         x = torch.randn(rows, 1, 32)
         with torch.no_grad():
             torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
-    assert pack_small_layers == [2, 8, 64]  # one row and long products stay on F.linear
+    one_row = [1] if layout.packs_every_product() else []  # AVX2: one row stays on F.linear
+    assert pack_small_layers == [*one_row, 2, 8, 64]  # long products stay on F.linear
     # a weight changed in place after packing is never served from the stale copy
     with torch.no_grad():
         layer.weight.mul_(2)
         x = torch.randn(4, 32)
         torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
-    assert len(pack_small_layers) == 3
+    calls = len(pack_small_layers)
+    assert calls == 3 + len(one_row)
     # with gradients the product is F.linear, and backward works
     x = torch.randn(4, 32, requires_grad=True)
     layer(x).sum().backward()
-    assert x.grad is not None and len(pack_small_layers) == 3
+    assert x.grad is not None and len(pack_small_layers) == calls
 
 
 def test_batched_greedy_decoding_with_packed_weights_matches_the_plain_model(pack_small_layers):
@@ -122,13 +126,25 @@ def test_batched_greedy_decoding_with_packed_weights_matches_the_plain_model(pac
     use_inference_layout(model)
     g = torch.Generator().manual_seed(5)
     prompts = [torch.randint(0, 100, (n,), generator=g).tolist() for n in (3, 11, 7, 1)]
-    greedy_rows(model, prompts[1:2], 5)  # one sequence: no second copy of the weights
-    assert all(m._packed is None for m in model.modules() if isinstance(m, InferenceLinear))
+    greedy_rows(model, prompts[1:2], 5)  # one sequence: a second copy of the weights only for every product
+    one_row_packed = layout.packs_every_product()
+    packed = [m._packed is not None for m in model.modules() if isinstance(m, InferenceLinear)]
+    assert packed and all(p == one_row_packed for p in packed)
+    assert (1 in pack_small_layers) == one_row_packed
     got = greedy_rows(model, prompts, 20)
-    assert pack_small_layers, "the batch was not decoded with the packed weights"
+    assert max(pack_small_layers) > 1, "the batch was not decoded with the packed weights"
     assert got == greedy_rows(reference, prompts, 20)
-    # and each prompt alone (one row: the column-major weights) gives the same tokens
+    # and each prompt alone (one row: packed or column-major weights, as the policy says) gives the same
     assert [greedy_rows(model, [p], 20)[0] for p in prompts] == got
+
+
+def test_every_product_is_packed_exactly_on_cpus_with_avx512():
+    capability = torch.backends.cpu.get_cpu_capability()
+    assert layout.packs_every_product() == capability.startswith("AVX512")
+    # what the engine packs for: a batch always, one sequence only under that policy
+    model = use_inference_layout(tiny("gpt2"))
+    made = layout.pack_for_decoding(model, 1)
+    assert (made > 0) == (layout.packs_every_product() and layout._pack(torch.ones(384, 512)) is not None)
 
 
 def test_packing_respects_the_memory_budget_and_quantization_still_applies(pack_small_layers):

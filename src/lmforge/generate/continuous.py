@@ -29,7 +29,7 @@ import torch
 
 from ..model import GPT
 from .engine import Completion, TextStream, _packing_budget
-from .layout import pack_for_batches
+from .layout import pack_for_decoding
 from .sampling import SamplingParams, sample_rows
 from .step import step_rows
 
@@ -122,8 +122,7 @@ class Scheduler:
         self.closed = False
         self.steps = 0  # steps taken (tests read it)
         self.threads = threads  # the decode thread's torch.set_num_threads; None: as torch defaults
-        if max_rows > 1:
-            pack_for_batches(model, _packing_budget())
+        pack_for_decoding(model, max_rows, _packing_budget())
         self.thread = threading.Thread(target=self._loop, name="lmforge-decode", daemon=True)
         self.thread.start()
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from ..model import GPT
-from .layout import pack_for_batches
+from .layout import pack_for_decoding
 from .sampling import SamplingParams, sample_rows
 from .step import StaticDecoder, decode_step
 
@@ -145,8 +145,8 @@ class BatchDecoder:
         self.generated: list[list[int]] = [[] for _ in range(B)]
         self.finish_reasons: list[str | None] = [None] * B
         self.use_cache = use_cache
-        if B > 1 and use_cache:  # decoding a batch: CPU inference layers get their batch-shaped weights
-            pack_for_batches(model, _packing_budget())
+        if use_cache:  # CPU inference layers get their packed weights where the rows take them
+            pack_for_decoding(model, B, _packing_budget())
         if cuda_graph is None:
             cuda_graph = graphs_by_default(device, max_new_tokens)
         static = use_cache and cuda_graph and not model.training

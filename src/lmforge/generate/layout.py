@@ -6,16 +6,21 @@ speed is set by how fast the weights stream from memory (benchmarks/RESULTS.md, 
 - one row (one sequence): BLAS streams a column-major weight in memory order, 1.3-1.6x faster than
   PyTorch's default row-major layout on x86 CPUs;
 - 2 to 64 rows (a batch of sequences): oneDNN's GEMM on a weight pre-packed into its blocked layout is
-  up to 1.7x faster than BLAS on either plain layout, more for larger weights (fp32, AVX2).
+  up to 1.7x faster than BLAS on either plain layout, more for larger weights (fp32, AVX2);
+- on CPUs with AVX-512, oneDNN's packed product is the faster one at every decoding shape, one row and
+  small weights included (`packs_every_product`).
 
 `use_inference_layout` gives every CPU linear layer the first; `pack_for_batches` adds the second as an
-extra copy, which the generation engine asks for only when it decodes several sequences at once.
+extra copy, which the generation engine asks for (`pack_for_decoding`) when it decodes several sequences
+at once, or any sequence where `packs_every_product()`.
 
 Whoever decodes a model it owns applies the layout (`LLM.load`, eval's generation and speed checks);
 `checkpoint.load_model` returns the plain model, so training, scoring and export never see these layers.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn as nn
@@ -43,12 +48,24 @@ def _pack(weight: torch.Tensor) -> torch.Tensor | None:
         or not torch.backends.cpu.get_cpu_capability().startswith("AVX")
     ):
         return None
-    if weight.nbytes < MIN_PACKED_BYTES:
+    if weight.nbytes < MIN_PACKED_BYTES and not packs_every_product():
         return None
     try:
         return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
     except (AttributeError, RuntimeError):  # an op this torch build does not have, or no kernel for this CPU
         return None
+
+
+@functools.cache
+def packs_every_product() -> bool:
+    """Whether decoding on this CPU runs every product of 1 to MAX_PACKED_ROWS rows through the packed
+    weights, whatever their size, rather than only batches through weights from MIN_PACKED_BYTES.
+
+    True on CPUs with AVX-512, where oneDNN's packed product took 0.5-0.7x BLAS's time at one row and
+    0.3-0.5x at 8 rows for every weight of the bench and gpt2-124m shapes, from 384x384 up (AMD EPYC with
+    AVX-512, benchmarks/RESULTS.md); on AVX2-only CPUs BLAS's column-major product was the faster at one
+    row and for the smaller weights. Read once: torch's CPU capability does not change in a process."""
+    return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 
 
 def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -64,9 +81,9 @@ def _stamp(weight: torch.Tensor) -> tuple[int, int]:
 class InferenceLinear(nn.Linear):
     """nn.Linear for CPU inference: same parameters and state_dict, faster kernels for decoding shapes.
 
-    With a packed copy (`pack`), products of 2..MAX_PACKED_ROWS rows run through oneDNN on it; everything
-    else (one row, long prefills, anything that records gradients, a weight changed after packing) is the
-    plain `F.linear`. The two kernels agree to float rounding (about 1e-6 relative).
+    With a packed copy (`pack`), products of 2..MAX_PACKED_ROWS rows (1.. where `packs_every_product()`)
+    run through oneDNN on it; everything else (one row elsewhere, long prefills, anything that records
+    gradients, a weight changed after packing) is the plain `F.linear`. The two kernels agree to float rounding (about 1e-6 relative).
     """
 
     _packed: torch.Tensor | None = None
@@ -91,7 +108,7 @@ class InferenceLinear(nn.Linear):
         packed = self._packed
         if (
             packed is not None
-            and 1 < x.numel() // self.in_features <= MAX_PACKED_ROWS
+            and (1 if packs_every_product() else 2) <= x.numel() // self.in_features <= MAX_PACKED_ROWS
             and self._packed_stamp == _stamp(self.weight)  # a weight replaced or updated since packing
             and not torch.is_grad_enabled()  # oneDNN's op has no backward
             and x.is_cpu
@@ -121,7 +138,8 @@ def use_inference_layout(model: nn.Module) -> nn.Module:
 
 
 def pack_for_batches(model: nn.Module, max_bytes: int | None = None) -> int:
-    """Give every InferenceLinear of `model` its packed copy for batched decoding; return the bytes they hold.
+    """Give every InferenceLinear of `model` its packed copy for batched decoding (for all decoding where
+    `packs_every_product()`); return the bytes they hold.
 
     Costs as much memory again as the linear weights: nothing is packed when that would exceed
     max_bytes. Layers that cannot be packed keep `F.linear`. Cheap when already done.
@@ -130,3 +148,9 @@ def pack_for_batches(model: nn.Module, max_bytes: int | None = None) -> int:
     if max_bytes is not None and sum(m.weight.nbytes for m in layers) > max_bytes:
         return 0
     return sum(m.pack() for m in layers)
+
+
+def pack_for_decoding(model: nn.Module, rows: int, max_bytes: int | None = None) -> int:
+    """`pack_for_batches` where decoding `rows` sequences at once takes the packed products (2 or more, or
+    any number where `packs_every_product()`); the bytes the packed copies hold (0: none made)."""
+    return pack_for_batches(model, max_bytes) if rows > 1 or packs_every_product() else 0

@@ -42,7 +42,8 @@ import torch
 import yaml
 
 from lmforge.checkpoint import model_state, save_checkpoint
-from lmforge.config import Config, config_to_dict
+from lmforge.config import Config
+from lmforge.config_io import config_to_dict
 from lmforge.data.stdlib_corpus import iter_stdlib
 from lmforge.data.tokenizer import train_tokenizer
 from lmforge.model import GPT, ModelConfig

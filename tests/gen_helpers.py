@@ -10,7 +10,8 @@ import torch
 import yaml
 
 from lmforge.checkpoint import load_model, model_state, save_checkpoint
-from lmforge.config import Config, config_to_dict
+from lmforge.config import Config
+from lmforge.config_io import config_to_dict
 from lmforge.data import Tokenizer
 from lmforge.data.chat_template import with_chat_tokens
 from lmforge.model import GPT, ModelConfig

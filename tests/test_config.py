@@ -10,7 +10,8 @@ import pytest
 import yaml
 
 from lmforge.cli import main, parse, parse_config
-from lmforge.config import ConfigError, load_yaml_config
+from lmforge.config import ConfigError
+from lmforge.config_io import load_yaml_config
 from lmforge.model import ModelConfig
 from lmforge.presets import PRESETS
 
@@ -97,7 +98,7 @@ def test_every_shipped_config_and_preset_is_valid():
 
 def test_saved_config_round_trips(tmp_path):
     cfg = config_of(["--preset=modern-tiny", "--train.max_steps=5"])
-    from lmforge.config import config_to_dict
+    from lmforge.config_io import config_to_dict
 
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config_to_dict(cfg)))
@@ -139,7 +140,7 @@ def test_the_budget_given_at_the_highest_level_wins_and_both_at_one_level_is_an_
 
 
 def test_configs_saved_before_the_budget_was_one_setting_still_load():
-    from lmforge.config import config_from_dict
+    from lmforge.config_io import config_from_dict
 
     cfg = config_from_dict({"train": {"max_steps": 1000, "max_tokens": 700000}})
     assert (cfg.train.max_steps, cfg.train.max_tokens) == (None, 700000)  # max_tokens decided then

@@ -10,7 +10,8 @@ import torch
 
 from lmforge.checkpoint import read_metrics
 from lmforge.cli import main
-from lmforge.config import ConfigError, EvalConfig, load_yaml_config
+from lmforge.config import ConfigError, EvalConfig
+from lmforge.config_io import load_yaml_config
 from lmforge.data import Tokenizer, prepare
 from lmforge.data.passes import val_score
 from lmforge.data.stdlib_corpus import iter_stdlib

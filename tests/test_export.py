@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 
 from lmforge.checkpoint import load_model, save_checkpoint
 from lmforge.cli import main
-from lmforge.config import Config, config_to_dict
+from lmforge.config import Config
+from lmforge.config_io import config_to_dict
 from lmforge.data import Tokenizer
 from lmforge.export import ExportError, export_run
 from lmforge.generate.layout import use_inference_layout

@@ -23,7 +23,8 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lmforge.config import Config, ConfigError, config_from_dict, load_yaml_config
+from lmforge.config import Config, ConfigError
+from lmforge.config_io import config_from_dict, load_yaml_config
 from lmforge.data.sources import Skips, iter_documents
 
 # Derandomized: a failure is the same failure on every machine and every run. The deadline

@@ -22,7 +22,8 @@ import torch
 
 from lmforge.checkpoint import save_checkpoint
 from lmforge.cli import main
-from lmforge.config import Config, config_to_dict
+from lmforge.config import Config
+from lmforge.config_io import config_to_dict
 from lmforge.data import Tokenizer
 from lmforge.data.chat_template import JINJA, ChatTemplate, with_chat_tokens
 from lmforge.eval.run import write_report

@@ -69,7 +69,8 @@ def test_relu2_mlp_squares_the_relu_and_keeps_the_state_dict_keys():
     assert mlp.c_fc.out_features == 4 * 32  # one projection, 4x wide, as GPT-2's (no gate)
     h = torch.randn(3, 128)
     assert torch.equal(mlp.act(h), F.relu(h) * F.relu(h))
-    from lmforge.config import ConfigError, config_from_dict
+    from lmforge.config import ConfigError
+    from lmforge.config_io import config_from_dict
 
     with pytest.raises(ConfigError, match="model.mlp='relu3': must be 'gelu' or 'swiglu' or 'relu2'"):
         config_from_dict({"model": {"mlp": "relu3"}})

@@ -27,7 +27,7 @@ from lmforge import checkpoint as ckpt_io
 from lmforge.api import LLM
 from lmforge.checkpoint import CheckpointError
 from lmforge.cli import main
-from lmforge.config import config_from_dict
+from lmforge.config_io import config_from_dict
 from lmforge.model import GPT
 from lmforge.train import dist_checkpoint
 from lmforge.train.dist_checkpoint import Checkpointer, _safe_reader

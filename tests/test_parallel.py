@@ -295,7 +295,7 @@ def test_adamw8bit_without_torchao_or_bitsandbytes_is_one_clear_line():
 
 def test_config_sections_round_trip():
     cfg = Config(fsdp=FSDPConfig(reshard_after_forward=False), train=TrainConfig(parallel="fsdp"))
-    from lmforge.config import config_from_dict, config_to_dict
+    from lmforge.config_io import config_from_dict, config_to_dict
 
     again = config_from_dict(config_to_dict(cfg))
     assert again.fsdp.reshard_after_forward is False and again.train.parallel == "fsdp"

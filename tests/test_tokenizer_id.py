@@ -9,7 +9,8 @@ import pytest
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, normalizers, processors
 
-from lmforge.config import Config, ConfigError, config_to_dict
+from lmforge.config import Config, ConfigError
+from lmforge.config_io import config_to_dict
 from lmforge.data import Tokenizer, train_tokenizer
 from lmforge.data.tokenizer import EOS_TOKEN, file_sha256, tokenizer_id
 from lmforge.model.config import ModelConfig

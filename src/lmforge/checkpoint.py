@@ -27,7 +27,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .config import Config, config_from_dict, config_to_dict
+from .config import Config
+from .config_io import config_from_dict, config_to_dict
 from .errors import LmforgeError
 from .model import GPT
 from .run_dir import BEST as BEST  # re-exported: callers know checkpoints by this module

@@ -40,7 +40,8 @@ from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 from rich.console import Console
 
 from .commands import COMMANDS, EXIT_DIVERGED, EXIT_PREEMPTED
-from .config import Config, ConfigError, all_keys, unknown_key_message
+from .config import Config, ConfigError
+from .config_io import all_keys, unknown_key_message
 from .errors import LmforgeError
 from .options import GROUPS, Defaults, RunConfig, Without, parse_config, run_config
 from .presets import get_preset

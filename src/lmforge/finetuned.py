@@ -24,7 +24,8 @@ import torch
 
 from . import checkpoint as ckpt_io
 from .checkpoint import CheckpointError
-from .config import Config, LoraConfig, config_from_dict, config_to_dict
+from .config import Config, LoraConfig
+from .config_io import config_from_dict, config_to_dict
 from .lora import adapt, grow_vocab, load_trainable, merge_adapters
 from .model import GPT
 from .run_dir import RunDir

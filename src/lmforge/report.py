@@ -70,7 +70,8 @@ def accuracies(record: dict, prefix: str = "") -> dict[str, float]:
 
 def model_facts(config: dict) -> dict:
     """Architecture, parameters and FLOPs per token from the run's config (empty when unreadable)."""
-    from .config import ConfigError, config_from_dict
+    from .config import ConfigError
+    from .config_io import config_from_dict
     from .model import flops_per_token, param_breakdown
 
     try:

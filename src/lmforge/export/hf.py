@@ -407,7 +407,8 @@ def init_from_hf(source: str, cfg: Config) -> tuple[Config, dict[str, torch.Tens
 def import_hf(src: str | Path, run_dir: str | Path) -> Path:
     """Turn a local HF GPT-2/Llama folder into an lmforge RUN_DIR (config.yaml, tokenizer.json, a checkpoint)."""
     from ..checkpoint import save_checkpoint
-    from ..config import Config, config_to_dict
+    from ..config import Config
+    from ..config_io import config_to_dict
     from ..data import Tokenizer
     from ..data.errors import DataError
     from ..model import GPT

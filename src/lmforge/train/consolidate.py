@@ -22,7 +22,7 @@ def consolidate(run: str | Path, out: str | Path | None = None) -> Path:
     RUN_DIR/consolidated) holds model.safetensors, meta.json and tokenizer.json, so `lmforge generate` and
     `lmforge export` take it as --run. Runs in one process; no GPU or process group is needed.
     """
-    from ..config import config_from_dict
+    from ..config_io import config_from_dict
     from ..lora import adapt, load_trainable, trainable_state
     from ..model import GPT
 

@@ -16,7 +16,8 @@ from pathlib import Path
 from rich.console import Console
 
 from .. import checkpoint as ckpt_io
-from ..config import Config, ConfigError, config_to_dict
+from ..config import Config, ConfigError
+from ..config_io import config_to_dict
 from ..data import load_meta
 from ..data.folder import data_tokenizer
 from ..data.tokenizer import Tokenizer

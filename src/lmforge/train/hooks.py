@@ -25,7 +25,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .. import checkpoint as ckpt_io
-from ..config import Config, config_to_dict
+from ..config import Config
+from ..config_io import config_to_dict
 from ..data.folder import data_tokenizer
 from ..errors import LmforgeError
 from ..eval.downstream import scalar_name, summary

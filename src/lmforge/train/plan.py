@@ -10,7 +10,8 @@ import torch
 import yaml
 from rich.console import Console
 
-from ..config import Config, ConfigError, config_to_dict
+from ..config import Config, ConfigError
+from ..config_io import config_to_dict
 
 
 @dataclass

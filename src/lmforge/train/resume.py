@@ -15,7 +15,8 @@ import torch
 
 from .. import checkpoint as ckpt_io
 from ..checkpoint import CheckpointError
-from ..config import Config, ConfigError, LoraConfig, config_to_dict
+from ..config import Config, ConfigError, LoraConfig
+from ..config_io import config_to_dict
 from ..data.folder import data_tokenizer
 from ..data.tokenizer import Tokenizer, file_sha256, tokenizer_id
 from ..model.config import ModelConfig

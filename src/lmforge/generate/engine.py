@@ -82,6 +82,20 @@ def _packing_budget() -> int | None:
         return None
 
 
+def _left_padded(
+    prompts: Sequence[list[int]], total: int, pad: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids (B, P), key_mask (B, total)): the prompts padded on the left with `pad`, so that every row ends
+    at slot P-1 (P: the longest prompt), and which of the `total` cache slots hold real tokens."""
+    B, P = len(prompts), max(len(p) for p in prompts)
+    ids = torch.full((B, P), pad, dtype=torch.long, device=device)
+    key_mask = torch.zeros((B, total), dtype=torch.bool, device=device)
+    for i, p in enumerate(prompts):
+        ids[i, P - len(p) :] = torch.tensor(p, dtype=torch.long, device=device)
+        key_mask[i, P - len(p) : P] = True
+    return ids, key_mask
+
+
 class BatchDecoder:
     """Decodes a batch of token prompts together, one step at a time, with one preallocated KV cache.
 
@@ -120,12 +134,7 @@ class BatchDecoder:
         device = model.wte.weight.device
         B, P = len(self.prompts), max(len(p) for p in self.prompts)
         self.total = min(context, P + max_new_tokens)  # cache slots: padding + prompt + new tokens
-        pad = 0 if eos_id is None else eos_id
-        ids = torch.full((B, P), pad, dtype=torch.long, device=device)
-        self.key_mask = torch.zeros((B, self.total), dtype=torch.bool, device=device)  # real tokens
-        for i, p in enumerate(self.prompts):  # left padding: every row ends at slot P-1
-            ids[i, P - len(p) :] = torch.tensor(p, dtype=torch.long, device=device)
-            self.key_mask[i, P - len(p) : P] = True
+        ids, self.key_mask = _left_padded(self.prompts, self.total, 0 if eos_id is None else eos_id, device)
         self.padded = any(len(p) < P for p in self.prompts)
         self.lengths = torch.tensor([len(p) for p in self.prompts], device=device)  # next position per row
         positions = (self.key_mask[:, :P].long().cumsum(1) - 1).clamp(min=0)  # (B, P)

@@ -83,7 +83,8 @@ class InferenceLinear(nn.Linear):
 
     With a packed copy (`pack`), products of 2..MAX_PACKED_ROWS rows (1.. where `packs_every_product()`)
     run through oneDNN on it; everything else (one row elsewhere, long prefills, anything that records
-    gradients, a weight changed after packing) is the plain `F.linear`. The two kernels agree to float rounding (about 1e-6 relative).
+    gradients, a weight changed after packing) is the plain `F.linear`. The two kernels agree to float
+    rounding (about 1e-6 relative).
     """
 
     _packed: torch.Tensor | None = None

@@ -141,7 +141,7 @@ def test_batched_greedy_decoding_with_packed_weights_matches_the_plain_model(pac
 def test_every_product_is_packed_exactly_on_cpus_with_avx512():
     capability = torch.backends.cpu.get_cpu_capability()
     assert layout.packs_every_product() == capability.startswith("AVX512")
-    # what the engine packs for: a batch always, one sequence only under that policy
+    # what the engine asks for one sequence: the packed copies only under that policy
     model = use_inference_layout(tiny("gpt2"))
     made = layout.pack_for_decoding(model, 1)
     assert (made > 0) == (layout.packs_every_product() and layout._pack(torch.ones(384, 512)) is not None)

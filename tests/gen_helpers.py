@@ -36,15 +36,8 @@ def make_run(
     if chat:
         tok = with_chat_tokens(tok)
     extra = {"n_kv_head": 2} if family == "llama" else {}
-    mcfg = ModelConfig(
-        family=family,
-        n_layer=2,
-        n_head=4,
-        n_embd=32,
-        context_len=context_len,
-        vocab_size=tok.vocab_size,
-        **{**extra, **model_fields},
-    )
+    shape = {"n_layer": 2, "n_head": 4, "n_embd": 32, **extra, **model_fields}
+    mcfg = ModelConfig(family=family, context_len=context_len, vocab_size=tok.vocab_size, **shape)
     cfg = Config(model=mcfg, data=str(data_dir), out=str(out))
     torch.manual_seed(seed)
     model = GPT(cfg.model)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 import time
 
@@ -15,6 +18,7 @@ from lmforge.generate.engine import BatchDecoder, Completion
 from lmforge.generate.sampling import SamplingParams
 from lmforge.generate.step import step_rows
 from lmforge.model import GPT, ModelConfig
+from tests.gen_helpers import make_run
 
 FAMILIES = {"gpt2": dict(family="gpt2"), "llama-gqa": dict(family="llama", n_kv_head=2)}
 GREEDY = SamplingParams(temperature=0.0)
@@ -314,3 +318,42 @@ def test_a_tokenizer_from_a_run_decodes(tiny_data):
     sched.close()
     *text, done = pieces
     assert "".join(text) == done.text and len(done.token_ids) == 8
+
+
+THREADS_PROBE = """
+import os, sys, time
+import torch
+torch.set_num_threads(2)  # as on a machine with two cores or more
+from lmforge.api import LLM
+from lmforge.generate.sampling import SamplingParams
+
+def threads():
+    return len(os.listdir("/proc/self/task"))
+
+before = threads()
+llm = LLM.load(sys.argv[1])
+loaded = threads()
+sched = llm.scheduler(4, 4)
+time.sleep(0.2)
+started = threads()
+fields, _ = llm.request_fields("def main", 4, SamplingParams(temperature=0.0))
+reply = list(sched.run_sync(fields))[-1]
+print(before, loaded, started, len(reply.token_ids), flush=True)
+sched.close()
+"""
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads through Linux's /proc")
+def test_loading_and_starting_the_scheduler_start_no_openmp_team_on_the_callers_thread(tiny_data, tmp_path):
+    # A thread that runs a parallel op keeps a team of OpenMP workers; one on the caller's thread beside
+    # the scheduler's makes every decode step about twice as long. Tensors big enough to run in parallel.
+    run = make_run(tiny_data, tmp_path / "run", n_embd=128, context_len=256)
+    out = subprocess.run(
+        [sys.executable, "-c", THREADS_PROBE, str(run)], capture_output=True, text=True, timeout=120
+    )
+    assert out.stdout.strip(), out.stderr
+    before, loaded, started, tokens = map(int, out.stdout.split())
+    assert loaded == before, "LLM.load started threads on the caller's thread"
+    assert started == before + 1, "the scheduler started more than its own thread before its first step"
+    assert tokens == 4
+    assert out.returncode == 0, out.stderr

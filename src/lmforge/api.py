@@ -16,7 +16,7 @@ from pathlib import Path
 from .checkpoint import load_model, tokenizer_path
 from .data import Tokenizer
 from .data.chat_template import ChatTemplate
-from .device import pick_device
+from .device import one_intra_op_thread, pick_device
 from .errors import LmforgeError
 from .generate.batch import check_output_path, generate_batches, records, write_results
 from .generate.chat import ChatPrompt, ChatSession, TrimmedReply, chat_prompt, repl
@@ -75,19 +75,21 @@ class LLM:
             raise GenerationError(
                 str(e).replace("--train.device", "--device").replace("train.device", "--device")
             ) from e
-        model, _, ckpt = load_model(run, device=dev)
-        # The decoding layout is this object's own: load_model gives every other reader (eval's scoring,
-        # export) the plain model. Before int8, so int8 weights keep the memory order they have always had
-        # (one-row products round differently in the other; `lmforge eval --quantize int8` does the same).
-        use_inference_layout(model)
-        if quantize is not None:
-            if quantize != "int8":
-                raise GenerationError(f"quantize={quantize!r}: the only choice is int8")
-            try:
-                from .generate.quant import quantize_int8
-            except ImportError as e:
-                raise GenerationError("int8 quantization is not available in this build") from e
-            model = quantize_int8(model)
+        if quantize is not None and quantize != "int8":
+            raise GenerationError(f"quantize={quantize!r}: the only choice is int8")
+        with one_intra_op_thread():  # the caller's thread may hand the model to the batcher's
+            model, _, ckpt = load_model(run, device=dev)
+            # The decoding layout is this object's own: load_model gives every other reader (eval's
+            # scoring, export) the plain model. Before int8, so int8 weights keep the memory order they
+            # have always had (one-row products round differently in the other; `lmforge eval
+            # --quantize int8` does the same).
+            use_inference_layout(model)
+            if quantize is not None:
+                try:
+                    from .generate.quant import quantize_int8
+                except ImportError as e:
+                    raise GenerationError("int8 quantization is not available in this build") from e
+                model = quantize_int8(model)
         llm = cls(model, Tokenizer.load(tokenizer_path(Path(run))), name=Path(run).resolve().name)
         llm.checkpoint = ckpt
         return llm

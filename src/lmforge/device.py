@@ -16,6 +16,24 @@ class DeviceError(LmforgeError, ValueError):
     """A device or precision this machine cannot provide; one line saying what to use instead."""
 
 
+@contextlib.contextmanager
+def one_intra_op_thread():
+    """Run the block with one intra-op thread, then give the calling thread its count back.
+
+    GNU OpenMP keeps a team of worker threads for every thread that has run a parallel op, and with more
+    of them than cores its workers sleep between ops instead of spinning: a batched decode step on the
+    continuous batcher's thread took about twice as long once the thread that loaded the model had a team
+    too (bench model, 8 rows, 2 cores: 5.5-6.5 ms against 2.6-3.0 ms). Set-up work done on one thread for
+    another to decode with (loading, the batcher's cache and packed weights) runs in here and starts none.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def pick_device(name: str = "auto") -> torch.device:
     """'auto' tries cuda, then mps, then cpu; an explicit name that is not available fails in one line."""
     if name == "auto":

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..device import one_intra_op_thread
 from ..model import GPT
 from .engine import Completion, TextStream, _packing_budget
 from .layout import pack_for_decoding
@@ -111,8 +112,10 @@ class Scheduler:
         self.context = cfg.context_len
         # Zeroed: attention reads whole rows under a mask, and 0 * NaN from never-written memory is NaN.
         shape = (cfg.n_layer, max_rows, cfg.n_kv_head, self.context, cfg.head_dim)
-        self.k = torch.zeros(shape, dtype=p.dtype, device=p.device)
-        self.v = torch.zeros(shape, dtype=p.dtype, device=p.device)
+        with one_intra_op_thread():  # set-up on the caller's thread starts no OpenMP team there
+            self.k = torch.zeros(shape, dtype=p.dtype, device=p.device)
+            self.v = torch.zeros(shape, dtype=p.dtype, device=p.device)
+            pack_for_decoding(model, max_rows, _packing_budget())
         self.rows: list[_Row] = []
         # What each free row's cache still holds (the tokens of its last occupant's keys and values): a
         # new prompt that starts the same way takes the row and prefills only the rest.
@@ -122,7 +125,6 @@ class Scheduler:
         self.closed = False
         self.steps = 0  # steps taken (tests read it)
         self.threads = threads  # the decode thread's torch.set_num_threads; None: as torch defaults
-        pack_for_decoding(model, max_rows, _packing_budget())
         self.thread = threading.Thread(target=self._loop, name="lmforge-decode", daemon=True)
         self.thread.start()
 

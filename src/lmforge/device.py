@@ -23,7 +23,7 @@ def one_intra_op_thread():
     GNU OpenMP keeps a team of worker threads for every thread that has run a parallel op, and with more
     of them than cores its workers sleep between ops instead of spinning: a batched decode step on the
     continuous batcher's thread took about twice as long once the thread that loaded the model had a team
-    too (bench model, 8 rows, 2 cores: 5.5-6.5 ms against 2.6-3.0 ms). Set-up work done on one thread for
+    too (bench model, 8 rows, 2 cores: 5.5-6.8 ms against 2.6-3.1 ms). Set-up work done on one thread for
     another to decode with (loading, the batcher's cache and packed weights) runs in here and starts none.
     """
     threads = torch.get_num_threads()

@@ -138,6 +138,17 @@ def test_batched_greedy_decoding_with_packed_weights_matches_the_plain_model(pac
     assert [greedy_rows(model, [p], 20)[0] for p in prompts] == got
 
 
+def test_eval_speed_decodes_one_sequence_as_generate_does(pack_small_layers):
+    from lmforge.eval.speed import decode
+
+    model = use_inference_layout(tiny("gpt2", seed=2))
+    prompt = [5, 17, 3, 42]
+    tokens, _ = decode(model, prompt, 6, temperature=0.0)
+    # the packed copy where one sequence takes it (AVX-512), and the tokens generate gives
+    assert (1 in pack_small_layers) == layout.packs_every_product()
+    assert tokens == greedy_rows(model, [prompt], 6)[0]
+
+
 def test_every_product_is_packed_exactly_on_cpus_with_avx512():
     capability = torch.backends.cpu.get_cpu_capability()
     assert layout.packs_every_product() == capability.startswith("AVX512")

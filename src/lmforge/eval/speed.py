@@ -1,7 +1,8 @@
 """Inference speed straight on the model: prefill and decode through its KV cache, timed.
 
 The model decodes as `generate` decodes: in the CPU decoding layout (`use_inference_layout`, given to
-the model in place, as `LLM.load` does), with one step per new token through the engine's one-token path
+the model in place, as `LLM.load` does, with the packed weights where one sequence takes them,
+`pack_for_decoding`), with one step per new token through the engine's one-token path
 (`decode_step`, or on a GPU its step recorded as a CUDA graph). Prefill is one forward of the prompt into
 an empty cache; time to first token adds choosing the first token.
 Peak memory is the CUDA allocator's peak on a GPU and the process's peak resident set on a CPU (which
@@ -16,8 +17,8 @@ import time
 
 import torch
 
-from ..generate.engine import graphs_by_default
-from ..generate.layout import use_inference_layout
+from ..generate.engine import _packing_budget, graphs_by_default
+from ..generate.layout import pack_for_decoding, use_inference_layout
 from ..generate.sampling import SamplingParams, sample_rows
 from ..generate.step import StaticDecoder, decode_step
 
@@ -42,6 +43,7 @@ def decode(
     Gives the model the decoding layout first (in place; a no-op once done, and for int8 layers).
     """
     use_inference_layout(model)
+    pack_for_decoding(model, 1, _packing_budget())  # as generate's one sequence (not timed)
     device = next(model.parameters()).device
     context = model.cfg.context_len
     max_new_tokens = max(0, min(max_new_tokens, context - 1))

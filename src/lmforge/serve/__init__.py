@@ -95,7 +95,9 @@ def _load_for_decode_thread(run, device: str, quantize: str | None, max_rows: in
     threads for every thread that has run a parallel op; a second team on the same cores makes both
     teams' workers sleep between ops instead of spinning, and a batched decode step took 1.8x as long
     (8 rows of the bench model on 2 cores: 14.7 ms on a second thread against 8.2 ms on the first).
-    So this thread loads with one intra-op thread (it starts no team) and the batcher's takes them all.
+    `LLM.load` and the batcher's set-up already start no team on this thread (`one_intra_op_thread`);
+    this thread, which goes on to run the event loop, also keeps one intra-op thread for good, so nothing
+    it runs later starts one, and the batcher's thread takes them all.
     """
     import torch
 

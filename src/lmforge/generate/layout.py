@@ -139,8 +139,8 @@ def use_inference_layout(model: nn.Module) -> nn.Module:
 
 
 def pack_for_batches(model: nn.Module, max_bytes: int | None = None) -> int:
-    """Give every InferenceLinear of `model` its packed copy for batched decoding (for all decoding where
-    `packs_every_product()`); return the bytes they hold.
+    """Give every InferenceLinear of `model` its packed copy (weights from MIN_PACKED_BYTES, or all where
+    `packs_every_product()`); return the bytes they hold. `pack_for_decoding` says when decoding asks.
 
     Costs as much memory again as the linear weights: nothing is packed when that would exceed
     max_bytes. Layers that cannot be packed keep `F.linear`. Cheap when already done.

@@ -357,3 +357,35 @@ def test_loading_and_starting_the_scheduler_start_no_openmp_team_on_the_callers_
     assert started == before + 1, "the scheduler started more than its own thread before its first step"
     assert tokens == 4
     assert out.returncode == 0, out.stderr
+
+
+EXIT_WHILE_GENERATING = """
+import sys, time
+import torch
+torch.set_num_threads(2)
+from lmforge.api import LLM
+from lmforge.generate.continuous import Request
+from lmforge.generate.sampling import SamplingParams
+
+llm = LLM.load(sys.argv[1])
+sched = llm.scheduler(4, 4)
+started = []
+for k in range(4):  # no end token: each row generates its 200 tokens
+    ids = llm.tokenizer.encode(f"def main {k}")
+    sched.submit(Request(ids, 200, SamplingParams(temperature=1.0), deliver=started.append))
+while not started:
+    time.sleep(0.01)
+print("leaving with", sched.load[0], "rows generating", flush=True)
+"""
+
+
+def test_a_program_that_exits_while_requests_generate_exits_cleanly(tiny_data, tmp_path):
+    # The decode thread is inside a torch op when the interpreter exits; unless it is stopped first the
+    # process aborts ("terminate called without an active exception", exit status 134).
+    run = make_run(tiny_data, tmp_path / "run", n_embd=128, context_len=256)
+    out = subprocess.run(
+        [sys.executable, "-c", EXIT_WHILE_GENERATING, str(run)], capture_output=True, text=True, timeout=120
+    )
+    assert "leaving with 4 rows generating" in out.stdout, out.stderr
+    assert out.returncode == 0, out.stderr
+    assert "terminate" not in out.stderr

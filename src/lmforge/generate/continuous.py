@@ -18,9 +18,11 @@ callers on plain threads. A bounded wait queue refuses work it could not start s
 
 from __future__ import annotations
 
+import atexit
 import queue
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -38,6 +40,10 @@ from .step import step_rows
 # own): a burst of short prompts joins in one forward, and a burst of long ones does not hold the
 # running rows' next token for a forward of every prompt at once.
 PREFILL_TOKENS = 512
+
+
+# Schedulers whose thread may still run, stopped at exit (`_close_all`).
+_open: weakref.WeakSet[Scheduler] = weakref.WeakSet()
 
 
 class QueueFull(RuntimeError):
@@ -127,6 +133,7 @@ class Scheduler:
         self.threads = threads  # the decode thread's torch.set_num_threads; None: as torch defaults
         self.thread = threading.Thread(target=self._loop, name="lmforge-decode", daemon=True)
         self.thread.start()
+        _open.add(self)
 
     # ---- the callers' side -------------------------------------------------------------------------
     def submit(self, req: Request) -> Request:
@@ -160,6 +167,7 @@ class Scheduler:
             self.closed = True
             self.wake.notify()
         self.thread.join(timeout=10)
+        _open.discard(self)
 
     def run_sync(self, req_fields: dict) -> Iterator[str | Completion]:
         """Submit a request and yield its pieces, then its Completion, on the caller's thread; closing
@@ -349,6 +357,15 @@ class Scheduler:
         tokens = [t for t in row.generated if t not in row.stop_ids]
         logprobs = row.logprobs if row.req.logprobs is not None else None
         row.req.deliver(Completion(row.stream.text, tokens, reason, len(row.req.prompt_ids), logprobs))
+
+
+@atexit.register
+def _close_all() -> None:
+    """Stop every scheduler's thread when the interpreter exits: a program may end while requests still
+    generate (or right after its last reply, as the thread tidies up), and a thread still inside a torch
+    op as the process tears down aborts it ("terminate called without an active exception")."""
+    for scheduler in list(_open):
+        scheduler.close()
 
 
 def _common_start(a: Sequence[int], b: Sequence[int], limit: int) -> int:

@@ -232,12 +232,12 @@ def test_a_step_prefills_at_most_its_budget_of_prompt_tokens(tok, monkeypatch):
     sched = Scheduler(tiny(tok.vocab_size), tok, max_rows=8, max_queue=8)
     done: list[list] = [[] for _ in range(4)]
     with sched.lock, sched.wake:
-        for i, n in enumerate((4, 5, 12, 3)):  # 4 + 5 fit; 12 alone is over, but a prompt always fits
+        for i, n in enumerate((4, 5, 12, 3)):  # 4 + 5 + 1 of the 12; 10 more of it; its last + 3
             prompt = [10 * (i + 1) + t for t in range(n)]  # no two start alike (nothing to reuse)
             sched.submit(Request(prompt, 2, GREEDY, deliver=done[i].append))
     wait_for(lambda: all(d and isinstance(d[-1], Completion) for d in done))
     sched.close()
-    assert [prefilled for _, prefilled in steps if prefilled] == [[4, 5], [12], [3]]
+    assert [prefilled for _, prefilled in steps if prefilled] == [[4, 5, 1], [10], [1, 3]]
     # the budget counts what is left to prefill: a prompt whose start a free row holds costs the rest
     sched = Scheduler(tiny(tok.vocab_size), tok, max_rows=8, max_queue=8)
     first = [60 + t for t in range(10)]
@@ -250,6 +250,58 @@ def test_a_step_prefills_at_most_its_budget_of_prompt_tokens(tok, monkeypatch):
     wait_for(lambda: all(d and isinstance(d[-1], Completion) for d in done))
     sched.close()
     assert [prefilled for _, prefilled in steps if prefilled][-1] == [2, 8]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_long_prompt_is_prefilled_a_part_per_step_while_the_running_rows_decode(tok, family, monkeypatch):
+    monkeypatch.setattr(continuous, "PREFILL_TOKENS", 8)
+    model = tiny(tok.vocab_size, **FAMILIES[family])
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, tok.vocab_size, (n,), generator=g).tolist() for n in (3, 4, 30, 2)]
+    lengths = [3, 12, 6, 4]
+    steps = spy_steps(monkeypatch)
+    sched = Scheduler(model, tok, max_rows=4, max_queue=4)
+    done: list[list] = [[] for _ in prompts]
+    with sched.lock, sched.wake:  # all four wait before the first step
+        for prompt, n, out in zip(prompts, lengths, done, strict=True):
+            sched.submit(Request(prompt, n, GREEDY, deliver=out.append))
+    wait_for(lambda: all(d and isinstance(d[-1], Completion) for d in done))
+    sched.close()
+    # the 30-token prompt: 1 token beside the two short ones, then 8, 8, 8 while both rows decode (the
+    # first finishes meanwhile; the prompt part-way stays the last row), then its last 5 with the fourth
+    assert steps[:5] == [(0, [3, 4, 1]), (2, [8]), (2, [8]), (1, [8]), (1, [5, 2])]
+    assert [d[-1].token_ids for d in done] == [
+        alone(model, p, n) for p, n in zip(prompts, lengths, strict=True)
+    ]
+
+
+def test_a_prompt_cancelled_part_way_frees_its_row_and_leaves_what_it_prefilled(tok, monkeypatch):
+    monkeypatch.setattr(continuous, "PREFILL_TOKENS", 8)
+    model = tiny(tok.vocab_size)
+    steps: list[list[int]] = []
+    long: list = []
+
+    def spy(model, idx, positions, prompts, k_layers, v_layers, starts=()):
+        steps.append([p.numel() for p in prompts])
+        if len(steps) == 3:  # the long prompt's third part: its client leaves
+            long[0].cancel()
+        return step_rows(model, idx, positions, prompts, k_layers, v_layers, starts)
+
+    monkeypatch.setattr(continuous, "step_rows", spy)
+    sched = Scheduler(model, tok, max_rows=2, max_queue=2)
+    prompt = [40 + t % 50 for t in range(30)]
+    running: list = []
+    with sched.lock, sched.wake:
+        sched.submit(Request([5, 6], 10, GREEDY, deliver=running.append))
+        long.append(sched.submit(Request(prompt, 4, GREEDY, deliver=lambda e: None)))
+    wait_for(lambda: running and isinstance(running[-1], Completion))
+    assert steps[:4] == [[2, 6], [8], [8], []]  # dropped at the step after it was cancelled
+    assert running[-1].token_ids == alone(model, [5, 6], 10)
+    # the same prompt again prefills only what the cancelled one did not: 6 + 8 + 8 tokens are held
+    before = len(steps)
+    assert collect(sched, prompt, 4).token_ids == alone(model, prompt, 4)
+    sched.close()
+    assert [n for n in steps[before:] if n] == [[8]]
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -9,8 +9,11 @@ Phases (each prints one line):
   together  `--clients` streaming clients at once, `--requests` each: aggregate tokens/s (and its ratio to
             alone), median TTFT under load (and its ratio to idle); with `--spread` the requests' lengths
             vary, so the clients stop arriving in waves; with `--unique` every prompt ends differently
-            (otherwise all are the same, and the server reuses their cached start). `--rounds` repeats the pair and gives the
-            ratios' medians (a shared machine's speed can drift from minute to minute)
+            (otherwise all are the same, and the server reuses their cached start); with `--think MS` each
+            client waits a random 0..MS ms before each request, so requests arrive at any point of a
+            decode step, not just after one began (a client that sends its next request the moment its
+            last reply ends arrives just after the step that ended it started the next). `--rounds`
+            repeats the pair and gives the ratios' medians (a shared machine's speed can drift)
   soak      `--soak` seconds of clients that leave mid-stream at random: the server's resident memory
             after vs idle, and /health
   burst     `--burst` streaming requests at once: how many streamed, how many got 429, the longest
@@ -167,6 +170,7 @@ async def clients_phase(
     spread: float = 0.0,
     unique: bool = False,
     keep_alive: bool = True,
+    think: float = 0.0,
 ) -> tuple[float, float]:
     """`clients` concurrent clients doing `requests` streams each: (aggregate tokens/s, median TTFT).
     spread: the requests ask for lengths evenly spaced over max_tokens x (1 +- spread), each client the
@@ -174,7 +178,8 @@ async def clients_phase(
     but they no longer finish, and come back, in step with each other. unique: every request's message
     ends differently (its client and number), so only the prompt's start is shared, as a system prompt
     is; otherwise all prompts are the same, and the server may reuse all but their last token.
-    keep_alive: each client keeps its connection from one request to the next."""
+    keep_alive: each client keeps its connection from one request to the next. think: each client waits a
+    random 0..think seconds before each request (seeded per client; not counted in its TTFT)."""
     ttfts, total = [], 0
     lengths = [
         round(max_tokens * (1 - spread + 2 * spread * i / max(1, requests - 1))) for i in range(requests)
@@ -183,7 +188,10 @@ async def clients_phase(
     async def one_client(k: int):
         nonlocal total
         client = Client(url, keep_alive)
+        pause = random.Random(k)
         for r, n in enumerate(lengths[k % requests :] + lengths[: k % requests]):
+            if think:
+                await asyncio.sleep(pause.uniform(0, think))
             first, tokens, _ = await client.stream(max(1, n), tag=f" # {k}.{r}" if unique else "")
             total += tokens
             if first is not None:
@@ -256,6 +264,7 @@ def main() -> None:
         "--spread", type=float, default=0.0, help="requests ask for max_tokens x (1 +- spread) (0: all alike)"
     )
     ap.add_argument("--unique", action="store_true", help="every request's prompt ends differently")
+    ap.add_argument("--think", type=float, default=0.0, help="ms each client may wait before a request")
     ap.add_argument(
         "--new-connections",
         action="store_true",
@@ -284,15 +293,15 @@ def main() -> None:
         asyncio.run(clients_phase(url, 1, 1, 8))  # warm-up
         idle_rss = rss_mb(server.pid)
         ratios, slowdowns = [], []
-        keep = not args.new_connections
+        keep, think = not args.new_connections, args.think / 1e3
         for _ in range(args.rounds):  # alone and together back to back: the machine's drift cancels out
             alone_tps, alone_ttft = asyncio.run(
-                clients_phase(url, 1, args.requests, args.max_tokens, args.spread, args.unique, keep)
+                clients_phase(url, 1, args.requests, args.max_tokens, args.spread, args.unique, keep, think)
             )
             print(f"alone     {alone_tps:7.1f} tok/s   TTFT median {alone_ttft * 1e3:6.0f} ms")
             tps, ttft = asyncio.run(
                 clients_phase(
-                    url, args.clients, args.requests, args.max_tokens, args.spread, args.unique, keep
+                    url, args.clients, args.requests, args.max_tokens, args.spread, args.unique, keep, think
                 )
             )
             ratios.append(tps / alone_tps)

@@ -275,6 +275,24 @@ def test_a_long_prompt_is_prefilled_a_part_per_step_while_the_running_rows_decod
     ]
 
 
+def test_a_prompt_like_one_still_prefilling_copies_what_that_one_has_prefilled(tok, monkeypatch):
+    # n > 1, or users with one long system prompt: the second copies the first's keys and values so far
+    monkeypatch.setattr(continuous, "PREFILL_TOKENS", 8)
+    model = tiny(tok.vocab_size)
+    steps = spy_steps(monkeypatch)
+    sched = Scheduler(model, tok, max_rows=2, max_queue=2)
+    prompt = [40 + t % 50 for t in range(30)]
+    done: list[list] = [[], []]
+    with sched.lock, sched.wake:
+        for out in done:
+            sched.submit(Request(prompt, 3, GREEDY, deliver=out.append))
+    wait_for(lambda: all(d and isinstance(d[-1], Completion) for d in done))
+    sched.close()
+    # the second joins when the first has 24 tokens in: it copies them and prefills 6, not 30
+    assert [n for _, n in steps if n] == [[8], [8], [8], [6, 2], [4]]
+    assert done[0][-1].token_ids == done[1][-1].token_ids == alone(model, prompt, 3)
+
+
 def test_a_prompt_cancelled_part_way_frees_its_row_and_leaves_what_it_prefilled(tok, monkeypatch):
     monkeypatch.setattr(continuous, "PREFILL_TOKENS", 8)
     model = tiny(tok.vocab_size)

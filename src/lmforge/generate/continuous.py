@@ -249,7 +249,7 @@ class Scheduler:
             except Exception as exc:  # noqa: BLE001 - a request the loop cannot start fails alone
                 req.deliver(exc)
                 continue
-            start, source = self._held_start(req.prompt_ids, i, running)
+            start, source = self._held_start(req.prompt_ids, i)
             self.rows.append(row)
             if start and source != i:
                 self.k[:, i, :, :start] = self.k[:, source, :, :start]
@@ -286,15 +286,16 @@ class Scheduler:
         self.steps += 1
         return logits
 
-    def _held_start(self, prompt: list[int], i: int, running: int) -> tuple[int, int]:
-        """(n, row): the longest start of a prompt about to take free row i whose keys and values a row
-        holds (a running row's tokens so far, or what a free row's last occupant left; rows taken in this
-        step are skipped, their slots are about to be rewritten), and that row (i itself when it holds
-        as much). At least the prompt's last token is left to prefill (its logits are the first new
-        token's). Copied slots hold the keys and values a prefill computes, up to float rounding."""
+    def _held_start(self, prompt: list[int], i: int) -> tuple[int, int]:
+        """(n, row): the longest start of a prompt about to take free row i (rows 0..i-1 are in use)
+        whose keys and values a row holds (a row in use: the tokens in its cache before this step, a
+        prompt still prefilling included, so that one of two alike copies what the other has done so
+        far; a free row: what its last occupant left), and that row (i itself when it holds as much).
+        At least the prompt's last token is left to prefill (its logits are the first new token's).
+        Copied slots hold the keys and values a prefill computes, up to float rounding."""
         best, source = 0, i
-        for j in [*range(running), *range(i, self.max_rows)]:
-            held = self.rows[j].cached() if j < running else self.held[j]
+        for j in range(self.max_rows):
+            held = self.rows[j].cached() if j < i else self.held[j]
             n = _common_start(prompt, held, len(prompt) - 1)
             if n > best or (n == best and j == i):
                 best, source = n, j

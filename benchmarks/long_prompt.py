@@ -4,7 +4,8 @@ A few requests stream (the running rows); then one prompt of many tokens arrives
 whole prefill is one step, and every running request waits for it before its next token; with a budget
 of prompt tokens per step (`continuous.PREFILL_TOKENS`), the prompt is prefilled over several steps and
 the running rows decode a token in each. Reported: the running requests' longest gap between two tokens
-while the prompt prefills, the long prompt's time to its first token, and the running rows' tokens/s.
+while the prompt prefills, the long prompt's time to its first token, and the running requests' median
+gap before it arrived.
 
     python benchmarks/long_prompt.py --model gpt2-124m --prompt-tokens 1000 --budget 512 --budget 128
 """
@@ -42,18 +43,18 @@ def one(model, budget: int, running: int, prompt_tokens: int, new_tokens: int) -
     sched = Scheduler(model, Tokens(), max_rows=running + 1)
     stamps: list[list[float]] = [[] for _ in range(running)]
     done = threading.Event()
-    left = [running + 1]
+    left, errors = [running + 1], []
 
     def on_event(i: int):
         def deliver(event):
             if i < running and isinstance(event, str):
                 stamps[i].append(time.perf_counter())
+            if isinstance(event, BaseException):
+                errors.append(event)
             if isinstance(event, (Completion, BaseException)):
                 left[0] -= 1
                 if not left[0]:
                     done.set()
-                elif isinstance(event, BaseException):
-                    raise event
 
         return deliver
 
@@ -76,7 +77,13 @@ def one(model, budget: int, running: int, prompt_tokens: int, new_tokens: int) -
     sched.submit(Request(long, 4, GREEDY, deliver=long_deliver))
     done.wait()
     sched.close()
+    if errors:
+        raise errors[0]
     gaps = [b - a for s in stamps for a, b in zip(s, s[1:], strict=False) if b > arrived and a < first[0]]
+    if not gaps:
+        raise SystemExit(
+            "the running requests ended before the long prompt's first token: raise --new-tokens"
+        )
     steady = [b - a for s in stamps for a, b in zip(s[1:8], s[2:8], strict=False)]
     return {
         "ttft": first[0] - arrived,

@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from ..generate.engine import _packing_budget, graphs_by_default
+from ..generate.engine import graphs_by_default
 from ..generate.layout import pack_for_decoding, use_inference_layout
 from ..generate.sampling import SamplingParams, sample_rows
 from ..generate.step import StaticDecoder, decode_step
@@ -43,7 +43,7 @@ def decode(
     Gives the model the decoding layout first (in place; a no-op once done, and for int8 layers).
     """
     use_inference_layout(model)
-    pack_for_decoding(model, 1, _packing_budget())  # as generate's one sequence (not timed)
+    pack_for_decoding(model, 1)  # as generate's one sequence (not timed)
     device = next(model.parameters()).device
     context = model.cfg.context_len
     max_new_tokens = max(0, min(max_new_tokens, context - 1))

@@ -33,7 +33,7 @@ import torch
 
 from ..device import one_intra_op_thread
 from ..model import GPT
-from .engine import Completion, TextStream, _packing_budget
+from .engine import Completion, TextStream
 from .layout import pack_for_decoding
 from .sampling import SamplingParams, sample_rows
 from .step import step_rows
@@ -136,7 +136,7 @@ class Scheduler:
         with one_intra_op_thread():  # set-up on the caller's thread starts no OpenMP team there
             self.k = torch.zeros(shape, dtype=p.dtype, device=p.device)
             self.v = torch.zeros(shape, dtype=p.dtype, device=p.device)
-            pack_for_decoding(model, max_rows, _packing_budget())
+            pack_for_decoding(model, max_rows)
         self.rows: list[_Row] = []
         # What each free row's cache still holds (the tokens of its last occupant's keys and values): a
         # new prompt that starts the same way takes the row and prefills only the rest.
@@ -388,11 +388,12 @@ class Scheduler:
         if src == dst:
             return
         moved = self.rows[src]
-        n = len(moved.cached())
+        held = moved.cached()
+        n = len(held)
         self.k[:, dst, :, :n] = self.k[:, src, :, :n]
         self.v[:, dst, :, :n] = self.v[:, src, :, :n]
         self.rows[dst] = moved
-        self.held[src] = moved.cached()
+        self.held[src] = held
 
 
 @atexit.register

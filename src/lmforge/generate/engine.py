@@ -11,7 +11,6 @@ engine too and must keep its weights as they are.
 
 from __future__ import annotations
 
-import functools
 import os
 import warnings
 from collections.abc import Callable, Collection, Iterator, Sequence
@@ -71,15 +70,6 @@ class ControlIds:
 
 
 NO_CONTROL = ControlIds()
-
-
-@functools.cache
-def _packing_budget() -> int | None:
-    """The most memory a packed copy of the weights may add: a quarter of the machine's (None: unknown)."""
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
-    except (AttributeError, ValueError, OSError):
-        return None
 
 
 def _left_padded(
@@ -155,7 +145,7 @@ class BatchDecoder:
         self.finish_reasons: list[str | None] = [None] * B
         self.use_cache = use_cache
         if use_cache:  # CPU inference layers get their packed weights where the rows take them
-            pack_for_decoding(model, B, _packing_budget())
+            pack_for_decoding(model, B)
         if cuda_graph is None:
             cuda_graph = graphs_by_default(device, max_new_tokens)
         static = use_cache and cuda_graph and not model.training

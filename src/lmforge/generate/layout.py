@@ -21,6 +21,7 @@ Whoever decodes a model it owns applies the layout (`LLM.load`, eval's generatio
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import torch.nn as nn
@@ -151,7 +152,17 @@ def pack_for_batches(model: nn.Module, max_bytes: int | None = None) -> int:
     return sum(m.pack() for m in layers)
 
 
-def pack_for_decoding(model: nn.Module, rows: int, max_bytes: int | None = None) -> int:
+def pack_for_decoding(model: nn.Module, rows: int) -> int:
     """`pack_for_batches` where decoding `rows` sequences at once takes the packed products (2 or more, or
-    any number where `packs_every_product()`); the bytes the packed copies hold (0: none made)."""
-    return pack_for_batches(model, max_bytes) if rows > 1 or packs_every_product() else 0
+    any number where `packs_every_product()`), within `packing_budget()`; the bytes the packed copies
+    hold (0: none made)."""
+    return pack_for_batches(model, packing_budget()) if rows > 1 or packs_every_product() else 0
+
+
+@functools.cache
+def packing_budget() -> int | None:
+    """The most memory a packed copy of the weights may add: a quarter of the machine's (None: unknown)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
+    except (AttributeError, ValueError, OSError):
+        return None

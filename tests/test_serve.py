@@ -147,8 +147,10 @@ def test_a_stream_sends_the_events_of_one_step_in_one_write(server):
     first, last = parsed[0], parsed[-1]
     assert first[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
     assert first[1]["choices"][0]["delta"]["content"]  # the first piece, in the same write
-    assert last[-1] == "data: [DONE]" and 1 <= last[-2]["usage"]["completion_tokens"] <= 4
-    assert last[-3]["choices"][0]["finish_reason"] in ("length", "stop")
+    assert last[-1] == "data: [DONE]"
+    tokens, reason = last[-2]["usage"]["completion_tokens"], last[-3]["choices"][0]["finish_reason"]
+    # all 4 tokens, or fewer when the model ends its text first (whether it does depends on the CPU's numerics)
+    assert (reason, tokens) == ("length", 4) or (reason == "stop" and 1 <= tokens < 4), (reason, tokens)
     assert all(len(c) == 1 for c in parsed[1:-1])  # one piece a step between them
 
 

@@ -123,6 +123,30 @@ def test_each_request_keeps_its_own_sampling_and_seed(tok):
     assert out["greedy"] == alone(model, [9, 8, 7], 15)
 
 
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_frequency_and_presence_penalties_draw_as_the_model_alone(tok, family):
+    model = tiny(tok.vocab_size, family=family)
+    penalized = SamplingParams(temperature=0, frequency_penalty=0.7, presence_penalty=1.5)
+    prompt, other = [1, 2, 3], [9, 8, 7]
+    want = alone(model, prompt, 20, penalized)
+    assert want != alone(model, prompt, 20)  # negative control: the penalties change the greedy tokens
+    sched = Scheduler(model, tok, max_rows=3)
+    out = {}
+
+    def run(name, prompt, params):
+        out[name] = collect(sched, prompt, 20, params).token_ids
+
+    jobs = [("penalized", prompt, penalized), ("plain", other, GREEDY), ("again", prompt, penalized)]
+    threads = [threading.Thread(target=run, args=job) for job in jobs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    sched.close()
+    assert out["penalized"] == out["again"] == want
+    assert out["plain"] == alone(model, other, 20)  # a row without them is drawn without them
+
+
 def test_stops_text_banned_tokens_and_logprobs(tok):
     model = tiny(tok.vocab_size)
     prompt = tok.encode("the cat")

@@ -86,6 +86,28 @@ def test_same_seed_same_sample_alone_or_in_a_batch_and_filters():
         SamplingParams(min_p=1.5)
 
 
+def test_frequency_and_presence_penalties_lower_generated_tokens_logits():
+    logits = torch.tensor([[4.0, 3.0, 0.0, -2.0]])
+
+    def greedy(counts, **penalties):
+        return sample_rows(
+            logits, SamplingParams(temperature=0, **penalties), counts=torch.tensor([counts])
+        ).item()
+
+    # the top token, generated twice: 4 - 2 x 0.6 = 2.8 loses to 3; 4 - 2 x 0.4 = 3.2 does not
+    assert greedy([2.0, 0, 0, 0], frequency_penalty=0.6) == 1
+    assert greedy([2.0, 0, 0, 0], frequency_penalty=0.4) == 0
+    # presence counts once, however many times: 4 - 1.1 loses, 4 - 0.9 does not
+    assert greedy([5.0, 0, 0, 0], presence_penalty=1.1) == 1
+    assert greedy([5.0, 0, 0, 0], presence_penalty=0.9) == 0
+    assert greedy([1.0, 1.0, 0, 0], frequency_penalty=0.5, presence_penalty=0.5) == 0  # both lose alike
+    assert greedy([0, 1.0, 0, 0], presence_penalty=-1.5) == 1  # a negative penalty favours repeats
+    assert greedy([2.0, 0, 0, 0]) == 0  # no penalty: counts change nothing
+    for name in ("frequency_penalty", "presence_penalty"):
+        with pytest.raises(ValueError, match=name):
+            SamplingParams(**{name: 2.5})
+
+
 def test_top_k_draws_among_the_candidates_with_the_filtered_distribution():
     # sample_rows draws among the top-k candidates only; its frequencies are the softmax of the whole
     # filtered vocabulary (temperature, top-k, then top-p and min-p), which is what the filters define

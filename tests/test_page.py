@@ -52,6 +52,8 @@ def test_info_needs_the_key_and_tells_the_model_and_the_defaults(client, run):
             "top_p": None,
             "min_p": None,
             "repetition_penalty": 1.0,
+            "frequency_penalty": 0.0,
+            "presence_penalty": 0.0,
             "max_tokens": 24,
         },
     }

@@ -64,6 +64,23 @@ def test_greedy_requests_batched_together_equal_each_served_alone(served):
     assert together == alone
 
 
+def test_frequency_and_presence_penalties_as_the_python_api_draws_them(served):
+    url, llm = served
+    client = client_of(url)
+    penalties = dict(frequency_penalty=0.8, presence_penalty=1.2)
+
+    def call(prompt, **kw):
+        return client.completions.create(model="tiny", prompt=prompt, max_tokens=24, temperature=0, **kw)
+
+    with ThreadPoolExecutor(2) as pool:  # a penalized request batched with one without
+        penalized, plain = pool.map(lambda kw: call("the cat", **kw), [penalties, {}])
+    assert penalized.choices[0].text == llm.generate("the cat", max_new_tokens=24, temperature=0, **penalties)
+    assert plain.choices[0].text == llm.generate("the cat", max_new_tokens=24, temperature=0)
+    assert penalized.choices[0].text != plain.choices[0].text  # negative control: they change the reply
+    with pytest.raises(openai.BadRequestError, match="presence_penalty"):
+        call("the cat", presence_penalty=2.5)  # OpenAI's range is [-2, 2]
+
+
 def test_n_choices_and_seeds(served):
     url, _ = served
     client = client_of(url)

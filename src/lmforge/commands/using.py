@@ -206,7 +206,10 @@ def serve(
 def evaluate(
     run: Run,
     device: InferenceDevice,
-    sampling: Annotated[SamplingParams, Without("top_p", "min_p", "repetition_penalty", "stop")],
+    sampling: Annotated[
+        SamplingParams,
+        Without("top_p", "min_p", "repetition_penalty", "frequency_penalty", "presence_penalty", "stop"),
+    ],
     harness: Harness,
     *,
     data: str | None = None,

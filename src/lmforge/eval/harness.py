@@ -40,7 +40,16 @@ log = logging.getLogger(__name__)
 
 DEFAULT_BATCH_SIZE = 8  # what `--batch_size auto` gets: lmforge does not search for the largest batch
 # Generation settings of lm-eval's requests that lmforge's sampling takes; others are ignored with a warning.
-SAMPLING_KEYS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed")
+SAMPLING_KEYS = (
+    "temperature",
+    "top_k",
+    "top_p",
+    "min_p",
+    "repetition_penalty",
+    "frequency_penalty",
+    "presence_penalty",
+    "seed",
+)
 LM_EVAL_KEYS = ("do_sample", "until", "max_gen_toks")
 
 

@@ -36,7 +36,7 @@ class EvalError(LmforgeError, ValueError):
 
 
 # Sampling settings the generation check does not apply (it decodes with temperature and top-k).
-UNUSED_SAMPLING = ("top_p", "min_p", "repetition_penalty", "stop")
+UNUSED_SAMPLING = ("top_p", "min_p", "repetition_penalty", "frequency_penalty", "presence_penalty", "stop")
 
 
 @dataclass

@@ -92,6 +92,9 @@ class _Row:
         if req.params.repetition_penalty != 1.0:
             self.seen = torch.zeros((1, vocab), dtype=torch.bool, device=device)
             self.seen[0, req.prompt_ids] = True
+        self.counts = None  # how many times the row generated each token (frequency/presence penalty)
+        if req.params.counts_tokens:
+            self.counts = torch.zeros((1, vocab), dtype=torch.float32, device=device)
         self.banned_key = tuple(sorted(set(req.banned_ids)))
         self.banned = torch.tensor(self.banned_key, dtype=torch.long, device=device)
         self.stop_ids = set(req.stop_ids)
@@ -328,7 +331,8 @@ class Scheduler:
         groups: dict[tuple, list[int]] = {}
         for i in live:
             p = self.rows[i].req.params
-            key = (p.temperature, p.top_k, p.top_p, p.min_p, p.repetition_penalty, self.rows[i].banned_key)
+            penalties = (p.repetition_penalty, p.frequency_penalty, p.presence_penalty)
+            key = (p.temperature, p.top_k, p.top_p, p.min_p, penalties, self.rows[i].banned_key)
             groups.setdefault(key, []).append(i)
         tokens: dict[int, int] = {}
         for idx in groups.values():
@@ -337,8 +341,10 @@ class Scheduler:
             if rows[0].banned.numel():
                 lg = lg.index_fill(1, rows[0].banned, float("-inf"))
             seen = torch.cat([r.seen for r in rows]) if rows[0].seen is not None else None
+            counts = torch.cat([r.counts for r in rows]) if rows[0].counts is not None else None
             generators = [r.generator for r in rows]
-            drawn = sample_rows(lg, rows[0].req.params, seen, None if not any(generators) else generators)
+            generators = None if not any(generators) else generators
+            drawn = sample_rows(lg, rows[0].req.params, seen, generators, counts)
             tokens.update(zip(idx, drawn.tolist(), strict=True))
         return tokens
 
@@ -348,6 +354,8 @@ class Scheduler:
         row.generated.append(token)
         if row.seen is not None:
             row.seen[0, token] = True
+        if row.counts is not None:
+            row.counts[0, token] += 1
         if token in row.stop_ids:
             return "stop"
         if req.logprobs is not None:  # the reply's tokens only: an end token is not part of it

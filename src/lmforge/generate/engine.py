@@ -137,6 +137,9 @@ class BatchDecoder:
         if self.params.repetition_penalty != 1.0:
             self.seen = torch.zeros((B, vocab), dtype=torch.bool, device=device)
             self.seen.scatter_(1, ids, self.key_mask[:, :P])
+        self.counts = None  # (B, vocab) each row's generated tokens, counted (frequency/presence penalty)
+        if self.params.counts_tokens:
+            self.counts = torch.zeros((B, vocab), dtype=torch.float32, device=device)
         self.banned = None  # (n,) ids whose logits are -inf before every draw
         if control.banned:
             self.banned = torch.tensor(sorted(control.banned), dtype=torch.long, device=device)
@@ -187,7 +190,7 @@ class BatchDecoder:
         logits = self._logits  # (B, vocab)
         if self.banned is not None:  # a copy: the static decoder's logits tensor is its own
             logits = logits.index_fill(1, self.banned, float("-inf"))
-        nxt = sample_rows(logits, self.params, self.seen, self.generators)  # (B,)
+        nxt = sample_rows(logits, self.params, self.seen, self.generators, self.counts)  # (B,)
         out: list[int | None] = []
         for i, token in enumerate(nxt.tolist()):
             if self.done[i]:
@@ -201,6 +204,8 @@ class BatchDecoder:
                 self.finish(i, "length")
         if self.seen is not None:
             self.seen.scatter_(1, nxt[:, None], True)
+        if self.counts is not None:
+            self.counts[torch.arange(len(self.done), device=nxt.device), nxt] += 1
         if self.slot >= self.total:  # the context is full
             for i in range(len(self.done)):
                 self.finish(i, "length")

@@ -21,13 +21,15 @@ class SamplingParams:
 
     Temperature 0.8 over the 50 most likely tokens (what `lmforge generate` and the training samples have
     always drawn with) keeps text varied without the long tail of unlikely tokens; 128 new tokens is a
-    chat reply's and a server request's length. Top-p, min-p and the repetition penalty start off.
+    chat reply's and a server request's length. Top-p, min-p and the penalties start off.
 
     Args:
         temperature: divides the logits before the draw; 0 is greedy (argmax)
         top_k: draw from the k most likely tokens only (null: all)
         top_p: nucleus: the smallest set of tokens whose probability reaches p (null: off)
         repetition_penalty: CTRL's penalty on tokens already in the text (1.0: off)
+        frequency_penalty: subtracted from a token's logit once for each time it was generated (0: off)
+        presence_penalty: subtracted from the logit of every token generated at least once (0: off)
         min_p: drop tokens less likely than min_p x the top token (null: off)
         max_new_tokens: the most new tokens per completion
         stop: stop where this text appears; it is left out (repeatable)
@@ -38,6 +40,8 @@ class SamplingParams:
     top_k: int | None = 50
     top_p: float | None = None
     repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
     min_p: float | None = None
     max_new_tokens: int = 128
     stop: list[str] | None = None
@@ -60,7 +64,19 @@ class SamplingParams:
             raise ValueError(f"top_p={self.top_p}: must be in (0, 1]")
         if self.repetition_penalty <= 0:
             raise ValueError(f"repetition_penalty={self.repetition_penalty}: must be > 0 (1 disables it)")
+        for name in ("frequency_penalty", "presence_penalty"):
+            value = getattr(self, name)
+            if not -2 <= value <= 2:  # NaN fails too
+                raise ValueError(
+                    f"{name}={value}: must be in [-2, 2] (0 disables it), as OpenAI's API has it"
+                )
         if self.min_p is not None and not 0 <= self.min_p < 1:
             raise ValueError(f"min_p={self.min_p}: must be in [0, 1)")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={self.max_new_tokens}: must be >= 1")
+
+    @property
+    def counts_tokens(self) -> bool:
+        """The frequency or presence penalty is on: sampling needs each row's counts of its generated
+        tokens."""
+        return self.frequency_penalty != 0 or self.presence_penalty != 0

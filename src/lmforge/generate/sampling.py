@@ -14,6 +14,7 @@ __all__ = [
     "draw",
     "filter_logits",
     "min_p_filter",
+    "penalize_counts",
     "penalize_seen",
     "race",
     "sample_rows",
@@ -57,6 +58,16 @@ def penalize_seen(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> t
     return torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
 
 
+def penalize_counts(logits: torch.Tensor, counts: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """OpenAI's frequency and presence penalties for a batch: `counts` (B, vocab) holds how many times each
+    row generated each token; a token's logit loses frequency_penalty x its count, and presence_penalty
+    once it has a count (the prompt's tokens are not counted)."""
+    penalty = counts * params.frequency_penalty if params.frequency_penalty else 0
+    if params.presence_penalty:
+        penalty = penalty + (counts > 0) * params.presence_penalty
+    return logits - penalty
+
+
 def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """Temperature, then top-k, top-p and min-p, on float logits (..., vocab); temperature must be > 0."""
     logits = logits / params.temperature
@@ -79,14 +90,19 @@ def sample_rows(
     params: SamplingParams,
     seen: torch.Tensor | None = None,
     generators: list[torch.Generator | None] | None = None,
+    counts: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Next token of each row of logits (B, vocab) -> (B,); row i draws from generators[i].
+    """Next token of each row of logits (B, vocab) -> (B,); row i draws from generators[i]. seen: (B,
+    vocab) the tokens each row's text holds (for the repetition penalty); counts: (B, vocab) how many
+    times each row generated each token (for the frequency and presence penalties).
 
     One generator per row makes a prompt's sample independent of the other prompts in its batch.
     """
     logits = logits.float()
     if seen is not None:
         logits = penalize_seen(logits, seen, params.repetition_penalty)
+    if counts is not None:
+        logits = penalize_counts(logits, counts, params)
     if params.greedy:
         return logits.argmax(-1)
     k = params.top_k

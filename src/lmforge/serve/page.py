@@ -73,6 +73,8 @@ def model_facts(server) -> dict:
             "top_p": d.top_p,
             "min_p": d.min_p,
             "repetition_penalty": d.repetition_penalty,
+            "frequency_penalty": d.frequency_penalty,
+            "presence_penalty": d.presence_penalty,
             "max_tokens": d.max_new_tokens,
         },
     }

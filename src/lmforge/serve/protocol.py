@@ -2,11 +2,11 @@
 
 Honoured request fields: model (must name the served model), prompt (text, list of texts, token ids, or
 lists of token ids), messages (content as text or a list of text parts), max_tokens /
-max_completion_tokens, temperature, top_p, top_k, min_p, repetition_penalty, stop, seed, n, stream,
-stream_options.include_usage, logprobs (completions: an int, the top alternatives; chat: a bool, with
-top_logprobs). Refused with a 400: content parts other than text, token ids outside the vocabulary, a
-prompt plus max_tokens longer than the context. Accepted and ignored: every other field (user,
-frequency_penalty, presence_penalty, logit_bias, tools, response_format, ...). docs/using.md lists them.
+max_completion_tokens, temperature, top_p, top_k, min_p, repetition_penalty, frequency_penalty,
+presence_penalty, stop, seed, n, stream, stream_options.include_usage, logprobs (completions: an int, the
+top alternatives; chat: a bool, with top_logprobs). Refused with a 400: content parts other than text,
+token ids outside the vocabulary, a prompt plus max_tokens longer than the context. Accepted and ignored:
+every other field (user, logit_bias, tools, response_format, ...). docs/using.md lists them.
 """
 
 from __future__ import annotations
@@ -22,7 +22,17 @@ from ..generate.params import SamplingParams
 
 DEFAULT = SamplingParams()  # the one set of sampling defaults; `lmforge serve`'s flags may change them
 # Request fields that are sampling settings of the same name; max_tokens is max_new_tokens.
-SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "stop", "seed")
+SAMPLING_FIELDS = (
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+    "frequency_penalty",
+    "presence_penalty",
+    "stop",
+    "seed",
+)
 # Generations one request may ask for (prompts x n): more would hold every row of the batch.
 MAX_CHOICES = 16
 
@@ -42,6 +52,8 @@ class Sampling(BaseModel):
     top_k: int | None = Field(default=DEFAULT.top_k, ge=1)  # not in OpenAI's API; vLLM and others accept it
     min_p: float | None = Field(default=DEFAULT.min_p, ge=0.0, lt=1.0)
     repetition_penalty: float = Field(default=DEFAULT.repetition_penalty, gt=0.0)
+    frequency_penalty: float = Field(default=DEFAULT.frequency_penalty, ge=-2.0, le=2.0)
+    presence_penalty: float = Field(default=DEFAULT.presence_penalty, ge=-2.0, le=2.0)
     stop: str | list[str] | None = None
     stream: bool = False
     seed: int | None = None

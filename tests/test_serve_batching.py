@@ -81,6 +81,44 @@ def test_frequency_and_presence_penalties_as_the_python_api_draws_them(served):
         call("the cat", presence_penalty=2.5)  # OpenAI's range is [-2, 2]
 
 
+def test_logit_bias_moves_the_draw_and_logprobs_stay_the_models(served):
+    url, llm = served
+    client = client_of(url)
+    for prompt in (
+        "the cat",
+        "the dog",
+        "the",
+        "a cat sat",
+    ):  # one whose two likeliest tokens are not the end
+        with torch.no_grad():
+            logits = llm.model(torch.tensor([llm.tokenizer.encode(prompt)]))[0, -1]
+        first = torch.log_softmax(logits.float(), -1)
+        top, runner_up = first.topk(2).indices.tolist()
+        if llm.tokenizer.eos_id not in (top, runner_up):
+            break
+
+    def call(bias, **kw):
+        return client.completions.create(
+            model="tiny", prompt=prompt, max_tokens=3, temperature=0, logit_bias=bias, **kw
+        ).choices[0]
+
+    unbiased = call({}, logprobs=0)  # negative control: the argmax
+    assert unbiased.logprobs.tokens[0] == llm.tokenizer.decode([top]) != llm.tokenizer.decode([runner_up])
+    # -100 on the argmax: the runner-up is drawn, and its logprob is the model's own, not the biased one
+    banned = call({str(top): -100}, logprobs=1)
+    assert banned.logprobs.token_logprobs[0] == pytest.approx(float(first[runner_up]), abs=1e-4)
+    assert banned.logprobs.tokens[0] == llm.tokenizer.decode([runner_up])
+    # +100 on one ordinary token: every draw is that token
+    word = llm.tokenizer.encode(" dog")[-1]
+    forced = call({str(word): 100}, logprobs=0)
+    assert forced.logprobs.tokens == [llm.tokenizer.decode([word])] * 3
+    for bad, why in [({"x": 1}, "not a token id"), ({"5": 101}, "outside"), ({"999999": 1}, r"\[0, ")]:
+        with pytest.raises(openai.BadRequestError, match=why):
+            call(bad)
+    with pytest.raises(openai.BadRequestError, match="logit_bias"):
+        call({str(t): 1 for t in range(301)})  # at most 300 tokens
+
+
 def test_n_choices_and_seeds(served):
     url, _ = served
     client = client_of(url)

@@ -67,6 +67,7 @@ class Request:
     stop: Sequence[str] = ()
     stop_ids: Sequence[int] = ()  # tokens that end the generation and are not part of its text
     banned_ids: Sequence[int] = ()  # tokens never sampled (a chat template's role tokens)
+    logit_bias: dict[int, float] | None = None  # added to these tokens' logits before every draw
     logprobs: int | None = None  # None: none; k >= 0: each token's log-probability and the top k
     deadline: float | None = None  # time.monotonic() past which the generation ends ("length")
     _cancelled: bool = field(default=False, repr=False)
@@ -97,6 +98,10 @@ class _Row:
             self.counts = torch.zeros((1, vocab), dtype=torch.float32, device=device)
         self.banned_key = tuple(sorted(set(req.banned_ids)))
         self.banned = torch.tensor(self.banned_key, dtype=torch.long, device=device)
+        self.bias = None  # (ids, values): the request's logit bias
+        if req.logit_bias:
+            ids, values = zip(*sorted(req.logit_bias.items()), strict=True)
+            self.bias = (torch.tensor(ids, device=device), torch.tensor(values, device=device))
         self.stop_ids = set(req.stop_ids)
         # Prompt tokens whose keys and values the row's cache holds: the start some row held when it
         # started (`_held_start`), then what each step prefilled; chunk: what this step prefills.
@@ -164,6 +169,8 @@ class Scheduler:
         vocab = self.model.cfg.vocab_size
         if not all(0 <= t < vocab for t in req.prompt_ids):
             raise ValueError(f"prompt: token ids must be in [0, {vocab})")
+        if req.logit_bias and not all(0 <= t < vocab for t in req.logit_bias):
+            raise ValueError(f"logit_bias: token ids must be in [0, {vocab})")
         with self.wake:
             if self.closed:
                 raise QueueFull("the server is shutting down")
@@ -338,6 +345,9 @@ class Scheduler:
         for idx in groups.values():
             rows = [self.rows[i] for i in idx]
             lg = logits[idx]  # (g, vocab)
+            for j, row in enumerate(rows):  # lg is a copy (indexed rows)
+                if row.bias is not None:
+                    lg[j].index_add_(0, row.bias[0], row.bias[1].to(lg.dtype))
             if rows[0].banned.numel():
                 lg = lg.index_fill(1, rows[0].banned, float("-inf"))
             seen = torch.cat([r.seen for r in rows]) if rows[0].seen is not None else None

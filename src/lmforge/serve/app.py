@@ -203,6 +203,7 @@ class _Server:
             )
         fields["max_new_tokens"] = min(fields["max_new_tokens"], room)
         fields["logprobs"] = logprobs
+        fields["logit_bias"] = body.token_bias()
         seed = fields["seed"]
         # n choices of one request differ: each draws from its own seed (seed + i when one is given).
         return [({**fields, "seed": None if seed is None else seed + i}, trim) for i in range(body.n)]

@@ -5,8 +5,9 @@ lists of token ids), messages (content as text or a list of text parts), max_tok
 max_completion_tokens, temperature, top_p, top_k, min_p, repetition_penalty, frequency_penalty,
 presence_penalty, stop, seed, n, stream, stream_options.include_usage, logprobs (completions: an int, the
 top alternatives; chat: a bool, with top_logprobs). Refused with a 400: content parts other than text,
-token ids outside the vocabulary, a prompt plus max_tokens longer than the context. Accepted and ignored:
-every other field (user, logit_bias, tools, response_format, ...). docs/using.md lists them.
+token ids outside the vocabulary, a prompt plus max_tokens longer than the context. logit_bias is honoured
+(keys token ids, biases in [-100, 100], at most 300). Accepted and ignored: every other field (user, tools,
+response_format, ...). docs/using.md lists them.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ SAMPLING_FIELDS = (
 )
 # Generations one request may ask for (prompts x n): more would hold every row of the batch.
 MAX_CHOICES = 16
+# Tokens one request's logit_bias may name (OpenAI's limit).
+MAX_LOGIT_BIAS = 300
 
 
 class Sampling(BaseModel):
@@ -59,6 +62,23 @@ class Sampling(BaseModel):
     seed: int | None = None
     n: int = Field(default=1, ge=1, le=MAX_CHOICES)
     stream_options: dict | None = None  # {"include_usage": true}: a last chunk with the token counts
+    # {"token id": bias}: added to those tokens' logits before each draw (-100 bans, 100 all but forces)
+    logit_bias: dict[str, float] | None = Field(default=None, max_length=MAX_LOGIT_BIAS)
+
+    def token_bias(self) -> dict[int, float] | None:
+        """logit_bias with its keys as token ids; a 400 for a key that is not one or a bias past +-100."""
+        if not self.logit_bias:
+            return None
+        bias = {}
+        for key, value in self.logit_bias.items():
+            try:
+                token = int(key)
+            except ValueError:
+                raise RequestError(400, f"logit_bias: '{key}' is not a token id (a whole number)") from None
+            if not -100 <= value <= 100:  # NaN fails too
+                raise RequestError(400, f"logit_bias: {value} for token {key} is outside [-100, 100]")
+            bias[token] = value
+        return bias
 
 
 class CompletionBody(Sampling):

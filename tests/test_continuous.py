@@ -155,6 +155,11 @@ def test_stops_text_banned_tokens_and_logprobs(tok):
     # a stop token ends the generation and is not part of it
     done = collect(sched, prompt, 12, stop_ids=[free[3]])
     assert done.finish_reason == "stop" and done.token_ids == free[: free.index(free[3])]
+    # ...though it was drawn: with logprobs, it has the last entry
+    ended = collect(sched, prompt, 12, stop_ids=[free[3]], logprobs=0)
+    assert len(ended.logprobs) == len(ended.token_ids) + 1 and ended.logprobs[-1]["token"] == tok.decode(
+        [free[3]]
+    )
     # a banned token is never drawn: greedy takes the runner-up instead
     banned = collect(sched, prompt, 12, banned_ids=[free[0]])
     assert banned.token_ids[0] != free[0] and free[0] not in banned.token_ids
@@ -483,3 +488,17 @@ def test_a_program_that_exits_while_requests_generate_exits_cleanly(tiny_data, t
     assert "leaving with 4 rows generating" in out.stdout, out.stderr
     assert out.returncode == 0, out.stderr
     assert "terminate" not in out.stderr
+
+
+def test_call_runs_on_the_decode_thread_between_steps(tok):
+    sched = Scheduler(tiny(tok.vocab_size), tok, max_rows=2)
+    running = sched.submit(Request([1, 2, 3], 40, GREEDY, deliver=lambda e: None))
+    where = sched.call(lambda: (threading.current_thread().name, sched.lock.locked())).result(timeout=30)
+    assert where == ("lmforge-decode", True)  # the model's own thread, holding its lock
+    with pytest.raises(ZeroDivisionError):
+        sched.call(lambda: 1 / 0).result(timeout=30)  # the caller gets the exception; the loop goes on
+    assert collect(sched, [4, 5], 3).finish_reason == "length"
+    running.cancel()
+    sched.close()
+    with pytest.raises(QueueFull):
+        sched.call(lambda: None)

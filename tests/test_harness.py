@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from lmforge.api import LLM
 from lmforge.checkpoint import save_checkpoint
 from lmforge.cli import main
 from lmforge.config import Config
@@ -28,8 +29,10 @@ from lmforge.data import Tokenizer
 from lmforge.data.chat_template import JINJA, ChatTemplate, with_chat_tokens
 from lmforge.eval.run import write_report
 from lmforge.model import GPT, ModelConfig
+from lmforge.serve.app import create_app
 
 from .conftest import CORPUS_WORDS
+from .serve_helpers import serving
 from .test_export import make_run
 
 lm_eval = pytest.importorskip("lm_eval")
@@ -157,6 +160,27 @@ def test_same_accuracy_loglikelihoods_and_generations_as_hf_on_the_export(ours, 
     other = evaluate(LmforgeLM(run=str(other_run), device="cpu"), manager, tasks=["demo_mc", "demo_ppl"])
     for task in ("demo_mc", "demo_ppl"):
         assert max_diff(loglikelihoods(other, task), loglikelihoods(theirs, task)) > 100 * TOL
+
+
+def test_lm_eval_scores_a_served_run_through_the_openai_api_as_it_scores_the_run(trained_run, manager):
+    """lm-eval's `local-completions` model against `lmforge serve` (a real socket): it finds the tokenizer at
+    /tokenize and scores with echo and logprobs. Given the run's context (64) as max_length, it keeps a
+    token for the one it asks to draw and scores perplexity in windows of 62 (one less again), so the
+    run is scored directly with max_length 62 to have the same windows."""
+    llm = LLM.load(trained_run, device="cpu")
+    with serving(create_app(llm, model_name="tiny")) as url:
+        args = {"base_url": f"{url}/v1/completions", "model": "tiny", "max_length": 64}
+        served = evaluate("local-completions", manager, model_args=args)
+    direct = evaluate(LmforgeLM(run=str(trained_run), device="cpu", batch_size=4, max_length=62), manager)
+    for task in ("demo_mc", "demo_ppl"):
+        assert len(loglikelihoods(served, task)) == {"demo_mc": 60, "demo_ppl": 8}[task]
+        assert max_diff(loglikelihoods(served, task), loglikelihoods(direct, task)) < TOL
+    for metric in ("acc,none", "acc_norm,none"):
+        assert served["results"]["demo_mc"][metric] == direct["results"]["demo_mc"][metric]
+    assert served["results"]["demo_ppl"]["bits_per_byte,none"] == pytest.approx(
+        direct["results"]["demo_ppl"]["bits_per_byte,none"], rel=1e-5
+    )
+    assert generations(served) == generations(direct) and all(generations(served))
 
 
 def table_values(out: str) -> dict[tuple[str, str], float]:

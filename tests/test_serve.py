@@ -275,11 +275,36 @@ def test_an_api_key_guards_v1_and_the_official_client_sends_it(run):
             r = httpx.post(f"{url}/v1/completions", json=body, headers=headers, timeout=10)
             assert r.status_code == 401 and "API key" in r.json()["error"]["message"]
         assert httpx.get(f"{url}/v1/models", timeout=10).status_code == 401
+        assert httpx.get(f"{url}/tokenizer_info", timeout=10).status_code == 401  # the tokenizer's routes too
+        assert httpx.post(f"{url}/tokenize", json={"prompt": "the"}, timeout=10).status_code == 401
+        key = {"Authorization": "Bearer s3cret"}
+        assert (
+            httpx.post(f"{url}/tokenize", json={"prompt": "the"}, headers=key, timeout=10).status_code == 200
+        )
         assert httpx.get(f"{url}/health", timeout=10).status_code == 200  # open, for load balancers
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="s3cret", max_retries=0)
         assert client.completions.create(model="tiny", prompt="the", max_tokens=2).choices[0].text is not None
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=f"{url}/v1", api_key="nope", max_retries=0).models.list()
+
+
+def test_the_tokenizer_over_http_reads_special_tokens_as_tokenizers_loaded_elsewhere_do(server):
+    url, llm = server
+    tok = llm.tokenizer
+    with httpx.Client(base_url=url, timeout=30) as h:
+        info = h.get("/tokenizer_info").json()
+        assert info["eos_token"] == "<|endoftext|>" and info["model_max_length"] == llm.context_len
+        assert info["chat_template"] is None  # a base run: no template
+        text = "the cat<|endoftext|>sat"
+        r = h.post("/tokenize", json={"prompt": text, "add_special_tokens": False}).json()
+        assert r["tokens"] == tok.encode("the cat") + [tok.eos_id] + tok.encode("sat") and r["count"] == len(
+            r["tokens"]
+        )
+        assert tok.encode(text) != r["tokens"]  # the completions endpoints read that text as text
+        assert h.post("/detokenize", json={"tokens": r["tokens"]}).json() == {"prompt": text}
+        bad = h.post("/detokenize", json={"tokens": [tok.vocab_size]})
+        assert bad.status_code == 400 and "token ids" in bad.json()["error"]["message"]
+        assert h.post("/tokenize", json={"text": "no prompt"}).status_code == 400
 
 
 def test_serving_beyond_this_machine_needs_a_key_or_insecure(run, monkeypatch, capsys):

@@ -119,6 +119,60 @@ def test_logit_bias_moves_the_draw_and_logprobs_stay_the_models(served):
         call({str(t): 1 for t in range(301)})  # at most 300 tokens
 
 
+def test_echo_gives_the_prompt_and_its_tokens_logprobs(served):
+    url, llm = served
+    client = client_of(url)
+    ids = llm.tokenizer.encode("the cat sat")
+    with torch.no_grad():
+        ref = torch.log_softmax(llm.model(torch.tensor([ids]))[0].float(), -1)
+    c = client.completions.create(
+        model="tiny", prompt="the cat sat", max_tokens=2, temperature=0, echo=True, logprobs=1
+    ).choices[0]
+    plain = client.completions.create(model="tiny", prompt="the cat sat", max_tokens=2, temperature=0)
+    assert c.text == "the cat sat" + plain.choices[0].text
+    lp = c.logprobs
+    assert lp.tokens[: len(ids)] == [llm.tokenizer.decode([t]) for t in ids]
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None  # nothing comes before the first
+    for k in range(1, len(ids)):
+        assert lp.token_logprobs[k] == pytest.approx(float(ref[k - 1, ids[k]]), abs=1e-4)
+        assert max(lp.top_logprobs[k].values()) == pytest.approx(float(ref[k - 1].max()), abs=1e-4)
+    assert len(lp.tokens) == len(ids) + plain.usage.completion_tokens + (
+        plain.choices[0].finish_reason == "stop"
+    )
+    # max_tokens 0 with echo: the prompt scored, nothing drawn (token-id prompts too, several at once)
+    scored = client.completions.create(
+        model="tiny", prompt=[ids, ids[:2]], max_tokens=0, echo=True, logprobs=0, temperature=0
+    )
+    assert [ch.text for ch in scored.choices] == ["the cat sat", llm.tokenizer.decode(ids[:2])]
+    assert scored.choices[0].logprobs.token_logprobs == lp.token_logprobs[: len(ids)]
+    assert scored.usage.completion_tokens == 0 and scored.usage.prompt_tokens == len(ids) + 2
+    stream = client.completions.create(
+        model="tiny", prompt="the cat sat", max_tokens=2, temperature=0, echo=True, stream=True
+    )
+    assert "".join(ch.choices[0].text for ch in stream) == c.text  # the prompt comes first
+    with pytest.raises(openai.BadRequestError, match="max_tokens=0"):
+        client.completions.create(model="tiny", prompt="the", max_tokens=0)  # without echo: nothing to do
+    with pytest.raises(openai.BadRequestError, match="token ids"):
+        client.completions.create(model="tiny", prompt=[[1, 10**6]], max_tokens=0, echo=True, logprobs=1)
+
+
+def test_an_end_token_has_its_logprob_in_completions_not_in_chat_content(served):
+    url, llm = served
+    client = client_of(url)
+    eos = llm.tokenizer.eos_id
+    # +100 on the end token: the first draw ends the reply
+    c = client.completions.create(
+        model="tiny", prompt="the", max_tokens=4, temperature=0, logprobs=0, logit_bias={str(eos): 100}
+    ).choices[0]
+    assert c.text == "" and c.finish_reason == "stop"
+    assert c.logprobs.tokens == ["<|endoftext|>"] and c.logprobs.token_logprobs[0] < 0  # it was drawn
+    msgs = [{"role": "user", "content": "the cat"}]
+    chat = client.chat.completions.create(
+        model="tiny", messages=msgs, max_tokens=4, temperature=0, logprobs=True, logit_bias={str(eos): 100}
+    ).choices[0]
+    assert chat.message.content == "" and chat.logprobs.content == []
+
+
 def test_n_choices_and_seeds(served):
     url, _ = served
     client = client_of(url)
@@ -149,7 +203,10 @@ def test_logprobs_are_the_models_own(served):
     lp = c.choices[0].logprobs
     ids = llm.tokenizer.encode("the cat")
     generated = llm.complete(["the cat"], 5, llm_greedy())[0].token_ids  # the same greedy tokens
-    assert lp.tokens == [llm.tokenizer.decode([t]) for t in generated] and len(lp.top_logprobs[0]) == 2
+    ended = ["<|endoftext|>"] if c.choices[0].finish_reason == "stop" else []  # an end token has one too
+    assert (
+        lp.tokens == [llm.tokenizer.decode([t]) for t in generated] + ended and len(lp.top_logprobs[0]) == 2
+    )
     with torch.no_grad():
         ref = torch.log_softmax(llm.model(torch.tensor([ids + generated]))[0].float(), -1)
     for k, value in enumerate(lp.token_logprobs):

@@ -21,6 +21,7 @@ callers on plain threads. A bounded wait queue refuses work it could not start s
 from __future__ import annotations
 
 import atexit
+import concurrent.futures
 import queue
 import threading
 import time
@@ -35,6 +36,7 @@ from ..device import one_intra_op_thread
 from ..model import GPT
 from .engine import Completion, TextStream
 from .layout import pack_for_decoding
+from .logprobs import token_logprobs
 from .sampling import SamplingParams, sample_rows
 from .step import step_rows
 
@@ -150,6 +152,7 @@ class Scheduler:
         # new prompt that starts the same way takes the row and prefills only the rest.
         self.held: list[list[int]] = [[] for _ in range(max_rows)]
         self.waiting: deque[Request] = deque()
+        self.calls: list[tuple[Callable[[], object], concurrent.futures.Future]] = []  # see call()
         self.wake = threading.Condition()
         self.closed = False
         self.steps = 0  # steps taken (tests read it)
@@ -194,6 +197,18 @@ class Scheduler:
         self.thread.join(timeout=10)
         _open.discard(self)
 
+    def call(self, fn: Callable[[], object]) -> concurrent.futures.Future:
+        """Run fn() on the loop's thread between two steps, holding the lock, and return a future of its
+        result: other work on the model (scoring a prompt) runs where the model's intra-op threads are
+        set up, instead of starting a second team of them on another thread."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self.wake:
+            if self.closed:
+                raise QueueFull("the server is shutting down")
+            self.calls.append((fn, future))
+            self.wake.notify()
+        return future
+
     def run_sync(self, req_fields: dict) -> Iterator[str | Completion]:
         """Submit a request and yield its pieces, then its Completion, on the caller's thread; closing
         the iterator early cancels the request."""
@@ -216,14 +231,24 @@ class Scheduler:
             torch.set_num_threads(self.threads)
         while True:
             with self.wake:
-                while not self.closed and not self.rows and not self.waiting:
+                while not self.closed and not self.rows and not self.waiting and not self.calls:
                     self.wake.wait()
                 if self.closed:
                     break
+                calls, self.calls = self.calls, []
                 # Rows 0..running-1 decode; the others prefill (a prompt not done in the last step
                 # first, then new ones): only the last row is ever left part-way through its prompt.
                 running = sum(not row.prefilling for row in self.rows)
                 self._take_waiting(running)
+            for fn, future in calls:
+                if future.set_running_or_notify_cancel():
+                    try:
+                        with self.lock:
+                            future.set_result(fn())
+                    except Exception as exc:  # noqa: BLE001 - the caller gets it
+                        future.set_exception(exc)
+            if not self.rows:  # only calls, or every waiting request was cancelled
+                continue
             try:
                 with self.lock:
                     logits = self._step(running)
@@ -238,6 +263,9 @@ class Scheduler:
             row.req.deliver(error)
         for req in self.waiting:
             req.deliver(error)
+        for _, future in self.calls:
+            if future.set_running_or_notify_cancel():
+                future.set_exception(error)
 
     def _take_waiting(self, running: int) -> None:
         """Share this step's PREFILL_TOKENS among the prompts to prefill, in order: a prompt the last step
@@ -366,10 +394,10 @@ class Scheduler:
             row.seen[0, token] = True
         if row.counts is not None:
             row.counts[0, token] += 1
+        if req.logprobs is not None:  # an end token too (last): it was drawn, though its text is not kept
+            row.logprobs.append(token_logprobs(logits, token, req.logprobs, self.tokenizer))
         if token in row.stop_ids:
             return "stop"
-        if req.logprobs is not None:  # the reply's tokens only: an end token is not part of it
-            row.logprobs.append(token_logprobs(logits, token, req.logprobs, self.tokenizer))
         piece = row.stream.push(token)
         if piece:
             req.deliver(piece)
@@ -431,18 +459,3 @@ def _common_start(a: Sequence[int], b: Sequence[int], limit: int) -> int:
             break
         n += 1
     return n
-
-
-def token_logprobs(logits: torch.Tensor, token: int, top: int, tokenizer) -> dict:
-    """The chosen token's log-probability under the model (log-softmax of its logits, before any sampling
-    setting) and the `top` most likely tokens', as OpenAI's logprobs entries hold them: the token's text
-    (U+FFFD where it holds part of a character) and its exact bytes."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-
-    def entry(t: int, lp: float) -> dict:
-        return {"token": tokenizer.decode([t]), "logprob": lp, "bytes": list(tokenizer.token_bytes(t))}
-
-    out = entry(token, float(logp[token]))
-    values, ids = torch.topk(logp, min(top, logp.numel())) if top else (torch.empty(0), torch.empty(0))
-    out["top_logprobs"] = [entry(int(t), float(v)) for v, t in zip(values, ids, strict=True)]
-    return out

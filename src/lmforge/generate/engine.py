@@ -295,7 +295,8 @@ class Completion:
     token_ids: list[int]
     finish_reason: str
     prompt_tokens: int
-    logprobs: list[dict] | None = None  # per new token, when asked for: OpenAI's logprobs entries
+    # Per new token when asked for, OpenAI's logprobs entries; an end token that ended it has one too (last).
+    logprobs: list[dict] | None = None
 
 
 Prompt = str | Sequence[int]  # text to continue, or the token ids of a prompt (a chat template's)

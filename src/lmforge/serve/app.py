@@ -43,6 +43,8 @@ from .protocol import (
     usage,
     validation_message,
 )
+from .tokens import PATHS as TOKENIZER_PATHS
+from .tokens import add_tokenizer_routes
 
 
 def create_app(
@@ -80,15 +82,18 @@ def create_app(
     app.post("/v1/completions")(server.completions)
     app.post("/v1/chat/completions")(server.chat_completions)
     add_page(app, server, key_required=bool(api_key))  # the web chat at /, and /v1/lmforge/info
+    add_tokenizer_routes(app, server)  # /tokenize, /detokenize, /tokenizer_info
     return app
 
 
 def _key_check(api_key: str):
-    """Middleware: /v1 answers 401 (OpenAI's error shape) unless the request carries the key."""
+    """Middleware: /v1 and the tokenizer's routes answer 401 (OpenAI's error shape) unless the request
+    carries the key."""
     expected = f"Bearer {api_key}".encode()
 
     async def check(request: Request, call_next):
-        if request.url.path.startswith("/v1"):
+        path = request.url.path
+        if path.startswith("/v1") or path in TOKENIZER_PATHS:
             given = request.headers.get("authorization", "").encode()
             if not hmac.compare_digest(given, expected):  # constant time: the key does not leak by timing
                 return error(401, "a valid API key is required: send 'Authorization: Bearer API_KEY'")
@@ -135,14 +140,26 @@ class _Server:
 
     async def completions(self, request: Request):
         body = await self.read_json(request, CompletionBody)
+        if body.max_tokens == 0 and not body.echo:
+            raise RequestError(
+                400, "max_tokens=0 draws nothing: give 1 or more (0 is for echo, to score a prompt)"
+            )
         params = self.settings(body)
         prompts = prompts_of(body)
         jobs = [job for p in prompts for job in self.jobs(p, params, body, body.logprobs)]
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time())}
         head["model"] = self.name
-        events = await self.generations.run(jobs)
+        echoes = await self.echoes(prompts, jobs, body) if body.echo else None
+        events = _drawn_nothing(jobs) if body.max_tokens == 0 else await self.generations.run(jobs)
+        if echoes is not None:
+            events = _echoed(events, echoes)
         if body.stream:
-            return _sse(_chunks(head, events, len(jobs), _wants_usage(body), _completion_choice))
+            opening = (
+                []
+                if echoes is None
+                else [{**head, "choices": [_completion_choice(i, e[0])]} for i, e in enumerate(echoes)]
+            )
+            return _sse(_chunks(head, events, len(jobs), _wants_usage(body), _completion_choice, opening))
         done = await _finished(events, len(jobs))
         choices = [
             {"text": c.text, "index": i, "logprobs": completion_logprobs(c), "finish_reason": c.finish_reason}
@@ -178,6 +195,17 @@ class _Server:
             for i, c in enumerate(done)
         ]
         return {**head, "choices": choices, "usage": usage(done)}
+
+    async def echoes(self, prompts: list, jobs: list[tuple], body: CompletionBody) -> list[tuple]:
+        """For each job (n per prompt), its prompt's text and, when logprobs are asked for, the prompt's
+        own tokens' logprobs entries (scored once per prompt)."""
+        n, out = body.n, []
+        for k, prompt in enumerate(prompts):
+            ids = jobs[k * n][0]["prompt_ids"]
+            text = prompt if isinstance(prompt, str) else self.llm.tokenizer.decode(ids)
+            scored = None if body.logprobs is None else await self.generations.score(ids, body.logprobs)
+            out += [(text, scored)] * n
+        return out
 
     def jobs(self, prompt, params: SamplingParams, body: Sampling, logprobs: int | None) -> list[tuple]:
         """The request's n generations of one prompt, checked against the context (400 past it)."""
@@ -248,7 +276,7 @@ class _Server:
                 raise RequestError(
                     400, f"max_tokens={body.max_tokens} is over this server's cap of {self.max_tokens}"
                 )
-            given["max_new_tokens"] = body.max_tokens
+            given["max_new_tokens"] = max(1, body.max_tokens)  # 0 (echo only) draws nothing at all
         try:
             return dataclasses.replace(self.defaults, **given)
         except ValueError as e:
@@ -264,6 +292,31 @@ async def _finished(events: AsyncIterator, n: int) -> list[Completion]:
                 if isinstance(event, Completion):
                     done[i] = event
     return done  # type: ignore[return-value]
+
+
+async def _drawn_nothing(jobs: list[tuple]) -> AsyncIterator[list[tuple[int, Completion]]]:
+    """The events of max_tokens=0 (echo only): every choice ends at once with no new token."""
+    logprobs = [None if fields["logprobs"] is None else [] for fields, _ in jobs]
+    yield [
+        (i, Completion("", [], "length", len(fields["prompt_ids"]), logprobs[i]))
+        for i, (fields, _) in enumerate(jobs)
+    ]
+
+
+async def _echoed(events: AsyncIterator, echoes: list[tuple]) -> AsyncIterator[list]:
+    """events with each choice's prompt in front of its Completion's text, and the prompt's logprobs
+    entries in front of its logprobs (the streamed pieces stay as they are: a stream sends the prompt
+    first)."""
+    async with contextlib.aclosing(events):
+        async for batch in events:
+            out = []
+            for i, ev in batch:
+                if isinstance(ev, Completion):
+                    text, scored = echoes[i]
+                    logprobs = None if ev.logprobs is None else [*(scored or []), *ev.logprobs]
+                    ev = dataclasses.replace(ev, text=text + ev.text, logprobs=logprobs)
+                out.append((i, ev))
+            yield out
 
 
 DONE = "[DONE]"  # the data of a stream's last event

@@ -21,6 +21,7 @@ from ..api import LLM
 from ..generate.chat import TrimmedReply
 from ..generate.continuous import QueueFull, Request
 from ..generate.engine import Completion
+from ..generate.logprobs import prompt_logprobs
 from .protocol import RequestError
 
 # Seconds a refused client is told to wait before trying again (429 Retry-After): about one short reply.
@@ -31,6 +32,7 @@ class Generations:
     """Submits a request's generations to the scheduler and streams their events back."""
 
     def __init__(self, llm: LLM, max_rows: int, max_queue: int, timeout: float | None) -> None:
+        self.llm = llm
         self.scheduler = llm.scheduler(max_rows, max_queue)
         self.timeout = timeout
         self.mailbox: _Mailbox | None = None
@@ -60,6 +62,21 @@ class Generations:
             _cancel(reqs)
             raise RequestError(400, str(e)) from None
         return self._events(reqs, jobs, events)
+
+    async def score(self, ids: list[int], top: int) -> list[dict]:
+        """The logprobs entries of a prompt's own tokens (`prompt_logprobs`), computed on the scheduler's
+        thread between two steps; 400 for ids outside the vocabulary."""
+        vocab = self.llm.model.cfg.vocab_size
+        if not all(0 <= t < vocab for t in ids):
+            raise RequestError(400, f"prompt: token ids must be in [0, {vocab})")
+        model, tokenizer = self.llm.model, self.llm.tokenizer
+        try:
+            future = self.scheduler.call(lambda: prompt_logprobs(model, ids, top, tokenizer))
+        except QueueFull as e:
+            raise RequestError(
+                503, f"server busy: {e}; retry shortly", {"Retry-After": str(RETRY_AFTER)}
+            ) from None
+        return await asyncio.wrap_future(future)
 
     async def _events(
         self, reqs, jobs, events: asyncio.Queue

@@ -3,11 +3,12 @@
 Honoured request fields: model (must name the served model), prompt (text, list of texts, token ids, or
 lists of token ids), messages (content as text or a list of text parts), max_tokens /
 max_completion_tokens, temperature, top_p, top_k, min_p, repetition_penalty, frequency_penalty,
-presence_penalty, stop, seed, n, stream, stream_options.include_usage, logprobs (completions: an int, the
-top alternatives; chat: a bool, with top_logprobs). Refused with a 400: content parts other than text,
-token ids outside the vocabulary, a prompt plus max_tokens longer than the context. logit_bias is honoured
-(keys token ids, biases in [-100, 100], at most 300). Accepted and ignored: every other field (user, tools,
-response_format, ...). docs/using.md lists them.
+presence_penalty, logit_bias (token ids to biases in [-100, 100], at most 300), stop, seed, n, stream,
+stream_options.include_usage, logprobs (completions: an int, the top alternatives; chat: a bool, with
+top_logprobs), echo (completions; max_tokens 0 with it scores the prompt and draws nothing). Refused with
+a 400: content parts other than text, token ids outside the vocabulary, a prompt plus max_tokens longer
+than the context. Accepted and ignored: every other field (user, tools, response_format, ...).
+docs/using.md lists them.
 """
 
 from __future__ import annotations
@@ -84,6 +85,8 @@ class Sampling(BaseModel):
 class CompletionBody(Sampling):
     prompt: str | list[str] | list[int] | list[list[int]]
     logprobs: int | None = Field(default=None, ge=0, le=20)  # the top alternatives per token
+    echo: bool = False  # the prompt in front of the text (and its tokens' logprobs in front of the rest)
+    max_tokens: int | None = Field(default=None, ge=0)  # 0 only with echo: score the prompt, draw nothing
 
 
 class TextPart(BaseModel):
@@ -156,13 +159,16 @@ def usage(done: Sequence[Completion]) -> dict:
 
 
 def chat_logprobs(done: Completion) -> dict | None:
-    """A chat choice's logprobs: {"content": [{token, logprob, bytes, top_logprobs}]}."""
-    return None if done.logprobs is None else {"content": done.logprobs, "refusal": None}
+    """A chat choice's logprobs: {"content": [{token, logprob, bytes, top_logprobs}]}, the content's tokens
+    only (not the end of the turn)."""
+    if done.logprobs is None:
+        return None
+    return {"content": done.logprobs[: len(done.token_ids)], "refusal": None}
 
 
 def completion_logprobs(done: Completion) -> dict | None:
     """A completions choice's logprobs in the legacy layout (tokens, token_logprobs, top_logprobs as
-    {token: logprob}, text_offset)."""
+    {token: logprob}, text_offset); an echoed prompt's first token has None for both."""
     if done.logprobs is None:
         return None
     offsets, at = [], 0
@@ -172,6 +178,9 @@ def completion_logprobs(done: Completion) -> dict | None:
     return {
         "tokens": [e["token"] for e in done.logprobs],
         "token_logprobs": [e["logprob"] for e in done.logprobs],
-        "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in done.logprobs],
+        "top_logprobs": [
+            None if e["top_logprobs"] is None else {t["token"]: t["logprob"] for t in e["top_logprobs"]}
+            for e in done.logprobs
+        ],
         "text_offset": offsets,
     }

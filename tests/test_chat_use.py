@@ -239,3 +239,20 @@ def test_a_base_run_streams_the_reply_it_returns(tiny_data, tmp_path):
     assert reply == "cat cat cat"
     with serving_llm(llm) as client:
         assert chat_both_ways(client, CONVERSATIONS[0], 7) == (reply, "length", reply, "length")
+
+
+def test_the_served_tokenizer_gives_the_chat_template_that_tools_render_to_the_same_ids(replier, template):
+    # what lm-eval's remote tokenizer does with a fine-tuned run's server: render the template it gets from
+    # /tokenizer_info (Jinja), then read the text through /tokenize
+    import httpx
+    import jinja2
+
+    with serving(create_app(replier, model_name="tiny")) as url, httpx.Client(base_url=url, timeout=30) as h:
+        info = h.get("/tokenizer_info").json()
+        jinja = jinja2.Environment().from_string(info["chat_template"])
+        for messages in CONVERSATIONS[
+            :2
+        ]:  # the third holds a role token's text, which such tools read as one
+            text = jinja.render(messages=messages, add_generation_prompt=True)
+            ids = h.post("/tokenize", json={"prompt": text}).json()["tokens"]
+            assert ids == template.prompt_ids(messages)

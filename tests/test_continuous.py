@@ -491,7 +491,7 @@ def test_a_program_that_exits_while_requests_generate_exits_cleanly(tiny_data, t
 
 
 def test_call_runs_on_the_decode_thread_between_steps(tok):
-    sched = Scheduler(tiny(tok.vocab_size), tok, max_rows=2)
+    sched = Scheduler(tiny(tok.vocab_size), tok, max_rows=2, max_queue=0)
     running = sched.submit(Request([1, 2, 3], 40, GREEDY, deliver=lambda e: None))
     where = sched.call(lambda: (threading.current_thread().name, sched.lock.locked())).result(timeout=30)
     assert where == ("lmforge-decode", True)  # the model's own thread, holding its lock
@@ -499,6 +499,11 @@ def test_call_runs_on_the_decode_thread_between_steps(tok):
         sched.call(lambda: 1 / 0).result(timeout=30)  # the caller gets the exception; the loop goes on
     assert collect(sched, [4, 5], 3).finish_reason == "length"
     running.cancel()
+    with sched.wake:  # the loop cannot take calls meanwhile: as many wait as requests may (2 rows + 0)
+        waiting = [sched.call(lambda: 1), sched.call(lambda: 2)]
+        with pytest.raises(QueueFull, match="wait to be scored"):
+            sched.call(lambda: 3)
+    assert [f.result(timeout=30) for f in waiting] == [1, 2]
     sched.close()
     with pytest.raises(QueueFull):
         sched.call(lambda: None)

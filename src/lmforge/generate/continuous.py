@@ -16,6 +16,8 @@ Requests talk to the loop through `Request.deliver` (called on the loop's thread
 the final `Completion`, or an exception) and `Request.cancel()` (the row is dropped at the next step).
 The server wraps deliver to hand events to its event loop; `Scheduler.run_sync` collects them for
 callers on plain threads. A bounded wait queue refuses work it could not start soon (`QueueFull`).
+Other work on the model (scoring a prompt) goes through `Scheduler.call`, which runs it on the loop's
+thread between two steps.
 """
 
 from __future__ import annotations
@@ -200,11 +202,14 @@ class Scheduler:
     def call(self, fn: Callable[[], object]) -> concurrent.futures.Future:
         """Run fn() on the loop's thread between two steps, holding the lock, and return a future of its
         result: other work on the model (scoring a prompt) runs where the model's intra-op threads are
-        set up, instead of starting a second team of them on another thread."""
+        set up, instead of starting a second team of them on another thread. QueueFull when as many calls
+        wait as requests may (max_rows + max_queue)."""
         future: concurrent.futures.Future = concurrent.futures.Future()
         with self.wake:
             if self.closed:
                 raise QueueFull("the server is shutting down")
+            if len(self.calls) >= self.max_rows + self.max_queue:
+                raise QueueFull(f"{len(self.calls)} prompts wait to be scored")
             self.calls.append((fn, future))
             self.wake.notify()
         return future

@@ -53,11 +53,7 @@ class Generations:
                 reqs.append(self.scheduler.submit(Request(deliver=deliver, deadline=deadline, **fields)))
         except QueueFull as e:
             _cancel(reqs)
-            raise RequestError(
-                503 if self.scheduler.closed else 429,
-                f"server busy: {e}; retry shortly",
-                {"Retry-After": str(RETRY_AFTER)},
-            ) from None
+            raise _busy(e, self.scheduler.closed) from None
         except ValueError as e:
             _cancel(reqs)
             raise RequestError(400, str(e)) from None
@@ -73,9 +69,7 @@ class Generations:
         try:
             future = self.scheduler.call(lambda: prompt_logprobs(model, ids, top, tokenizer))
         except QueueFull as e:
-            raise RequestError(
-                503, f"server busy: {e}; retry shortly", {"Retry-After": str(RETRY_AFTER)}
-            ) from None
+            raise _busy(e, self.scheduler.closed) from None
         return await asyncio.wrap_future(future)
 
     async def _events(
@@ -142,6 +136,13 @@ def _deliverer(mailbox: _Mailbox, events: asyncio.Queue, choice: int):
         mailbox.put(events, (choice, event))
 
     return deliver
+
+
+def _busy(e: QueueFull, closing: bool) -> RequestError:
+    """429 with Retry-After when the queue is full (503 when the server is shutting down)."""
+    return RequestError(
+        503 if closing else 429, f"server busy: {e}; retry shortly", {"Retry-After": str(RETRY_AFTER)}
+    )
 
 
 def _cancel(reqs: list[Request]) -> None:

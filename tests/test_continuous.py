@@ -507,3 +507,25 @@ def test_call_runs_on_the_decode_thread_between_steps(tok):
     sched.close()
     with pytest.raises(QueueFull):
         sched.call(lambda: None)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_a_prompt_scored_a_chunk_at_a_time_has_the_models_own_logprobs(tok, family):
+    from lmforge.generate.logprobs import PromptScorer
+
+    model = tiny(tok.vocab_size, family=family)
+    ids = tok.encode("the cat sat on the mat and the dog ran to the park")
+    with torch.no_grad():
+        ref = torch.log_softmax(model(torch.tensor([ids]))[0].float(), -1)
+    for chunk in (1, 4, len(ids)):
+        scorer, steps = PromptScorer(model, ids, 2, tok, chunk), 0
+        while not scorer.finished:
+            scorer.step()
+            steps += 1
+        assert steps == -(-(len(ids) - 1) // chunk)  # a forward per chunk of the tokens fed in
+        first, *rest = scorer.entries
+        assert first["logprob"] is None and first["top_logprobs"] is None and len(rest) == len(ids) - 1
+        for k, entry in enumerate(rest, start=1):
+            assert entry["token"] == tok.decode([ids[k]])
+            assert entry["logprob"] == pytest.approx(float(ref[k - 1, ids[k]]), abs=1e-5)
+            assert entry["top_logprobs"][0]["logprob"] == pytest.approx(float(ref[k - 1].max()), abs=1e-5)

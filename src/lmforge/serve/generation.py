@@ -19,9 +19,9 @@ from collections.abc import AsyncIterator
 
 from ..api import LLM
 from ..generate.chat import TrimmedReply
-from ..generate.continuous import QueueFull, Request
+from ..generate.continuous import PREFILL_TOKENS, QueueFull, Request
 from ..generate.engine import Completion
-from ..generate.logprobs import prompt_logprobs
+from ..generate.logprobs import PromptScorer
 from .protocol import RequestError
 
 # Seconds a refused client is told to wait before trying again (429 Retry-After): about one short reply.
@@ -60,17 +60,20 @@ class Generations:
         return self._events(reqs, jobs, events)
 
     async def score(self, ids: list[int], top: int) -> list[dict]:
-        """The logprobs entries of a prompt's own tokens (`prompt_logprobs`), computed on the scheduler's
-        thread between two steps; 400 for ids outside the vocabulary."""
+        """The logprobs entries of a prompt's own tokens (`PromptScorer`), computed on the scheduler's
+        thread between its steps, PREFILL_TOKENS at a time as prompts are prefilled; 400 for ids outside
+        the vocabulary."""
         vocab = self.llm.model.cfg.vocab_size
         if not all(0 <= t < vocab for t in ids):
             raise RequestError(400, f"prompt: token ids must be in [0, {vocab})")
-        model, tokenizer = self.llm.model, self.llm.tokenizer
-        try:
-            future = self.scheduler.call(lambda: prompt_logprobs(model, ids, top, tokenizer))
-        except QueueFull as e:
-            raise _busy(e, self.scheduler.closed) from None
-        return await asyncio.wrap_future(future)
+        scorer = PromptScorer(self.llm.model, ids, top, self.llm.tokenizer, PREFILL_TOKENS)
+        while not scorer.finished:  # a chunk per call: the running rows decode between them
+            try:
+                future = self.scheduler.call(scorer.step)
+            except QueueFull as e:
+                raise _busy(e, self.scheduler.closed) from None
+            await asyncio.wrap_future(future)
+        return scorer.entries
 
     async def _events(
         self, reqs, jobs, events: asyncio.Queue

@@ -5,9 +5,12 @@ whole prefill is one step, and every running request waits for it before its nex
 of prompt tokens per step (`continuous.PREFILL_TOKENS`), the prompt is prefilled over several steps and
 the running rows decode a token in each. Reported: the running requests' longest gap between two tokens
 while the prompt prefills, the long prompt's time to its first token, and the running requests' median
-gap before it arrived.
+gap before it arrived. With --score the long prompt is scored instead, as a completions request with echo
+and logprobs is (`logprobs.PromptScorer`, a chunk of the budget's size per call between decode steps;
+a budget past the prompt's length scores it in one forward): reported is the time to score it.
 
     python benchmarks/long_prompt.py --model gpt2-124m --prompt-tokens 1000 --budget 512 --budget 128
+    python benchmarks/long_prompt.py --score --budget 100000 --budget 256
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import torch
 from lmforge.generate import continuous
 from lmforge.generate.continuous import Completion, Request, Scheduler
 from lmforge.generate.layout import use_inference_layout
+from lmforge.generate.logprobs import PromptScorer
 from lmforge.generate.sampling import SamplingParams
 from lmforge.model import GPT, ModelConfig
 from lmforge.presets import get_preset
@@ -31,19 +35,23 @@ GREEDY = SamplingParams(temperature=0.0)
 
 
 class Tokens:
-    """Stands in for a tokenizer: the scheduler only decodes pieces of text."""
+    """Stands in for a tokenizer: the scheduler only decodes pieces of text (and logprobs their bytes)."""
 
     def decode(self, ids):
         return "".join(chr(97 + t % 26) for t in ids)
 
+    def token_bytes(self, token):
+        return self.decode([token]).encode()
 
-def one(model, budget: int, running: int, prompt_tokens: int, new_tokens: int) -> dict:
-    """One measurement: `running` streams already decoding, then the long prompt joins."""
+
+def one(model, budget: int, running: int, prompt_tokens: int, new_tokens: int, score: bool = False) -> dict:
+    """One measurement: `running` streams already decoding, then the long prompt joins (or, with score,
+    is scored)."""
     continuous.PREFILL_TOKENS = budget
     sched = Scheduler(model, Tokens(), max_rows=running + 1)
     stamps: list[list[float]] = [[] for _ in range(running)]
     done = threading.Event()
-    left, errors = [running + 1], []
+    left, errors = [running + (0 if score else 1)], []  # requests still to finish
 
     def on_event(i: int):
         def deliver(event):
@@ -74,7 +82,13 @@ def one(model, budget: int, running: int, prompt_tokens: int, new_tokens: int) -
         on_event(running)(event)
 
     arrived = time.perf_counter()
-    sched.submit(Request(long, 4, GREEDY, deliver=long_deliver))
+    if score:
+        scorer = PromptScorer(model, long, 1, Tokens(), budget)
+        while not scorer.finished:
+            sched.call(scorer.step).result()
+        first.append(time.perf_counter())
+    else:
+        sched.submit(Request(long, 4, GREEDY, deliver=long_deliver))
     done.wait()
     sched.close()
     if errors:
@@ -100,6 +114,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=200, help="tokens each running request asks for")
     ap.add_argument("--budget", type=int, action="append", help="prompt tokens per step (repeatable)")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--score", action="store_true", help="score the long prompt (echo with logprobs)")
     args = ap.parse_args()
     torch.manual_seed(0)
     model = GPT(ModelConfig(**get_preset(args.model))).eval()
@@ -111,9 +126,10 @@ def main() -> None:
     )
     for _ in range(args.repeats):  # the budgets interleaved: the machine's drift hits each alike
         for b in budgets:
-            m = one(model, b, args.running, args.prompt_tokens, args.new_tokens)
+            m = one(model, b, args.running, args.prompt_tokens, args.new_tokens, args.score)
+            what = "scored in" if args.score else "first token"
             print(
-                f"budget {b:5d}  long prompt's first token {m['ttft'] * 1e3:7.0f} ms   running rows' "
+                f"budget {b:5d}  long prompt's {what} {m['ttft'] * 1e3:7.0f} ms   running rows' "
                 f"longest gap {m['max_gap'] * 1e3:6.0f} ms (steady {m['steady_gap'] * 1e3:4.0f} ms)"
             )
 

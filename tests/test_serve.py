@@ -339,6 +339,18 @@ def test_openai_fields_max_completion_tokens_include_usage_and_unknown_model(ser
     assert all(c.usage is None for c in plain)  # no usage chunk unless asked for
     with pytest.raises(openai.NotFoundError, match="model 'gpt-4' does not exist"):
         client.completions.create(model="gpt-4", prompt="the", max_tokens=2)
+    assert client.models.retrieve("tiny").id == "tiny"  # was a 404
+    with pytest.raises(openai.NotFoundError, match="model 'gpt-4' does not exist"):
+        client.models.retrieve("gpt-4")
+
+    # a developer message (OpenAI's newer name for the system's) is the system turn (was a 400)
+    def reply(role):
+        turns = [{"role": role, "content": "be brief"}, *msgs]
+        return client.chat.completions.create(model="tiny", messages=turns, max_tokens=6, temperature=0)
+
+    assert reply("developer").choices[0].message.content == reply("system").choices[0].message.content
+    assert reply("developer").usage.prompt_tokens == reply("system").usage.prompt_tokens
+    assert reply("developer").usage.prompt_tokens != reply("user").usage.prompt_tokens  # not just any turn
 
 
 def test_a_client_that_leaves_frees_the_model_when_a_key_is_set(tiny_data, tmp_path):

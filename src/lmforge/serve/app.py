@@ -79,6 +79,7 @@ def create_app(
     app.add_exception_handler(StarletteHTTPException, _http)
     app.get("/health")(server.health)
     app.get("/v1/models")(server.models)
+    app.get("/v1/models/{model_id}")(server.model)
     app.post("/v1/completions")(server.completions)
     app.post("/v1/chat/completions")(server.chat_completions)
     add_page(app, server, key_required=bool(api_key))  # the web chat at /, and /v1/lmforge/info
@@ -133,10 +134,13 @@ class _Server:
         return {"status": "ok", "model": self.name, "generating": generating, "waiting": waiting}
 
     def models(self):
-        return {
-            "object": "list",
-            "data": [{"id": self.name, "object": "model", "created": self.created, "owned_by": "lmforge"}],
-        }
+        return {"object": "list", "data": [self.model()]}
+
+    def model(self, model_id: str | None = None) -> dict:
+        """GET /v1/models/{model_id}: the served model (404 for any other name)."""
+        if model_id is not None and model_id != self.name:
+            raise RequestError(404, f"model '{model_id}' does not exist: this server serves '{self.name}'")
+        return {"id": self.name, "object": "model", "created": self.created, "owned_by": "lmforge"}
 
     async def completions(self, request: Request):
         body = await self.read_json(request, CompletionBody)
@@ -170,7 +174,7 @@ class _Server:
     async def chat_completions(self, request: Request):
         body = await self.read_json(request, ChatBody)
         params = self.settings(body)
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        messages = [m.turn() for m in body.messages]
         top = (body.top_logprobs or 0) if body.logprobs else None
         jobs = self.jobs(messages, params, body, top)
         head = {

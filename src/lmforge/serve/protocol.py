@@ -97,8 +97,12 @@ class TextPart(BaseModel):
 
 class Message(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    role: str = Field(pattern="^(system|user|assistant)$")
+    role: str = Field(pattern="^(system|developer|user|assistant)$")  # developer: OpenAI's newer system
     content: str | list[TextPart]
+
+    def turn(self) -> dict:
+        """The message as a chat turn: its role (a developer message is a system one) and its text."""
+        return {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
 
     def text(self) -> str:
         """The content as one text: a list of text parts joined by newlines."""

@@ -24,7 +24,7 @@ PATHS = ("/tokenize", "/detokenize", "/tokenizer_info")  # outside /v1, as vLLM 
 class TokenizeBody(BaseModel):
     model_config = ConfigDict(extra="ignore")
     prompt: str
-    add_special_tokens: bool = True  # this tokenizer adds none either way (no beginning-of-text token)
+    add_special_tokens: bool = True  # accepted, and none are added: lmforge's models read text without them
 
 
 class DetokenizeBody(BaseModel):

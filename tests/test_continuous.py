@@ -49,6 +49,21 @@ def collect(sched: Scheduler, prompt, n, params=GREEDY, seed=None, **kw) -> Comp
     return done
 
 
+def together(sched: Scheduler, jobs, n: int) -> dict:
+    """name -> the tokens of each (name, prompt, params, seed) job, all submitted at once from threads."""
+    out = {}
+
+    def run(name, prompt, params, seed):
+        out[name] = collect(sched, prompt, n, params, seed).token_ids
+
+    threads = [threading.Thread(target=run, args=job) for job in jobs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    return out
+
+
 def wait_for(condition, seconds: float = 10) -> None:
     deadline = time.monotonic() + seconds
     while not condition():
@@ -107,17 +122,8 @@ def test_each_request_keeps_its_own_sampling_and_seed(tok):
     prompt = [1, 2, 3]
     want = alone(model, prompt, 15, p, seed=5)
     sched = Scheduler(model, tok, max_rows=3)
-    out = {}
-
-    def run(name, prompt, params, seed):
-        out[name] = collect(sched, prompt, 15, params, seed).token_ids
-
     jobs = [("sampled", prompt, p, 5), ("greedy", [9, 8, 7], GREEDY, None), ("other", prompt, p, 6)]
-    threads = [threading.Thread(target=run, args=job) for job in jobs]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
+    out = together(sched, jobs, 15)
     sched.close()
     assert out["sampled"] == want and out["other"] != want
     assert out["greedy"] == alone(model, [9, 8, 7], 15)
@@ -131,17 +137,12 @@ def test_frequency_and_presence_penalties_draw_as_the_model_alone(tok, family):
     want = alone(model, prompt, 20, penalized)
     assert want != alone(model, prompt, 20)  # negative control: the penalties change the greedy tokens
     sched = Scheduler(model, tok, max_rows=3)
-    out = {}
-
-    def run(name, prompt, params):
-        out[name] = collect(sched, prompt, 20, params).token_ids
-
-    jobs = [("penalized", prompt, penalized), ("plain", other, GREEDY), ("again", prompt, penalized)]
-    threads = [threading.Thread(target=run, args=job) for job in jobs]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
+    jobs = [
+        ("penalized", prompt, penalized, None),
+        ("plain", other, GREEDY, None),
+        ("again", prompt, penalized, None),
+    ]
+    out = together(sched, jobs, 20)
     sched.close()
     assert out["penalized"] == out["again"] == want
     assert out["plain"] == alone(model, other, 20)  # a row without them is drawn without them

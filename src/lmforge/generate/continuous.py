@@ -29,7 +29,7 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -172,10 +172,8 @@ class Scheduler:
                 f"{self.context})"
             )
         vocab = self.model.cfg.vocab_size
-        if not all(0 <= t < vocab for t in req.prompt_ids):
-            raise ValueError(f"prompt: token ids must be in [0, {vocab})")
-        if req.logit_bias and not all(0 <= t < vocab for t in req.logit_bias):
-            raise ValueError(f"logit_bias: token ids must be in [0, {vocab})")
+        check_token_ids(req.prompt_ids, vocab, "prompt")
+        check_token_ids(req.logit_bias or (), vocab, "logit_bias")
         with self.wake:
             if self.closed:
                 raise QueueFull("the server is shutting down")
@@ -454,6 +452,12 @@ def _close_all() -> None:
     op as the process tears down aborts it ("terminate called without an active exception")."""
     for scheduler in list(_open):
         scheduler.close()
+
+
+def check_token_ids(ids: Iterable[int], vocab: int, what: str) -> None:
+    """ValueError naming `what` unless every id is in [0, vocab)."""
+    if not all(0 <= t < vocab for t in ids):
+        raise ValueError(f"{what}: token ids must be in [0, {vocab})")
 
 
 def _common_start(a: Sequence[int], b: Sequence[int], limit: int) -> int:

@@ -300,10 +300,9 @@ async def _finished(events: AsyncIterator, n: int) -> list[Completion]:
 
 async def _drawn_nothing(jobs: list[tuple]) -> AsyncIterator[list[tuple[int, Completion]]]:
     """The events of max_tokens=0 (echo only): every choice ends at once with no new token."""
-    logprobs = [None if fields["logprobs"] is None else [] for fields, _ in jobs]
     yield [
-        (i, Completion("", [], "length", len(fields["prompt_ids"]), logprobs[i]))
-        for i, (fields, _) in enumerate(jobs)
+        (i, Completion("", [], "length", len(f["prompt_ids"]), None if f["logprobs"] is None else []))
+        for i, (f, _) in enumerate(jobs)
     ]
 
 

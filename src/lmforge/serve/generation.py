@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator
 
 from ..api import LLM
 from ..generate.chat import TrimmedReply
-from ..generate.continuous import PREFILL_TOKENS, QueueFull, Request
+from ..generate.continuous import PREFILL_TOKENS, QueueFull, Request, check_token_ids
 from ..generate.engine import Completion
 from ..generate.logprobs import PromptScorer
 from .protocol import RequestError
@@ -63,9 +63,10 @@ class Generations:
         """The logprobs entries of a prompt's own tokens (`PromptScorer`), computed on the scheduler's
         thread between its steps, PREFILL_TOKENS at a time as prompts are prefilled; 400 for ids outside
         the vocabulary."""
-        vocab = self.llm.model.cfg.vocab_size
-        if not all(0 <= t < vocab for t in ids):
-            raise RequestError(400, f"prompt: token ids must be in [0, {vocab})")
+        try:
+            check_token_ids(ids, self.llm.model.cfg.vocab_size, "prompt")
+        except ValueError as e:
+            raise RequestError(400, str(e)) from None
         scorer = PromptScorer(self.llm.model, ids, top, self.llm.tokenizer, PREFILL_TOKENS)
         while not scorer.finished:  # a chunk per call: the running rows decode between them
             try:

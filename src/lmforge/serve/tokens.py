@@ -16,6 +16,7 @@ from tokenizers import Tokenizer as HFTokenizer
 
 from ..data.chat_template import JINJA
 from ..data.tokenizer_kinds import EOS_TOKEN
+from ..generate.continuous import check_token_ids
 from .protocol import RequestError
 
 PATHS = ("/tokenize", "/detokenize", "/tokenizer_info")  # outside /v1, as vLLM has them; the key guards them
@@ -48,8 +49,10 @@ def add_tokenizer_routes(app: FastAPI, server) -> None:
 
     async def detokenize(request: Request) -> dict:
         body = await server.read_json(request, DetokenizeBody)
-        if not all(0 <= t < vocab for t in body.tokens):
-            raise RequestError(400, f"tokens: token ids must be in [0, {vocab})")
+        try:
+            check_token_ids(body.tokens, vocab, "tokens")
+        except ValueError as e:
+            raise RequestError(400, str(e)) from None
         return {"prompt": tokenizer.decode(body.tokens)}
 
     def tokenizer_info() -> dict:

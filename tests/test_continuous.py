@@ -166,7 +166,6 @@ def test_stops_text_banned_tokens_and_logprobs(tok):
     assert banned.token_ids[0] != free[0] and free[0] not in banned.token_ids
     # logprobs are the model's own log-softmax at each step
     done = collect(sched, prompt, 4, logprobs=3)
-    sched.close()
     ids = torch.tensor([prompt + done.token_ids])
     with torch.no_grad():
         logp = torch.log_softmax(model(ids)[0].float(), -1)
@@ -176,6 +175,13 @@ def test_stops_text_banned_tokens_and_logprobs(tok):
         assert len(entry["top_logprobs"]) == 3
         assert entry["top_logprobs"][0]["logprob"] == pytest.approx(float(row.max()), abs=1e-5)
     assert done.text == tok.decode(done.token_ids)
+    # handed out piece by piece, each piece with the entries of the tokens drawn since the one before
+    events = list(sched.run_sync(dict(prompt_ids=prompt, max_new_tokens=12, params=GREEDY, logprobs=0)))
+    pieces, last = events[:-1], events[-1]
+    handed = [e for p in pieces for e in p.logprobs]
+    assert len(pieces) > 1 and all(p.logprobs for p in pieces)
+    assert handed == last.logprobs[: len(handed)] and "".join(pieces) == last.text
+    sched.close()
 
 
 def test_cancel_frees_the_row_and_a_full_queue_refuses(tok):

@@ -156,6 +156,35 @@ def test_echo_gives_the_prompt_and_its_tokens_logprobs(served):
         client.completions.create(model="tiny", prompt=[[1, 10**6]], max_tokens=0, echo=True, logprobs=1)
 
 
+def test_streamed_logprobs_come_with_their_pieces(served):
+    url, _ = served
+    client = client_of(url)
+    kw = dict(model="tiny", prompt="the dog", max_tokens=12, temperature=0, logprobs=2, echo=True)
+    whole = client.completions.create(**kw).choices[0].logprobs
+    chunks = [ch.choices[0] for ch in client.completions.create(**kw, stream=True) if ch.choices]
+    assert chunks[0].text == "the dog" and chunks[0].logprobs.token_logprobs[0] is None  # the echo first
+    joined: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for c in chunks:
+        for key, values in joined.items():
+            values += getattr(c.logprobs, key) if c.logprobs else []
+    assert joined == whole.model_dump()  # the same entries as one reply, offsets included
+    pieces = [c for c in chunks[1:] if c.text]
+    assert len(pieces) > 1 and all(c.logprobs.tokens for c in pieces)  # not all with the last chunk
+    assert all("".join(c.logprobs.tokens) == c.text for c in pieces)  # each piece's own tokens
+
+    msgs = [{"role": "user", "content": "the cat"}]
+    kw = dict(model="tiny", messages=msgs, max_tokens=12, temperature=0, logprobs=True, top_logprobs=1)
+    content = client.chat.completions.create(**kw).choices[0].logprobs.content
+    chunks = [ch.choices[0] for ch in client.chat.completions.create(**kw, stream=True) if ch.choices]
+    streamed = [e for c in chunks if c.logprobs for e in c.logprobs.content]
+    assert streamed == content
+    pieces = [c for c in chunks if c.delta.content]
+    assert len(pieces) > 1
+    for c in pieces:  # a piece's entries hold its exact bytes (the reply's outer whitespace trimmed)
+        carried = b"".join(bytes(e.bytes) for e in c.logprobs.content).decode()
+        assert carried.strip() == c.delta.content.strip() and carried
+
+
 def test_an_end_token_has_its_logprob_in_completions_not_in_chat_content(served):
     url, llm = served
     client = client_of(url)

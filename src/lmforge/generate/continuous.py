@@ -12,8 +12,9 @@ finished or cancelled rows. Active rows are kept in rows 0..n-1 (a finished row 
 one; a prompt still part-way is always the last), so a step costs what a batch of n costs, and one
 request alone decodes as fast as it would without the scheduler.
 
-Requests talk to the loop through `Request.deliver` (called on the loop's thread with a text piece, then
-the final `Completion`, or an exception) and `Request.cancel()` (the row is dropped at the next step).
+Requests talk to the loop through `Request.deliver` (called on the loop's thread with text pieces, then
+the final `Completion`, or an exception; with logprobs asked for, a piece is a `Piece` carrying the
+entries of the tokens drawn since the one before, and the Completion has them all) and `Request.cancel()` (the row is dropped at the next step).
 The server wraps deliver to hand events to its event loop; `Scheduler.run_sync` collects them for
 callers on plain threads. A bounded wait queue refuses work it could not start soon (`QueueFull`).
 Other work on the model (scoring a prompt) goes through `Scheduler.call`, which runs it on the loop's
@@ -36,7 +37,7 @@ import torch
 
 from ..device import one_intra_op_thread
 from ..model import GPT
-from .engine import Completion, TextStream
+from .engine import Completion, Piece, TextStream
 from .layout import pack_for_decoding
 from .logprobs import token_logprobs
 from .sampling import SamplingParams, sample_rows
@@ -89,6 +90,7 @@ class _Row:
         self.stream = TextStream(decode, req.stop)
         self.generated: list[int] = []
         self.logprobs: list[dict] = []
+        self.handed = 0  # logprobs entries handed out with pieces
         self.pos = len(req.prompt_ids)  # the position of the next token fed in
         self.generator = None
         if req.seed is not None:
@@ -111,6 +113,13 @@ class _Row:
         # started (`_held_start`), then what each step prefilled; chunk: what this step prefills.
         self.start = 0
         self.chunk = 0
+
+    def piece(self, text: str) -> str:
+        """A text piece to hand out: with logprobs asked for, a Piece with the entries not yet handed out."""
+        if self.req.logprobs is None:
+            return text
+        entries, self.handed = self.logprobs[self.handed :], len(self.logprobs)
+        return Piece(text, entries)
 
     @property
     def prefilling(self) -> bool:
@@ -403,7 +412,7 @@ class Scheduler:
             return "stop"
         piece = row.stream.push(token)
         if piece:
-            req.deliver(piece)
+            req.deliver(row.piece(piece))
         if row.stream.stopped:
             return "stop"
         if len(row.generated) >= req.max_new_tokens or row.pos + 1 >= self.context:
@@ -427,7 +436,7 @@ class Scheduler:
             return
         tail = row.stream.flush() if not row.stream.stopped else ""
         if tail:
-            row.req.deliver(tail)
+            row.req.deliver(row.piece(tail))
         tokens = [t for t in row.generated if t not in row.stop_ids]
         logprobs = row.logprobs if row.req.logprobs is not None else None
         row.req.deliver(Completion(row.stream.text, tokens, reason, len(row.req.prompt_ids), logprobs))

@@ -299,6 +299,18 @@ class Completion:
     logprobs: list[dict] | None = None
 
 
+class Piece(str):
+    """A streamed text piece that carries, when logprobs are asked for, the logprobs entries of the tokens
+    drawn since the previous piece (a str everywhere else: it joins, prints and compares as its text)."""
+
+    logprobs: list[dict] | None
+
+    def __new__(cls, text: str, logprobs: list[dict] | None = None) -> Piece:
+        piece = super().__new__(cls, text)
+        piece.logprobs = logprobs
+        return piece
+
+
 Prompt = str | Sequence[int]  # text to continue, or the token ids of a prompt (a chat template's)
 
 

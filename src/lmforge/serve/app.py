@@ -24,7 +24,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..api import LLM, GenerationError
-from ..generate.engine import Completion
+from ..generate.engine import Completion, Piece
 from ..generate.params import SamplingParams
 from .generation import Generations
 from .page import add_page
@@ -158,15 +158,15 @@ class _Server:
         if echoes is not None:
             events = _echoed(events, echoes)
         if body.stream:
-            opening = (
-                []
-                if echoes is None
-                else [{**head, "choices": [_completion_choice(i, e[0])]} for i, e in enumerate(echoes)]
-            )
-            return _sse(_chunks(head, events, len(jobs), _wants_usage(body), _completion_choice, opening))
+            return _sse(_chunks(head, events, len(jobs), _wants_usage(body), _completion_choice))
         done = await _finished(events, len(jobs))
         choices = [
-            {"text": c.text, "index": i, "logprobs": completion_logprobs(c), "finish_reason": c.finish_reason}
+            {
+                "text": c.text,
+                "index": i,
+                "logprobs": completion_logprobs(c.logprobs),
+                "finish_reason": c.finish_reason,
+            }
             for i, c in enumerate(done)
         ]
         return {**head, "choices": choices, "usage": usage(done)}
@@ -307,9 +307,10 @@ async def _drawn_nothing(jobs: list[tuple]) -> AsyncIterator[list[tuple[int, Com
 
 
 async def _echoed(events: AsyncIterator, echoes: list[tuple]) -> AsyncIterator[list]:
-    """events with each choice's prompt in front of its Completion's text, and the prompt's logprobs
-    entries in front of its logprobs (the streamed pieces stay as they are: a stream sends the prompt
-    first)."""
+    """events after each choice's prompt as a piece of its own (with the prompt's logprobs entries when
+    scored), with the prompt in front of each Completion's text and its entries in front of its
+    logprobs."""
+    yield [(i, text if scored is None else Piece(text, scored)) for i, (text, scored) in enumerate(echoes)]
     async with contextlib.aclosing(events):
         async for batch in events:
             out = []
@@ -367,35 +368,51 @@ async def _chunks(
     head: dict, events: AsyncIterator, n: int, usage_chunk: bool, choice, opening: list | None = None
 ) -> AsyncIterator[list]:
     """A stream's chunks, those of events that arrived together as one list (`opening` in front of the
-    first): one chunk per event, its choice made by choice(i, text piece or Completion); after the n
-    choices' last Completions, with `usage_chunk` a chunk with no choices and the token counts
+    first): one chunk per event, its choice made by choice(i, text piece or Completion, sent) where
+    sent is (the logprobs entries the choice's pieces carried so far, their tokens' characters); after
+    the n choices' last Completions, with `usage_chunk` a chunk with no choices and the token counts
     (stream_options.include_usage), then DONE."""
     done, out = [], list(opening or [])
+    sent = [(0, 0)] * n
     async with contextlib.aclosing(events):
         async for batch in events:
             for i, ev in batch:
                 if isinstance(ev, Completion):
                     done.append(ev)
-                out.append({**head, "choices": [choice(i, ev)]})
+                out.append({**head, "choices": [choice(i, ev, sent[i])]})
+                if isinstance(ev, Piece) and ev.logprobs:
+                    count, chars = sent[i]
+                    sent[i] = (count + len(ev.logprobs), chars + sum(len(e["token"]) for e in ev.logprobs))
             if len(done) == n:
                 out += ([{**head, "choices": [], "usage": usage(done)}] if usage_chunk else []) + [DONE]
             yield out
             out = []
 
 
-def _completion_choice(i: int, ev: str | Completion) -> dict:
-    """/v1/completions' choice: a text piece, or a choice's end with its finish reason (and logprobs)."""
+def _completion_choice(i: int, ev: str | Completion, sent: tuple[int, int]) -> dict:
+    """/v1/completions' choice: a text piece with its tokens' logprobs, or a choice's end with its finish
+    reason and the logprobs entries its pieces did not carry; sent: (entries, characters) they did."""
+    count, chars = sent
     if isinstance(ev, str):
-        return {"text": ev, "index": i, "logprobs": None, "finish_reason": None}
-    return {"text": "", "index": i, "logprobs": completion_logprobs(ev), "finish_reason": ev.finish_reason}
+        logprobs = completion_logprobs(getattr(ev, "logprobs", None), chars)
+        return {"text": ev, "index": i, "logprobs": logprobs, "finish_reason": None}
+    rest = completion_logprobs(None if ev.logprobs is None else ev.logprobs[count:], chars)
+    return {"text": "", "index": i, "logprobs": rest, "finish_reason": ev.finish_reason}
 
 
-def _chat_choice(i: int, ev: str | Completion) -> dict:
-    """/v1/chat/completions' choice: a delta of text, or a choice's end with its finish reason (and
-    logprobs)."""
+def _chat_choice(i: int, ev: str | Completion, sent: tuple[int, int]) -> dict:
+    """/v1/chat/completions' choice: a delta of text with its tokens' logprobs, or a choice's end with its
+    finish reason and the content's logprobs entries its pieces did not carry."""
     if isinstance(ev, str):
-        return {"index": i, "delta": {"content": ev}, "logprobs": None, "finish_reason": None}
-    return {"index": i, "delta": {}, "logprobs": chat_logprobs(ev), "finish_reason": ev.finish_reason}
+        entries = getattr(ev, "logprobs", None)
+        logprobs = None if entries is None else {"content": entries, "refusal": None}
+        return {"index": i, "delta": {"content": ev}, "logprobs": logprobs, "finish_reason": None}
+    return {
+        "index": i,
+        "delta": {},
+        "logprobs": chat_logprobs(ev, sent[0]),
+        "finish_reason": ev.finish_reason,
+    }
 
 
 def _roles(head: dict, n: int) -> list[dict]:

@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator
 from ..api import LLM
 from ..generate.chat import TrimmedReply
 from ..generate.continuous import PREFILL_TOKENS, QueueFull, Request, check_token_ids
-from ..generate.engine import Completion
+from ..generate.engine import Completion, Piece
 from ..generate.logprobs import PromptScorer
 from .protocol import RequestError
 
@@ -81,9 +81,12 @@ class Generations:
     ) -> AsyncIterator[list[tuple[int, str | Completion]]]:
         """The events as they come, in batches: those that arrived together (a step delivers a piece of
         each of the request's choices, a choice's last piece and its Completion at once) are one list,
-        so that a stream can send them in one write."""
+        so that a stream can send them in one write. With logprobs asked for, a piece is a `Piece` with
+        the entries of its tokens; those of text trimmed away are only in the Completion."""
         trims = [TrimmedReply() if trim else None for _, trim in jobs]
         pieces: list[list[str]] = [[] for _ in jobs]
+        # logprobs entries of tokens whose text the trim holds back: they go with the next piece out
+        pending: list[list[dict]] = [[] for _ in jobs]
         left = len(jobs)
         try:
             while left:
@@ -95,10 +98,13 @@ class Generations:
                     if isinstance(event, BaseException):
                         raise RequestError(503, f"generation failed: {event}")
                     if isinstance(event, str):
-                        piece = trims[i].push(event) if trims[i] is not None else event
+                        entries = getattr(event, "logprobs", None)
+                        pending[i] += entries or []
+                        piece = trims[i].push(event) if trims[i] is not None else str(event)
                         if piece:
                             pieces[i].append(piece)
-                            batch.append((i, piece))
+                            batch.append((i, piece if entries is None else Piece(piece, pending[i])))
+                            pending[i] = []
                     else:
                         left -= 1  # its text is what was streamed: streaming or not gives one text
                         batch.append((i, dataclasses.replace(event, text="".join(pieces[i]))))

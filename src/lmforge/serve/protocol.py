@@ -162,29 +162,29 @@ def usage(done: Sequence[Completion]) -> dict:
     return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
 
-def chat_logprobs(done: Completion) -> dict | None:
+def chat_logprobs(done: Completion, skip: int = 0) -> dict | None:
     """A chat choice's logprobs: {"content": [{token, logprob, bytes, top_logprobs}]}, the content's tokens
-    only (not the end of the turn)."""
+    only (not the end of the turn), after the first `skip` (those a stream's pieces carried)."""
     if done.logprobs is None:
         return None
-    return {"content": done.logprobs[: len(done.token_ids)], "refusal": None}
+    return {"content": done.logprobs[skip : len(done.token_ids)], "refusal": None}
 
 
-def completion_logprobs(done: Completion) -> dict | None:
-    """A completions choice's logprobs in the legacy layout (tokens, token_logprobs, top_logprobs as
-    {token: logprob}, text_offset); an echoed prompt's first token has None for both."""
-    if done.logprobs is None:
+def completion_logprobs(entries: list[dict] | None, at: int = 0) -> dict | None:
+    """logprobs entries in the completions' legacy layout (tokens, token_logprobs, top_logprobs as
+    {token: logprob}, text_offset counted from `at`); an echoed prompt's first token has None for both."""
+    if entries is None:
         return None
-    offsets, at = [], 0
-    for entry in done.logprobs:
+    offsets = []
+    for entry in entries:
         offsets.append(at)
         at += len(entry["token"])
     return {
-        "tokens": [e["token"] for e in done.logprobs],
-        "token_logprobs": [e["logprob"] for e in done.logprobs],
+        "tokens": [e["token"] for e in entries],
+        "token_logprobs": [e["logprob"] for e in entries],
         "top_logprobs": [
             None if e["top_logprobs"] is None else {t["token"]: t["logprob"] for t in e["top_logprobs"]}
-            for e in done.logprobs
+            for e in entries
         ],
         "text_offset": offsets,
     }

@@ -225,6 +225,27 @@ def test_n_choices_and_seeds(served):
         client.completions.create(model="tiny", prompt=["a"] * 9, max_tokens=2, n=2)
 
 
+def test_best_of_returns_the_n_most_likely_of_its_draws(served):
+    url, _ = served
+    client = client_of(url)
+    kw = dict(model="tiny", prompt="the dog", max_tokens=6, temperature=1.5, seed=11)
+    drawn = client.completions.create(**kw, n=4, logprobs=0)  # the same draws (seed + i per choice)
+    means = [sum(c.logprobs.token_logprobs) / len(c.logprobs.tokens) for c in drawn.choices]
+    ranked = [drawn.choices[i].text for i in sorted(range(4), key=lambda i: -means[i])]
+    best = client.completions.create(**kw, n=2, best_of=4)
+    assert [c.text for c in best.choices] == ranked[:2] and [c.index for c in best.choices] == [0, 1]
+    assert ranked[:2] != [c.text for c in drawn.choices[:2]]  # negative control: not just the first two
+    assert all(c.logprobs is None for c in best.choices)  # ranked by them, returned only if asked for
+    assert best.usage.completion_tokens == drawn.usage.completion_tokens  # all four were drawn
+    for bad, match in [
+        (dict(n=3, best_of=2), "best_of=2 must be at least n=3"),
+        (dict(best_of=2, stream=True), "equal to it with stream"),
+        (dict(suffix="end."), "suffix"),
+    ]:
+        with pytest.raises(openai.BadRequestError, match=match):
+            client.completions.create(model="tiny", prompt="the", max_tokens=2, **bad)
+
+
 def test_logprobs_are_the_models_own(served):
     url, llm = served
     client = client_of(url)

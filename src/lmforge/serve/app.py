@@ -148,9 +148,20 @@ class _Server:
             raise RequestError(
                 400, "max_tokens=0 draws nothing: give 1 or more (0 is for echo, to score a prompt)"
             )
+        if body.suffix:
+            raise RequestError(
+                400, "suffix: inserting text before a suffix is not served; give a prompt only"
+            )
+        drawn = body.best_of or body.n
+        if drawn < body.n or (body.stream and drawn > body.n):
+            raise RequestError(
+                400, f"best_of={drawn} must be at least n={body.n}, and equal to it with stream"
+            )
         params = self.settings(body)
         prompts = prompts_of(body)
-        jobs = [job for p in prompts for job in self.jobs(p, params, body, body.logprobs)]
+        # best_of: every choice drawn with its logprobs, to rank them (kept in the reply only if asked for)
+        logprobs = body.logprobs if drawn == body.n or body.logprobs is not None else 0
+        jobs = [job for p in prompts for job in self.jobs(p, params, body, logprobs, drawn)]
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time())}
         head["model"] = self.name
         echoes = await self.echoes(prompts, jobs, body) if body.echo else None
@@ -160,6 +171,11 @@ class _Server:
         if body.stream:
             return _sse(_chunks(head, events, len(jobs), _wants_usage(body), _completion_choice))
         done = await _finished(events, len(jobs))
+        spent = usage(done)
+        if drawn > body.n:
+            done = _best(done, drawn, body.n, [len(e[1] or []) for e in echoes] if echoes else None)
+            if body.logprobs is None:
+                done = [dataclasses.replace(c, logprobs=None) for c in done]
         choices = [
             {
                 "text": c.text,
@@ -169,7 +185,7 @@ class _Server:
             }
             for i, c in enumerate(done)
         ]
-        return {**head, "choices": choices, "usage": usage(done)}
+        return {**head, "choices": choices, "usage": spent}
 
     async def chat_completions(self, request: Request):
         body = await self.read_json(request, ChatBody)
@@ -201,9 +217,9 @@ class _Server:
         return {**head, "choices": choices, "usage": usage(done)}
 
     async def echoes(self, prompts: list, jobs: list[tuple], body: CompletionBody) -> list[tuple]:
-        """For each job (n per prompt), its prompt's text and, when logprobs are asked for, the prompt's
-        own tokens' logprobs entries (scored once per prompt)."""
-        n, out = body.n, []
+        """For each job (as many per prompt), its prompt's text and, when logprobs are asked for, the
+        prompt's own tokens' logprobs entries (scored once per prompt)."""
+        n, out = len(jobs) // len(prompts), []
         for k, prompt in enumerate(prompts):
             ids = jobs[k * n][0]["prompt_ids"]
             text = prompt if isinstance(prompt, str) else self.llm.tokenizer.decode(ids)
@@ -211,14 +227,15 @@ class _Server:
             out += [(text, scored)] * n
         return out
 
-    def jobs(self, prompt, params: SamplingParams, body: Sampling, logprobs: int | None) -> list[tuple]:
-        """The request's n generations of one prompt, checked against the context (400 past it)."""
-        if (
-            body.n * (len(body.prompt) if isinstance(getattr(body, "prompt", None), list) else 1)
-            > MAX_CHOICES
-        ):
+    def jobs(
+        self, prompt, params: SamplingParams, body: Sampling, logprobs: int | None, n: int | None = None
+    ) -> list[tuple]:
+        """The request's n generations of one prompt (body.n unless given), checked against the context
+        (400 past it)."""
+        n = n or body.n
+        if n * (len(body.prompt) if isinstance(getattr(body, "prompt", None), list) else 1) > MAX_CHOICES:
             raise RequestError(
-                400, f"n x prompts is over this server's {MAX_CHOICES} generations per request"
+                400, f"n (or best_of) x prompts is over this server's {MAX_CHOICES} generations per request"
             )
         try:
             fields, trim = self.llm.request_fields(prompt, params.max_new_tokens, params)
@@ -238,7 +255,7 @@ class _Server:
         fields["logit_bias"] = body.token_bias()
         seed = fields["seed"]
         # n choices of one request differ: each draws from its own seed (seed + i when one is given).
-        return [({**fields, "seed": None if seed is None else seed + i}, trim) for i in range(body.n)]
+        return [({**fields, "seed": None if seed is None else seed + i}, trim) for i in range(n)]
 
     async def read_json(self, request: Request, model: type[BaseModel]):
         """The body, refused with 413 past max_body (checked before and while reading) and 400 if invalid."""
@@ -296,6 +313,21 @@ async def _finished(events: AsyncIterator, n: int) -> list[Completion]:
                 if isinstance(event, Completion):
                     done[i] = event
     return done  # type: ignore[return-value]
+
+
+def _best(done: list[Completion], drawn: int, n: int, echoed: list[int] | None) -> list[Completion]:
+    """Of each prompt's `drawn` choices (consecutive), the n with the highest mean log-probability of the
+    tokens drawn (an echoed prompt's entries, echoed[i] of them, left out), best first."""
+    best = []
+    for start in range(0, len(done), drawn):
+        group = range(start, start + drawn)
+
+        def score(i: int) -> float:
+            entries = done[i].logprobs[echoed[i] if echoed else 0 :]
+            return sum(e["logprob"] for e in entries) / max(1, len(entries))
+
+        best += [done[i] for i in sorted(group, key=score, reverse=True)[:n]]
+    return best
 
 
 async def _drawn_nothing(jobs: list[tuple]) -> AsyncIterator[list[tuple[int, Completion]]]:

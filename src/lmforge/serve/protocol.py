@@ -5,9 +5,11 @@ lists of token ids), messages (content as text or a list of text parts), max_tok
 max_completion_tokens, temperature, top_p, top_k, min_p, repetition_penalty, frequency_penalty,
 presence_penalty, logit_bias (token ids to biases in [-100, 100], at most 300), stop, seed, n, stream,
 stream_options.include_usage, logprobs (completions: an int, the top alternatives; chat: a bool, with
-top_logprobs), echo (completions; max_tokens 0 with it scores the prompt and draws nothing). Refused with
-a 400: content parts other than text, token ids outside the vocabulary, a prompt plus max_tokens longer
-than the context. Accepted and ignored: every other field (user, tools, response_format, ...).
+top_logprobs), echo (completions; max_tokens 0 with it scores the prompt and draws nothing), best_of
+(completions: the n of best_of with the highest log-probability per token). Refused with a 400: content
+parts other than text, token ids outside the vocabulary, a prompt plus max_tokens longer than the context,
+a suffix, best_of below n or with stream. Accepted and ignored: every other field (user, tools,
+response_format, ...).
 docs/using.md lists them.
 """
 
@@ -87,6 +89,8 @@ class CompletionBody(Sampling):
     logprobs: int | None = Field(default=None, ge=0, le=20)  # the top alternatives per token
     echo: bool = False  # the prompt in front of the text (and its tokens' logprobs in front of the rest)
     max_tokens: int | None = Field(default=None, ge=0)  # 0 only with echo: score the prompt, draw nothing
+    best_of: int | None = Field(default=None, ge=1, le=MAX_CHOICES)  # drawn per prompt; the best n returned
+    suffix: str | None = None  # text after an insertion: refused (these models only continue a prompt)
 
 
 class TextPart(BaseModel):

@@ -350,8 +350,11 @@ def test_cli_harness_errors_are_one_line(trained_run, task_dir, tmp_path, monkey
 
     monkeypatch.setattr(lm_eval.tasks, "TaskManager", only_folder)
     base = ["eval", "--run", str(trained_run), "--device", "cpu", "--out", str(tmp_path / "e.json")]
+    hub = tmp_path / "hub_task.yaml"  # data on the hub, not in the cache, and the hub out of reach (offline)
+    hub.write_text(MC.replace("output_type", "task: hub_task\ndataset_path: nobody/none\noutput_type"))
     cases = [
         ([*base, "--harness", "no_such_task", "--include-path", str(task_dir)], "no task named no_such_task"),
+        ([*base, "--harness", str(hub)], "a task's data could not be fetched (Couldn't reach 'nobody/none'"),
         ([*base, "--harness", str(tmp_path / "t.yaml")], "no such task file"),
         ([*base, "--harness", "demo_mc", "--include-path", str(task_dir / "nope")], "no such folder"),
         ([*base, "--harness", "demo_mc", "--data", "x"], "--data: lmforge's own measurements"),

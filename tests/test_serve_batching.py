@@ -24,6 +24,7 @@ from tests.gen_helpers import make_run
 from tests.serve_helpers import free_port, serving
 
 ROOT = Path(__file__).resolve().parents[1]
+USAGE = {"include_usage": True}
 
 
 @pytest.fixture(scope="module")
@@ -203,24 +204,29 @@ def test_an_end_token_has_its_logprob_in_completions_not_in_chat_content(served)
 
 
 def test_n_choices_and_seeds(served):
-    url, _ = served
+    url, llm = served
     client = client_of(url)
     many = client.completions.create(model="tiny", prompt="the", max_tokens=8, temperature=1.0, n=3, seed=7)
     texts = [c.text for c in many.choices]
     assert [c.index for c in many.choices] == [0, 1, 2] and len(set(texts)) > 1
+    assert many.usage.prompt_tokens == len(llm.tokenizer.encode("the"))  # a prompt counts once, as OpenAI's
     again = client.completions.create(model="tiny", prompt="the", max_tokens=8, temperature=1.0, n=3, seed=7)
     assert [c.text for c in again.choices] == texts  # seed + i per choice: reproducible
     msgs = [{"role": "user", "content": "the cat"}]
     chat = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=6, temperature=0, n=2)
     assert len(chat.choices) == 2 and chat.choices[0].message.content == chat.choices[1].message.content
     stream = client.chat.completions.create(
-        model="tiny", messages=msgs, max_tokens=6, temperature=0, n=2, stream=True
+        model="tiny", messages=msgs, max_tokens=6, temperature=0, n=2, stream=True, stream_options=USAGE
     )
-    joined = {0: "", 1: ""}
+    joined, counted = {0: "", 1: ""}, None
     for chunk in stream:
         for choice in chunk.choices:
             joined[choice.index] += choice.delta.content or ""
+        counted = chunk.usage or counted
     assert joined == {0: chat.choices[0].message.content, 1: chat.choices[1].message.content}
+    one = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=6, temperature=0)
+    assert counted.prompt_tokens == chat.usage.prompt_tokens == one.usage.prompt_tokens
+    assert counted.completion_tokens == chat.usage.completion_tokens == 2 * one.usage.completion_tokens
     with pytest.raises(openai.BadRequestError, match="16 generations per request"):
         client.completions.create(model="tiny", prompt=["a"] * 9, max_tokens=2, n=2)
 
@@ -236,7 +242,7 @@ def test_best_of_returns_the_n_most_likely_of_its_draws(served):
     assert [c.text for c in best.choices] == ranked[:2] and [c.index for c in best.choices] == [0, 1]
     assert ranked[:2] != [c.text for c in drawn.choices[:2]]  # negative control: not just the first two
     assert all(c.logprobs is None for c in best.choices)  # ranked by them, returned only if asked for
-    assert best.usage.completion_tokens == drawn.usage.completion_tokens  # all four were drawn
+    assert best.usage == drawn.usage  # all four were drawn
     for bad, match in [
         (dict(n=3, best_of=2), "best_of=2 must be at least n=3"),
         (dict(best_of=2, stream=True), "equal to it with stream"),

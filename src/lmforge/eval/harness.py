@@ -253,7 +253,7 @@ class LmforgeLM(TemplateLM):
         if self.template is None:
             raise HarnessError(
                 f"run '{self.llm.name}' has no chat template (its tokenizer has none of "
-                f"{', '.join(SPECIAL_TOKENS)}): evaluate it without --apply_chat_template"
+                f"{', '.join(SPECIAL_TOKENS)}): evaluate it without applying a chat template"
             )
         return self.template
 

@@ -97,10 +97,20 @@ def run_harness(run: str | Path, opts: HarnessOptions) -> tuple[dict, str]:
         )
     except FileNotFoundError as e:  # a task's data_files that are not there
         raise EvalError(f"--harness: a task's data is missing: {e}") from None
+    except ConnectionError as e:  # a hub dataset not in the cache, with the hub out of reach
+        raise EvalError(
+            f"--harness: a task's data could not be fetched ({_first_line(e)}): run once where the "
+            "Hugging Face hub is reachable (the data is cached), or give tasks with local data "
+            "(--include-path DIR)"
+        ) from None
     table = make_table(results)
     if results.get("groups"):
         table += "\n" + make_table(results, "groups")
     return harness_section(results, lm, opts), table
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 def harness_section(results: dict, lm, opts: HarnessOptions) -> dict:

@@ -168,7 +168,7 @@ def generation(model, tokenizer: Tokenizer, prompts: list[str], opts: EvalOption
 
 def evaluate_run(run: str | Path, opts: EvalOptions, console: Console | None = None) -> dict:
     """Load the run, measure everything `opts` asks for, and return the report (a JSON-able dict)."""
-    say = (lambda m: console.print(m, highlight=False)) if console else (lambda m: None)
+    say = (lambda m: console.print(m, highlight=False, soft_wrap=True)) if console else (lambda m: None)
     tasks, prompts, device = _check_inputs(opts)
     model, cfg, ckpt = load_model(run, device=device)
     tokenizer = Tokenizer.load(tokenizer_path(Path(run)))

@@ -169,9 +169,9 @@ class _Server:
         if echoes is not None:
             events = _echoed(events, echoes)
         if body.stream:
-            return _sse(_chunks(head, events, len(jobs), _wants_usage(body), _completion_choice))
+            return _sse(_chunks(head, events, len(jobs), _usage_of(body), _completion_choice))
         done = await _finished(events, len(jobs))
-        spent = usage(done)
+        spent = usage(done, drawn)
         if drawn > body.n:
             done = _best(done, drawn, body.n, [len(e[1] or []) for e in echoes] if echoes else None)
             if body.logprobs is None:
@@ -202,8 +202,8 @@ class _Server:
         events = await self.generations.run(jobs)
         if body.stream:
             chunk_head = {**head, "object": "chat.completion.chunk"}
-            n, usage_chunk = len(jobs), _wants_usage(body)
-            return _sse(_chunks(chunk_head, events, n, usage_chunk, _chat_choice, _roles(chunk_head, n)))
+            n, per_prompt = len(jobs), _usage_of(body)
+            return _sse(_chunks(chunk_head, events, n, per_prompt, _chat_choice, _roles(chunk_head, n)))
         done = await _finished(events, len(jobs))
         choices = [
             {
@@ -214,7 +214,7 @@ class _Server:
             }
             for i, c in enumerate(done)
         ]
-        return {**head, "choices": choices, "usage": usage(done)}
+        return {**head, "choices": choices, "usage": usage(done, body.n)}
 
     async def echoes(self, prompts: list, jobs: list[tuple], body: CompletionBody) -> list[tuple]:
         """For each job (as many per prompt), its prompt's text and, when logprobs are asked for, the
@@ -392,31 +392,35 @@ def _has_lone_surrogate(value) -> bool:
     return False
 
 
-def _wants_usage(body: Sampling) -> bool:
-    return bool((body.stream_options or {}).get("include_usage"))
+def _usage_of(body: Sampling) -> int | None:
+    """With stream_options.include_usage, how many choices each prompt has (the usage chunk counts a
+    prompt once); else None: no usage chunk."""
+    return body.n if (body.stream_options or {}).get("include_usage") else None
 
 
 async def _chunks(
-    head: dict, events: AsyncIterator, n: int, usage_chunk: bool, choice, opening: list | None = None
+    head: dict, events: AsyncIterator, n: int, per_prompt: int | None, choice, opening: list | None = None
 ) -> AsyncIterator[list]:
     """A stream's chunks, those of events that arrived together as one list (`opening` in front of the
     first): one chunk per event, its choice made by choice(i, text piece or Completion, sent) where
     sent is (the logprobs entries the choice's pieces carried so far, their tokens' characters); after
-    the n choices' last Completions, with `usage_chunk` a chunk with no choices and the token counts
-    (stream_options.include_usage), then DONE."""
-    done, out = [], list(opening or [])
+    the n choices' last Completions, with per_prompt (choices to a prompt) a chunk with no choices and
+    the token counts (stream_options.include_usage), then DONE."""
+    done: dict[int, Completion] = {}
+    out = list(opening or [])
     sent = [(0, 0)] * n
     async with contextlib.aclosing(events):
         async for batch in events:
             for i, ev in batch:
                 if isinstance(ev, Completion):
-                    done.append(ev)
+                    done[i] = ev
                 out.append({**head, "choices": [choice(i, ev, sent[i])]})
                 if isinstance(ev, Piece) and ev.logprobs:
                     count, chars = sent[i]
                     sent[i] = (count + len(ev.logprobs), chars + sum(len(e["token"]) for e in ev.logprobs))
             if len(done) == n:
-                out += ([{**head, "choices": [], "usage": usage(done)}] if usage_chunk else []) + [DONE]
+                counts = [] if per_prompt is None else [usage([done[i] for i in range(n)], per_prompt)]
+                out += [{**head, "choices": [], "usage": c} for c in counts] + [DONE]
             yield out
             out = []
 

@@ -160,8 +160,10 @@ def prompts_of(body: CompletionBody) -> list[str | list[int]]:
     return list(prompt)
 
 
-def usage(done: Sequence[Completion]) -> dict:
-    p = sum(c.prompt_tokens for c in done)
+def usage(done: Sequence[Completion], per_prompt: int = 1) -> dict:
+    """Token counts of choices in order, per_prompt of them to each prompt: a prompt counts once (as
+    OpenAI counts it), however many choices it has."""
+    p = sum(c.prompt_tokens for c in done[::per_prompt])
     c = sum(len(x.token_ids) for x in done)
     return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 

@@ -96,6 +96,19 @@ def test_generate_decodes_in_the_fast_layout_that_load_model_leaves_out(run, mon
     assert len(seen) == 1 and fast(seen[0])  # `lmforge generate` decoded in it
 
 
+def test_generate_prints_the_text_as_it_is_whatever_the_terminals_width(run, monkeypatch, capsys):
+    from lmforge import LLM
+
+    want = LLM.load(run, device="cpu").generate("the", max_new_tokens=40, temperature=0)
+    assert len(want) > 25 and "\n" not in want  # a line wider than the terminal below
+    monkeypatch.setenv("COLUMNS", "20")
+    args = ["generate", "--run", str(run), "--prompt", "the", "--max-new-tokens", "40", "--temperature", "0"]
+    for stream in ([], ["--stream"]):
+        capsys.readouterr()
+        assert main([*args, *stream, "--device", "cpu"]) == 0
+        assert capsys.readouterr().out == "the" + want + "\n"  # no line breaks of the console's own
+
+
 def test_stream_events_gives_pieces_then_the_completion_under_the_lock(run):
     from lmforge import LLM
     from lmforge.api import GenerationError

@@ -206,14 +206,17 @@ def bench_training(
 
 def report(results: list[StepResult], cfg: ModelConfig, batch: int, console) -> None:
     """Print one row per implementation, with ratios against the first compared one and a loss check."""
+    from rich import box
     from rich.table import Table
 
     base = results[1] if len(results) > 1 else None
-    table = Table(
-        title=f"training step, batch {batch} x seq {cfg.seq_len}, {cfg.family} L{cfg.n_layer} C{cfg.n_embd}"
+    table = Table(  # light rules and no edge padding: the eight columns fit 80 characters
+        title=f"training step, batch {batch} x seq {cfg.seq_len}, {cfg.family} L{cfg.n_layer} C{cfg.n_embd}",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
     )
     for col in (
-        "implementation",
+        "code",
         "ms/step",
         "tokens/s",
         "vs " + (base.name if base else "-"),
@@ -222,7 +225,7 @@ def report(results: list[StepResult], cfg: ModelConfig, batch: int, console) -> 
         "first loss",
         "last loss",
     ):
-        table.add_column(col, justify="left" if col == "implementation" else "right")
+        table.add_column(col, justify="left" if col == "code" else "right")
     for r in results:
         table.add_row(
             r.name,
@@ -238,7 +241,9 @@ def report(results: list[StepResult], cfg: ModelConfig, batch: int, console) -> 
     if base:
         # Same weights and batches: the first losses must agree, or the comparison is not like for like.
         gap = abs(results[0].losses[0] - base.losses[0])
-        console.print(f"first-step loss difference vs {base.name}: {gap:.2e}", highlight=False)
+        console.print(
+            f"first-step loss difference vs {base.name}: {gap:.2e}", highlight=False, soft_wrap=True
+        )
         # The end of the curve: a mean over the last steps smooths out batch-to-batch noise.
         n = min(10, len(base.losses))
         ours, theirs = (sum(r.losses[-n:]) / n for r in (results[0], base))
@@ -246,4 +251,5 @@ def report(results: list[StepResult], cfg: ModelConfig, batch: int, console) -> 
             f"mean loss of the last {n} steps: {results[0].name} {ours:.4f}, {base.name} {theirs:.4f} "
             f"({abs(ours - theirs) / theirs:.2%} apart)",
             highlight=False,
+            soft_wrap=True,
         )

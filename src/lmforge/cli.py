@@ -297,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
         err.print(f"lmforge: error: {e}", highlight=False, markup=False, soft_wrap=True)
         return getattr(e, "exit_code", EXIT_USAGE)
     except KeyboardInterrupt:
-        err.print("lmforge: interrupted", highlight=False)
+        err.print("lmforge: interrupted", highlight=False, soft_wrap=True)
         return 130
 
 

@@ -71,7 +71,8 @@ def quickstart(
     try:
         meta = load_meta(data_dir)
         console.print(
-            f"reusing prepared data in {data_dir} ({meta['splits']['train']['tokens']:,} train tokens)"
+            f"reusing prepared data in {data_dir} ({meta['splits']['train']['tokens']:,} train tokens)",
+            soft_wrap=True,
         )
     except DataError:
         meta = prepare(
@@ -79,7 +80,9 @@ def quickstart(
             data_dir,
             vocab_size=QUICKSTART_VOCAB,
             val_fraction=QUICKSTART_VAL_FRACTION,
-            progress=lambda msg: console.print(msg, highlight=False),  # ends with a "wrote ..." summary
+            progress=lambda msg: console.print(
+                msg, highlight=False, soft_wrap=True
+            ),  # ends with a "wrote ..." summary
         )
 
     console.rule("[bold]2/3 train: the tiny preset")
@@ -101,6 +104,7 @@ def quickstart(
             f"val bits per byte: {first['val_bpb']:.3f} at step {first['step']} -> {last['val_bpb']:.3f} at step {last['step']} "
             f"({100 * last['val_bpb'] / first['val_bpb']:.0f}% of the start)",
             highlight=False,
+            soft_wrap=True,
         )
     task = QUICKSTART_TASK.removeprefix("builtin:") + "/acc_norm"
     if task in first and task in last:  # 4 choices: chance is 0.25
@@ -108,11 +112,13 @@ def quickstart(
             f"{task} (pick the real next line of a function among 4): {first[task]:.3f} at step {first['step']} "
             f"-> {last[task]:.3f} at step {last['step']} (chance 0.250)",
             highlight=False,
+            soft_wrap=True,
         )
     console.print(
         f"data: {data_dir}   run: {run_dir} (config.yaml, metrics.jsonl, checkpoints/)\n"
         f'next: lmforge generate --run {run_dir} --prompt "def __init__(self" --stream',
         highlight=False,
+        soft_wrap=True,
     )
     return {"first_eval": first, "last_eval": last, "samples": samples, "result": result}
 

@@ -77,7 +77,7 @@ def prepare(
         vocab_size=vocab_size,
         val_fraction=val_fraction,
         max_docs=max_docs,
-        progress=lambda msg: console.print(msg, highlight=False),
+        progress=lambda msg: console.print(msg, highlight=False, soft_wrap=True),
         text_field=text_field,
         special_tokens=[t.strip() for t in special_tokens.split(",") if t.strip()],
         workers=workers,
@@ -117,7 +117,7 @@ def _prep_chat(
         val_fraction=val_fraction,
         max_docs=max_docs,
         workers=workers,
-        progress=lambda msg: console.print(msg, highlight=False),
+        progress=lambda msg: console.print(msg, highlight=False, soft_wrap=True),
         console=console,
     )
 
@@ -261,7 +261,7 @@ def bench(
     except (ValueError, TypeError) as e:
         raise ConfigError(str(e)) from e
     others = () if compare == "none" else tuple(compare.split(","))
-    console.print(f"timing {steps} steps after {warmup} warmup steps ...", highlight=False)
+    console.print(f"timing {steps} steps after {warmup} warmup steps ...", highlight=False, soft_wrap=True)
     results = bench_training(
         model_cfg,
         batch=batch,
@@ -325,7 +325,7 @@ def plot(runs: list[str], *, out: str | None = None, console: Console) -> None:
 
     path = Path(out) if out else Path(runs[0]) / "curves.png"
     plot_runs(runs, path)
-    console.print(f"wrote {path}", highlight=False)
+    console.print(f"wrote {path}", highlight=False, soft_wrap=True)
 
 
 def report(run: str, *, console: Console) -> None:

@@ -50,7 +50,7 @@ def generate(
     llm = LLM.load(run.run, device=device.device, quantize=device.quantize)
     source = [{"role": "user", "content": prompt}] if chat else prompt
     if not chat:  # a continuation is shown after its prompt; a reply stands alone
-        console.print(prompt, end="", style="bold", highlight=False, markup=False)
+        console.print(prompt, end="", style="bold", highlight=False, markup=False, soft_wrap=True)
     pieces = []
     events = llm.stream_events(source, sampling.max_new_tokens, sampling, sampling.seed, sampling.stop)
     for piece in events:
@@ -58,10 +58,10 @@ def generate(
             continue
         pieces.append(piece)
         if stream:
-            console.print(piece, end="", highlight=False, markup=False)
+            console.print(piece, end="", highlight=False, markup=False, soft_wrap=True)
             console.file.flush()
     if not stream:
-        console.print("".join(pieces), end="", highlight=False, markup=False)
+        console.print("".join(pieces), end="", highlight=False, markup=False, soft_wrap=True)
     console.print()
 
 
@@ -123,7 +123,7 @@ def chat(
     how = (
         f"chat template {llm.template.name}" if llm.template else "a base run: a User:/Assistant: transcript"
     )
-    console.print(f"{llm.name}: {how}", highlight=False, markup=False)
+    console.print(f"{llm.name}: {how}", highlight=False, markup=False, soft_wrap=True)
     session = llm.session(sampling.max_new_tokens, sampling, sampling.seed)
     session.system = system
     repl(session)
@@ -268,7 +268,7 @@ def evaluate(
     report = evaluate_run(run.run, opts, console)
     written = write_report(report, path)
     console.print(report_table(report))
-    console.print(f"wrote {written}", highlight=False)
+    console.print(f"wrote {written}", highlight=False, soft_wrap=True)
 
 
 def _named_tasks(specs: list[str]) -> dict[str, str]:
@@ -306,7 +306,7 @@ def _evaluate_harness(
     section, table = run_harness(run.run, opts)
     console.print(table, highlight=False, markup=False, soft_wrap=True)
     written = write_report({**read_report(path), "harness": section}, path)
-    console.print(f"wrote {written}", highlight=False)
+    console.print(f"wrote {written}", highlight=False, soft_wrap=True)
 
 
 def export(
@@ -325,7 +325,7 @@ def export(
     from ..export import export_run
 
     written = export_run(run.run, format, out, dtype, license=license)
-    console.print(f"exported {run.run} as {format} to {written}", highlight=False)
+    console.print(f"exported {run.run} as {format} to {written}", highlight=False, soft_wrap=True)
 
 
 def import_hf(source: str, *, out: str, console: Console) -> None:
@@ -344,4 +344,8 @@ def import_hf(source: str, *, out: str, console: Console) -> None:
     if not sep or kind != "hf" or not path:
         raise ExportError(f"source {source!r}: write it as hf:DIR (a local Hugging Face model folder)")
     written = import_folder(path, out)
-    console.print(f"imported {path} into {written}; try: lmforge generate --run {written}", highlight=False)
+    console.print(
+        f"imported {path} into {written}; try: lmforge generate --run {written}",
+        highlight=False,
+        soft_wrap=True,
+    )

@@ -121,7 +121,9 @@ class ConsoleReporter:
             elapsed = time.time() - self.t0
             eta = elapsed / max(1, step - self.start_step) * (self.total - step)
             self.console.print(
-                f"step {step}/{self.total} | {info} | {elapsed:.0f}s elapsed, ETA {eta:.0f}s", highlight=False
+                f"step {step}/{self.total} | {info} | {elapsed:.0f}s elapsed, ETA {eta:.0f}s",
+                highlight=False,
+                soft_wrap=True,
             )
 
     def close(self) -> None:

@@ -65,7 +65,8 @@ def resolve_vocab(cfg: Config, meta: dict, console: Console | None) -> Config:
     data_vocab = int(meta["vocab_size"])
     if cfg.model.vocab_size not in (None, data_vocab) and console is not None:
         console.print(
-            f"note: model.vocab_size {cfg.model.vocab_size} -> {data_vocab} (from the data's tokenizer)"
+            f"note: model.vocab_size {cfg.model.vocab_size} -> {data_vocab} (from the data's tokenizer)",
+            soft_wrap=True,
         )
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=data_vocab))
 
@@ -84,8 +85,10 @@ def print_dry_run(
     from ..estimate import estimate, local_device
     from ..estimate_report import report_lines
 
-    console.print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False).rstrip(), highlight=False)
+    console.print(
+        yaml.safe_dump(config_to_dict(cfg), sort_keys=False).rstrip(), highlight=False, soft_wrap=True
+    )
     est = estimate(cfg, device=local_device(device), precision=precision)
-    console.print(f"memory estimate and plan on {device} ({precision}):", highlight=False)
+    console.print(f"memory estimate and plan on {device} ({precision}):", highlight=False, soft_wrap=True)
     for line in report_lines(est):
         console.print(line, highlight=False, markup=False, soft_wrap=True)

@@ -6,6 +6,7 @@ import ast
 import math
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -222,3 +223,17 @@ def test_the_model_package_imports_only_torch_and_itself():
     assert set(out.stdout.split()) == {"lmforge", "lmforge.model"} | {
         f"lmforge.model.{name}" for name in ("config", "gpt", "kv_cache")
     }
+
+
+def test_qk_norm_under_bf16_autocast_warns_nothing_and_matches_fp32():
+    cfg = ModelConfig(
+        family="llama", qk_norm=True, n_layer=2, n_head=4, n_embd=32, context_len=16, vocab_size=64
+    )
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    x = torch.randint(0, 64, (2, 16))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch's mixed-dtype RMSNorm fallback warned here
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = model(x)
+    assert torch.allclose(low.float(), model(x), atol=0.1)  # bf16's rounding, not another function

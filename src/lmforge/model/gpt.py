@@ -67,6 +67,8 @@ class Attention(nn.Module):
         k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         if self.q_norm is not None:
+            if q.dtype != self.q_norm.weight.dtype:  # bf16 activations under autocast: normed in fp32, as
+                q, k = q.float(), k.float()  # torch's mixed-dtype fallback does (which warns on every CPU)
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)

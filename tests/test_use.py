@@ -109,6 +109,18 @@ def test_generate_prints_the_text_as_it_is_whatever_the_terminals_width(run, mon
         assert capsys.readouterr().out == "the" + want + "\n"  # no line breaks of the console's own
 
 
+def test_the_program_shows_its_own_warnings_in_one_line(run):
+    long = " ".join(["the cat"] * 100)  # more tokens than the context holds
+    args = ["generate", "--run", str(run), "--prompt", long, "--max-new-tokens", "4", "--device", "cpu"]
+    out = subprocess.run(
+        [sys.executable, "-m", "lmforge", *args], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("lmforge: warning: prompt of "), out.stderr
+    assert "cut to its last" in lines[0] and "UserWarning" not in out.stderr
+
+
 def test_stream_events_gives_pieces_then_the_completion_under_the_lock(run):
     from lmforge import LLM
     from lmforge.api import GenerationError

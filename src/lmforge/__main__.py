@@ -1,7 +1,5 @@
 """`python -m lmforge` runs the same command as `lmforge`."""
 
-import sys
+from .cli import entry
 
-from .cli import main
-
-sys.exit(main())
+entry()

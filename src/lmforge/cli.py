@@ -31,6 +31,7 @@ import inspect
 import re
 import sys
 import typing
+import warnings
 from argparse import ArgumentError
 from collections.abc import Callable
 from pathlib import Path
@@ -301,5 +302,25 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-if __name__ == "__main__":
+def entry() -> None:
+    """The `lmforge` program (and `python -m lmforge`): main(), with lmforge's own warnings shown as one
+    line each (`lmforge: warning: ...`) instead of Python's file, line number and source line."""
+    warnings.showwarning = _show_warning
     sys.exit(main())
+
+
+_PACKAGE = str(Path(__file__).resolve().parent)
+_python_show_warning = warnings.showwarning
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    if str(Path(filename).resolve()).startswith(_PACKAGE):
+        Console(stderr=True).print(
+            f"lmforge: warning: {message}", highlight=False, markup=False, soft_wrap=True
+        )
+    else:  # another package's warning keeps Python's format
+        _python_show_warning(message, category, filename, lineno, file, line)
+
+
+if __name__ == "__main__":
+    entry()

@@ -145,6 +145,7 @@ def test_hf_export_refuses_what_transformers_cannot_represent(
     assert main(["export", "--run", str(run), "--format", "hf", "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1 and err.startswith("lmforge: error:")
+    assert err.endswith("export with --format safetensors or onnx")  # not gguf: it refuses the same
     assert not out.exists()  # nothing half-written
 
 

@@ -47,7 +47,7 @@ def standard_architecture(cfg: ModelConfig, target: str) -> str:
     check: a missing bias exports exactly as zeros (GPT-2) or as Llama's attention_bias/mlp_bias switch.
     """
     cfg = cfg.resolved()
-    other = "safetensors or onnx" if target == "gguf" else "safetensors, onnx or gguf"
+    other = "safetensors or onnx"  # gguf and transformers take the same two architectures
     if cfg.qk_norm:
         raise ExportError(
             f"model.qk_norm=true has no exact GPT-2/Llama equivalent in {target}: export with --format {other}"

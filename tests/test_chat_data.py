@@ -494,6 +494,7 @@ def test_prepare_chat_command_with_a_run_directory(tmp_path, tok_file, capsys):
     "extra, message",
     [
         (["--tokenizer", "bpe", "--seq-len", "32"], "does not train a new 'bpe'"),
+        (["--tokenizer", "runs/none", "--seq-len", "32"], "--tokenizer 'runs/none' does not exist"),
         (["--seq-len", "32", "--stride", "8"], "--stride cannot be used with --chat"),
         ([], "pass --seq-len"),
         (["--seq-len", "32", "--source", "builtin:stdlib"], "with --chat use builtin:stdlib-chat"),

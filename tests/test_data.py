@@ -26,6 +26,7 @@ from lmforge.data import (
     prepare,
     train_tokenizer,
 )
+from lmforge.data.tokenizer_kinds import load_pretrained
 from lmforge.safewrite import DiskWriteError
 
 # `lmforge.data.prepare` is shadowed by the re-exported function, so fetch the module itself.
@@ -128,6 +129,13 @@ def test_tokenizer_errors(tmp_path: Path) -> None:
         train_tokenizer(["x"], vocab_size=100)
     with pytest.raises(DataError, match="no tokenizer"):
         Tokenizer.load(tmp_path / "missing")
+    # --tokenizer given as a path: what is wrong with it, not the list of kinds it is not
+    with pytest.raises(DataError, match="does not exist"):
+        load_pretrained(str(tmp_path / "missing"))
+    with pytest.raises(DataError, match="holds no tokenizer.json"):
+        load_pretrained(str(tmp_path))
+    with pytest.raises(DataError, match="is none of bpe"):
+        load_pretrained("sentencepiece")
 
 
 # ----------------------------------------------------------------------------- sources

@@ -35,7 +35,7 @@ from lmforge.data.passes import DocStream, Progress, Scan, scan_documents, val_s
 from lmforge.data.prepare import _resolve_tokenizer, _save_tokenizer, report_skips
 from lmforge.data.shards import DEFAULT_SHARD_TOKENS, ShardWriter, dtype_for_vocab
 from lmforge.data.tokenizer import Tokenizer, tokenizer_id
-from lmforge.data.tokenizer_kinds import is_trained
+from lmforge.data.tokenizer_kinds import is_tokenizer_file, is_trained
 from lmforge.errors import LmforgeError
 from lmforge.run_dir import RunDir
 from lmforge.safewrite import DiskWriteError, io_errno, write_failure
@@ -62,6 +62,11 @@ def base_tokenizer(spec: str) -> tuple[Tokenizer, int | None]:
             f"'{spec}' one: pass --tokenizer RUN_DIR (the base run), gpt2, tiktoken:NAME or a tokenizer.json"
         )
     run = RunDir(Path(spec).expanduser())
+    if is_tokenizer_file(spec) and not run.path.exists():
+        raise DataError(
+            f"--tokenizer '{spec}' does not exist: pass the base run's directory, gpt2, tiktoken:NAME or a "
+            "tokenizer.json"
+        )
     if run.path.is_dir() and run.looks_like_run():
         if not run.tokenizer.is_file():
             raise DataError(f"run directory '{spec}' has no {TOKENIZER_FILE}: pass its data's tokenizer.json")

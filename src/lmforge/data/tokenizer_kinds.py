@@ -263,6 +263,14 @@ def load_pretrained(spec: str) -> HFTokenizer:
     path = Path(spec).expanduser()
     if path.is_dir() and (path / TOKENIZER_FILE).is_file():
         path = path / TOKENIZER_FILE
+    if path.is_dir():
+        raise DataError(
+            f"tokenizer folder '{spec}' holds no {TOKENIZER_FILE}: give a folder or file that has one"
+        )
+    if not path.is_file() and ("/" in spec or path.suffix):  # meant as a path
+        raise DataError(
+            f"tokenizer '{spec}' does not exist: give an existing tokenizer.json or a folder holding one"
+        )
     if not path.is_file():
         raise DataError(
             f"tokenizer '{spec}' is none of {', '.join(TRAINED_KINDS + PRETRAINED_KINDS)}, tiktoken:NAME, "

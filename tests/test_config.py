@@ -39,7 +39,10 @@ def config_of(argv):
         (["--model.seq_len=4096"], "model.seq_len=4096: must be between 1 and the model's context"),
         (["--model.n_layr=3"], "unknown config key model.n_layr (did you mean model.n_layer?)"),
         (["--trian.lr=3"], "unknown config key trian.lr (did you mean train.lr?)"),
-        (["--train.max_steps=abc"], "train.max_steps"),
+        (["--train.max_steps=abc"], "train.max_steps='abc': must be int or null"),
+        (["--train.lr=fast"], "train.lr='fast': must be float"),
+        (["--train.micro_batch_size=big"], "train.micro_batch_size='big': must be int or 'auto'"),
+        (["--model.family=gpt3"], "model.family='gpt3': must be 'gpt2' or 'llama'"),
         (["--preset=tinny"], "preset='tinny' is unknown (did you mean 'tiny'?)"),
         (["--train.device=tpu"], "train.device='tpu'"),
         (["--train.micro_batch_size=3", "--train.global_batch_size=8"], "train.global_batch_size=8"),
@@ -52,6 +55,17 @@ def test_bad_values_fail_in_one_line_naming_the_key(argv, expected, capsys, tmp_
     assert expected in err
     assert len(err.splitlines()) == 1, err
     assert "Traceback" not in err
+
+
+def test_a_yaml_section_that_is_not_a_mapping_is_one_line(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [1, 2]\n")
+    assert main(["train", "--config", str(bad), "--data", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        "lmforge: error: model: [1, 2] is not a section of keys: write it as 'model:' followed by indented "
+        "'key: value' lines"
+    )
 
 
 def test_unknown_key_in_yaml_gets_a_suggestion(tmp_path, capsys):

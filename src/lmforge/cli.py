@@ -276,8 +276,29 @@ def _one_line(err: Exception, parser: ArgumentParser | None = None) -> str:
     key = re.search(r'Parser key "([\w.]+)":\s*(.*)', msg, re.S)
     if key:
         detail = " ".join(key.group(2).split())
-        return f"{key.group(1)}: {detail}"
+        return _bad_value(key.group(1), detail) or f"{key.group(1)}: {detail}"
     return " ".join(msg.split())
+
+
+def _bad_value(key: str, detail: str) -> str | None:
+    """jsonargparse's type error for a key as `key='value': must be TYPE` (None: not a type error)."""
+    single = re.fullmatch(r"Expected a (.+?)\. Got value: (.*)", detail)
+    union = re.search(r"Subtypes: \[(.*?)\] Errors:.* Given value: (.*)$", detail)
+    if single:
+        kinds, value = [single.group(1)], single.group(2)
+    elif union:
+        kinds, value = re.findall(r"<class '\w+'>|typing\.Literal\[[^\]]*\]", union.group(1)), union.group(2)
+    else:
+        return None
+    names = []
+    for kind in kinds:
+        literal = re.fullmatch(r"typing\.Literal\[(.*)\]", kind)
+        if literal:
+            names += [v.strip() for v in literal.group(1).split(",")]
+        else:
+            name = re.sub(r"<class '(\w+)'>", r"\1", kind)
+            names.append({"NoneType": "null", "str": "a text", "bool": "true or false"}.get(name, name))
+    return f"{key}={value!r}: must be {' or '.join(names)}"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -175,6 +176,14 @@ def resolve_budget(ns: Namespace, argv: list[str]) -> str:
 
 def parse_config_with_budget(ns: Namespace, parser: ArgumentParser, argv: list[str]) -> tuple[Config, str]:
     """The validated Config of a train/estimate namespace, and where its budget came from."""
+    sections = typing.get_type_hints(Config)
+    for name, kind in sections.items():  # `model: [1, 2]` in a YAML: one line, not instantiation's TypeError
+        value = ns.get(name)
+        if dataclasses.is_dataclass(kind) and value is not None and not isinstance(value, (Namespace, dict)):
+            raise ConfigError(
+                f"{name}: {value!r} is not a section of keys: write it as '{name}:' followed by indented "
+                "'key: value' lines"
+            )
     try:
         budget = resolve_budget(ns, argv)
         init = parser.instantiate(ns)

@@ -322,6 +322,22 @@ if env.rank == 0:
 
 
 @pytest.mark.timeout(120)
+def test_under_torchrun_a_bad_setting_is_told_once_and_other_errors_name_their_rank(tmp_path):
+    bad = torchrun(tmp_path, tmp_path / "run", "--train.lr=fast")  # every rank refuses it alike
+    assert [ln for ln in bad.stderr.splitlines() if "lmforge: error" in ln] == [
+        "lmforge: error: train.lr='fast': must be float"
+    ], bad.stderr[-2000:]
+    # data each rank looks for on its own disk
+    missing = torchrun(
+        tmp_path / "none", tmp_path / "run", "--train.micro_batch_size=2", "--train.parallel=ddp"
+    )
+    lines = sorted(ln for ln in missing.stderr.splitlines() if "lmforge: error" in ln)
+    assert [ln.split(": data folder")[0] for ln in lines] == [
+        "lmforge: error: rank 0 of 2",
+        "lmforge: error: rank 1 of 2",
+    ], missing.stderr[-2000:]
+
+
 def test_ranks_agree_on_a_flag_and_a_collective_timeout_is_one_line_naming_the_rank(tmp_path):
     script = tmp_path / "hang.py"
     script.write_text(TIMEOUT_SCRIPT)

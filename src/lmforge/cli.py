@@ -28,6 +28,7 @@ import argparse
 import dataclasses
 import difflib
 import inspect
+import os
 import re
 import sys
 import typing
@@ -312,15 +313,27 @@ def main(argv: list[str] | None = None) -> int:
         return run(command, ns, parsers[command], argv, console)
     except ArgumentError as e:
         parser = built[1].get(argv[0]) if argv else None
-        err.print(f"lmforge: error: {_one_line(e, parser)}", highlight=False, markup=False, soft_wrap=True)
+        _say_error(err, _one_line(e, parser), everywhere=True)
         return EXIT_USAGE
     except LmforgeError as e:
-        # markup=False: a message is plain text ("pip install 'lmforge[hf]'" lost its [hf] as a rich tag).
-        err.print(f"lmforge: error: {e}", highlight=False, markup=False, soft_wrap=True)
+        _say_error(err, str(e), everywhere=isinstance(e, ConfigError))
         return getattr(e, "exit_code", EXIT_USAGE)
     except KeyboardInterrupt:
         err.print("lmforge: interrupted", highlight=False, soft_wrap=True)
         return 130
+
+
+def _say_error(err: Console, message: str, everywhere: bool) -> None:
+    """`lmforge: error: MESSAGE` on stderr. Under torchrun, an error every rank meets alike (a flag, a
+    config value) is printed by rank 0 alone, and any other names the rank that met it."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1:
+        if everywhere and rank != 0:
+            return
+        if not everywhere and not message.startswith("rank "):
+            message = f"rank {rank} of {world}: {message}"
+    # markup=False: a message is plain text ("pip install 'lmforge[hf]'" lost its [hf] as a rich tag).
+    err.print(f"lmforge: error: {message}", highlight=False, markup=False, soft_wrap=True)
 
 
 def entry() -> None:

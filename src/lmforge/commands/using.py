@@ -236,7 +236,7 @@ def evaluate(
             are this model's length, else half the window)
         batches: val batches to score (--data)
         batch_size: windows per forward pass
-        tasks: NAME=FILE.jsonl in HellaSwag's format (repeatable)
+        tasks: NAME=FILE.jsonl in HellaSwag's, ARC's or MMLU's layout, or NAME=builtin:stdlib-next-line (repeatable)
         prompts: prompt set: .txt (one per line) or .jsonl (default: built in)
         no_speed: skip the speed measurement
         out: where to write the JSON report (default: RUN_DIR/eval.json)

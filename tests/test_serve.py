@@ -352,6 +352,27 @@ def test_openai_fields_max_completion_tokens_include_usage_and_unknown_model(ser
     assert reply("developer").usage.prompt_tokens == reply("system").usage.prompt_tokens
     assert reply("developer").usage.prompt_tokens != reply("user").usage.prompt_tokens  # not just any turn
 
+    # what the server cannot do is a 400, not silently left undone; what it may leave undone is answered
+    tool = {
+        "type": "function",
+        "function": {"name": "add", "parameters": {"type": "object", "properties": {}}},
+    }
+    ask = dict(model="tiny", messages=msgs, max_tokens=2, temperature=0)
+    for field, match in [
+        (dict(response_format={"type": "json_object"}), "does not constrain replies to JSON"),
+        (dict(tools=[tool], tool_choice="required"), "does not call tools"),
+    ]:
+        with pytest.raises(openai.BadRequestError, match=match):
+            client.chat.completions.create(**ask, **field)
+    answered = [
+        dict(response_format={"type": "text"}),
+        dict(tools=[tool]),
+        dict(tools=[tool], tool_choice="auto"),
+    ]
+    for field in answered:
+        answer = client.chat.completions.create(**ask, **field).choices[0]
+        assert answer.message.tool_calls is None and answer.finish_reason in ("stop", "length")
+
 
 def test_a_client_that_leaves_frees_the_model_when_a_key_is_set(tiny_data, tmp_path):
     """The key check sits between the client and the stream: a client that leaves must still end its

@@ -189,6 +189,7 @@ class _Server:
 
     async def chat_completions(self, request: Request):
         body = await self.read_json(request, ChatBody)
+        body.check_unserved()
         params = self.settings(body)
         messages = [m.turn() for m in body.messages]
         top = (body.top_logprobs or 0) if body.logprobs else None

@@ -8,8 +8,8 @@ stream_options.include_usage, logprobs (completions: an int, the top alternative
 top_logprobs), echo (completions; max_tokens 0 with it scores the prompt and draws nothing), best_of
 (completions: the n of best_of with the highest log-probability per token). Refused with a 400: content
 parts other than text, token ids outside the vocabulary, a prompt plus max_tokens longer than the context,
-a suffix, best_of below n or with stream. Accepted and ignored: every other field (user, tools,
-response_format, ...).
+a suffix, best_of below n or with stream, a response_format other than text, a tool_choice that
+requires a tool call. Accepted and ignored: every other field (user, tools, ...).
 docs/using.md lists them.
 """
 
@@ -123,6 +123,23 @@ class ChatBody(Sampling):
     max_completion_tokens: int | None = Field(default=None, ge=1)  # OpenAI's newer name for max_tokens
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    response_format: dict | None = None  # {"type": "text"} only: replies are not constrained
+    tools: list | None = None  # accepted: the model may always answer in text instead of calling one
+    tool_choice: str | dict | None = None
+
+    def check_unserved(self) -> None:
+        """400 for what the server cannot do: JSON-constrained replies, or a tool call it must make."""
+        kind = (self.response_format or {}).get("type", "text")
+        if kind != "text":
+            raise RequestError(
+                400,
+                f"response_format type '{kind}': this server does not constrain replies to JSON; leave "
+                "response_format out and ask for JSON in the messages",
+            )
+        if self.tools and self.tool_choice not in (None, "auto", "none"):
+            raise RequestError(
+                400, "tool_choice: this server does not call tools; give 'auto' or 'none' (replies are text)"
+            )
 
 
 class RequestError(Exception):

@@ -298,7 +298,7 @@ def _bad_value(key: str, detail: str) -> str | None:
             names += [v.strip() for v in literal.group(1).split(",")]
         else:
             name = re.sub(r"<class '(\w+)'>", r"\1", kind)
-            names.append({"NoneType": "null", "str": "a text", "bool": "true or false"}.get(name, name))
+            names.append({"NoneType": "null", "str": "text", "bool": "true or false"}.get(name, name))
     return f"{key}={value!r}: must be {' or '.join(names)}"
 
 

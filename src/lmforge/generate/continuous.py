@@ -14,8 +14,8 @@ request alone decodes as fast as it would without the scheduler.
 
 Requests talk to the loop through `Request.deliver` (called on the loop's thread with text pieces, then
 the final `Completion`, or an exception; with logprobs asked for, a piece is a `Piece` carrying the
-entries of the tokens drawn since the one before, and the Completion has them all) and `Request.cancel()` (the row is dropped at the next step).
-The server wraps deliver to hand events to its event loop; `Scheduler.run_sync` collects them for
+entries of the tokens drawn since the one before, and the Completion has them all) and
+`Request.cancel()` (the row is dropped at the next step). The server wraps deliver to hand events to its event loop; `Scheduler.run_sync` collects them for
 callers on plain threads. A bounded wait queue refuses work it could not start soon (`QueueFull`).
 Other work on the model (scoring a prompt) goes through `Scheduler.call`, which runs it on the loop's
 thread between two steps.

@@ -172,3 +172,32 @@ def test_lora_reaches_the_whole_task_with_more_steps_than_a_full_fine_tune(task_
     saved = load_file(out / "checkpoints" / f"step_{LORA_STEPS:07d}" / "model.safetensors")
     assert saved and all("lora_" in k or "new_rows" in k for k in saved)  # adapters alone: a LoRA run
     assert accuracy(LLM.load(out, device="cpu")) == 1  # read through the adapters, merged on load
+
+
+def test_eval_scores_a_fine_tune_on_its_conversations_and_refuses_data_in_other_tokens(
+    assistant, task_base, sft_data, tmp_path, capsys
+):
+    import numpy as np
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("the\n", encoding="utf-8")
+    quick = ["--no-speed", "--prompts", str(prompts), "--batch-size", "1", "--batches", "1000"]
+    out = tmp_path / "e.json"
+    assert main(["eval", "--run", str(assistant), *quick, "--out", str(out)]) == 0  # its own data: chats
+    lm = json.loads(out.read_text())["lm"]
+    meta = json.loads((sft_data / "meta.json").read_text())
+    masks = [np.fromfile(p, dtype=np.uint8) for p in sorted(sft_data.glob("val_*.mask"))]
+    windows = np.concatenate(masks).reshape(-1, meta["seq_len"] + 1)
+    assert lm["tokens"] == int(windows[:, 1:].sum())  # the assistants' tokens, not prompts or padding
+    assert lm["loss"] < 1.0 and "bpb" not in lm  # learned (6 of 6 answers); no bytes to divide by
+    # the fine-tune reads its base's text (its tokenizer only adds the chat tokens) ...
+    text = task_base.parent / "data"
+    assert main(["eval", "--run", str(assistant), "--data", str(text), *quick, "--out", str(out)]) == 0
+    assert "bpb" in json.loads(out.read_text())["lm"]
+    # ... the base cannot read the conversations' chat tokens: one line, no report written over
+    capsys.readouterr()
+    before = out.read_text()
+    assert main(["eval", "--run", str(task_base), "--data", str(sft_data), *quick, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "is in another tokenizer's tokens than this run's" in err and len(err.splitlines()) == 1
+    assert out.read_text() == before

@@ -20,12 +20,13 @@ from rich.table import Table
 
 from ..checkpoint import load_model, tokenizer_path
 from ..data import Tokenizer, TokenShards, load_meta
-from ..data.folder import val_windows
+from ..data.batches import data_kind, eval_batches
+from ..data.folder import TOKENIZER_FILE, val_windows
 from ..device import pick_device
 from ..errors import LmforgeError
 from ..generate.batch import read_prompts as read_prompt_file
 from ..generate.params import SamplingParams
-from .metrics import score_tokens, summarize_scores
+from .metrics import evaluate_loss, score_tokens, summarize_scores
 from .quality import DEFAULT_PROMPTS, generation_quality
 from .speed import compare_speed, decode, measure_speed
 from .tasks import evaluate_multiple_choice, read_multiple_choice
@@ -172,20 +173,24 @@ def evaluate_run(run: str | Path, opts: EvalOptions, console: Console | None = N
     tasks, prompts, device = _check_inputs(opts)
     model, cfg, ckpt = load_model(run, device=device)
     tokenizer = Tokenizer.load(tokenizer_path(Path(run)))
-    ids, n_bytes, source = lm_tokens(opts, cfg, tokenizer)
-    window = model_seq_len(cfg)
-    stride, why = sliding_stride(opts, cfg, window)
-    say(f"sliding windows of {window} tokens every {stride} ({why})")
-    if not 1 <= stride <= window:
-        raise EvalError(f"--stride {stride}: must be between 1 and the model's window ({window} tokens)")
-    report: dict = {"run": str(run), "checkpoint": str(ckpt), "device": str(device), "source": source}
-
+    report: dict = {"run": str(run), "checkpoint": str(ckpt), "device": str(device)}
+    data = None if opts.text else opts.data or cfg.data
+    if data and Path(data).is_dir():
+        _check_in_runs_tokens(data, tokenizer)
     base_model, base_bpb = None, None
-    if opts.quantize == "int8":
-        base_model, base_bpb = _quantize(model, ids, n_bytes, window, opts, report, say)
-
-    say(f"scoring {ids.numel() - 1:,} tokens of {source} ...")
-    report["lm"] = language_modelling(model, ids, n_bytes, window, stride, opts.batch_size)
+    if data and Path(data).is_dir() and data_kind(data, load_meta(data)) == "chat":
+        report["source"], report["lm"] = _conversations_lm(model, cfg, data, opts, say)
+    else:
+        ids, n_bytes, report["source"] = lm_tokens(opts, cfg, tokenizer)
+        window = model_seq_len(cfg)
+        stride, why = sliding_stride(opts, cfg, window)
+        say(f"sliding windows of {window} tokens every {stride} ({why})")
+        if not 1 <= stride <= window:
+            raise EvalError(f"--stride {stride}: must be between 1 and the model's window ({window} tokens)")
+        if opts.quantize == "int8":
+            base_model, base_bpb = _quantize(model, ids, n_bytes, window, opts, report, say)
+        say(f"scoring {ids.numel() - 1:,} tokens of {report['source']} ...")
+        report["lm"] = language_modelling(model, ids, n_bytes, window, stride, opts.batch_size)
     for name, items in tasks.items():
         say(f"task {name}: {len(items)} items ...")
         report.setdefault("tasks", {})[name] = evaluate_multiple_choice(model, tokenizer, items)
@@ -198,6 +203,38 @@ def evaluate_run(run: str | Path, opts: EvalOptions, console: Console | None = N
         q = report["quantization"]
         q.update(bpb_fp=base_bpb, bpb_int8=report["lm"]["bpb"], bpb_change=report["lm"]["bpb"] - base_bpb)
     return report
+
+
+def _conversations_lm(model, cfg, data: str, opts: EvalOptions, say) -> tuple[str, dict]:
+    """A folder of conversations (`prepare --chat`): (its name, the loss on what a fine-tune learns there:
+    the assistants' tokens of the val windows, as the fine-tune's val loss). No bits per byte or sliding
+    windows: the tokens scored are not a text's bytes."""
+    if opts.quantize == "int8":
+        raise EvalError(
+            f"--quantize int8 compares bits per byte, which '{data}' (conversations) has none of: pass "
+            "--text FILE or a text --data folder"
+        )
+    seq_len = model_seq_len(cfg)
+    batches = eval_batches(data, load_meta(data), seq_len, opts.batch_size, opts.batches)
+    say(f"scoring the assistants' tokens of {data} (val) ...")
+    loss, count = evaluate_loss(model, batches, next(model.parameters()).device)
+    lm = {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "tokens": count, "window": seq_len}
+    return f"{data} (val, assistants' tokens)", lm
+
+
+def _check_in_runs_tokens(data: str, tokenizer: Tokenizer) -> None:
+    """A data folder is scored only in the run's own tokens: every token of the data's tokenizer has the
+    same id in the run's (a fine-tune's added chat tokens aside); else the numbers would mean nothing, or an
+    id past the run's vocabulary would fail inside the model."""
+    theirs = Path(data) / TOKENIZER_FILE
+    if not theirs.is_file():
+        return
+    ours = tokenizer.hf.get_vocab()
+    if any(ours.get(token) != i for token, i in Tokenizer.load(theirs).hf.get_vocab().items()):
+        raise EvalError(
+            f"data folder '{data}' is in another tokenizer's tokens than this run's: pass data prepared with "
+            "the run's tokenizer (lmforge prepare --tokenizer RUN_DIR ...), or --text FILE"
+        )
 
 
 def _check_inputs(opts: EvalOptions) -> tuple[dict, list[str], torch.device]:

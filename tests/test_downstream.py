@@ -73,6 +73,8 @@ def test_each_format_is_detected_by_its_fields_and_read(tmp_path, rows, fmt, exp
     write_jsonl(path, rows)
     assert detect_format(path, rows[0]) == fmt
     assert read_multiple_choice(path) == expected
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes().replace(b"\n", b"\r\n"))  # an editor's BOM, CRLF
+    assert read_multiple_choice(path) == expected
 
 
 @pytest.mark.parametrize(

@@ -196,6 +196,15 @@ def test_generate_file_in_every_output_format(run, tmp_path, capsys, ext):
     assert capsys.readouterr().out.rstrip("\n") == "birds sang" + rows[2]["completion"]
 
 
+def test_prompt_files_from_an_editor_that_writes_a_bom_and_crlf(tmp_path):
+    from lmforge.generate.batch import read_prompts
+
+    txt, jsonl = tmp_path / "p.txt", tmp_path / "p.jsonl"
+    txt.write_bytes("\ufeffthe\r\nbirds\r\n".encode())
+    jsonl.write_bytes('\ufeff{"prompt": "the"}\r\n{"prompt": "birds"}\r\n'.encode())
+    assert read_prompts(txt) == read_prompts(jsonl) == ["the", "birds"]  # the BOM is not part of a prompt
+
+
 def test_generate_file_errors_are_one_line_and_write_nothing(run, tmp_path, capsys):
     src = tmp_path / "p.txt"
     src.write_text("one\n\ntwo\n")

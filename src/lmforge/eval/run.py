@@ -77,7 +77,7 @@ def read_prompts(path: str | Path) -> list[str]:
 
 def _read_text(path: str) -> str:
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = Path(path).read_text(encoding="utf-8-sig")
     except FileNotFoundError:
         raise EvalError(f"text file '{path}' does not exist") from None
     except (OSError, UnicodeDecodeError) as e:

@@ -73,7 +73,7 @@ def read_multiple_choice(path: str | Path) -> list[Choice]:
 def _read_rows(path: Path) -> list[tuple[str, dict]]:
     """(file:line, object) of each non-empty line."""
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
     except FileNotFoundError:
         raise TaskError(
             f"task file '{path}' does not exist: give a JSONL file in HellaSwag's, ARC's or MMLU's format"

@@ -49,7 +49,7 @@ def read_prompts(path: str | Path, flag: str = "--input") -> list[str]:
     if not path.is_file():
         raise BatchFileError(f"{flag} {path}: no such file")
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8-sig").splitlines()  # -sig: a leading BOM is not text
     except (OSError, UnicodeDecodeError) as e:
         raise BatchFileError(f"{flag} {path}: cannot read it ({e}); it must be UTF-8 text") from None
     if path.suffix.lower() == ".txt":

@@ -205,6 +205,31 @@ def test_prompt_files_from_an_editor_that_writes_a_bom_and_crlf(tmp_path):
     assert read_prompts(txt) == read_prompts(jsonl) == ["the", "birds"]  # the BOM is not part of a prompt
 
 
+def test_an_output_path_that_cannot_be_written_is_one_line(run, tmp_path, capsys):
+    blocker = tmp_path / "afile"  # a file where the output's folder should be
+    blocker.write_text("mine\n")
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("the\n")
+    quick = ["--no-speed", "--prompts", str(prompts), "--text", str(prompts), "--device", "cpu"]
+    cases = [
+        ["export", "--run", str(run), "--format", "safetensors", "--out", str(blocker / "sub")],
+        ["eval", "--run", str(run), *quick, "--out", str(blocker / "e.json")],
+        ["generate", "--run", str(run), "--input", str(prompts), "--output", str(blocker / "r.jsonl")],
+    ]
+    for args in cases:
+        capsys.readouterr()
+        assert main(args) == 2, args
+        err = capsys.readouterr().err.strip()
+        assert (
+            len(err.splitlines()) == 1
+            and "a file stands where a folder is needed" in err
+            or ("is a file, not a folder" in err)
+        ), err
+    assert (
+        sorted(p.name for p in tmp_path.iterdir()) == ["afile", "p.txt"] and blocker.read_text() == "mine\n"
+    )
+
+
 def test_generate_file_errors_are_one_line_and_write_nothing(run, tmp_path, capsys):
     src = tmp_path / "p.txt"
     src.write_text("one\n\ntwo\n")

@@ -318,9 +318,26 @@ def main(argv: list[str] | None = None) -> int:
     except LmforgeError as e:
         _say_error(err, str(e), everywhere=isinstance(e, ConfigError))
         return getattr(e, "exit_code", EXIT_USAGE)
+    except OSError as e:
+        if e.filename is None:  # not about a path the user gave: a bug to see whole
+            raise
+        _say_error(err, _path_error(e), everywhere=False)
+        return EXIT_USAGE
     except KeyboardInterrupt:
         err.print("lmforge: interrupted", highlight=False, soft_wrap=True)
         return 130
+
+
+def _path_error(e: OSError) -> str:
+    """One line for a path that cannot be made or written (a file where a folder should be, a read-only or
+    virtual file system). Commands write through temporary names beside the target and remove them on
+    failure, so such a name is shown as its folder."""
+    path = Path(e.filename)
+    where = f"in '{path.parent}'" if ".tmp" in path.name else f"'{path}'"
+    if isinstance(e, FileExistsError | NotADirectoryError):
+        return f"cannot write {where}: a file stands where a folder is needed; choose another output path"
+    why = e.strerror or type(e).__name__
+    return f"cannot write {where} ({why}): choose an output path in a writable folder"
 
 
 def _say_error(err: Console, message: str, everywhere: bool) -> None:

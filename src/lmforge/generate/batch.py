@@ -31,6 +31,8 @@ def check_output_path(path: str | Path) -> Path:
             f"--output {path}: unknown format '{path.suffix}'; end the name with one of "
             f"{', '.join(OUTPUT_FORMATS)}"
         )
+    if path.parent.exists() and not path.parent.is_dir():
+        raise BatchFileError(f"--output {path}: '{path.parent}' is a file, not a folder; choose another path")
     if not path.parent.is_dir():
         raise BatchFileError(f"--output {path}: folder '{path.parent}' does not exist; create it first")
     return path

@@ -123,6 +123,30 @@ def test_sigint_or_signal_during_eval_saves_then_resume_is_bit_exact(tiny_data, 
     assert_same_as_straight(run, straight40)
 
 
+def test_output_that_nobody_reads_any_more_stops_the_run_with_a_checkpoint(tiny_data, tmp_path):
+    """`lmforge train ... | head`: once head has its lines, the run saves and stops as on a hang-up (it
+    exited 1 at its next line, with nothing saved since the last checkpoint)."""
+    run = tmp_path / "run"
+    proc = spawn(tiny_data, run, "--train.max_steps=400", "--log.every=1", "--checkpoint.every=1000")
+    while not proc.stdout.readline().startswith("step 2/"):  # head has its lines once training has begun
+        assert proc.poll() is None
+    proc.stdout.close()  # the reader is gone
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == EXIT_PREEMPTED, err[-3000:]
+    step = verify_checkpoint(latest_checkpoint(run))["step"]
+    assert 0 < step < 400 and max(s for s, _ in losses(run)) == step and "Traceback" not in err
+    # a closed terminal (SIGHUP, as an ssh session that drops sends) saves and stops too
+    hung = spawn(
+        tiny_data, tmp_path / "hup", "--train.max_steps=400", "--log.every=1", "--checkpoint.every=1000"
+    )
+    while not hung.stdout.readline().startswith("step 2/"):
+        assert hung.poll() is None
+    hung.send_signal(signal.SIGHUP)
+    out, err = hung.communicate(timeout=120)
+    assert hung.returncode == EXIT_PREEMPTED and "received SIGHUP" in out, err[-3000:]
+    assert verify_checkpoint(latest_checkpoint(tmp_path / "hup"))["step"] >= 2
+
+
 def test_previous_signal_handlers_are_restored(tiny_data, tmp_path):
     def mine(signum, frame):
         pass

@@ -30,6 +30,7 @@ import difflib
 import inspect
 import os
 import re
+import signal
 import sys
 import typing
 import warnings
@@ -302,10 +303,25 @@ def _bad_value(key: str, detail: str) -> str | None:
     return f"{key}={value!r}: must be {' or '.join(names)}"
 
 
+class _Console(Console):
+    """The commands' stdout. When the output's reader is gone (`| head` that has its lines, a closed
+    terminal), later output goes nowhere; a command that stops on a hang-up (training, which then saves a
+    checkpoint) is asked to stop as SIGHUP asks, and any other ends quietly, as rich's console does."""
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        hangup = getattr(signal, "SIGHUP", None)
+        if hangup is not None and callable(signal.getsignal(hangup)):  # a handler is listening
+            signal.raise_signal(hangup)
+            return
+        raise SystemExit(1)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `lmforge` console script; returns the exit code."""
     argv = sys.argv[1:] if argv is None else argv
-    console = Console()
+    console = _Console()
     err = Console(stderr=True)
     built = build_parser(only=_command_of(argv))
     try:

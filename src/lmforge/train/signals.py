@@ -1,7 +1,8 @@
-"""Preemption: SIGINT, SIGTERM and SIGUSR1 ask the loop to save and stop at the next step boundary.
+"""Preemption: SIGINT, SIGTERM, SIGUSR1 and SIGHUP ask the loop to save and stop at the next step boundary.
 
 Cluster schedulers send SIGTERM (or a user-chosen signal such as SIGUSR1) some time before killing a job;
-Ctrl-C sends SIGINT (a second Ctrl-C stops at once). The handler only sets a flag, so a signal never interrupts a half-done optimizer
+Ctrl-C sends SIGINT (a second Ctrl-C stops at once); a closed terminal (an ssh session that dropped) sends
+SIGHUP, and the run's output going nowhere (`| head` that has its lines) stops it the same way. The handler only sets a flag, so a signal never interrupts a half-done optimizer
 step or checkpoint write; the loop checks the flag after each step (and after an evaluation).
 """
 
@@ -14,7 +15,14 @@ from collections.abc import Callable
 from types import FrameType
 
 PREEMPT_SIGNALS = tuple(
-    s for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGUSR1", None)) if s is not None
+    s
+    for s in (
+        signal.SIGINT,
+        signal.SIGTERM,
+        getattr(signal, "SIGUSR1", None),
+        getattr(signal, "SIGHUP", None),
+    )
+    if s is not None
 )
 
 # Test-only hook: "SIGNAME@STEP" or "SIGNAME@eval:STEP" makes the loop send itself that signal after

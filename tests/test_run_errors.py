@@ -21,6 +21,15 @@ def test_cuda_on_a_machine_without_a_gpu(tiny_data, tmp_path, capsys):
     assert not (tmp_path / "r").exists()  # refused before the run folder is made
 
 
+def test_data_too_short_for_the_windows_is_refused_before_the_run_folder_is_made(tiny_data, tmp_path, capsys):
+    long = ["--model.seq_len=4096", "--model.context_len=4096"]  # more than the tiny val split holds
+    args = ["train", "--data", str(tiny_data), "--out", str(tmp_path / "r"), *TINY_MODEL, *FAST, *long]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert "fewer than seq_len + 1 = 4097: use a smaller seq_len or prepare more data" in err
+    assert len(err.splitlines()) == 1 and not (tmp_path / "r").exists()  # no half-made run to resume
+
+
 def test_data_naming_a_file(tiny_data, tmp_path, capsys):
     meta = tiny_data / "meta.json"
     assert main(["train", "--data", str(meta), "--out", str(tmp_path / "r"), *TINY_MODEL, *FAST]) == 2

@@ -349,3 +349,33 @@ def test_sequential_order_splits_ranks(tmp_path: Path) -> None:
         loader = TokenLoader(data, "train", 16, 2, rank=rank, world_size=2, order="sequential")
         seen.append([int(w) for _ in range(2) for w in loader.next_batch()[0][:, 0] // 16])
     assert seen == [[0, 2, 4, 6], [1, 3, 5, 7]]
+
+
+def test_a_val_fraction_that_takes_every_document_still_trains_the_tokenizer(tmp_path: Path, capsys) -> None:
+    words = ["the", "cat", "sat", "on", "a", "mat", "and", "a", "dog", "ran", "far", "away"]
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(12):
+        (src / f"doc{i}.txt").write_text(" ".join(words[(i + k) % len(words)] for k in range(300)))
+    out = tmp_path / "d"
+    assert (
+        main(
+            [
+                "prepare",
+                "--source",
+                str(src),
+                "--out",
+                str(out),
+                "--vocab-size",
+                "300",
+                "--val-fraction",
+                "0.9999",
+            ]
+        )
+        == 0
+    )
+    meta = load_meta(out)
+    assert meta["splits"]["train"]["documents"] == 1  # every document hashed to val; one moved to train
+    assert meta["vocab_size"] > 256 + 1 + 10  # merges learned from it (it learned none: bytes only)
+    said = capsys.readouterr().out
+    assert "note: the tokenizer learned" in said and "of the 300 asked for" in said  # fewer than asked: said

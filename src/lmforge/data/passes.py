@@ -97,6 +97,7 @@ def scan_documents(stream: DocStream, val_fraction: float, sample_bytes: int) ->
     scan = Scan()
     min_train: tuple[float, str] | None = None  # the train document the val fallback takes
     max_val: tuple[float, str] | None = None  # the val document the train fallback takes
+    max_val_text = ""  # its text: the tokenizer learns from it when it becomes the train split
     counts = {"train": 0, "val": 0}
     sample: list[tuple[str, str]] = []
     budget = sample_bytes
@@ -110,7 +111,8 @@ def scan_documents(stream: DocStream, val_fraction: float, sample_bytes: int) ->
         score = val_score(doc.name)
         if score < val_fraction:
             counts["val"] += 1
-            max_val = max(max_val or (score, doc.name), (score, doc.name))
+            if max_val is None or (score, doc.name) > max_val:
+                max_val, max_val_text = (score, doc.name), doc.text
             continue
         counts["train"] += 1
         min_train = min(min_train or (score, doc.name), (score, doc.name))
@@ -135,6 +137,9 @@ def scan_documents(stream: DocStream, val_fraction: float, sample_bytes: int) ->
             scan.overrides[min_train[1]] = "val"
         elif counts["train"] == 0 and max_val is not None:
             scan.overrides[max_val[1]] = "train"
+            if sample_bytes > 0:  # the whole train split: the tokenizer's sample
+                head = max_val_text.encode("utf-8")[:sample_bytes].decode("utf-8", errors="ignore")
+                sample = [(max_val[1], head)]
     moved = {name for name, split in scan.overrides.items() if split == "val"}
     scan.sample = [text for name, text in sample if name not in moved]
     return scan

@@ -168,6 +168,11 @@ def prepare(
         tok = train_tokenizer(
             scan.sample, kind=tokenizer, vocab_size=vocab_size, special_tokens=special_tokens
         )
+        if tok.vocab_size < vocab_size:
+            job.log(
+                f"note: the tokenizer learned {tok.vocab_size:,} tokens of the {vocab_size:,} asked for: its "
+                "sample holds no more to learn (more or more varied text gives more)"
+            )
     scan.sample = []  # free the sample before the long tokenization pass
     meta = _write_folder(job, specs, stream, scan, tok, workers or default_workers(), console)
     job.log(_summary(job.out_dir, meta))

@@ -30,6 +30,15 @@ def test_data_too_short_for_the_windows_is_refused_before_the_run_folder_is_made
     assert len(err.splitlines()) == 1 and not (tmp_path / "r").exists()  # no half-made run to resume
 
 
+def test_a_data_folder_given_as_a_run_is_named_as_one(tiny_data, capsys):
+    assert main(["generate", "--run", str(tiny_data), "--prompt", "the"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        f"lmforge: error: '{tiny_data}' is a data folder, not a run: pass a RUN_DIR "
+        f"(`lmforge train --data {tiny_data} --out RUN_DIR` makes one)"
+    )  # it said to train into the data folder
+
+
 def test_data_naming_a_file(tiny_data, tmp_path, capsys):
     meta = tiny_data / "meta.json"
     assert main(["train", "--data", str(meta), "--out", str(tmp_path / "r"), *TINY_MODEL, *FAST]) == 2

@@ -399,6 +399,11 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if not path.exists():
         raise CheckpointError(f"run '{path}' does not exist: pass a RUN_DIR written by `lmforge train`")
     ckpt = latest_checkpoint(path)
+    if ckpt is None and any(path.glob("train_*.bin")):  # token shards: what `lmforge prepare` writes
+        raise CheckpointError(
+            f"'{path}' is a data folder, not a run: pass a RUN_DIR (`lmforge train --data {path} --out RUN_DIR` "
+            "makes one)"
+        )
     if ckpt is None:
         raise CheckpointError(
             f"run '{path}' has no checkpoint yet: train it first (`lmforge train --out {path}`)"

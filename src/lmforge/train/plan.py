@@ -53,7 +53,11 @@ def plan_warnings(cfg: Config, plan: Plan) -> list[str]:
         )
     for key, every, what in (
         ("eval.every", cfg.eval.every, "evaluation happens only at the start and the end"),
-        ("checkpoint.every", cfg.checkpoint.every, "the only checkpoint is the final one"),
+        (
+            "checkpoint.every",
+            cfg.checkpoint.every,
+            "checkpoints are saved only at each epoch's end and the end",
+        ),
     ):
         if every >= steps:
             out.append(f"{key}={every} is not shorter than the run ({steps} steps): {what}")

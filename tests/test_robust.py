@@ -147,6 +147,17 @@ def test_output_that_nobody_reads_any_more_stops_the_run_with_a_checkpoint(tiny_
     assert verify_checkpoint(latest_checkpoint(tmp_path / "hup"))["step"] >= 2
 
 
+def test_a_finished_run_started_again_does_nothing_and_says_so(tiny_data, tmp_path, capsys):
+    run = tmp_path / "run"
+    args = train_args(tiny_data, run, "--train.max_steps=4", "--eval.every=2")
+    assert main(args) == 0
+    before = evals(run)
+    capsys.readouterr()
+    assert main(args) == 0
+    assert evals(run) == before and [s for s, _ in before] == [0, 2, 4]  # every step's evaluation once
+    assert "the run had already trained its 4 steps: nothing to do" in capsys.readouterr().out
+
+
 def test_previous_signal_handlers_are_restored(tiny_data, tmp_path):
     def mine(signum, frame):
         pass

@@ -441,14 +441,33 @@ class Training:
         if status == "finished" and ran and self.bad_steps.consecutive >= ran:
             # shorter than train.max_bad_steps, but nothing of it trained: not a success
             status, message = "diverged", self.diverged_message(f"all {ran}")
-        if status == "finished" and (self.last_eval is None or self.last_eval["step"] != self.step):
+        done_before = status == "finished" and not ran and self._evaluated_before()  # a finished run again
+        if (
+            status == "finished"
+            and not done_before
+            and (self.last_eval is None or self.last_eval["step"] != self.step)
+        ):
             self.last_eval = self.evaluate()
+        if status == "finished" and not ran:
+            self.s.say(
+                f"the run had already trained its {self.plan.max_steps} steps: nothing to do (raise "
+                "train.max_steps or train.max_tokens to train further)"
+            )
         if status == "preempted":
             who = stop.name() or "a stop signal on another rank"
             message = f"received {who}: saved step {self.step}; run the same command again to resume"
         if status != "diverged":  # a diverged run keeps its last good checkpoint as the newest
             self.save_once()
         return status, message
+
+    def _evaluated_before(self) -> bool:
+        """Whether metrics.jsonl already holds an evaluation at this step. Rank 0 writes it (other ranks may
+        not see the file); an evaluation is collective, so every rank takes rank 0's answer."""
+        seen = self.env.is_main and any(
+            r.get("type") == "eval" and r.get("step") == self.step
+            for r in RunDir(self.run_dir).read_metrics()
+        )
+        return all_agree(seen, self.env, self.device)
 
     def diverged_message(self, how_many: str) -> str:
         """The one line a diverged run ends with."""

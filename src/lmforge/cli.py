@@ -32,6 +32,7 @@ import os
 import re
 import signal
 import sys
+import time
 import typing
 import warnings
 from argparse import ArgumentError
@@ -356,14 +357,19 @@ def _path_error(e: OSError) -> str:
     return f"cannot write {where} ({why}): choose an output path in a writable folder"
 
 
+RANK0_SAYS_S = 10  # how long other ranks wait, under torchrun, for rank 0 to print an error all meet
+
+
 def _say_error(err: Console, message: str, everywhere: bool) -> None:
     """`lmforge: error: MESSAGE` on stderr. Under torchrun, an error every rank meets alike (a flag, a
     config value) is printed by rank 0 alone, and any other names the rank that met it."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if world > 1:
         if everywhere and rank != 0:
-            return
-        if not everywhere and not message.startswith("rank "):
+            # Give way: torchrun stops every rank once one exits, and rank 0 must live to say it. A rank
+            # still here after that (rank 0 did not meet the error after all) says it itself.
+            time.sleep(RANK0_SAYS_S)
+        if not (everywhere and rank == 0) and not message.startswith("rank "):
             message = f"rank {rank} of {world}: {message}"
     # markup=False: a message is plain text ("pip install 'lmforge[hf]'" lost its [hf] as a rich tag).
     err.print(f"lmforge: error: {message}", highlight=False, markup=False, soft_wrap=True)

@@ -156,10 +156,6 @@ def set_up(cfg: Config, console: Console, dry_run: bool, base: dict | None = Non
     if cfg.train.micro_batch_size == "auto":
         cfg = resolve_micro_batch(cfg, device, precision, env.world_size, say, estimate_only=dry_run)
     plan = make_plan(cfg, env.world_size)
-    # Both splits hold windows of this length for every rank, checked before the run directory is
-    # written: a refusal leaves nothing behind (no half-made run that `status` would call crashed).
-    training_batches(cfg.data, data_meta, plan.seq_len, 1, cfg.train.seed, env.rank, env.world_size)
-    eval_batches(cfg.data, data_meta, plan.seq_len, plan.micro_batch_size, 1)
     tasks = Downstream.load(cfg.eval, cfg.data)
     for warning in plan_warnings(cfg, plan):
         say(f"warning: {warning}")
@@ -167,6 +163,10 @@ def set_up(cfg: Config, console: Console, dry_run: bool, base: dict | None = Non
         n_params, fpt = count_params_from_config(cfg), flops_per_token(cfg.model)
         print_dry_run(cfg, plan, precision, device, n_params, fpt, console)
         return None
+    # Both splits hold windows of this length for every rank, checked before the run directory is
+    # written: a refusal leaves nothing behind (no half-made run that `status` would call crashed).
+    training_batches(cfg.data, data_meta, plan.seq_len, 1, cfg.train.seed, env.rank, env.world_size)
+    eval_batches(cfg.data, data_meta, plan.seq_len, plan.micro_batch_size, 1)
     return Setup(cfg, env, device, precision, data_meta, plan, say, base, tasks)
 
 

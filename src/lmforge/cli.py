@@ -346,15 +346,18 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _path_error(e: OSError) -> str:
-    """One line for a path that cannot be made or written (a file where a folder should be, a read-only or
-    virtual file system). Commands write through temporary names beside the target and remove them on
-    failure, so such a name is shown as its folder."""
+    """One line for a path that cannot be used (a file where a folder should be, a read-only or virtual
+    file system, no permission). Commands write through temporary names beside the target and remove them
+    on failure, so such a name is shown as its folder."""
     path = Path(e.filename)
-    where = f"in '{path.parent}'" if ".tmp" in path.name else f"'{path}'"
+    temporary = ".tmp" in path.name
+    where = f"in '{path.parent}'" if temporary else f"'{path}'"
     if isinstance(e, FileExistsError | NotADirectoryError):
-        return f"cannot write {where}: a file stands where a folder is needed; choose another output path"
+        return f"cannot write {where}: a file stands where a folder is needed; choose another path"
     why = e.strerror or type(e).__name__
-    return f"cannot write {where} ({why}): choose an output path in a writable folder"
+    if temporary:
+        return f"cannot write {where} ({why}): choose an output path in a writable folder"
+    return f"cannot use {where} ({why}): check the path and its permissions"
 
 
 RANK0_SAYS_S = 10  # how long other ranks wait, under torchrun, for rank 0 to print an error all meet

@@ -448,7 +448,7 @@ class Training:
             and (self.last_eval is None or self.last_eval["step"] != self.step)
         ):
             self.last_eval = self.evaluate()
-        if status == "finished" and not ran:
+        if status == "finished" and not ran and self.start_step:
             self.s.say(
                 f"the run had already trained its {self.plan.max_steps} steps: nothing to do (raise "
                 "train.max_steps or train.max_tokens to train further)"

@@ -220,11 +220,8 @@ def test_an_output_path_that_cannot_be_written_is_one_line(run, tmp_path, capsys
         capsys.readouterr()
         assert main(args) == 2, args
         err = capsys.readouterr().err.strip()
-        assert (
-            len(err.splitlines()) == 1
-            and "a file stands where a folder is needed" in err
-            or ("is a file, not a folder" in err)
-        ), err
+        assert len(err.splitlines()) == 1, err
+        assert "a file stands where a folder is needed" in err or "is a file, not a folder" in err, err
     assert (
         sorted(p.name for p in tmp_path.iterdir()) == ["afile", "p.txt"] and blocker.read_text() == "mine\n"
     )

@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 
 from .config import Config
 from .config_io import config_from_dict, config_to_dict
+from .data.folder import shard_glob
 from .errors import LmforgeError
 from .model import GPT
 from .run_dir import BEST as BEST  # re-exported: callers know checkpoints by this module
@@ -399,7 +400,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if not path.exists():
         raise CheckpointError(f"run '{path}' does not exist: pass a RUN_DIR written by `lmforge train`")
     ckpt = latest_checkpoint(path)
-    if ckpt is None and any(path.glob("train_*.bin")):  # token shards: what `lmforge prepare` writes
+    if ckpt is None and any(path.glob(shard_glob("train"))):  # token shards: what `lmforge prepare` writes
         raise CheckpointError(
             f"'{path}' is a data folder, not a run: pass a RUN_DIR (`lmforge train --data {path} --out RUN_DIR` "
             "makes one)"

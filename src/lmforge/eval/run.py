@@ -21,7 +21,7 @@ from rich.table import Table
 from ..checkpoint import load_model, tokenizer_path
 from ..data import Tokenizer, TokenShards, load_meta
 from ..data.batches import data_kind, eval_batches
-from ..data.folder import TOKENIZER_FILE, val_windows
+from ..data.folder import data_tokenizer, val_windows
 from ..device import pick_device
 from ..errors import LmforgeError
 from ..generate.batch import read_prompts as read_prompt_file
@@ -175,11 +175,12 @@ def evaluate_run(run: str | Path, opts: EvalOptions, console: Console | None = N
     tokenizer = Tokenizer.load(tokenizer_path(Path(run)))
     report: dict = {"run": str(run), "checkpoint": str(ckpt), "device": str(device)}
     data = None if opts.text else opts.data or cfg.data
-    if data and Path(data).is_dir():
+    meta = load_meta(data) if data and Path(data).is_dir() else None
+    if meta is not None:
         _check_in_runs_tokens(data, tokenizer)
     base_model, base_bpb = None, None
-    if data and Path(data).is_dir() and data_kind(data, load_meta(data)) == "chat":
-        report["source"], report["lm"] = _conversations_lm(model, cfg, data, opts, say)
+    if meta is not None and data_kind(data, meta) == "chat":
+        report["source"], report["lm"] = _conversations_lm(model, cfg, data, meta, opts, say)
     else:
         ids, n_bytes, report["source"] = lm_tokens(opts, cfg, tokenizer)
         window = model_seq_len(cfg)
@@ -205,7 +206,7 @@ def evaluate_run(run: str | Path, opts: EvalOptions, console: Console | None = N
     return report
 
 
-def _conversations_lm(model, cfg, data: str, opts: EvalOptions, say) -> tuple[str, dict]:
+def _conversations_lm(model, cfg, data: str, meta: dict, opts: EvalOptions, say) -> tuple[str, dict]:
     """A folder of conversations (`prepare --chat`): (its name, the loss on what a fine-tune learns there:
     the assistants' tokens of the val windows, as the fine-tune's val loss). No bits per byte or sliding
     windows: the tokens scored are not a text's bytes."""
@@ -215,7 +216,7 @@ def _conversations_lm(model, cfg, data: str, opts: EvalOptions, say) -> tuple[st
             "--text FILE or a text --data folder"
         )
     seq_len = model_seq_len(cfg)
-    batches = eval_batches(data, load_meta(data), seq_len, opts.batch_size, opts.batches)
+    batches = eval_batches(data, meta, seq_len, opts.batch_size, opts.batches)
     say(f"scoring the assistants' tokens of {data} (val) ...")
     loss, count = evaluate_loss(model, batches, next(model.parameters()).device)
     lm = {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "tokens": count, "window": seq_len}
@@ -226,7 +227,7 @@ def _check_in_runs_tokens(data: str, tokenizer: Tokenizer) -> None:
     """A data folder is scored only in the run's own tokens: every token of the data's tokenizer has the
     same id in the run's (a fine-tune's added chat tokens aside); else the numbers would mean nothing, or an
     id past the run's vocabulary would fail inside the model."""
-    theirs = Path(data) / TOKENIZER_FILE
+    theirs = data_tokenizer(data)
     if not theirs.is_file():
         return
     ours = tokenizer.hf.get_vocab()

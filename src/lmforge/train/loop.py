@@ -25,7 +25,7 @@ from rich.console import Console
 from .. import checkpoint as ckpt_io
 from ..config import Config, ConfigError
 from ..data import load_meta
-from ..data.batches import eval_batches, training_batches
+from ..data.batches import BatchSource, eval_batches, training_batches
 from ..device import autocast, peak_flops, pick_device, pick_precision
 from ..errors import LmforgeError
 from ..eval.downstream import Downstream
@@ -85,6 +85,7 @@ class Setup:
     say: Callable[[str], None]  # a line on rank 0's console
     base: dict | None = None  # a fine-tune's base checkpoint (finetuned.base_record), in every checkpoint
     tasks: Downstream | None = None  # eval.tasks, read (and checked) before anything is written
+    batches: BatchSource | None = None  # this rank's training batches, opened (and checked) likewise
 
 
 @dataclass
@@ -165,9 +166,12 @@ def set_up(cfg: Config, console: Console, dry_run: bool, base: dict | None = Non
         return None
     # Both splits hold windows of this length for every rank, checked before the run directory is
     # written: a refusal leaves nothing behind (no half-made run that `status` would call crashed).
-    training_batches(cfg.data, data_meta, plan.seq_len, 1, cfg.train.seed, env.rank, env.world_size)
+    batches = training_batches(
+        cfg.data, data_meta, plan.seq_len, plan.micro_batch_size, cfg.train.seed, env.rank,
+        env.world_size, order=cfg.train.data_order,
+    )  # fmt: skip
     eval_batches(cfg.data, data_meta, plan.seq_len, plan.micro_batch_size, 1)
-    return Setup(cfg, env, device, precision, data_meta, plan, say, base, tasks)
+    return Setup(cfg, env, device, precision, data_meta, plan, say, base, tasks, batches)
 
 
 def open_run_dir(
@@ -221,10 +225,7 @@ class Training:
         self.checkpointer = Checkpointer(
             self.model, self.optimizer, env, sharded=cfg.train.parallel == "fsdp"
         )
-        self.batches = training_batches(
-            cfg.data, s.data_meta, plan.seq_len, plan.micro_batch_size, cfg.train.seed, env.rank,
-            env.world_size, order=cfg.train.data_order,
-        )  # fmt: skip
+        self.batches = s.batches
         self.bad_steps = BadStepGuard(cfg.train.max_bad_steps)
         self.early = EarlyStopping(cfg.train.early_stop_patience, cfg.train.early_stop_min_delta)
         self.step, self.tokens, self.rolled_back_from = 0, 0, None

@@ -497,6 +497,52 @@ def test_a_program_that_exits_while_requests_generate_exits_cleanly(tiny_data, t
     assert "terminate" not in out.stderr
 
 
+@pytest.mark.parametrize("hold", [5.0, 0.0])
+def test_a_request_sent_just_after_a_reply_ends_joins_the_next_step(tok, monkeypatch, hold):
+    """A step that frees a row waits (up to `hold` seconds) for a request to take it, so a client that
+    comes straight back joins the next step instead of waiting for it to end; hold=0 is the control."""
+    steps = spy_steps(monkeypatch)
+    sched = Scheduler(tiny(tok.vocab_size), tok, max_rows=2, max_queue=2, hold=hold)
+    ended = threading.Event()
+    at_end: list[int] = []  # steps taken when the short reply ended (its last step is steps[k - 1])
+
+    def short_deliver(event):
+        if isinstance(event, Completion):
+            at_end.append(len(steps))
+            ended.set()
+
+    long = sched.submit(Request([1, 2, 3], 60, GREEDY, deliver=lambda e: time.sleep(0.005)))
+    wait_for(lambda: len(steps) >= 2)  # decoding
+    sched.submit(Request([4, 5], 2, GREEDY, deliver=short_deliver))
+    assert ended.wait(30)
+    time.sleep(0.02)  # the client's way back: the long row's steps take more than 5 ms each
+    began = time.monotonic()
+    done = collect(sched, [6, 7, 8, 9, 10], 3)
+    took = time.monotonic() - began
+    long.cancel()
+    sched.close()
+    assert done.finish_reason == "length"
+    k = at_end[0]
+    if hold:  # the step after the short reply's last took the new prompt beside the long row...
+        assert steps[k] == (1, [5])
+        assert took < hold / 2  # ...and the wait ended when it came, not at its limit
+    else:  # no wait: the long row's next step began before the prompt came
+        assert steps[k] == (1, [])
+        assert (1, [5]) in steps[k + 1 :]
+
+
+def test_the_wait_for_returning_requests_stops_when_they_do_not_come(tok):
+    sched = Scheduler(tiny(tok.vocab_size), tok, max_rows=2, max_queue=2, hold=0.03)
+    for _ in range(6):  # each reply frees the row; the next request comes well after the wait ends
+        collect(sched, [1, 2, 3], 1)
+        time.sleep(0.2)
+    sched.close()
+    # waits at the first four freeings, each met by no one; then below HOLD_MET the loop only probes
+    # (at every HOLD_PROBE-th freeing)
+    assert (sched.freeings, sched.holds) == (6, 4)
+    assert sched.holds_met < continuous.HOLD_MET
+
+
 def test_call_runs_on_the_decode_thread_between_steps(tok):
     sched = Scheduler(tiny(tok.vocab_size), tok, max_rows=2, max_queue=0)
     running = sched.submit(Request([1, 2, 3], 40, GREEDY, deliver=lambda e: None))

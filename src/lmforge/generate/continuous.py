@@ -8,7 +8,8 @@ joins rides on the running rows' pass over the weights instead of a forward of i
 some row's cache already holds prefills only the rest, `_held_start`; a step prefills at most
 PREFILL_TOKENS prompt tokens, so a long prompt goes in a part per step while the running rows keep
 decoding), sample each row with its own settings and generator, hand each request its new text, and drop
-finished or cancelled rows. Active rows are kept in rows 0..n-1 (a finished row is replaced by the last
+finished or cancelled rows; after a step that freed rows, wait up to one step's time for requests to
+take them before the next (`_hold`). Active rows are kept in rows 0..n-1 (a finished row is replaced by the last
 one; a prompt still part-way is always the last), so a step costs what a batch of n costs, and one
 request alone decodes as fast as it would without the scheduler.
 
@@ -50,6 +51,24 @@ from .step import step_rows
 # running rows' longest wait for a token 1.4 s whole, 0.65 s at 512, 0.36 s at 256, 0.2 s at 128; the
 # long prompt's first token as soon at 256 as whole, 6-10% later at 128.
 PREFILL_TOKENS = 256
+
+# After a step that frees rows, the loop waits up to one step's time (or `Scheduler(hold=...)` seconds)
+# for requests to take them, then starts the next step: a client that sends its next request as soon
+# as its reply ends (an evaluation harness, a batch job, an agent) reaches the server a millisecond or
+# two after the step that ended the reply, and without the wait it would find the next step under way
+# and wait out all of it before its prompt could join. The wait ends as soon as every freed row has a
+# request, or once HOLD_GAP of the wait has passed since the last request came (clients that ended in the
+# same step come back a fraction of a millisecond apart, as the event loop reads them one by one; a
+# request should not wait out the whole limit for rows nobody is coming back to). It costs the rows
+# still decoding that wait, so it is kept up only while it pays: once fewer than HOLD_MET of the recent
+# waits (an average over about the last five) saw a request arrive, the loop waits only at every
+# HOLD_PROBE-th freeing, to notice when clients start coming straight back again.
+# Measured on 2 CPU cores (benchmarks/serve.py, 8 back-to-back clients, the median over runs): time to
+# first token under load 1.9x the idle value instead of 2.2x (2.2x instead of 2.8x with distinct prompts);
+# see benchmarks/RESULTS.md.
+HOLD_MET = 0.5
+HOLD_PROBE = 8
+HOLD_GAP = 0.25
 
 
 # Schedulers whose thread may still run, stopped at exit (`_close_all`).
@@ -144,6 +163,7 @@ class Scheduler:
         max_queue: int = 64,
         lock: threading.Lock | None = None,
         threads: int | None = None,
+        hold: float | None = None,
     ) -> None:
         if max_rows < 1 or max_queue < 0:
             raise ValueError(f"max_rows={max_rows} must be >= 1 and max_queue={max_queue} >= 0")
@@ -167,6 +187,13 @@ class Scheduler:
         self.wake = threading.Condition()
         self.closed = False
         self.steps = 0  # steps taken (tests read it)
+        # The wait for requests after a step that freed rows (see HOLD_MET): its longest (None: the
+        # recent steps' mean time), how many freeings there were, how many waits, and how often recent
+        # waits saw a request arrive.
+        self.hold = hold
+        self.step_s = 0.0
+        self.freeings = self.holds = 0
+        self.holds_met = 1.0
         self.threads = threads  # the decode thread's torch.set_num_threads; None: as torch defaults
         self.thread = threading.Thread(target=self._loop, name="lmforge-decode", daemon=True)
         self.thread.start()
@@ -261,6 +288,7 @@ class Scheduler:
                         future.set_exception(exc)
             if not self.rows:  # only calls, or every waiting request was cancelled
                 continue
+            before, began = len(self.rows), time.perf_counter()
             try:
                 with self.lock:
                     logits = self._step(running)
@@ -270,6 +298,10 @@ class Scheduler:
                     row.req.deliver(exc)
                 self.rows = []
                 self.held = [[] for _ in range(self.max_rows)]  # a step cut short leaves any cache
+            took = time.perf_counter() - began
+            self.step_s = took if not self.step_s else 0.9 * self.step_s + 0.1 * took
+            if len(self.rows) < before:
+                self._hold(before)
         error = QueueFull("the server is shutting down")
         for row in self.rows:
             row.req.deliver(error)
@@ -278,6 +310,29 @@ class Scheduler:
         for _, future in self.calls:
             if future.set_running_or_notify_cancel():
                 future.set_exception(error)
+
+    def _hold(self, before: int) -> None:
+        """After a step that left fewer than `before` rows, wait until requests (waiting or arriving) fill
+        them again, for at most one step's time; only while recent waits paid (see HOLD_MET)."""
+        self.freeings += 1
+        if self.holds_met < HOLD_MET and self.freeings % HOLD_PROBE:
+            return
+        limit = self.step_s if self.hold is None else self.hold
+        end = time.monotonic() + limit
+        with self.wake:
+            waited = seen = len(self.waiting)
+            if self.closed or self.calls or len(self.rows) + waited >= before:
+                return
+            while not self.closed and not self.calls and len(self.rows) + len(self.waiting) < before:
+                now = time.monotonic()
+                if len(self.waiting) > seen:  # one came: the others of its wave come close behind it
+                    seen, end = len(self.waiting), min(end, now + limit * HOLD_GAP)
+                if now >= end:
+                    break
+                self.wake.wait(end - now)
+            met = len(self.waiting) > waited
+        self.holds += 1
+        self.holds_met = 0.8 * self.holds_met + 0.2 * met
 
     def _take_waiting(self, running: int) -> None:
         """Share this step's PREFILL_TOKENS among the prompts to prefill, in order: a prompt the last step

@@ -219,9 +219,14 @@ def test_an_output_path_that_cannot_be_written_is_one_line(run, tmp_path, capsys
     for args in cases:
         capsys.readouterr()
         assert main(args) == 2, args
-        err = capsys.readouterr().err.strip()
-        assert len(err.splitlines()) == 1, err
+        out, err = capsys.readouterr()
+        assert len(err.strip().splitlines()) == 1, err
         assert "a file stands where a folder is needed" in err or "is a file, not a folder" in err, err
+        assert "scoring" not in out, out  # found before the work (eval said what it measured first)
+    capsys.readouterr()
+    assert main(["eval", "--run", str(run), *quick, "--out", str(tmp_path)]) == 2  # a folder as --out
+    out, err = capsys.readouterr()
+    assert f"cannot use '{tmp_path}' (a folder, not a file)" in err and not out
     assert (
         sorted(p.name for p in tmp_path.iterdir()) == ["afile", "p.txt"] and blocker.read_text() == "mine\n"
     )

@@ -99,6 +99,19 @@ def remove_quietly(path: Path) -> None:
             path.unlink(missing_ok=True)
 
 
+def check_writable(path: Path) -> None:
+    """Fail now, not after the work, where a file cannot be written at `path`: create and remove a
+    temporary file beside it (the name a write through a rename uses). An OSError names the path (or
+    the temporary one, in the folder that refuses it); a folder at `path` is an IsADirectoryError."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(errno.EISDIR, "a folder, not a file", str(path))
+    probe = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(probe, "wb"):
+        pass
+    probe.unlink()
+
+
 @contextlib.contextmanager
 def failing_cleanly(
     what: str,

@@ -242,8 +242,11 @@ def evaluate(
         out: where to write the JSON report (default: RUN_DIR/eval.json)
     """
     from ..eval.run import EvalError, EvalOptions, evaluate_run, report_table, write_report
+    from ..safewrite import check_writable
 
     path = Path(out or Path(run.run) / "eval.json")
+    if out or path.parent.is_dir():  # a report that cannot be written is found before the work, not after
+        check_writable(path)
     if harness.harness is not None:
         own = {"--data": data, "--text": text, "--stride": stride, "--tasks": tasks, "--prompts": prompts}
         if given := [flag for flag, value in own.items() if value]:

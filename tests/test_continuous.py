@@ -515,7 +515,7 @@ def test_a_request_sent_just_after_a_reply_ends_joins_the_next_step(tok, monkeyp
     wait_for(lambda: len(steps) >= 2)  # decoding
     sched.submit(Request([4, 5], 2, GREEDY, deliver=short_deliver))
     assert ended.wait(30)
-    time.sleep(0.02)  # the client's way back: the long row's steps take more than 5 ms each
+    time.sleep(0.05)  # the client's way back: the long row's steps take more than 5 ms each
     began = time.monotonic()
     done = collect(sched, [6, 7, 8, 9, 10], 3)
     took = time.monotonic() - began

@@ -289,14 +289,17 @@ class LLM:
         )
         return fields, trim
 
-    def scheduler(self, max_rows: int = 8, max_queue: int = 64, threads: int | None = None) -> Scheduler:
+    def scheduler(
+        self, max_rows: int = 8, max_queue: int = 64, threads: int | None = None, hold: float | None = None
+    ) -> Scheduler:
         """The continuous batcher over this model (made on first call, and again after it was closed;
         other calls return it as it is): requests submitted to it decode together, sharing the model's
         lock with this object's other methods. threads: the decode thread's intra-op threads (see
-        `lmforge.serve.serve` for why a server sets them there)."""
+        `lmforge.serve.serve` for why a server sets them there). hold: the longest wait, in seconds, for
+        requests to take rows a step freed (None: one step's time; 0: never wait; see continuous.py)."""
         if self._scheduler is None or self._scheduler.closed:
             self._scheduler = Scheduler(
-                self.model, self.tokenizer, max_rows, max_queue, lock=self.lock, threads=threads
+                self.model, self.tokenizer, max_rows, max_queue, lock=self.lock, threads=threads, hold=hold
             )
         return self._scheduler
 

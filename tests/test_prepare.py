@@ -379,3 +379,4 @@ def test_a_val_fraction_that_takes_every_document_still_trains_the_tokenizer(tmp
     assert meta["vocab_size"] > 256 + 1 + 10  # merges learned from it (it learned none: bytes only)
     said = capsys.readouterr().out
     assert "note: the tokenizer learned" in said and "of the 300 asked for" in said  # fewer than asked: said
+    assert "(1 doc), val" in said and "(11 docs), vocab" in said  # one document is not "1 docs"

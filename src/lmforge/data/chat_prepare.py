@@ -39,6 +39,7 @@ from lmforge.data.tokenizer_kinds import is_tokenizer_file, is_trained
 from lmforge.errors import LmforgeError
 from lmforge.run_dir import RunDir
 from lmforge.safewrite import DiskWriteError, io_errno, write_failure
+from lmforge.words import counted
 
 
 @dataclass
@@ -140,8 +141,8 @@ def summary(out_dir: Path, meta: dict) -> str:
     """prepare --chat's last line: what it wrote."""
     train, val, packing = meta["splits"]["train"], meta["splits"]["val"], meta["packing"]
     return (
-        f"wrote {out_dir}: train {train['conversations']:,} conversations in {train['windows']:,} windows, "
-        f"val {val['conversations']:,} in {val['windows']:,}, windows of {meta['seq_len'] + 1} tokens, "
+        f"wrote {out_dir}: train {counted(train['conversations'], 'conversation')} in "
+        f"{counted(train['windows'], 'window')}, val {val['conversations']:,} in {val['windows']:,}, windows of {meta['seq_len'] + 1} tokens, "
         f"fill {packing['fill']:.1%}, {packing['cut']:,} cut to the window, vocab {meta['vocab_size']:,}"
     )
 

@@ -45,6 +45,7 @@ from lmforge.data.tokenizer_cache import cached_tokenizer
 from lmforge.data.tokenizer_kinds import gpt2_files, is_tokenizer_file, is_trained, load_pretrained
 from lmforge.errors import LmforgeError
 from lmforge.safewrite import DiskWriteError, io_errno, write_failure
+from lmforge.words import counted
 
 _EXPECTED_SKIPS = ("duplicate", "mostly_data", "empty_module")
 
@@ -183,8 +184,8 @@ def _summary(out_dir: Path, meta: dict) -> str:
     """prepare's last line: what it wrote."""
     train, val = meta["splits"]["train"], meta["splits"]["val"]
     return (
-        f"wrote {out_dir}: train {train['tokens']:,} tokens ({train['documents']:,} docs), val "
-        f"{val['tokens']:,} tokens ({val['documents']:,} docs), vocab {meta['vocab_size']:,}, "
+        f"wrote {out_dir}: train {counted(train['tokens'], 'token')} ({counted(train['documents'], 'doc')}), "
+        f"val {counted(val['tokens'], 'token')} ({counted(val['documents'], 'doc')}), vocab {meta['vocab_size']:,}, "
         f"{meta['val_bytes_per_token']:.2f} bytes/token"
     )
 

@@ -26,6 +26,7 @@ from ..device import pick_device
 from ..errors import LmforgeError
 from ..generate.batch import read_prompts as read_prompt_file
 from ..generate.params import SamplingParams
+from ..words import counted
 from .metrics import evaluate_loss, score_tokens, summarize_scores
 from .quality import DEFAULT_PROMPTS, generation_quality
 from .speed import compare_speed, decode, measure_speed
@@ -193,9 +194,9 @@ def evaluate_run(run: str | Path, opts: EvalOptions, console: Console | None = N
         say(f"scoring {ids.numel() - 1:,} tokens of {report['source']} ...")
         report["lm"] = language_modelling(model, ids, n_bytes, window, stride, opts.batch_size)
     for name, items in tasks.items():
-        say(f"task {name}: {len(items)} items ...")
+        say(f"task {name}: {counted(len(items), 'item')} ...")
         report.setdefault("tasks", {})[name] = evaluate_multiple_choice(model, tokenizer, items)
-    say(f"generating from {len(prompts)} prompts ...")
+    say(f"generating from {counted(len(prompts), 'prompt')} ...")
     report["generation"] = generation(model, tokenizer, prompts, opts)
     if opts.speed:
         say("timing prefill and decode ...")

@@ -34,6 +34,7 @@ from ..lora import adapt
 from ..model import GPT, flops_per_token
 from ..run_dir import RunDir
 from ..runlock import RunLock, RunLockedError
+from ..words import counted
 from .autobatch import oom_guard, resolve_micro_batch
 from .dist_checkpoint import Checkpointer, loader_state_for
 from .distributed import (
@@ -242,7 +243,7 @@ class Training:
         s.say(
             f"model {count_params_from_config(cfg) / 1e6:.2f}M params ({cfg.model.family}) | device {device} "
             f"{s.precision} | batch {plan.global_batch_size}x{plan.seq_len} tokens (accum {plan.grad_accum}, "
-            f"world {env.world_size}) | {plan.max_steps} steps ({plan.max_steps * plan.tokens_per_step:,} tokens)"
+            f"world {env.world_size}) | {counted(plan.max_steps, 'step')} ({plan.max_steps * plan.tokens_per_step:,} tokens)"
         )
         self.log = RunLog(cfg, self.run_dir, console, plan.max_steps, self.step, env.is_main)
         how = start_facts(s, resume_from if saved else None, self.rolled_back_from)

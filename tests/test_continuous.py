@@ -387,6 +387,20 @@ def test_a_prompt_reuses_the_keys_and_values_a_row_holds_for_its_start(tok, fami
     assert done[-1].token_ids == alone(model, long, 30)
 
 
+def test_a_waiting_request_its_client_gave_up_frees_its_place_at_once(tok):
+    sched = Scheduler(tiny(tok.vocab_size), tok, max_rows=1, max_queue=1)
+    long = sched.submit(Request([1, 2, 3], 60, GREEDY, deliver=lambda e: time.sleep(0.005)))
+    wait_for(lambda: sched.load == (1, 0))
+    gave_up = sched.submit(Request([4, 5], 3, GREEDY, deliver=lambda e: None))
+    with pytest.raises(QueueFull, match="1 requests are generating and 1 wait"):
+        sched.submit(Request([6], 3, GREEDY, deliver=lambda e: None))
+    gave_up.cancel()
+    assert sched.load == (1, 0)  # not counted as waiting...
+    sched.submit(Request([6], 3, GREEDY, deliver=lambda e: None))  # ...and its place is free
+    long.cancel()
+    sched.close()
+
+
 def test_the_queue_bound_counts_requests_not_yet_prefilled(tok):
     # Held lock: the loop has taken the first two into rows but cannot prefill them; with one more
     # waiting, max_rows + max_queue are in the server.
@@ -541,6 +555,22 @@ def test_the_wait_for_returning_requests_stops_when_they_do_not_come(tok):
     # (at every HOLD_PROBE-th freeing)
     assert (sched.freeings, sched.holds) == (6, 4)
     assert sched.holds_met < continuous.HOLD_MET
+
+
+def test_the_wait_is_checked_and_counts_no_wait_for_the_lock(tok):
+    model = tiny(tok.vocab_size)
+    for bad in (-1.0, float("inf"), float("nan"), 61.0):
+        with pytest.raises(ValueError, match="give seconds from 0 to 60"):
+            Scheduler(model, tok, max_rows=2, hold=bad)
+    sched = Scheduler(model, tok, max_rows=2)
+    with sched.lock:  # another user of the model holds it while the first requests come
+        first = [sched.submit(Request([1, 2, 3], 4, GREEDY, deliver=lambda e: None)) for _ in range(2)]
+        time.sleep(1.0)
+    collect(sched, [4, 5], 4)
+    for req in first:
+        req.cancel()
+    sched.close()
+    assert 0 < sched.step_s < 0.1  # the steps' own time, not the second spent waiting for the lock
 
 
 def test_the_python_api_sets_the_wait(tiny_data, tmp_path):

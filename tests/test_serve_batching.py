@@ -358,6 +358,10 @@ def test_a_full_queue_answers_429_and_a_time_limit_ends_a_generation(run):
             assert time.time() < deadline
             time.sleep(0.01)
         assert httpx.post(f"{url}/v1/completions", json={"prompt": "a", "max_tokens": 2}).status_code == 200
+        # more generations than rows and queue together could ever hold: a 400, not a 429 to retry forever
+        for extra in ({"n": 2}, {"best_of": 2}, {"prompt": ["a", "b"]}):
+            r = httpx.post(f"{url}/v1/completions", json={"prompt": "a", "max_tokens": 2, **extra})
+            assert r.status_code == 400 and "holds at most 1 at once" in r.json()["error"]["message"], r.text
     # a generation past the time limit ends with "length" before its max_tokens
     with serving(create_app(llm, max_tokens=96, model_name="tiny", timeout=1e-6)) as url:
         done = client_of(url).completions.create(model="tiny", prompt="the", max_tokens=90, temperature=0.8)

@@ -167,6 +167,8 @@ class Scheduler:
     ) -> None:
         if max_rows < 1 or max_queue < 0:
             raise ValueError(f"max_rows={max_rows} must be >= 1 and max_queue={max_queue} >= 0")
+        if hold is not None and not 0 <= hold <= 60:
+            raise ValueError(f"hold={hold}: give seconds from 0 to 60, or None (one step's time)")
         self.model, self.tokenizer = model, tokenizer
         self.max_rows, self.max_queue = max_rows, max_queue
         self.lock = lock or threading.Lock()  # held while the model computes (other users may share it)
@@ -214,7 +216,9 @@ class Scheduler:
             if self.closed:
                 raise QueueFull("the server is shutting down")
             if len(self.rows) + len(self.waiting) >= self.max_rows + self.max_queue:
-                raise QueueFull(f"{self.max_rows} requests are generating and {len(self.waiting)} wait")
+                self._forget_cancelled()  # a request its client gave up frees its place at once
+            if len(self.rows) + len(self.waiting) >= self.max_rows + self.max_queue:
+                raise QueueFull(f"{len(self.rows)} requests are generating and {len(self.waiting)} wait")
             self.waiting.append(req)
             self.wake.notify()
         return req
@@ -223,7 +227,15 @@ class Scheduler:
     def load(self) -> tuple[int, int]:
         """(requests generating, requests waiting)."""
         with self.wake:
+            self._forget_cancelled()
             return len(self.rows), len(self.waiting)
+
+    def _forget_cancelled(self) -> None:
+        """Drop the waiting requests that were cancelled (holding self.wake)."""
+        if any(req._cancelled for req in self.waiting):
+            live = [req for req in self.waiting if not req._cancelled]
+            self.waiting.clear()
+            self.waiting.extend(live)
 
     def close(self) -> None:
         """Stop the loop after its current step; waiting and active requests get a RuntimeError."""
@@ -288,9 +300,10 @@ class Scheduler:
                         future.set_exception(exc)
             if not self.rows:  # only calls, or every waiting request was cancelled
                 continue
-            before, began = len(self.rows), time.perf_counter()
+            before = len(self.rows)
             try:
                 with self.lock:
+                    began = time.perf_counter()  # a wait for the lock (other users of the model) is no step
                     logits = self._step(running)
                 self._emit(logits)
             except Exception as exc:  # noqa: BLE001 - a failed step fails its requests, not the server
@@ -298,8 +311,9 @@ class Scheduler:
                     row.req.deliver(exc)
                 self.rows = []
                 self.held = [[] for _ in range(self.max_rows)]  # a step cut short leaves any cache
-            took = time.perf_counter() - began
-            self.step_s = took if not self.step_s else 0.9 * self.step_s + 0.1 * took
+            if self.steps > 1:  # the first step warms up (allocations, kernels) and says little
+                took = time.perf_counter() - began
+                self.step_s = took if not self.step_s else 0.9 * self.step_s + 0.1 * took
             if len(self.rows) < before:
                 self._hold(before)
         error = QueueFull("the server is shutting down")

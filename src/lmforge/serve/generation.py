@@ -46,6 +46,14 @@ class Generations:
             self.mailbox = _Mailbox(loop)
         events: asyncio.Queue = asyncio.Queue()
         deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        room = self.scheduler.max_rows + self.scheduler.max_queue
+        if len(jobs) > room:  # could never all be in: no retry would help
+            raise RequestError(
+                400,
+                f"{len(jobs)} generations in one request (n or best_of, times the prompts): this server "
+                f"holds at most {room} at once (--max-rows {self.scheduler.max_rows} + --max-queue "
+                f"{self.scheduler.max_queue}); ask for fewer",
+            )
         reqs: list[Request] = []
         try:
             for i, (fields, _) in enumerate(jobs):

@@ -281,8 +281,12 @@ LOADERS = {
 @pytest.fixture
 def no_server(monkeypatch):
     """`lmforge serve` must fail while loading; should a load ever pass, fail the test instead of serving."""
-    uvicorn = pytest.importorskip("uvicorn")
-    monkeypatch.setattr(uvicorn, "run", lambda *a, **k: pytest.fail("the crafted model was loaded"))
+    pytest.importorskip("uvicorn")
+    import lmforge.serve
+
+    monkeypatch.setattr(
+        lmforge.serve, "run_server", lambda *a, **k: pytest.fail("the crafted model was loaded")
+    )
 
 
 @pytest.mark.parametrize("command", sorted(LOADERS))

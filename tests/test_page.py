@@ -7,9 +7,9 @@ import fnmatch
 from pathlib import Path
 
 import pytest
-import uvicorn
 from fastapi.testclient import TestClient
 
+import lmforge.serve
 from lmforge.api import LLM
 from lmforge.cli import main
 from lmforge.generate.params import SamplingParams
@@ -94,7 +94,7 @@ def test_chat_web_serves_the_page_on_localhost_and_prints_its_address(run, monke
     served = {}
     monkeypatch.delenv("LMFORGE_API_KEY", raising=False)
     monkeypatch.setattr(
-        uvicorn, "run", lambda app, host, port, **kw: served.update(app=app, host=host, port=port)
+        lmforge.serve, "run_server", lambda app, host, port, *a: served.update(app=app, host=host, port=port)
     )
     assert main(["chat", "--web", "--run", str(run), "--port", "8123", "--device", "cpu"]) in (0, None)
     assert (served["host"], served["port"]) == ("127.0.0.1", 8123)

@@ -4,6 +4,7 @@ context checks and the OpenAI fields that were refused — through the official 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -407,12 +408,27 @@ async def _lines(response, leave: bool):
                 return
 
 
-def test_200_concurrent_streams_and_disconnects_never_hang_and_sigterm_stops_it(run):
+@contextlib.contextmanager
+def serve_process(run, *flags: str):
+    """`lmforge serve` in its own process (for signals): (the process, its URL); killed at the end if
+    still running. Its stderr is a pipe."""
     port = free_port()
-    cmd = [sys.executable, "-m", "lmforge", "serve", "--run", str(run), "--port", str(port), "--device", "cpu",
-           "--max-rows", "8", "--max-queue", "40"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "lmforge",
+        "serve",
+        "--run",
+        str(run),
+        "--port",
+        str(port),
+        "--device",
+        "cpu",
+    ]
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [*cmd, *flags], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 60
@@ -423,6 +439,15 @@ def test_200_concurrent_streams_and_disconnects_never_hang_and_sigterm_stops_it(
             except httpx.TransportError:
                 assert proc.poll() is None and time.time() < deadline, "lmforge serve did not come up"
                 time.sleep(0.2)
+        yield proc, url
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_200_concurrent_streams_and_disconnects_never_hang_and_sigterm_stops_it(run):
+    with serve_process(run, "--max-rows", "8", "--max-queue", "40") as (proc, url):
         outcomes, health_ok = asyncio.run(_burst(url, 200))
         assert sum(outcomes.values()) == 200 and set(outcomes) <= {"done", "left", 429}, outcomes
         assert outcomes.get(429, 0) > 0 and outcomes.get("done", 0) > 0  # the queue bound was reached
@@ -436,10 +461,42 @@ def test_200_concurrent_streams_and_disconnects_never_hang_and_sigterm_stops_it(
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=10)
         assert time.monotonic() - start < 5
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+
+
+def test_sigterm_answers_every_request_it_holds(run):
+    """Requests waiting for the one row when SIGTERM comes get a 503 to retry, the generation under way
+    ends in time (a stream with [DONE]): none is cut off or answered with a 500."""
+    with serve_process(run, "--max-rows", "1", "--max-queue", "60") as (proc, url):
+
+        def plain(_):
+            body = {"prompt": "the", "max_tokens": 96, "temperature": 0.8}
+            return httpx.post(f"{url}/v1/completions", json=body, timeout=30)
+
+        def stream(_):
+            body = {"prompt": "the", "max_tokens": 96, "temperature": 0.8, "stream": True}
+            with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=30) as r:
+                return r.status_code, [line for line in r.iter_lines() if line]
+
+        with ThreadPoolExecutor(48) as pool:
+            plains = [pool.submit(plain, i) for i in range(40)]
+            streams = [pool.submit(stream, i) for i in range(8)]
+            deadline = time.time() + 30
+            while httpx.get(f"{url}/health", timeout=10).json()["waiting"] < 30:
+                assert time.time() < deadline, "the requests did not queue up"
+                time.sleep(0.01)
+            start = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=10)
+            stopped = time.monotonic() - start
+            answers = [f.result(timeout=30) for f in plains]
+            streamed = [f.result(timeout=30) for f in streams]
+        err = proc.stderr.read().decode()
+    assert stopped < 5
+    assert {r.status_code for r in answers} <= {200, 503} and 503 in {r.status_code for r in answers}
+    refused = [r for r in answers if r.status_code == 503]
+    assert all("shutting down" in r.json()["error"]["message"] and r.headers["retry-after"] for r in refused)
+    assert all(status == 200 and lines[-1] == "data: [DONE]" for status, lines in streamed), streamed
+    assert "Traceback" not in err and "Exception" not in err, err
 
 
 def test_sse_lines_are_json(served):

@@ -227,6 +227,11 @@ def test_an_output_path_that_cannot_be_written_is_one_line(run, tmp_path, capsys
     assert main(["eval", "--run", str(run), *quick, "--out", str(tmp_path)]) == 2  # a folder as --out
     out, err = capsys.readouterr()
     assert f"cannot use '{tmp_path}' (a folder, not a file)" in err and not out
+    made = tmp_path / "new" / "deep" / "e.json"  # folders that do not exist yet are made
+    assert main(["eval", "--run", str(run), *quick, "--out", str(made)]) == 0 and made.is_file()
+    made.unlink()
+    made.parent.rmdir()
+    made.parent.parent.rmdir()
     assert (
         sorted(p.name for p in tmp_path.iterdir()) == ["afile", "p.txt"] and blocker.read_text() == "mine\n"
     )

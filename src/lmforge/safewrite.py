@@ -100,13 +100,19 @@ def remove_quietly(path: Path) -> None:
 
 
 def check_writable(path: Path) -> None:
-    """Fail now, not after the work, where a file cannot be written at `path`: create and remove a
-    temporary file beside it (the name a write through a rename uses). An OSError names the path (or
-    the temporary one, in the folder that refuses it); a folder at `path` is an IsADirectoryError."""
+    """Fail now, not after the work, where a file cannot be written at `path` (its missing folders made
+    then): create and remove a temporary file in the nearest folder that exists on the way to it. An
+    OSError names the path (or the temporary one, in the folder that refuses it); a folder at `path` is
+    an IsADirectoryError, a file where a folder is needed a NotADirectoryError."""
     path = Path(path)
     if path.is_dir():
         raise IsADirectoryError(errno.EISDIR, "a folder, not a file", str(path))
-    probe = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, "not a folder", str(path))
+    probe = folder / f".{path.name}.tmp-{os.getpid()}"
     with open(probe, "wb"):
         pass
     probe.unlink()

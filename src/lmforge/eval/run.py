@@ -309,6 +309,7 @@ def write_report(report: dict, path: str | Path, keep: tuple[str, ...] = KEPT_SE
     report = {**{k: previous[k] for k in keep if k in previous}, **report}
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         tmp.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         os.replace(tmp, path)
     except OSError as e:

@@ -188,6 +188,7 @@ class Scheduler:
         self.calls: list[tuple[Callable[[], object], concurrent.futures.Future]] = []  # see call()
         self.wake = threading.Condition()
         self.closed = False
+        self.refusing = False  # refuse_waiting() was called: the server is stopping
         self.steps = 0  # steps taken (tests read it)
         # The wait for requests after a step that freed rows (see HOLD_MET): its longest (None: the
         # recent steps' mean time), how many freeings there were, how many waits, and how often recent
@@ -213,7 +214,7 @@ class Scheduler:
         check_token_ids(req.prompt_ids, vocab, "prompt")
         check_token_ids(req.logit_bias or (), vocab, "logit_bias")
         with self.wake:
-            if self.closed:
+            if self.closed or self.refusing:
                 raise QueueFull("the server is shutting down")
             if len(self.rows) + len(self.waiting) >= self.max_rows + self.max_queue:
                 self._forget_cancelled()  # a request its client gave up frees its place at once
@@ -236,6 +237,17 @@ class Scheduler:
             live = [req for req in self.waiting if not req._cancelled]
             self.waiting.clear()
             self.waiting.extend(live)
+
+    def refuse_waiting(self) -> None:
+        """Take no more requests (QueueFull) and fail those still waiting for a row with QueueFull; the
+        running rows go on until close()."""
+        with self.wake:
+            self.refusing = True
+            waiting, self.waiting = list(self.waiting), deque()
+        error = QueueFull("the server is shutting down")
+        for req in waiting:
+            if not req._cancelled:
+                req.deliver(error)
 
     def close(self) -> None:
         """Stop the loop after its current step; waiting and active requests get a RuntimeError."""

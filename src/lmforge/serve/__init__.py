@@ -41,7 +41,7 @@ def serve(
     """
     api_key = api_key or os.environ.get(API_KEY_ENV) or None
     try:
-        import uvicorn
+        import uvicorn  # noqa: F401 - missing, it is said here (run_server uses it)
 
         from .app import create_app
     except ImportError as e:
@@ -71,9 +71,43 @@ def serve(
             highlight=False,
             soft_wrap=True,
         )
-    # On SIGTERM uvicorn waits for open connections; streams still running are cut after 3 s, and the
-    # batcher's shutdown then ends them at once, so the server is gone within about 5 s.
-    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=3)
+    run_server(app, host, port, llm.scheduler())
+
+
+# On SIGTERM (or Ctrl-C) requests still waiting for a row are answered 503 at once, generations under
+# way get DRAIN_S to finish and are then ended (a stream with an error event and [DONE], others a 503),
+# and uvicorn, which cancels what is still open GRACE_S after the signal, finds nothing left to cut: no
+# request is dropped or answered with a 500, and the server is gone within a few seconds.
+DRAIN_S = 2.0
+GRACE_S = 3.0
+
+
+def run_server(app, host: str, port: int, scheduler) -> None:
+    """Serve app with uvicorn until SIGTERM or Ctrl-C, draining the batcher first (see DRAIN_S)."""
+    import uvicorn
+
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=GRACE_S)
+    _draining_server(uvicorn.Server)(config, scheduler).run()
+
+
+def _draining_server(base: type) -> type:
+    """uvicorn's Server whose shutdown first drains the batcher (see DRAIN_S)."""
+    import asyncio
+
+    class DrainingServer(base):
+        def __init__(self, config, scheduler) -> None:
+            super().__init__(config)
+            self.scheduler = scheduler
+
+        async def shutdown(self, sockets=None) -> None:
+            self.scheduler.refuse_waiting()
+            stop = asyncio.get_running_loop().call_later(DRAIN_S, self.scheduler.close)
+            try:
+                await super().shutdown(sockets)
+            finally:
+                stop.cancel()
+
+    return DrainingServer
 
 
 def _check_limits(max_tokens: int, max_body: int, max_rows: int, max_queue: int, timeout: float, port: int):

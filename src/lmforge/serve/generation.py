@@ -61,7 +61,7 @@ class Generations:
                 reqs.append(self.scheduler.submit(Request(deliver=deliver, deadline=deadline, **fields)))
         except QueueFull as e:
             _cancel(reqs)
-            raise _busy(e, self.scheduler.closed) from None
+            raise _busy(e, self.scheduler.closed or self.scheduler.refusing) from None
         except ValueError as e:
             _cancel(reqs)
             raise RequestError(400, str(e)) from None
@@ -80,7 +80,7 @@ class Generations:
             try:
                 future = self.scheduler.call(scorer.step)
             except QueueFull as e:
-                raise _busy(e, self.scheduler.closed) from None
+                raise _busy(e, self.scheduler.closed or self.scheduler.refusing) from None
             await asyncio.wrap_future(future)
         return scorer.entries
 
@@ -103,6 +103,8 @@ class Generations:
                     arrived.append(events.get_nowait())
                 batch: list[tuple[int, str | Completion]] = []
                 for i, event in arrived:
+                    if isinstance(event, QueueFull):  # the server is stopping: try again (elsewhere)
+                        raise _busy(event, True)
                     if isinstance(event, BaseException):
                         raise RequestError(503, f"generation failed: {event}")
                     if isinstance(event, str):

@@ -84,30 +84,21 @@ GRACE_S = 3.0
 
 def run_server(app, host: str, port: int, scheduler) -> None:
     """Serve app with uvicorn until SIGTERM or Ctrl-C, draining the batcher first (see DRAIN_S)."""
-    import uvicorn
-
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=GRACE_S)
-    _draining_server(uvicorn.Server)(config, scheduler).run()
-
-
-def _draining_server(base: type) -> type:
-    """uvicorn's Server whose shutdown first drains the batcher (see DRAIN_S)."""
     import asyncio
 
-    class DrainingServer(base):
-        def __init__(self, config, scheduler) -> None:
-            super().__init__(config)
-            self.scheduler = scheduler
+    import uvicorn
 
+    class DrainingServer(uvicorn.Server):
         async def shutdown(self, sockets=None) -> None:
-            self.scheduler.refuse_waiting()
-            stop = asyncio.get_running_loop().call_later(DRAIN_S, self.scheduler.close)
+            scheduler.refuse_waiting()
+            stop = asyncio.get_running_loop().call_later(DRAIN_S, scheduler.close)
             try:
                 await super().shutdown(sockets)
             finally:
                 stop.cancel()
 
-    return DrainingServer
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=GRACE_S)
+    DrainingServer(config).run()
 
 
 def _check_limits(max_tokens: int, max_body: int, max_rows: int, max_queue: int, timeout: float, port: int):

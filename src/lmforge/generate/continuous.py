@@ -62,17 +62,13 @@ PREFILL_TOKENS = 256
 # request should not wait out the whole limit for rows nobody is coming back to). It costs the rows
 # still decoding that wait, so it is kept up only while it pays: once fewer than HOLD_MET of the recent
 # waits (an average over about the last five) saw a request arrive, the loop waits only at every
-# HOLD_PROBE-th freeing, to notice when clients start coming straight back again; and while rows are
-# decoding, the waits take at most HOLD_SHARE of their time (averaged over about the last 20 steps), so a
-# client sending tiny requests back to back cannot hold a long stream back by much.
+# HOLD_PROBE-th freeing, to notice when clients start coming straight back again.
 # Measured on 2 CPU cores (benchmarks/serve.py, 8 back-to-back clients, the median over runs): time to
 # first token under load 1.9x the idle value instead of 2.2x (2.2x instead of 2.8x with distinct prompts);
 # see benchmarks/RESULTS.md.
 HOLD_MET = 0.5
 HOLD_PROBE = 8
 HOLD_GAP = 0.25
-HOLD_SHARE = 0.1
-HOLD_DECAY = 0.95  # per step, of the decode time and the waits it is weighed against
 
 
 # Schedulers whose thread may still run, stopped at exit (`_close_all`).
@@ -201,7 +197,6 @@ class Scheduler:
         self.step_s = 0.0
         self.freeings = self.holds = 0
         self.holds_met = 1.0
-        self.decoding_s = self.waited_s = 0.0  # decayed sums: steps' time, waits while rows decoded
         self.threads = threads  # the decode thread's torch.set_num_threads; None: as torch defaults
         self.thread = threading.Thread(target=self._loop, name="lmforge-decode", daemon=True)
         self.thread.start()
@@ -331,8 +326,6 @@ class Scheduler:
             if self.steps > 1:  # the first step warms up (allocations, kernels) and says little
                 took = time.perf_counter() - began
                 self.step_s = took if not self.step_s else 0.9 * self.step_s + 0.1 * took
-                self.decoding_s = HOLD_DECAY * self.decoding_s + took
-                self.waited_s *= HOLD_DECAY
             if len(self.rows) < before:
                 self._hold(before)
         error = QueueFull("the server is shutting down")
@@ -350,11 +343,8 @@ class Scheduler:
         self.freeings += 1
         if self.holds_met < HOLD_MET and self.freeings % HOLD_PROBE:
             return
-        if self.rows and self.waited_s > HOLD_SHARE * self.decoding_s:
-            return  # the rows still decoding have paid their share of waits lately
         limit = self.step_s if self.hold is None else self.hold
-        start = time.monotonic()
-        end = start + limit
+        end = time.monotonic() + limit
         with self.wake:
             waited = seen = len(self.waiting)
             if self.closed or self.calls or len(self.rows) + waited >= before:
@@ -369,8 +359,6 @@ class Scheduler:
             met = len(self.waiting) > waited
         self.holds += 1
         self.holds_met = 0.8 * self.holds_met + 0.2 * met
-        if self.rows:
-            self.waited_s += time.monotonic() - start
 
     def _take_waiting(self, running: int) -> None:
         """Share this step's PREFILL_TOKENS among the prompts to prefill, in order: a prompt the last step

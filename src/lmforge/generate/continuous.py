@@ -64,7 +64,7 @@ PREFILL_TOKENS = 256
 # waits (an average over about the last five) saw a request arrive, the loop waits only at every
 # HOLD_PROBE-th freeing, to notice when clients start coming straight back again.
 # Measured on 2 CPU cores (benchmarks/serve.py, 8 back-to-back clients, the median over runs): time to
-# first token under load 1.9x the idle value instead of 2.2x (2.2x instead of 2.8x with distinct prompts);
+# first token under load 1.7x the idle value instead of 2.2x (2.0x instead of 2.8x with distinct prompts);
 # see benchmarks/RESULTS.md.
 HOLD_MET = 0.5
 HOLD_PROBE = 8

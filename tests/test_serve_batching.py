@@ -467,21 +467,30 @@ def test_sigterm_answers_every_request_it_holds(run):
     """Requests waiting for the one row when SIGTERM comes get a 503 to retry, the generation under way
     ends in time (a stream with [DONE]): none is cut off or answered with a 500."""
     with serve_process(run, "--max-rows", "1", "--max-queue", "60") as (proc, url):
+        answered: list[int] = []  # requests the server has answered (before the signal)
 
         def plain(_):
             body = {"prompt": "the", "max_tokens": 96, "temperature": 0.8}
-            return httpx.post(f"{url}/v1/completions", json=body, timeout=30)
+            r = httpx.post(f"{url}/v1/completions", json=body, timeout=30)
+            answered.append(1)
+            return r
 
         def stream(_):
             body = {"prompt": "the", "max_tokens": 96, "temperature": 0.8, "stream": True}
             with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=30) as r:
-                return r.status_code, [line for line in r.iter_lines() if line]
+                lines = [line for line in r.iter_lines() if line]
+            answered.append(1)
+            return r.status_code, lines
+
+        def held() -> int:  # every request the server has taken: in a row, waiting, or answered
+            load = httpx.get(f"{url}/health", timeout=10).json()
+            return load["generating"] + load["waiting"] + len(answered)
 
         with ThreadPoolExecutor(48) as pool:
             plains = [pool.submit(plain, i) for i in range(40)]
             streams = [pool.submit(stream, i) for i in range(8)]
             deadline = time.time() + 30
-            while httpx.get(f"{url}/health", timeout=10).json()["waiting"] < 30:
+            while held() < 48:  # all in (one not yet sent would find the port closed, rightly)
                 assert time.time() < deadline, "the requests did not queue up"
                 time.sleep(0.01)
             start = time.monotonic()

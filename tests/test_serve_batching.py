@@ -413,22 +413,10 @@ def serve_process(run, *flags: str):
     """`lmforge serve` in its own process (for signals): (the process, its URL); killed at the end if
     still running. Its stderr is a pipe."""
     port = free_port()
-    cmd = [
-        sys.executable,
-        "-m",
-        "lmforge",
-        "serve",
-        "--run",
-        str(run),
-        "--port",
-        str(port),
-        "--device",
-        "cpu",
-    ]
+    cmd = [sys.executable, "-m", "lmforge", "serve", "--run", str(run), "--port", str(port), "--device", "cpu",
+           *flags]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    proc = subprocess.Popen(
-        [*cmd, *flags], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-    )
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 60
